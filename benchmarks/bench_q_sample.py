@@ -1,0 +1,45 @@
+"""q_sample: ours (noise drawn in the kernel) against the eager reference (torch.randn_like + the
+reference math) and torch.compile of that. pytest-benchmark: ``pytest benchmarks -o python_files='bench_*.py'``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from harness import Case
+
+import ddpm_fast
+from ddpm_fast import reference
+
+SHAPES = {"cpu": [(64, 3, 64, 64)], "cuda": [(256, 3, 32, 32), (128, 3, 256, 256)]}
+
+
+def cases(device: torch.device, full: bool = False):
+    schedule = ddpm_fast.NoiseSchedule()
+    g = torch.Generator(device=device).manual_seed(0)
+    for shape in SHAPES[device.type]:
+        x0 = torch.rand(shape, generator=g, device=device) * 2 - 1
+        t = torch.randint(0, 1000, (shape[0],), generator=g, device=device)
+        seeds = torch.randint(0, 2**62, (shape[0],), generator=g, device=device)
+
+        def eager(x0=x0, t=t):
+            return reference.q_sample(x0, t, schedule, noise=torch.randn_like(x0))
+
+        yield Case("q_sample (noise drawn)", shape, x0.dtype, "NCHW", bytes=3 * x0.nbytes, impls={
+            "ours": lambda x0=x0, t=t, seeds=seeds: ddpm_fast.q_sample(x0, t, schedule, seeds=seeds),
+            "eager": eager,
+            "compile": torch.compile(eager),
+        }, note="reads x0, writes x_t and eps")
+
+
+_CASE = None
+
+
+def _case():
+    global _CASE
+    _CASE = _CASE or next(cases(torch.device("cpu")))
+    return _CASE
+
+
+@pytest.mark.parametrize("impl", ["ours", "eager"])
+def test_q_sample_cpu(benchmark, impl):
+    benchmark(_case().impls[impl])

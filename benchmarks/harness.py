@@ -1,0 +1,88 @@
+"""Timing and records shared by the op benchmarks.
+
+GPU: ``triton.testing.do_bench`` (CUDA events, cache flushed between runs) gives median / p20 / p80.
+CPU: the same quantiles over wall-clock repetitions after a warm-up. Bandwidth is reported against the
+copy bandwidth measured in the same run (bytes read + written by ``dst.copy_(src)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmarked configuration: ``impls`` maps a name ("ours", "eager", "compile") to a callable."""
+    op: str
+    shape: tuple
+    dtype: torch.dtype
+    layout: str
+    bytes: int          # bytes the op must move at least (its memory-bound limit)
+    impls: dict[str, Callable]
+    note: str = ""
+
+
+def time_ms(fn: Callable, device: torch.device, min_seconds: float = 0.4, max_reps: int = 200) -> tuple[float, ...]:
+    """(median, p20, p80) in milliseconds."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return tuple(do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+    fn()
+    fn()  # warm-up: first-call allocations, compiled graphs
+    times, spent = [], 0.0
+    while len(times) < 5 or (spent < min_seconds and len(times) < max_reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+        spent += times[-1] / 1e3
+    times.sort()
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return pick(0.5), pick(0.2), pick(0.8)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Device copy bandwidth in GB/s (read + write), measured now, as the ceiling for memory-bound ops."""
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    median, _, _ = time_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (median * 1e-3) / 1e9
+
+
+def environment(device: torch.device) -> dict:
+    import ddpm_fast
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha = "unknown"
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_sha": sha,
+           "torch": torch.__version__, "ddpm_fast": ddpm_fast.__version__, "python": platform.python_version(),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or
+           platform.machine(), "threads": torch.get_num_threads(), "build": ddpm_fast.build_info()}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def record(name: str, device: torch.device, rows: list[dict], extra: dict) -> Path:
+    """Write the rows with the machine and versions to benchmarks/results/<name>-<device>-<date>.json."""
+    env = environment(device)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = env["date"][:19].replace(":", "")
+    path = RESULTS / f"{name}-{device.type}-{stamp}.json"
+    path.write_text(json.dumps({"environment": env, **extra, "rows": rows}, indent=1, default=str) + "\n")
+    return path

@@ -1,0 +1,131 @@
+// ddpm_fast._C: one launcher per op and device. Pointers arrive as integers (tensor.data_ptr()),
+// so this module never includes torch headers and survives torch upgrades.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cpu/kernels.h"
+#ifdef DDPM_FAST_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "cuda/kernels.h"
+#endif
+
+namespace py = pybind11;
+using namespace ddpm_fast;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+std::string compiler() {
+#if defined(__clang__)
+  return "clang " __clang_version__;
+#elif defined(__GNUC__)
+  return "gcc " __VERSION__;
+#else
+  return "unknown";
+#endif
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = DDPM_FAST_VERSION;
+  info["compiler"] = compiler();
+#ifdef DDPM_FAST_WITH_CUDA
+  info["cuda_compiled"] = true;
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+  info["cuda_archs"] = DDPM_FAST_CUDA_ARCHS;
+  info["cuda_missing_reason"] = "";
+#else
+  info["cuda_compiled"] = false;
+  info["cuda_version"] = py::none();
+  info["cuda_archs"] = "";
+  info["cuda_missing_reason"] = DDPM_FAST_CUDA_MISSING_REASON;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ddpm_fast native kernels (CPU, and CUDA when compiled)";
+  m.def("build_info", &build_info, "How this module was built: version, compiler, CUDA version and archs");
+
+  auto cpu = m.def_submodule("cpu", "C++ CPU kernels");
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+
+  cpu.def("q_sample",
+          [](uintptr_t x0, int64_t x0_bs, uintptr_t t, uintptr_t table, int64_t num_t, uintptr_t noise,
+             int64_t noise_bs, uintptr_t seeds, uint64_t stream, uintptr_t x_t, uintptr_t target,
+             int target_kind, int64_t B, int64_t C, int64_t S, int layout, int dtype, int threads) {
+            cpu::q_sample(ptr<const void>(x0), x0_bs, ptr<const int64_t>(t), ptr<const float>(table), num_t,
+                          ptr<const void>(noise), noise_bs, ptr<const int64_t>(seeds), stream, ptr<void>(x_t),
+                          ptr<void>(target), target_kind, B, C, S, Layout(layout), DType(dtype), threads);
+          },
+          nogil);
+
+  cpu.def("step",
+          [](uintptr_t x, int64_t x_bs, uintptr_t mo, int64_t m_bs, uintptr_t v, int64_t v_bs, uintptr_t t,
+             uintptr_t table, int64_t num_t, uintptr_t noise, int64_t noise_bs, uintptr_t seeds, uintptr_t prev,
+             uintptr_t x0_out, int64_t B, int64_t C, int64_t S, int layout, int dtype, float clip_range,
+             float threshold_ratio, float sample_max_value, int threads) {
+            cpu::step(ptr<const void>(x), x_bs, ptr<const void>(mo), m_bs, ptr<const void>(v), v_bs,
+                      ptr<const int64_t>(t), ptr<const float>(table), num_t, ptr<const void>(noise), noise_bs,
+                      ptr<const int64_t>(seeds), ptr<void>(prev), ptr<void>(x0_out), B, C, S, Layout(layout),
+                      DType(dtype), clip_range, threshold_ratio, sample_max_value, threads);
+          },
+          nogil);
+
+  cpu.def("group_norm_forward",
+          [](uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t bias_in, uintptr_t scale, uintptr_t shift,
+             uintptr_t y, uintptr_t mean, uintptr_t rstd, int64_t B, int64_t C, int64_t S, int64_t G, float eps,
+             int act, int layout, int dtype, int threads) {
+            cpu::group_norm_forward(ptr<const void>(x), ptr<const float>(w), ptr<const float>(b),
+                                    ptr<const float>(bias_in), ptr<const float>(scale), ptr<const float>(shift),
+                                    ptr<void>(y), ptr<float>(mean), ptr<float>(rstd), B, C, S, G, eps,
+                                    Activation(act), Layout(layout), DType(dtype), threads);
+          },
+          nogil);
+
+  cpu.def("group_norm_backward",
+          [](uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t bias_in, uintptr_t scale,
+             uintptr_t shift, uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dw, uintptr_t db,
+             uintptr_t dbias_in, uintptr_t dscale, uintptr_t dshift, int64_t B, int64_t C, int64_t S, int64_t G,
+             int act, int layout, int dtype, int threads) {
+            cpu::group_norm_backward(ptr<const void>(dy), ptr<const void>(x), ptr<const float>(w),
+                                     ptr<const float>(b), ptr<const float>(bias_in), ptr<const float>(scale),
+                                     ptr<const float>(shift), ptr<const float>(mean), ptr<const float>(rstd),
+                                     ptr<void>(dx), ptr<float>(dw), ptr<float>(db), ptr<float>(dbias_in),
+                                     ptr<float>(dscale), ptr<float>(dshift), B, C, S, G, Activation(act),
+                                     Layout(layout), DType(dtype), threads);
+          },
+          nogil);
+
+  cpu.def("normal",
+          [](uintptr_t seeds, uint64_t stream, uintptr_t out, int64_t B, int64_t N, int dtype, int threads) {
+            cpu::normal(ptr<const int64_t>(seeds), stream, ptr<void>(out), B, N, DType(dtype), threads);
+          },
+          nogil);
+
+#ifdef DDPM_FAST_WITH_CUDA
+  auto cuda = m.def_submodule("cuda", "CUDA kernels (launched on the caller's stream)");
+  cuda.def("runtime_info", [] {
+    auto info = cuda::runtime_info();
+    py::dict d;
+    d["runtime_version"] = info.runtime_version;
+    d["driver_version"] = info.driver_version;
+    d["device_count"] = info.device_count;
+    d["error"] = info.error;
+    return d;
+  });
+  cuda.def("normal",
+           [](uintptr_t seeds, uint64_t stream, uintptr_t out, int64_t B, int64_t N, int dtype,
+              uintptr_t cuda_stream) {
+             cuda::normal(ptr<const int64_t>(seeds), stream, ptr<void>(out), B, N, DType(dtype), cuda_stream);
+           },
+           nogil);
+#endif
+}

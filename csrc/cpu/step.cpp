@@ -1,0 +1,259 @@
+// One reverse-diffusion step (DDPM or DDIM, folded into the coefficient table), docs/contracts.md
+// "Reverse-step coefficient table":
+//   x0 = ax * x + am * m;  x0c = clip / threshold(x0);  mean = p0 * x0c + p1 * x + p2 * m;
+//   prev = mean + std * sigma * z   (z given, or Philox(seeds[b], 2^32 + t[b], i); only when std != 0)
+//
+// Same work split as q_sample (items of <= 2048 elements, channels-last tiles when drawing noise).
+// Dynamic thresholding needs a per-sample quantile first: a separate parallel pass over samples.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+#include "noise.h"
+#include "parallel.h"
+#include "storage.h"
+#include "vec_math.h"
+
+namespace ddpm_fast::cpu {
+namespace {
+
+constexpr int64_t kChunk = 2048;  // elements per work item; == kTileElems
+static_assert(kChunk >= kTileElems, "the noise buffer must hold a channels-last tile");
+
+struct StepJob {
+  const void* x;          // (B, C, S) dtype, batch stride x_bs
+  int64_t x_bs;
+  const void* m;          // (B, C, S) dtype, batch stride m_bs
+  int64_t m_bs;
+  const void* v;          // (B, C, S) dtype, batch stride v_bs, or null
+  int64_t v_bs;
+  const int64_t* t;       // (B,)
+  const float* table;     // (T, 8)
+  const void* noise;      // (B, C, S) dtype, batch stride noise_bs, or null
+  int64_t noise_bs;
+  const int64_t* seeds;   // (B,) or null
+  void* prev;             // (B, C, S) dtype, dense
+  void* x0_out;           // (B, C, S) dtype, dense, or null
+  int64_t C, S;
+  bool channels_last;
+  float clip;             // > 0: clamp x0 to [-clip, clip]
+  const float* thr;       // (B,) threshold s per sample, or null (no thresholding)
+  ClTiling tiling;
+  bool tiled;             // items are channels-last tiles (some sample draws noise) rather than chunks
+  int64_t items_per_sample;
+};
+
+// Per-row constants of an item.
+struct Row {
+  float ax, am, p0, p1, p2, std, min_log, max_log;
+  float lo, hi, div;  // x0c = min(max(x0, lo), hi) [/ div when thresholding]
+};
+
+// The elementwise step on n contiguous elements. Variants are templates so each inner loop is
+// branch-free: kThr (divide by s), kNoise (std != 0), kLearned (v given), kX0 (x0_out given).
+template <DType D, bool kThr, bool kNoise, bool kLearned, bool kX0>
+DDPM_ALWAYS_INLINE void step_elementwise(const typename Storage<D>::T* DDPM_RESTRICT x,
+                                         const typename Storage<D>::T* DDPM_RESTRICT m,
+                                         const typename Storage<D>::T* DDPM_RESTRICT v,
+                                         const float* DDPM_RESTRICT z, typename Storage<D>::T* DDPM_RESTRICT prev,
+                                         typename Storage<D>::T* DDPM_RESTRICT x0o, int64_t n, const Row& r) {
+  using St = Storage<D>;
+  for (int64_t k = 0; k < n; ++k) {
+    const float xv = St::load(x[k]), mv = St::load(m[k]);
+    const float x0 = r.ax * xv + r.am * mv;
+    float x0c = x0 < r.lo ? r.lo : x0;  // NaN stays NaN, as torch.clamp
+    x0c = x0c > r.hi ? r.hi : x0c;
+    if constexpr (kThr) x0c = x0c / r.div;
+    float out = r.p0 * x0c + r.p1 * xv + r.p2 * mv;
+    if constexpr (kNoise) {
+      float sigma = 1.0f;
+      if constexpr (kLearned) {
+        const float f = (St::load(v[k]) + 1.0f) * 0.5f;
+        sigma = vm::vexp(0.5f * (f * r.max_log + (1.0f - f) * r.min_log));
+      }
+      out = out + r.std * sigma * z[k];
+    }
+    prev[k] = St::store(out);
+    if constexpr (kX0) x0o[k] = St::store(x0c);
+  }
+}
+
+template <DType D, bool kThr, bool kNoise, bool kLearned>
+DDPM_ALWAYS_INLINE void step_elementwise_x0(const typename Storage<D>::T* x, const typename Storage<D>::T* m,
+                                            const typename Storage<D>::T* v, const float* z,
+                                            typename Storage<D>::T* prev, typename Storage<D>::T* x0o,
+                                            int64_t n, const Row& r) {
+  if (x0o)
+    step_elementwise<D, kThr, kNoise, kLearned, true>(x, m, v, z, prev, x0o, n, r);
+  else
+    step_elementwise<D, kThr, kNoise, kLearned, false>(x, m, v, z, prev, x0o, n, r);
+}
+
+template <DType D, bool kThr>
+DDPM_ALWAYS_INLINE void step_segment(const StepJob& J, int64_t b, int64_t p0, int64_t len, const float* z,
+                                     bool noisy, const Row& r) {
+  using T = typename Storage<D>::T;
+  const int64_t n = J.C * J.S;
+  const T* x = static_cast<const T*>(J.x) + b * J.x_bs + p0;
+  const T* m = static_cast<const T*>(J.m) + b * J.m_bs + p0;
+  const T* v = J.v ? static_cast<const T*>(J.v) + b * J.v_bs + p0 : nullptr;
+  T* prev = static_cast<T*>(J.prev) + b * n + p0;
+  T* x0o = J.x0_out ? static_cast<T*>(J.x0_out) + b * n + p0 : nullptr;
+  if (!noisy)
+    step_elementwise_x0<D, kThr, false, false>(x, m, v, z, prev, x0o, len, r);
+  else if (v)
+    step_elementwise_x0<D, kThr, true, true>(x, m, v, z, prev, x0o, len, r);
+  else
+    step_elementwise_x0<D, kThr, true, false>(x, m, v, z, prev, x0o, len, r);
+}
+
+Row make_row(const StepJob& J, int64_t b) {
+  const float* row = J.table + 8 * J.t[b];
+  Row r{row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+        -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::infinity(), 1.0f};
+  if (J.thr) {
+    r.lo = -J.thr[b];
+    r.hi = J.thr[b];
+    r.div = J.thr[b];
+  } else if (J.clip > 0.0f) {
+    r.lo = -J.clip;
+    r.hi = J.clip;
+  }
+  return r;
+}
+
+template <DType D, bool kThr>
+DDPM_TARGET_CLONES void step_items(const StepJob& J, int64_t begin, int64_t end) {
+  using St = Storage<D>;
+  using T = typename St::T;
+  alignas(64) float zbuf[kChunk];
+  alignas(64) float scratch[kTileElems];
+  const int64_t n = J.C * J.S;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t b = item / J.items_per_sample, k = item % J.items_per_sample;
+    const Row r = make_row(J, b);
+    const bool noisy = r.std != 0.0f;
+    const bool draw = noisy && J.noise == nullptr;
+    const uint64_t stream = kStepNoiseStreamBase + uint64_t(J.t[b]);
+    if (!J.tiled) {
+      // Memory chunk [p0, p0 + len): for NCHW also logical indices [p0, p0 + len).
+      const int64_t p0 = k * kChunk, len = std::min(kChunk, n - p0);
+      const float* z = zbuf;
+      if (draw) {
+        normal_range(PhiloxKey(J.seeds[b]), stream, uint64_t(p0), len, zbuf);
+      } else if (noisy) {
+        const T* nz = static_cast<const T*>(J.noise) + b * J.noise_bs + p0;
+        if constexpr (D == DType::Float32) {
+          z = nz;
+        } else {
+          for (int64_t q = 0; q < len; ++q) zbuf[q] = St::load(nz[q]);
+        }
+      }
+      step_segment<D, kThr>(J, b, p0, len, z, noisy, r);
+      continue;
+    }
+    // Channels-last tile (noise is never given when tiled; rows with std == 0 draw nothing).
+    const ClTiling& tl = J.tiling;
+    const int64_t c0 = (k % tl.tiles_c) * tl.ct, s0 = (k / tl.tiles_c) * tl.ts;
+    const int64_t ct = std::min(tl.ct, J.C - c0), ts = std::min(tl.ts, J.S - s0);
+    if (draw) normal_tile_cl(PhiloxKey(J.seeds[b]), stream, J.S, c0, ct, s0, ts, scratch, zbuf);
+    if (ct == J.C) {  // whole pixels: one contiguous memory range
+      step_segment<D, kThr>(J, b, s0 * J.C, ts * ct, zbuf, noisy, r);
+    } else {
+      for (int64_t s = 0; s < ts; ++s)
+        step_segment<D, kThr>(J, b, (s0 + s) * J.C + c0, ct, zbuf + s * ct, noisy, r);
+    }
+  }
+}
+
+// torch.quantile(a, q) with linear interpolation, computed as torch does it in float32:
+// pos = q * (n - 1), lower = a[floor(pos)], upper = a[ceil(pos)], torch.lerp(lower, upper, pos - floor).
+// Any NaN gives NaN (torch sorts NaN last and picks it). `a` is reordered.
+float quantile_linear(float* a, int64_t n, float q) {
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isnan(a[i])) return std::numeric_limits<float>::quiet_NaN();
+  const float pos = q * float(n - 1);
+  int64_t lo = int64_t(pos);
+  lo = std::min(std::max<int64_t>(lo, 0), n - 1);
+  const int64_t hi = std::min<int64_t>(int64_t(std::ceil(pos)), n - 1);
+  std::nth_element(a, a + lo, a + n);
+  const float below = a[lo];
+  const float above = hi > lo ? *std::min_element(a + lo + 1, a + n) : below;
+  const float w = pos - float(lo);
+  return w < 0.5f ? below + w * (above - below) : above - (above - below) * (1.0f - w);
+}
+
+// x0 of sample b into out (n floats, memory order), |x0| for the quantile.
+template <DType D>
+DDPM_TARGET_CLONES void abs_x0(const StepJob& J, int64_t b, float* out) {
+  using St = Storage<D>;
+  using T = typename St::T;
+  const int64_t n = J.C * J.S;
+  const T* x = static_cast<const T*>(J.x) + b * J.x_bs;
+  const T* m = static_cast<const T*>(J.m) + b * J.m_bs;
+  const float* row = J.table + 8 * J.t[b];
+  const float ax = row[0], am = row[1];
+  for (int64_t k = 0; k < n; ++k) out[k] = std::fabs(ax * St::load(x[k]) + am * St::load(m[k]));
+}
+
+template <DType D>
+void run_step(StepJob& J, int64_t B, float threshold_ratio, float sample_max_value, int num_threads) {
+  const int64_t n = J.C * J.S;
+  std::vector<float> thr;
+  if (threshold_ratio > 0.0f) {
+    // Per-sample quantile: nth_element is O(n) but branchy (~5 ns per element); parallel over samples.
+    thr.resize(size_t(B));
+    const int nt = threads_for(B * n, int64_t(1) << 15, num_threads);
+    parallel_for(B, nt, [&](int64_t b0, int64_t b1) {
+      std::vector<float> buf(static_cast<size_t>(n));
+      for (int64_t b = b0; b < b1; ++b) {
+        abs_x0<D>(J, b, buf.data());
+        const float q = quantile_linear(buf.data(), n, threshold_ratio);
+        // torch.clamp(q, 1, max): NaN stays NaN.
+        float s = q < 1.0f ? 1.0f : q;
+        s = s > sample_max_value ? sample_max_value : s;
+        thr[size_t(b)] = s;
+      }
+    });
+    J.thr = thr.data();
+  }
+  bool any_draw = false;
+  for (int64_t b = 0; b < B; ++b) any_draw = any_draw || (J.table[8 * J.t[b] + 5] != 0.0f && !J.noise);
+  J.tiled = any_draw && J.channels_last;
+  J.items_per_sample = J.tiled ? J.tiling.count() : ceil_div(n, kChunk);
+  // Drawing: ~2 ns per element per core; otherwise memory-bound at ~0.4 ns per element.
+  const int64_t grain = any_draw ? (int64_t(1) << 16) : (int64_t(1) << 18);
+  const int nt = threads_for(B * n, grain, num_threads);
+  parallel_for(B * J.items_per_sample, nt, [&](int64_t i0, int64_t i1) {
+    if (J.thr)
+      step_items<D, true>(J, i0, i1);
+    else
+      step_items<D, false>(J, i0, i1);
+  });
+}
+
+}  // namespace
+
+void step(const void* x, int64_t x_bstride, const void* m, int64_t m_bstride, const void* v, int64_t v_bstride,
+          const int64_t* t, const float* table, int64_t num_t, const void* noise, int64_t noise_bstride,
+          const int64_t* seeds, void* prev, void* x0_out, int64_t B, int64_t C, int64_t S, Layout layout,
+          DType dtype, float clip_range, float threshold_ratio, float sample_max_value, int num_threads) {
+  DDPM_CHECK(B >= 0 && C >= 0 && S >= 0, "step: negative size B=", B, " C=", C, " S=", S);
+  if (B == 0 || C == 0 || S == 0) return;
+  DDPM_CHECK(x && m && t && table && prev, "step: x, m, t, table and prev must be given");
+  DDPM_CHECK(layout == Layout::Contiguous || layout == Layout::ChannelsLast, "step: bad layout ", int(layout));
+  DDPM_CHECK(!(threshold_ratio > 1.0f), "step: threshold_ratio must be <= 1, got ", threshold_ratio);
+  for (int64_t b = 0; b < B; ++b) {
+    DDPM_CHECK(t[b] >= 0 && t[b] < num_t, "step: t[", b, "] = ", t[b], " is outside [0, ", num_t, ")");
+    DDPM_CHECK(table[8 * t[b] + 5] == 0.0f || noise || seeds, "step: timestep t[", b, "] = ", t[b],
+               " adds noise (std = ", table[8 * t[b] + 5], ") but neither noise nor seeds was given");
+  }
+  StepJob J{x, x_bstride, m, m_bstride, v, v_bstride, t, table, noise, noise_bstride, seeds, prev, x0_out,
+            C, S, layout == Layout::ChannelsLast, clip_range, nullptr, ClTiling(C, S), false, 0};
+  DDPM_DISPATCH_DTYPE(dtype, D, run_step<D>(J, B, threshold_ratio, sample_max_value, num_threads));
+}
+
+}  // namespace ddpm_fast::cpu

@@ -1,0 +1,72 @@
+// The contract's Gaussian noise on the GPU: one thread per Philox group of four logical elements.
+#include <algorithm>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "kernels.h"
+
+namespace ddpm_fast::cuda {
+namespace {
+
+// CUDA's accurate logf / sincosf (not the __ intrinsics): the CPU kernels agree to a few ulp.
+struct AccurateMath {
+  static __device__ __forceinline__ float log(float x) { return ::logf(x); }
+  static __device__ __forceinline__ float sqrt(float x) { return ::sqrtf(x); }
+  static __device__ __forceinline__ void sincos(float x, float& s, float& c) { ::sincosf(x, &s, &c); }
+};
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// seeds: (B,) int64; out: (B, N). blockIdx.y is the sample, x-threads walk its groups.
+template <typename T>
+__global__ void normal_kernel(const int64_t* __restrict__ seeds, uint64_t stream, T* __restrict__ out,
+                              int64_t N) {
+  const int64_t b = blockIdx.y;
+  const uint64_t seed = uint64_t(seeds[b]);
+  T* row = out + b * N;
+  const int64_t groups = (N + 3) / 4;
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < groups;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    float z[4];
+    philox_normal4<AccurateMath>(seed, stream, uint64_t(j), z);
+    const int64_t i0 = 4 * j;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (i0 + k < N) row[i0 + k] = from_float<T>(z[k]);
+    }
+  }
+}
+
+template <typename T>
+void launch(const int64_t* seeds, uint64_t stream, void* out, int64_t B, int64_t N, cudaStream_t s) {
+  constexpr int kThreads = 256;
+  const int64_t groups = (N + 3) / 4;
+  const unsigned blocks_x = unsigned(std::min<int64_t>(ceil_div<int64_t>(groups, kThreads), 65535));
+  DDPM_CHECK(B <= 65535, "randn: at most 65535 samples per call on CUDA, got ", B);
+  normal_kernel<T><<<dim3(blocks_x, unsigned(B)), kThreads, 0, s>>>(seeds, stream, static_cast<T*>(out), N);
+}
+
+}  // namespace
+
+void normal(const int64_t* seeds, uint64_t stream, void* out, int64_t B, int64_t N, DType dtype,
+            uintptr_t cuda_stream) {
+  if (B == 0 || N == 0) return;
+  auto s = reinterpret_cast<cudaStream_t>(cuda_stream);
+  switch (dtype) {
+    case DType::Float32: launch<float>(seeds, stream, out, B, N, s); break;
+    case DType::Float16: launch<__half>(seeds, stream, out, B, N, s); break;
+    case DType::BFloat16: launch<__nv_bfloat16>(seeds, stream, out, B, N, s); break;
+  }
+  check_launch("randn");
+}
+
+}  // namespace ddpm_fast::cuda

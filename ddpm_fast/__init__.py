@@ -1,0 +1,13 @@
+"""ddpm_fast: fused kernels for DDPM noising, reverse steps and time-embedding GroupNorm."""
+
+__version__ = "0.1.0"
+
+from . import reference  # noqa: E402
+from ._native import build_info  # noqa: E402
+from .ops import (BACKENDS, get_backend, group_norm_silu, q_sample, randn, set_backend, step,  # noqa: E402
+                  use_backend)
+from .schedule import NoiseSchedule, StepTable, ddim_table, ddpm_table, sampling_timesteps  # noqa: E402
+
+__all__ = ["BACKENDS", "NoiseSchedule", "StepTable", "build_info", "ddim_table", "ddpm_table", "get_backend",
+           "group_norm_silu", "q_sample", "randn", "reference", "sampling_timesteps", "set_backend", "step",
+           "use_backend"]

@@ -1,0 +1,85 @@
+"""Loads the compiled module ``ddpm_fast._C`` and says clearly what was built and why a backend is missing."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+try:
+    from . import _C
+except ImportError as error:  # a source checkout that was never built, or a broken build
+    _C = None
+    _IMPORT_ERROR: str | None = f"ddpm_fast._C could not be imported ({error}); build it with `pip install .`"
+else:
+    _IMPORT_ERROR = None
+
+
+def cpu_kernels():
+    """The C++ CPU launchers, or None when the extension is missing."""
+    return None if _C is None else _C.cpu
+
+
+def cuda_kernels():
+    """The CUDA launchers, or None when the extension was built without CUDA."""
+    return getattr(_C, "cuda", None)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_runtime() -> dict | None:
+    kernels = cuda_kernels()
+    return None if kernels is None else kernels.runtime_info()
+
+
+def _triton_missing_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return f"triton is not installed ({error})"
+    return None
+
+
+def backend_missing_reason(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this machine, or None when it can (op coverage aside)."""
+    import torch
+
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        return _IMPORT_ERROR
+    if backend == "cuda":
+        if _C is None:
+            return _IMPORT_ERROR
+        if cuda_kernels() is None:
+            return f"the extension was built without CUDA ({_C.build_info()['cuda_missing_reason']})"
+        runtime = _cuda_runtime()
+        if runtime["device_count"] == 0:
+            return f"no CUDA device ({runtime['error']})"
+        if not torch.cuda.is_available():
+            return "torch.cuda.is_available() is False (a CPU build of PyTorch?)"
+        return None
+    if backend == "triton":
+        reason = _triton_missing_reason()
+        if reason is None and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            reason = "no CUDA device for Triton (set TRITON_INTERPRET=1 to run it on the CPU interpreter)"
+        return reason
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def build_info() -> dict:
+    """Version, compiler, CUDA version and architectures, and each backend's availability (with the reason)."""
+    import torch
+
+    from . import __version__
+
+    info = {"version": __version__, "torch": torch.__version__}
+    if _C is None:
+        info.update(compiler=None, cuda_compiled=False, cuda_version=None, cuda_archs="",
+                    cuda_missing_reason=_IMPORT_ERROR)
+    else:
+        info.update(_C.build_info())
+        runtime = _cuda_runtime()
+        if runtime is not None:
+            info["cuda_runtime"] = runtime
+    info["backends"] = {name: backend_missing_reason(name) or "available"
+                        for name in ("cuda", "triton", "cpu", "torch")}
+    return info

@@ -1,0 +1,75 @@
+"""Which implementation runs an op: ``cuda | triton | cpu | torch``.
+
+Each op declares the native backends it has kernels for. The choice, in order: the call's ``backend=``,
+then the global one (:func:`set_backend` / :func:`use_backend`), then automatic by the device of the
+inputs: CUDA tensors take ``cuda``, then ``triton``; CPU tensors take ``cpu``; ``torch`` (the pure-PyTorch
+reference) is the fallback everywhere. An explicit request that cannot run raises and says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+from .._native import backend_missing_reason
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+_state = threading.local()
+
+
+def _check_name(backend: str | None, argument: str) -> None:
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{argument} must be one of {BACKENDS} or None, got {backend!r}")
+
+
+def set_backend(backend: str | None) -> None:
+    """Force ``backend`` for every op on this thread (None: choose automatically)."""
+    _check_name(backend, "backend")
+    _state.backend = backend
+
+
+def get_backend() -> str | None:
+    """The backend forced on this thread, or None when ops choose automatically."""
+    return getattr(_state, "backend", None)
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | None):
+    """``with use_backend("torch"): ...`` forces a backend inside the block."""
+    previous = get_backend()
+    set_backend(backend)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _runs_on(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot take tensors on ``device``, or None."""
+    if backend == "cpu" and device.type != "cpu":
+        return f"the cpu backend takes CPU tensors, got tensors on {device}"
+    if backend == "cuda" and device.type != "cuda":
+        return f"the cuda backend takes CUDA tensors, got tensors on {device}"
+    if backend == "triton" and device.type not in ("cuda", "cpu"):
+        return f"the triton backend takes CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {device}"
+    return backend_missing_reason(backend)
+
+
+def resolve(op: str, native: tuple[str, ...], device: torch.device, backend: str | None) -> str:
+    """The backend that runs ``op`` on ``device``; ``native`` lists the backends with kernels for it."""
+    _check_name(backend, f"{op}: backend")
+    requested = backend or get_backend()
+    if requested is not None:
+        if requested != "torch" and requested not in native:
+            raise NotImplementedError(f"{op}: no {requested} kernel yet (kernels: {native + ('torch',)})")
+        reason = _runs_on(requested, device)
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend {requested!r} is not available: {reason}")
+        return requested
+    for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+        if candidate == "torch" or (candidate in native and _runs_on(candidate, device) is None):
+            return candidate
+    return "torch"

@@ -1,0 +1,111 @@
+"""Input validation at the op boundary, and the (B, C, S) view every kernel takes.
+
+Messages name the op, the argument, what was expected and what arrived.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+CONTIGUOUS, CHANNELS_LAST = 0, 1
+
+
+def check_tensor(op: str, name: str, value, *, dtypes=FLOAT_DTYPES, shape=None, device=None, min_dim=0):
+    """Raise TypeError / ValueError unless ``value`` is a tensor with an allowed dtype, shape and device."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype {allowed}; got {str(value.dtype).replace('torch.', '')}")
+    if value.dim() < min_dim:
+        raise ValueError(f"{op}: {name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{op}: {name} must be on {device} like the other inputs, got {value.device}")
+    return value
+
+
+def check_same_dtype(op: str, name: str, value: torch.Tensor, dtype: torch.dtype) -> None:
+    if value.dtype != dtype:
+        raise TypeError(f"{op}: {name} must have the dtype of the sample ({dtype}), got {value.dtype}")
+
+
+def timesteps(op: str, t, batch: int, device: torch.device) -> torch.Tensor:
+    """``t`` (an int, a 0-d or a (B,) integer tensor) as an int64 (B,) tensor on ``device``."""
+    if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
+        raise TypeError(f"{op}: t must be an int or an int64 tensor of shape ({batch},), got {type(t).__name__}")
+    if isinstance(t, int):
+        return torch.full((batch,), t, dtype=torch.int64, device=device)
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: t must be an integer tensor, got dtype {t.dtype}")
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"{op}: t must be an int or have shape ({batch},) (one timestep per sample), "
+                         f"got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{op}: t must be on {device} like the sample, got {t.device}")
+    return t.to(torch.int64).contiguous()
+
+
+def check_t_range(op: str, t: torch.Tensor, num_train_timesteps: int) -> None:
+    """Checks the timesteps' values; callers skip it on CUDA, where reading them back would sync."""
+    if t.numel() and t.device.type == "cpu":
+        low, high = int(t.min()), int(t.max())
+        if low < 0 or high >= num_train_timesteps:
+            raise ValueError(f"{op}: t must lie in [0, {num_train_timesteps - 1}] (num_train_timesteps), "
+                             f"got min {low}, max {high}")
+
+
+def seeds_tensor(op: str, seeds, batch: int, device: torch.device) -> torch.Tensor:
+    check_tensor(op, "seeds", seeds, dtypes=(torch.int64,))
+    if tuple(seeds.shape) != (batch,):
+        raise ValueError(f"{op}: seeds must have shape ({batch},) (one int64 seed per sample), "
+                         f"got {tuple(seeds.shape)}")
+    if seeds.device != device:
+        raise ValueError(f"{op}: seeds must be on {device} like the sample, got {seeds.device}")
+    return seeds.contiguous()
+
+
+def layout_of(x: torch.Tensor) -> int:
+    """CHANNELS_LAST for a 4-D tensor stored NHWC (and not also NCHW-contiguous), else CONTIGUOUS."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return CHANNELS_LAST
+    return CONTIGUOUS
+
+
+def memory_format(layout: int) -> torch.memory_format:
+    return torch.channels_last if layout == CHANNELS_LAST else torch.contiguous_format
+
+
+def _sample_is_dense(x: torch.Tensor, layout: int) -> bool:
+    """Whether every sample x[b] is dense in ``layout`` (the batch stride may be anything)."""
+    sizes, strides = x.shape[1:], x.stride()[1:]
+    if layout == CHANNELS_LAST:
+        c, h, w = sizes
+        expected = (1, w * c, c)
+        return all(s == e for s, e, n in zip(strides, expected, sizes) if n > 1)
+    expected, running = [], 1
+    for n in reversed(sizes):
+        expected.append(running)
+        running *= n
+    return all(s == e for s, e, n in zip(strides, reversed(expected), sizes) if n > 1)
+
+
+def dense(x: torch.Tensor, layout: int) -> torch.Tensor:
+    """``x`` itself when each sample is dense in ``layout``, else a copy that is."""
+    return x if _sample_is_dense(x, layout) else x.contiguous(memory_format=memory_format(layout))
+
+
+def batch_stride(x: torch.Tensor) -> int:
+    return x.stride(0) if x.shape[0] > 1 else math.prod(x.shape[1:])
+
+
+def bcs(x: torch.Tensor) -> tuple[int, int, int]:
+    """(B, C, S): batch, channels, and the product of the spatial sizes (1 for a (B, C) tensor)."""
+    return x.shape[0], x.shape[1], math.prod(x.shape[2:])

@@ -1,0 +1,78 @@
+"""randn: the contract's Gaussian noise (docs/contracts.md) for a batch of per-sample seeds.
+
+Samplers draw their starting noise x_T with it, so a sample's seed fixes its whole trajectory whatever
+the batch it runs in, the device or the backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._native import cpu_kernels, cuda_kernels
+from .backend import resolve
+from .checks import DTYPE_CODE, FLOAT_DTYPES, check_tensor
+
+OP = "randn"
+
+
+def _launch_cpu(seeds, stream, out):
+    cpu_kernels().normal(seeds.data_ptr(), stream, out.data_ptr(), out.shape[0], out.shape[1],
+                         DTYPE_CODE[out.dtype], torch.get_num_threads())
+
+
+def _launch_cuda(seeds, stream, out):
+    cuda_kernels().normal(seeds.data_ptr(), stream, out.data_ptr(), out.shape[0], out.shape[1],
+                          DTYPE_CODE[out.dtype], torch.cuda.current_stream(out.device).cuda_stream)
+
+
+_LAUNCHERS = {"cpu": _launch_cpu, "cuda": _launch_cuda}
+
+
+@torch.library.custom_op("ddpm_fast::randn", mutates_args=())
+def _randn_op(seeds: Tensor, numel: int, stream: int, dtype: torch.dtype, backend: str) -> Tensor:
+    out = seeds.new_empty((seeds.shape[0], numel), dtype=dtype)
+    if out.numel():
+        with torch.cuda.device(seeds.device) if seeds.is_cuda else contextlib.nullcontext():
+            _LAUNCHERS[backend](seeds, stream, out)
+    return out
+
+
+@_randn_op.register_fake
+def _(seeds, numel, stream, dtype, backend):
+    return seeds.new_empty((seeds.shape[0], numel), dtype=dtype)
+
+
+def randn(seeds: Tensor, shape, stream: int = reference.INITIAL_NOISE_STREAM, dtype: torch.dtype = torch.float32,
+          *, backend: str | None = None) -> Tensor:
+    """Standard normals of shape ``(B, *shape)`` on the seeds' device: sample b's values are
+    Philox(seeds[b], stream, logical index), so they do not depend on the batch they are drawn in.
+
+    Args:
+        seeds: (B,) int64.
+        shape: the per-sample shape, e.g. (3, 32, 32).
+        stream: the noise stream, ``0 <= stream < 2**63`` (default: the samplers' initial-noise stream).
+        dtype: float32, float16 or bfloat16 (values are computed in float32 and rounded).
+    """
+    check_tensor(OP, "seeds", seeds, dtypes=(torch.int64,))
+    if seeds.dim() != 1:
+        raise ValueError(f"{OP}: seeds must have shape (B,) (one int64 seed per sample), got {tuple(seeds.shape)}")
+    seeds = seeds.contiguous()
+    shape = tuple(shape)
+    if any(not isinstance(n, int) or n < 0 for n in shape):
+        raise ValueError(f"{OP}: shape must be a tuple of non-negative ints, got {shape!r}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{OP}: dtype must be float32, float16 or bfloat16, got {dtype}")
+    if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < 2**63:
+        raise ValueError(f"{OP}: stream must be an int in [0, 2**63), got {stream!r}")
+    numel = math.prod(shape)
+    chosen = resolve(OP, tuple(_LAUNCHERS), seeds.device, backend)
+    if chosen == "torch":
+        flat = reference.philox_normal(seeds, stream, numel).to(dtype)
+    else:
+        flat = torch.ops.ddpm_fast.randn(seeds, numel, stream, dtype, chosen)
+    return flat.reshape(seeds.shape[0], *shape)

@@ -1,0 +1,26 @@
+"""Tolerances derived from the dtype, not guessed (STYLE.md, after flash-attention's tests).
+
+A fast op passes when its error against a float64 evaluation is at most twice the error of plain PyTorch
+(the reference run in the same dtype) plus a small per-dtype floor scaled by the result's magnitude.
+"""
+
+import torch
+
+# One rounding of the result's magnitude in each storage dtype: what any kernel may differ by.
+FLOOR = {torch.float32: 2**-22, torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float64: 2**-50}
+
+
+def assert_matches_reference(ours, same_dtype_reference, float64_reference, dtype=None, what="output"):
+    """``ours`` is no further from the float64 truth than twice what PyTorch itself manages, plus a floor."""
+    dtype = dtype or ours.dtype
+    truth = float64_reference.double()
+    assert ours.shape == truth.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(truth.shape)}"
+    ours_err = (ours.double() - truth).abs()
+    torch_err = (same_dtype_reference.double() - truth).abs().max().item()
+    scale = max(1.0, truth.abs().max().item())
+    bound = 2 * torch_err + FLOOR[dtype] * scale
+    finite = torch.isfinite(truth)
+    assert torch.equal(torch.isfinite(ours.double()), finite), f"{what}: non-finite values where the reference has none"
+    worst = ours_err[finite].max().item() if finite.any() else 0.0
+    assert worst <= bound, (f"{what}: max error {worst:.3g} > bound {bound:.3g} "
+                            f"(2 x PyTorch's {torch_err:.3g} + floor {FLOOR[dtype] * scale:.3g})")

@@ -1,0 +1,118 @@
+"""The fused group_norm_silu (CPU kernels, forward and backward) against the reference."""
+
+import pytest
+import torch
+from _tolerance import assert_matches_reference
+
+import ddpm_fast
+from ddpm_fast import reference
+
+pytestmark = pytest.mark.skipif(ddpm_fast.build_info()["backends"]["cpu"] != "available",
+                                reason="the C++ extension is not built")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CASES = [
+    # (shape, groups, form)
+    ((2, 32, 8, 8), 8, "scale_shift"),   # improved-DDPM ResBlock
+    ((2, 32, 8, 8), 8, "bias_in"),       # DDPM ResBlock: time embedding added before the norm
+    ((1, 6, 5, 7), 3, "both"),           # batch 1, odd H x W
+    ((3, 12, 3, 3), 12, "scale_shift"),  # one channel per group
+    ((2, 20, 7, 5), 4, "plain"),         # C not a multiple of 8, no time embedding, no affine
+    ((1, 4, 64, 64), 1, "scale_shift"),  # one group of 16K elements: far beyond one tile of work
+    ((2, 8, 12), 2, "bias_in"),          # 3-D (B, C, L)
+]
+
+
+def _inputs(shape, form, dtype, seed, channels_last=False, affine=True):
+    g = torch.Generator().manual_seed(seed)
+    B, C = shape[:2]
+    # An offset mean checks the variance is not computed as E[x^2] - E[x]^2 in float32.
+    x = (torch.randn(shape, generator=g) * 3 + 2).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    p = {"weight": torch.randn(C, generator=g) if affine else None,
+         "bias": torch.randn(C, generator=g) if affine else None}
+    if form in ("bias_in", "both"):
+        p["bias_in"] = torch.randn(B, C, generator=g).to(dtype)
+    if form in ("scale_shift", "both"):
+        p["scale"] = (torch.randn(B, C, generator=g) * 0.5).to(dtype)
+        p["shift"] = torch.randn(B, C, generator=g).to(dtype)
+    return x, p
+
+
+def _reference(x, groups, p, act, dtype=None):
+    cast = (lambda v: None if v is None else v.to(dtype)) if dtype else (lambda v: v)
+    return reference.group_norm_silu(cast(x), cast(p["weight"]), cast(p["bias"]), groups,
+                                     bias_in=cast(p.get("bias_in")), scale=cast(p.get("scale")),
+                                     shift=cast(p.get("shift")), act=act)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, groups, form", CASES)
+@pytest.mark.parametrize("act", ["silu", "none"])
+def test_forward_matches_reference(shape, groups, form, dtype, act):
+    x, p = _inputs(shape, form, dtype, seed=shape[1] + groups, affine=form != "plain")
+    y = ddpm_fast.group_norm_silu(x, p["weight"], p["bias"], groups, bias_in=p.get("bias_in"), scale=p.get("scale"),
+                                  shift=p.get("shift"), act=act, backend="cpu")
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_matches_reference(y, _reference(x, groups, p, act), _reference(x, groups, p, act, torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, groups", [((2, 32, 8, 8), 8), ((1, 6, 5, 7), 3), ((2, 12, 4, 4), 12)])
+def test_channels_last(shape, groups, dtype):
+    x, p = _inputs(shape, "both", dtype, seed=1, channels_last=True)
+    y = ddpm_fast.group_norm_silu(x, p["weight"], p["bias"], groups, bias_in=p["bias_in"], scale=p["scale"],
+                                  shift=p["shift"], backend="cpu")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_matches_reference(y, _reference(x, groups, p, "silu"), _reference(x, groups, p, "silu", torch.float64))
+
+
+def _grads(x, p, groups, act, backend, dtype=None, seed=0):
+    """Gradients of sum(out * w) for a random w, through ``backend`` (or the reference in ``dtype``)."""
+    leaves = {k: v.detach().to(dtype or v.dtype).requires_grad_() for k, v in p.items() if v is not None}
+    xx = x.detach().to(dtype or x.dtype).requires_grad_()
+    kwargs = {k: leaves.get(k) for k in ("bias_in", "scale", "shift")}
+    if backend == "reference":
+        y = reference.group_norm_silu(xx, leaves.get("weight"), leaves.get("bias"), groups, act=act, **kwargs)
+    else:
+        y = ddpm_fast.group_norm_silu(xx, leaves.get("weight"), leaves.get("bias"), groups, act=act,
+                                      backend=backend, **kwargs)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    (y * w).sum().backward()
+    return {"x": xx.grad, **{k: v.grad for k, v in leaves.items()}}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, groups, form, channels_last",
+                         [(*case, False) for case in CASES] + [(*case, True) for case in CASES if len(case[0]) == 4])
+def test_backward_matches_reference(shape, groups, form, dtype, channels_last):
+    x, p = _inputs(shape, form, dtype, seed=groups, channels_last=channels_last, affine=form != "plain")
+    ours = _grads(x, p, groups, "silu", "cpu")
+    same = _grads(x, p, groups, "silu", "reference")
+    truth = _grads(x, p, groups, "silu", "reference", dtype=torch.float64)
+    assert set(ours) == set(truth)
+    for name in truth:
+        assert ours[name].dtype == (x if name == "x" else p[name]).dtype
+        assert_matches_reference(ours[name], same[name], truth[name], dtype=dtype, what=f"grad of {name}")
+    if channels_last:
+        assert ours["x"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_broadcast_time_embedding_shapes():
+    """(B, C, 1, 1) time embeddings, as U-Nets produce them, equal (B, C) ones."""
+    x, p = _inputs((2, 8, 4, 4), "both", torch.float32, seed=2)
+    a = ddpm_fast.group_norm_silu(x, p["weight"], p["bias"], 4, bias_in=p["bias_in"], scale=p["scale"],
+                                  shift=p["shift"], backend="cpu")
+    b = ddpm_fast.group_norm_silu(x, p["weight"], p["bias"], 4, bias_in=p["bias_in"][..., None, None],
+                                  scale=p["scale"][..., None, None], shift=p["shift"][..., None, None], backend="cpu")
+    assert torch.equal(a, b)
+
+
+def test_bf16_activations_with_float32_parameters():
+    """Under autocast the norm's parameters stay float32 while activations are bfloat16."""
+    x, p = _inputs((2, 8, 4, 4), "scale_shift", torch.bfloat16, seed=3)
+    y = ddpm_fast.group_norm_silu(x, p["weight"], p["bias"], 4, scale=p["scale"], shift=p["shift"], backend="cpu")
+    assert y.dtype == torch.bfloat16
+    truth = _reference(x.double(), 4, {k: v.double() for k, v in p.items()}, "silu")
+    assert_matches_reference(y, _reference(x, 4, p, "silu"), truth)

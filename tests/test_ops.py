@@ -1,0 +1,131 @@
+"""The op layer: custom-op registration (opcheck), torch.compile, backend choice, build_info, randn."""
+
+import pytest
+import torch
+
+import ddpm_fast
+from ddpm_fast import reference
+from ddpm_fast.schedule import NoiseSchedule, ddpm_table
+
+CPU_BUILT = ddpm_fast.build_info()["backends"]["cpu"] == "available"
+needs_cpu_kernels = pytest.mark.skipif(not CPU_BUILT, reason="the C++ extension is not built")
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return NoiseSchedule(1000, "linear")
+
+
+def _rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def test_build_info_reports_every_backend():
+    info = ddpm_fast.build_info()
+    assert info["version"] == ddpm_fast.__version__
+    assert set(info["backends"]) == {"cuda", "triton", "cpu", "torch"}
+    assert info["backends"]["torch"] == "available"
+    if not torch.cuda.is_available():
+        assert info["backends"]["cuda"] != "available" and info["backends"]["cuda"]  # a reason, not a blank
+    if info.get("cuda_compiled"):
+        assert info["cuda_archs"] and info["cuda_version"]
+    else:
+        assert info["cuda_missing_reason"]
+
+
+def _opcheck_cases(schedule):
+    x0, noise = _rand(2, 3, 5, 7, seed=1), _rand(2, 3, 5, 7, seed=2)
+    t, seeds = torch.tensor([10, 900]), torch.tensor([3, -7])
+    table = ddpm_table(schedule, variance_type="learned_range")
+    mo, var = _rand(2, 3, 5, 7, seed=3), torch.rand(2, 3, 5, 7) * 2 - 1
+    x, w, b = _rand(2, 8, 4, 4, seed=4).requires_grad_(), _rand(8, seed=5).requires_grad_(), _rand(8, seed=6)
+    sc, sh = _rand(2, 8, seed=7).requires_grad_(), _rand(2, 8, seed=8)
+    cl = x0.contiguous(memory_format=torch.channels_last)
+    return [
+        (torch.ops.ddpm_fast.q_sample.default, (x0, t, schedule.q_table("cpu"), None, seeds, 3, 1, "cpu")),
+        (torch.ops.ddpm_fast.q_sample.default, (cl, t, schedule.q_table("cpu"), noise, None, 0, 0, "cpu")),
+        (torch.ops.ddpm_fast.step.default,
+         (x0, mo, var, t, table.table("cpu"), None, seeds, 1.0, 0.0, 1.0, True, "cpu")),
+        (torch.ops.ddpm_fast.step.default,
+         (cl, mo, var, t, table.table("cpu"), noise, None, 0.0, 0.995, 2.0, False, "cpu")),
+        (torch.ops.ddpm_fast.group_norm_silu.default, (x, w, b, None, sc, sh, 4, 1e-5, 1, "cpu")),
+        (torch.ops.ddpm_fast.group_norm_silu.default, (x, None, None, sc, None, None, 2, 1e-6, 0, "cpu")),
+        (torch.ops.ddpm_fast.randn.default, (seeds, 37, 5, torch.float32, "cpu")),
+    ]
+
+
+@needs_cpu_kernels
+def test_opcheck_every_op(schedule):
+    for op, args in _opcheck_cases(schedule):
+        torch.library.opcheck(op, args)
+
+
+@needs_cpu_kernels
+def test_torch_compile_fullgraph(schedule):
+    table = ddpm_table(schedule)
+
+    def train_and_sample(x0, t, seeds, x, w, b, scale, shift):
+        x_t, eps = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, backend="cpu")
+        prev, _ = ddpm_fast.step(eps, t, x_t, table, seeds=seeds, clip_range=1.0, backend="cpu")
+        h = ddpm_fast.group_norm_silu(x, w, b, 4, scale=scale, shift=shift, backend="cpu")
+        return prev, h
+
+    args = (_rand(2, 3, 8, 8, seed=1), torch.tensor([5, 700]), torch.tensor([1, 2]),
+            _rand(2, 8, 4, 4, seed=2).requires_grad_(), _rand(8, seed=3).requires_grad_(), _rand(8, seed=4),
+            _rand(2, 8, seed=5).requires_grad_(), _rand(2, 8, seed=6))
+    compiled = torch.compile(train_and_sample, fullgraph=True)
+    prev, h = compiled(*args)
+    prev_eager, h_eager = train_and_sample(*args)
+    assert torch.equal(prev, prev_eager)
+    torch.testing.assert_close(h, h_eager)
+    grads = torch.autograd.grad(h.sum(), (args[3], args[4], args[6]))
+    grads_eager = torch.autograd.grad(h_eager.sum(), (args[3], args[4], args[6]))
+    for a, b in zip(grads, grads_eager):
+        torch.testing.assert_close(a, b)
+
+
+@needs_cpu_kernels
+def test_automatic_choice_is_cpu_kernel_for_cpu_tensors(schedule, monkeypatch):
+    from ddpm_fast.ops import backend
+    assert backend.resolve("q_sample", ("cpu",), torch.device("cpu"), None) == "cpu"
+    with ddpm_fast.use_backend("torch"):
+        assert backend.resolve("q_sample", ("cpu",), torch.device("cpu"), None) == "torch"
+        assert ddpm_fast.get_backend() == "torch"
+    assert ddpm_fast.get_backend() is None
+    # The per-call choice wins over the global one.
+    with ddpm_fast.use_backend("torch"):
+        assert backend.resolve("q_sample", ("cpu",), torch.device("cpu"), "cpu") == "cpu"
+
+
+def test_unavailable_backends_explain_why(schedule):
+    x0 = _rand(1, 3, 4, 4)
+    with pytest.raises((RuntimeError, NotImplementedError), match="q_sample: .*(cuda|CUDA)"):
+        ddpm_fast.q_sample(x0, 3, schedule, seeds=torch.tensor([1]), backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ddpm_fast.q_sample(x0, 3, schedule, seeds=torch.tensor([1]), backend="gpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ddpm_fast.set_backend("fast")
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_randn_matches_reference(dtype):
+    seeds = torch.tensor([0, 1, -1, 2**62], dtype=torch.int64)
+    ours = ddpm_fast.randn(seeds, (3, 5, 7), stream=9, dtype=dtype, backend="cpu")
+    ref = reference.philox_normal(seeds, 9, 105).reshape(4, 3, 5, 7)
+    assert ours.shape == (4, 3, 5, 7) and ours.dtype == dtype
+    # One float32 ulp of |z| <= 6 per log/sin/cos rounding, then the storage rounding.
+    atol = 8 * 6 * 2**-23 + {torch.float32: 0, torch.float16: 6 * 2**-10, torch.bfloat16: 6 * 2**-7}[dtype]
+    torch.testing.assert_close(ours.float(), ref.to(dtype).float(), rtol=0, atol=atol)
+    torch.testing.assert_close(ddpm_fast.randn(seeds, (3, 5, 7), stream=9, backend="torch"), ref.reshape(4, 3, 5, 7))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_randn_equals_cpu_kernel():
+    if ddpm_fast.build_info()["backends"]["cuda"] != "available":
+        pytest.skip(f"cuda backend: {ddpm_fast.build_info()['backends']['cuda']}")
+    seeds = torch.randint(-2**62, 2**62, (5,), generator=torch.Generator().manual_seed(0))
+    cpu = ddpm_fast.randn(seeds, (3, 17, 9), backend="cpu")
+    cuda = ddpm_fast.randn(seeds.cuda(), (3, 17, 9), backend="cuda")
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=8 * 6 * 2**-23)

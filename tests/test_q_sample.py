@@ -1,0 +1,138 @@
+"""The fused q_sample (CPU kernel) against the reference, for every dtype, layout and awkward shape."""
+
+import pytest
+import torch
+from _tolerance import FLOOR, assert_matches_reference
+
+import ddpm_fast
+from ddpm_fast import reference
+from ddpm_fast.schedule import NoiseSchedule
+
+pytestmark = pytest.mark.skipif(ddpm_fast.build_info()["backends"]["cpu"] != "available",
+                                reason="the C++ extension is not built")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [
+    (4, 3, 16, 16),  # the common image case
+    (1, 3, 5, 7),    # batch 1, odd H x W: numel per sample not a multiple of 4 (a partial Philox group)
+    (3, 5, 3, 3),    # C not a multiple of 4 or 8
+    (2, 6, 9),       # 3-D (B, C, L)
+    (5, 7),          # 2-D (B, D): S = 1
+]
+
+
+def _inputs(shape, dtype, seed, channels_last=False):
+    g = torch.Generator().manual_seed(seed)
+    x0 = (torch.rand(shape, generator=g) * 2 - 1).to(dtype)
+    noise = torch.randn(shape, generator=g).to(dtype)
+    t = torch.randint(0, 1000, (shape[0],), generator=g)
+    seeds = torch.randint(-2**62, 2**62, (shape[0],), generator=g)
+    if channels_last:
+        x0, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x0, noise))
+    return x0, noise, t, seeds
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return NoiseSchedule(1000, "linear")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("target", ["epsilon", "v_prediction"])
+def test_given_noise_matches_reference(schedule, shape, dtype, target):
+    x0, noise, t, _ = _inputs(shape, dtype, seed=len(shape) * 7 + DTYPES.index(dtype))
+    x_t, out = ddpm_fast.q_sample(x0, t, schedule, noise, target=target, backend="cpu")
+    ref_x_t, _ = reference.q_sample(x0, t, schedule, noise=noise)
+    ref64_x_t, _ = reference.q_sample(x0.double(), t, schedule, noise=noise.double())
+    assert x_t.dtype == dtype and x_t.shape == x0.shape
+    assert_matches_reference(x_t, ref_x_t, ref64_x_t, what="x_t")
+    if target == "epsilon":
+        assert torch.equal(out, noise)
+    else:
+        ref_v = reference.training_target(x0, noise, t, schedule, target)
+        ref64_v = reference.training_target(x0.double(), noise.double(), t, schedule, target)
+        assert_matches_reference(out, ref_v, ref64_v, what="v")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_drawn_noise_matches_reference_generator(schedule, shape, dtype):
+    x0, _, t, seeds = _inputs(shape, dtype, seed=11 + len(shape))
+    x_t, eps = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, stream=5, backend="cpu")
+    ref_eps = reference.philox_normal(seeds, 5, x0[0].numel()).reshape(shape)
+    # Same uint32 stream; log/sin/cos may round differently by a few float32 ulp of |z| <= 6.
+    torch.testing.assert_close(eps.float(), ref_eps.to(dtype).float(), rtol=0, atol=8 * 6 * 2**-23 + FLOOR[dtype] * 6)
+    ref_x_t, _ = reference.q_sample(x0, t, schedule, noise=eps)
+    ref64_x_t, _ = reference.q_sample(x0.double(), t, schedule, noise=eps.double())
+    assert_matches_reference(x_t, ref_x_t, ref64_x_t, what="x_t")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_equals_contiguous(schedule, dtype):
+    """The noise is a function of the logical index, so the memory layout must not change a single value."""
+    x0, noise, t, seeds = _inputs((3, 6, 5, 7), dtype, seed=3)
+    for kwargs in ({"seeds": seeds}, {"noise": noise}):
+        dense = ddpm_fast.q_sample(x0, t, schedule, target="v_prediction", backend="cpu", **kwargs)
+        cl_kwargs = {k: (v.contiguous(memory_format=torch.channels_last) if k == "noise" else v)
+                     for k, v in kwargs.items()}
+        cl = ddpm_fast.q_sample(x0.contiguous(memory_format=torch.channels_last), t, schedule,
+                                target="v_prediction", backend="cpu", **cl_kwargs)
+        for a, b in zip(dense, cl):
+            assert b.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(a, b)
+
+
+def test_noise_independent_of_batch_composition(schedule):
+    """Sample b's noise depends on its seed only: alone, or inside a shuffled batch of 8."""
+    x0, _, t, seeds = _inputs((8, 3, 8, 8), torch.float32, seed=4)
+    _, batch_eps = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, backend="cpu")
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    _, shuffled = ddpm_fast.q_sample(x0[perm], t[perm], schedule, seeds=seeds[perm], backend="cpu")
+    assert torch.equal(shuffled, batch_eps[perm])
+    _, alone = ddpm_fast.q_sample(x0[5:6], t[5:6], schedule, seeds=seeds[5:6], backend="cpu")
+    assert torch.equal(alone, batch_eps[5:6])
+
+
+def test_streams_and_seeds_change_the_noise(schedule):
+    x0, _, t, seeds = _inputs((2, 3, 8, 8), torch.float32, seed=5)
+    _, a = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, stream=0, backend="cpu")
+    _, b = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, stream=1, backend="cpu")
+    _, c = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds + 1, stream=0, backend="cpu")
+    assert not torch.isclose(a, b).any() and not torch.isclose(a, c).any()
+
+
+def test_non_contiguous_inputs(schedule):
+    """A strided view (every other channel) is handled, not misread."""
+    x0, noise, t, _ = _inputs((2, 8, 6, 6), torch.float32, seed=6)
+    view, noise_view = x0[:, ::2], noise[:, 1::2]
+    x_t, _ = ddpm_fast.q_sample(view, t, schedule, noise_view, backend="cpu")
+    ref, _ = reference.q_sample(view.contiguous(), t, schedule, noise=noise_view.contiguous())
+    ref64, _ = reference.q_sample(view.double(), t, schedule, noise=noise_view.double())
+    assert_matches_reference(x_t, ref, ref64)
+
+
+def test_scalar_timestep_and_empty_batch(schedule):
+    x0, noise, _, _ = _inputs((2, 3, 4, 4), torch.float32, seed=7)
+    x_t, _ = ddpm_fast.q_sample(x0, 999, schedule, noise, backend="cpu")
+    ref, _ = reference.q_sample(x0, torch.tensor([999, 999]), schedule, noise=noise)
+    assert_matches_reference(x_t, ref, reference.q_sample(x0.double(), torch.tensor([999, 999]), schedule,
+                                                          noise=noise.double())[0])
+    empty = torch.empty(0, 3, 4, 4)
+    x_t, eps = ddpm_fast.q_sample(empty, torch.empty(0, dtype=torch.int64), schedule,
+                                  seeds=torch.empty(0, dtype=torch.int64), backend="cpu")
+    assert x_t.shape == empty.shape and eps.shape == empty.shape
+
+
+def test_sample_target_returns_x0(schedule):
+    x0, noise, t, _ = _inputs((2, 3, 4, 4), torch.float32, seed=8)
+    _, target = ddpm_fast.q_sample(x0, t, schedule, noise, target="sample", backend="cpu")
+    assert target is x0
+
+
+def test_torch_backend_is_the_reference(schedule):
+    x0, noise, t, seeds = _inputs((2, 3, 4, 4), torch.float32, seed=9)
+    x_t, v = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, target="v_prediction", backend="torch")
+    ref_x_t, eps = reference.q_sample(x0, t, schedule, seeds=seeds)
+    assert torch.equal(x_t, ref_x_t)
+    assert torch.equal(v, reference.training_target(x0, eps, t, schedule, "v_prediction"))

@@ -1,0 +1,589 @@
+"""ddpm_fast.reference against diffusers' schedulers, float64 evaluations and hand-computed values.
+
+How the step tolerances are derived (flash-attention's rule, STYLE.md principle 4):
+
+* truth = diffusers' own step code run in float64 on our float64 alphas_cumprod (same formulas,
+  negligible rounding);
+* theirs = stock diffusers in float32 (its float32 alphas_cumprod included: that is what users get);
+* ours = reference.step in float32 from the float64 table.
+
+We require  max|ours - truth| <= 2 * max|theirs - truth| + floor  and, because our coefficients carry a
+single rounding each, also  max|ours - truth| <= floor,  where floor is the rounding budget of our own
+float32 evaluation: 8 eps32 per unit of the sum of |terms| of each formula (a coefficient rounding,
+a product and a sum per term, doubled for headroom), see `_floors`.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers import scheduling_ddpm
+
+from ddpm_fast.reference import (
+    STEP_STREAM_BASE,
+    group_norm_silu,
+    l_simple_loss,
+    philox_normal,
+    q_sample,
+    step,
+    training_target,
+)
+from ddpm_fast.schedule import NoiseSchedule, ddim_table, ddpm_table, sampling_timesteps
+
+EPS32 = torch.finfo(torch.float32).eps
+SHAPE = (3, 5, 7, 9)  # odd H, W and C not a multiple of 8, on purpose
+PREDICTIONS = ["epsilon", "sample", "v_prediction"]
+VARIANCES = ["fixed_small", "fixed_small_log", "fixed_large", "learned_range"]
+# Thresholding settings that make s land strictly inside (1, sample_max_value) for most samples,
+# so the quantile really matters (with diffusers' defaults 0.995 / 1.0 it degenerates to clip at 1).
+RATIO, MAX_VALUE = 0.95, 4.0
+CLIPS = [None, 1.0, 1.5, "threshold"]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(shape, seed, dtype=torch.float32, scale=1.0):
+    return torch.randn(shape, generator=_gen(seed), dtype=dtype) * scale
+
+
+def _uniform(shape, seed, lo=-1.0, hi=1.0):
+    return torch.rand(shape, generator=_gen(seed)) * (hi - lo) + lo
+
+
+def _clip_kwargs(clip):
+    """Our step's keyword arguments for one clipping mode."""
+    if clip == "threshold":
+        return dict(thresholding=True, dynamic_thresholding_ratio=RATIO, sample_max_value=MAX_VALUE)
+    return dict(clip_range=clip)
+
+
+def _diffusers_clip_config(clip):
+    return dict(clip_sample=isinstance(clip, float), clip_sample_range=clip if isinstance(clip, float) else 1.0,
+                thresholding=clip == "threshold", dynamic_thresholding_ratio=RATIO, sample_max_value=MAX_VALUE)
+
+
+def _float64_twin(theirs, schedule, set_alpha_to_one=True):
+    """diffusers' scheduler evaluating its own formulas in float64 on our float64 alphas_cumprod."""
+    twin = copy.deepcopy(theirs)
+    twin.alphas_cumprod = schedule.alphas_cumprod.clone()
+    twin.one = torch.tensor(1.0, dtype=torch.float64)
+    if hasattr(twin, "final_alpha_cumprod"):
+        twin.final_alpha_cumprod = twin.one if set_alpha_to_one else twin.alphas_cumprod[0]
+    return twin
+
+
+def _floors(table, t, x, m, v, z, x0c):
+    """Rounding budgets of our float32 step: (floor for prev_sample, floor for pred_original_sample).
+
+    t: (B,) int64; x, m, z, x0c: (B, C, ...) float64; v: the variance channels or None.
+    """
+    cols = table.coef[t].reshape(t.numel(), 8, *([1] * (x.dim() - 1)))
+    ax, am, p0, p1, p2, std, lo, hi = cols.unbind(1)
+    floor_x0 = 8 * EPS32 * ((ax * x).abs() + (am * m).abs()).max()
+    # Thresholding divides by s >= 1 that was computed from x0 itself: <= 2x x0's error (|x0c| <= 1).
+    floor_x0c = 2 * floor_x0
+    noise = (std * z).abs()
+    if v is not None:
+        f = (v + 1) / 2
+        y = 0.5 * (f * hi + (1 - f) * lo)
+        # exp(y) in float32: relative error ~ eps32 * (1 + |terms of y|) from rounding y's terms.
+        noise = noise * y.exp() * (1 + 0.5 * ((f * hi).abs() + ((1 - f) * lo).abs()))
+    terms = (p0 * x0c).abs() + (p1 * x).abs() + (p2 * m).abs() + noise
+    return 8 * EPS32 * terms.max() + p0.abs().max() * floor_x0c, floor_x0c
+
+
+def _assert_accuracy(ours, theirs, truth, floor, what, theirs_may_be_nan=False):
+    err_ours = (ours.double() - truth).abs().max().item()
+    err_theirs = (theirs.double() - truth).abs().max().item()
+    floor = float(floor)
+    if theirs_may_be_nan and math.isnan(err_theirs):
+        err_theirs = math.inf  # only the rounding budget below is meaningful then
+    assert err_ours <= 2 * err_theirs + floor, f"{what}: ours {err_ours:.3e}, diffusers {err_theirs:.3e}, floor {floor:.3e}"
+    assert err_ours <= floor, f"{what}: ours {err_ours:.3e} exceeds its float32 rounding budget {floor:.3e}"
+
+
+def _step_inputs(table, shape, seed):
+    """x, m (2C channels for learned_range), z: fresh float32 draws; sample predictions overshoot 1."""
+    m_scale = 1.6 if table.prediction_type == "sample" else 1.0  # so that clipping bites
+    x = _randn(shape, seed)
+    m = _randn(shape, seed + 1, scale=m_scale)
+    if table.variance_type == "learned_range":
+        m = torch.cat([m, _uniform(shape, seed + 2)], dim=1)
+    z = _randn(shape, seed + 3)
+    return x, m, z
+
+
+def _check_against_diffusers(table, theirs, twin, t, x, m, z, clip, diffusers_step, what, theirs_may_be_nan=False):
+    """Ours vs stock diffusers vs the float64 twin for one sample batch at scalar t."""
+    C = x.shape[1]
+    tt = torch.full((x.shape[0],), t, dtype=torch.int64)
+    prev, x0c = step(m, t, x, table, noise=z, **_clip_kwargs(clip))
+    assert prev.dtype == x0c.dtype == torch.float32 and prev.shape == x0c.shape == x.shape
+    theirs_prev, theirs_x0 = diffusers_step(theirs, m, t, x, z, torch.float32)
+    truth_prev, truth_x0 = diffusers_step(twin, m.double(), t, x.double(), z.double(), torch.float64)
+    v = m[:, C:].double() if table.variance_type == "learned_range" else None
+    floor_prev, floor_x0 = _floors(table, tt, x.double(), m[:, :C].double(), v, z.double(), truth_x0)
+    _assert_accuracy(x0c, theirs_x0, truth_x0, floor_x0, f"{what} x0 t={t}")
+    _assert_accuracy(prev, theirs_prev, truth_prev, floor_prev, f"{what} prev t={t}", theirs_may_be_nan)
+
+
+def _ddpm_step(scheduler, m, t, x, z, dtype):
+    """diffusers' DDPMScheduler.step with our noise z.
+
+    DDPMScheduler.step draws its noise itself with randn_tensor(shape, generator, dtype=model dtype).
+    In float32 we hand it a generator seeded so that randn reproduces z (asserted); the float64 twin
+    would draw different numbers from the same seed, so there we monkeypatch randn_tensor to return z.
+    """
+    if dtype == torch.float32:
+        seed = 1234
+        assert torch.equal(z, torch.randn(z.shape, generator=_gen(seed))), "z must be drawn with the seed"
+        out = scheduler.step(m, t, x, generator=_gen(seed))
+    else:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(scheduling_ddpm, "randn_tensor", lambda shape, generator=None, device=None, dtype=None, **kw: z.to(dtype))
+            out = scheduler.step(m, t, x)
+    return out.prev_sample, out.pred_original_sample
+
+
+def _ddim_step_fn(eta, use_clipped):
+    def run(scheduler, m, t, x, z, dtype):
+        noise = z if eta > 0 else None  # DDIMScheduler.step takes the noise directly
+        out = scheduler.step(m, t, x, eta=eta, use_clipped_model_output=use_clipped, variance_noise=noise)
+        return out.prev_sample, out.pred_original_sample
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# DDPM step
+# ------------------------------------------------------------------------------------------------
+
+# (num_inference_steps, timesteps to test): the full chain, and 50 leading steps (prev = t - 20, -1 at 0).
+DDPM_CHAINS = [(None, [999, 500, 1, 0]), (50, [980, 500, 20, 0])]
+
+
+@pytest.mark.parametrize("clip", CLIPS, ids=["noclip", "clip1", "clip1.5", "threshold"])
+@pytest.mark.parametrize("variance_type", VARIANCES)
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("chain", DDPM_CHAINS, ids=["full", "n50"])
+def test_ddpm_step_matches_diffusers(chain, prediction_type, variance_type, clip):
+    num_steps, ts = chain
+    schedule = NoiseSchedule()
+    theirs = DDPMScheduler(prediction_type=prediction_type, variance_type=variance_type, **_diffusers_clip_config(clip))
+    if num_steps is not None:
+        theirs.set_timesteps(num_steps)
+    twin = _float64_twin(theirs, schedule)
+    table = ddpm_table(schedule, None if num_steps is None else theirs.timesteps, prediction_type, variance_type)
+    for i, t in enumerate(ts):
+        x, m, _ = _step_inputs(table, SHAPE, seed=100 * i)
+        z = torch.randn(SHAPE, generator=_gen(1234))
+        _check_against_diffusers(table, theirs, twin, t, x, m, z, clip, _ddpm_step, f"ddpm {prediction_type}/{variance_type}")
+
+
+def test_ddpm_last_step_adds_no_noise_and_needs_none():
+    table = ddpm_table(NoiseSchedule(), prediction_type="epsilon", variance_type="fixed_large")
+    x, m, z = _step_inputs(table, SHAPE, seed=5)
+    with_noise, _ = step(m, 0, x, table, noise=z)
+    without, _ = step(m, 0, x, table)  # std == 0 at t == 0: neither noise nor seeds is required
+    assert torch.equal(with_noise, without)
+    with pytest.raises(ValueError, match="exactly one of noise and seeds must be given, got neither"):
+        step(m, 1, x, table)
+
+
+# ------------------------------------------------------------------------------------------------
+# DDIM step
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_clipped", [False, True], ids=["eps_unclipped", "eps_clipped"])
+@pytest.mark.parametrize("clip", [None, 1.0, "threshold"], ids=["noclip", "clip1", "threshold"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_ddim_step_matches_diffusers(prediction_type, eta, clip, use_clipped):
+    schedule = NoiseSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    theirs = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                           prediction_type=prediction_type, **_diffusers_clip_config(clip))
+    theirs.set_timesteps(50)
+    twin = _float64_twin(theirs, schedule)
+    table = ddim_table(schedule, theirs.timesteps, prediction_type, eta, use_clipped_model_output=use_clipped)
+    for i, t in enumerate([980, 500, 0]):
+        x, m, z = _step_inputs(table, SHAPE, seed=10 + 100 * i)
+        _check_against_diffusers(table, theirs, twin, t, x, m, z, clip, _ddim_step_fn(eta, use_clipped), f"ddim {prediction_type}")
+
+
+@pytest.mark.parametrize(
+    "spacing, set_alpha_to_one, prediction_type, eta, rescale",
+    [
+        ("trailing", False, "v_prediction", 1.0, True),  # zero terminal SNR: t = 999 has alphas_cumprod == 0
+        ("linspace", False, "sample", 0.5, False),  # T // N steps that miss the schedule (diffusers' rule)
+        ("trailing", True, "epsilon", 0.3, False),
+    ],
+)
+def test_ddim_spacings_and_final_alpha(spacing, set_alpha_to_one, prediction_type, eta, rescale):
+    schedule = NoiseSchedule(rescale_betas_zero_snr=rescale)
+    theirs = DDIMScheduler(prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one, timestep_spacing=spacing,
+                           rescale_betas_zero_snr=rescale, **_diffusers_clip_config(1.0))
+    theirs.set_timesteps(33)
+    twin = _float64_twin(theirs, schedule, set_alpha_to_one)
+    table = ddim_table(schedule, theirs.timesteps, prediction_type, eta, set_alpha_to_one)
+    for i, t in enumerate([theirs.timesteps[0].item(), theirs.timesteps[16].item(), theirs.timesteps[-1].item()]):
+        x, m, z = _step_inputs(table, SHAPE, seed=7 + 100 * i)
+        # diffusers' float32 DDIM returns NaN at t = 999 with zero terminal SNR and eta = 1: there
+        # 1 - alpha_prev - sigma^2 is exactly 0 and rounds negative before its sqrt. Ours clamps it.
+        nan_ok = rescale and t == 999
+        _check_against_diffusers(table, theirs, twin, t, x, m, z, 1.0, _ddim_step_fn(eta, False), f"ddim {spacing}", nan_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# per-sample timesteps, seeds, layouts, dtypes, the float32 table contract
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ddpm_full", "ddpm_n50", "ddim"])
+def test_per_sample_timesteps_equal_per_sample_diffusers(kind):
+    schedule = NoiseSchedule()
+    if kind == "ddim":
+        theirs = DDIMScheduler(prediction_type="v_prediction", **_diffusers_clip_config("threshold"))
+        theirs.set_timesteps(50)
+        table = ddim_table(schedule, theirs.timesteps, "v_prediction", eta=1.0)
+        diffusers_step, ts = _ddim_step_fn(1.0, False), [980, 0, 500, 20]
+    else:
+        theirs = DDPMScheduler(prediction_type="v_prediction", variance_type="learned_range", **_diffusers_clip_config("threshold"))
+        if kind == "ddpm_n50":
+            theirs.set_timesteps(50)
+        table = ddpm_table(schedule, None if kind == "ddpm_full" else theirs.timesteps, "v_prediction", "learned_range")
+        diffusers_step, ts = _ddpm_step, ([999, 0, 500, 1] if kind == "ddpm_full" else [980, 0, 500, 20])
+    twin = _float64_twin(theirs, schedule)
+    B = len(ts)
+    x, m, _ = _step_inputs(table, (B,) + SHAPE[1:], seed=77)
+    z = torch.randn((1,) + SHAPE[1:], generator=_gen(1234)).expand(B, *SHAPE[1:]).contiguous()
+    prev, x0c = step(m, torch.tensor(ts), x, table, noise=z, **_clip_kwargs("threshold"))
+    for b, t in enumerate(ts):
+        one = slice(b, b + 1)
+        mine = step(m[one], t, x[one], table, noise=z[one], **_clip_kwargs("threshold"))
+        assert torch.equal(prev[one], mine[0]) and torch.equal(x0c[one], mine[1])  # batch-independent
+        _check_against_diffusers(table, theirs, twin, t, x[one], m[one], z[one], "threshold", diffusers_step, f"{kind} b={b}")
+
+
+def test_seeds_path_equals_noise_path():
+    table = ddpm_table(NoiseSchedule(), prediction_type="epsilon", variance_type="learned_range")
+    t = torch.tensor([999, 3, 0, 640])
+    shape = (4,) + SHAPE[1:]
+    x, m, _ = _step_inputs(table, shape, seed=3)
+    seeds = torch.tensor([1, -2, 2**40, 7], dtype=torch.int64)
+    numel = math.prod(shape[1:])
+    z = philox_normal(seeds, STEP_STREAM_BASE + t, numel).reshape(shape)
+    by_seed = step(m, t, x, table, seeds=seeds, clip_range=1.0)
+    by_noise = step(m, t, x, table, noise=z, clip_range=1.0)
+    assert torch.equal(by_seed[0], by_noise[0]) and torch.equal(by_seed[1], by_noise[1])
+
+
+def test_float32_step_is_the_contract_formula_on_the_float32_table():
+    """reference.step in float32 == contracts.md's formula evaluated on StepTable.table() (bit-exact)."""
+    table = ddpm_table(NoiseSchedule(beta_schedule="squaredcos_cap_v2"), prediction_type="epsilon", variance_type="learned_range")
+    t = torch.tensor([999, 400, 2])
+    shape = (3,) + SHAPE[1:]
+    x, mv, z = _step_inputs(table, shape, seed=11)
+    m, v = mv[:, :5], mv[:, 5:]
+    ax, am, p0, p1, p2, std, lo, hi = table.table("cpu")[t].reshape(3, 8, 1, 1, 1).unbind(1)
+    x0 = ax * x + am * m
+    x0c = x0.clamp(-1.5, 1.5)
+    f = (v + 1.0) * 0.5
+    expected = p0 * x0c + p1 * x + p2 * m + std * torch.exp(0.5 * (f * hi + (1.0 - f) * lo)) * z
+    prev, got_x0c = step(mv, t, x, table, noise=z, clip_range=1.5)
+    assert torch.equal(got_x0c, x0c) and torch.equal(prev, expected)
+
+
+def test_channels_last_equals_nchw():
+    table = ddpm_table(NoiseSchedule(), prediction_type="v_prediction", variance_type="learned_range")
+    x, m, z = _step_inputs(table, SHAPE, seed=21)
+    t = torch.tensor([10, 999, 0])
+    cl = {k: v.contiguous(memory_format=torch.channels_last) for k, v in dict(x=x, m=m, z=z).items()}
+    ref = step(m, t, x, table, noise=z, **_clip_kwargs("threshold"))
+    got = step(cl["m"], t, cl["x"], table, noise=cl["z"], **_clip_kwargs("threshold"))
+    seeds = torch.tensor([4, 5, 6])
+    ref_s, got_s = step(m, t, x, table, seeds=seeds), step(cl["m"], t, cl["x"], table, seeds=seeds)
+    for r, g in zip(ref + ref_s, got + got_s):
+        assert g.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(r, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_compute_in_float32(dtype):
+    """16-bit inputs are upcast, computed in float32 and rounded once: exactly the float32 path."""
+    schedule = NoiseSchedule()
+    table = ddim_table(schedule, sampling_timesteps(1000, 20), "sample", eta=1.0, use_clipped_model_output=True)
+    x, m, z = (a.to(dtype) for a in _step_inputs(table, SHAPE, seed=31))
+    t = torch.tensor([950, 500, 0])
+    got = step(m, t, x, table, noise=z, **_clip_kwargs("threshold"))
+    ref = step(m.float(), t, x.float(), table, noise=z.float(), **_clip_kwargs("threshold"))
+    for g, r in zip(got, ref):
+        assert g.dtype == dtype and torch.equal(g, r.to(dtype))
+    xt, eps = q_sample(x, t, schedule, seeds=torch.tensor([1, 2, 3]), stream=9)
+    xt_ref, eps_ref = q_sample(x.float(), t, schedule, seeds=torch.tensor([1, 2, 3]), stream=9)
+    assert xt.dtype == eps.dtype == dtype
+    assert torch.equal(xt, xt_ref.to(dtype)) and torch.equal(eps, eps_ref.to(dtype))
+
+
+def test_step_and_q_sample_are_differentiable():
+    schedule = NoiseSchedule(num_train_timesteps=50)
+    table = ddpm_table(schedule, prediction_type="v_prediction", variance_type="learned_range")
+    shape = (2, 2, 3, 3)
+    x = _randn(shape, 1, torch.float64).requires_grad_()
+    m = torch.cat([_randn(shape, 2, torch.float64), _uniform(shape, 3).double()], 1).requires_grad_()
+    z = _randn(shape, 4, torch.float64)
+    t = torch.tensor([49, 7])
+    assert torch.autograd.gradcheck(lambda x, m: step(m, t, x, table, noise=z), (x, m))
+    assert torch.autograd.gradcheck(lambda x: q_sample(x, t, schedule, noise=z)[0], (x,))
+
+
+# ------------------------------------------------------------------------------------------------
+# q_sample and training targets
+# ------------------------------------------------------------------------------------------------
+
+
+def _q_truth_and_floor(schedule, x0, noise, t):
+    """float64 x_t and v, and the float32 rounding budget: 8 eps32 * max(|a x0| + |b eps|)."""
+    a = schedule.alphas_cumprod[t].sqrt().reshape(-1, 1, 1, 1)
+    b = (1 - schedule.alphas_cumprod[t]).sqrt().reshape(-1, 1, 1, 1)
+    x0, noise = x0.double(), noise.double()
+    floor = 8 * EPS32 * ((a * x0).abs() + (b * noise).abs()).max()
+    return a * x0 + b * noise, a * noise - b * x0, floor
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
+def test_q_sample_and_v_target_match_diffusers(beta_schedule):
+    schedule = NoiseSchedule(beta_schedule=beta_schedule)
+    theirs = DDPMScheduler(beta_schedule=beta_schedule)
+    t = torch.tensor([0, 1, 500, 998, 999, 250])
+    shape = (6,) + SHAPE[1:]
+    x0, noise = _randn(shape, 41), _randn(shape, 42)
+    x_t, eps = q_sample(x0, t, schedule, noise=noise)
+    assert torch.equal(eps, noise)
+    truth_xt, truth_v, floor = _q_truth_and_floor(schedule, x0, noise, t)
+    _assert_accuracy(x_t, theirs.add_noise(x0, noise, t), truth_xt, floor, "q_sample")
+    v = training_target(x0, noise, t, schedule, "v_prediction")
+    _assert_accuracy(v, theirs.get_velocity(x0, noise, t), truth_v, floor, "v target")
+    assert torch.equal(training_target(x0, noise, t, schedule, "epsilon"), noise)
+    assert torch.equal(training_target(x0, noise, t, schedule, "sample"), x0)
+
+
+def test_q_sample_is_the_contract_formula_on_q_table():
+    schedule = NoiseSchedule(beta_schedule="scaled_linear")
+    t = torch.tensor([3, 999, 512])
+    x0, noise = _randn((3, 4, 6, 5), 51), _randn((3, 4, 6, 5), 52)
+    a, b = schedule.q_table("cpu")[t].reshape(3, 2, 1, 1, 1).unbind(1)
+    assert torch.equal(q_sample(x0, t, schedule, noise=noise)[0], a * x0 + b * noise)
+    assert torch.equal(training_target(x0, noise, t, schedule, "v_prediction"), a * noise - b * x0)
+
+
+def test_q_sample_seeds_and_layouts():
+    schedule = NoiseSchedule()
+    x0 = _randn(SHAPE, 61)
+    seeds = torch.tensor([9, 8, 7])
+    x_t, eps = q_sample(x0, 123, schedule, seeds=seeds, stream=17)
+    expected_eps = philox_normal(seeds, 17, math.prod(SHAPE[1:])).reshape(SHAPE)  # logical NCHW order
+    assert torch.equal(eps, expected_eps)
+    assert torch.equal(x_t, q_sample(x0, 123, schedule, noise=expected_eps)[0])
+    cl = x0.contiguous(memory_format=torch.channels_last)
+    x_t_cl, eps_cl = q_sample(cl, 123, schedule, seeds=seeds, stream=17)
+    assert x_t_cl.is_contiguous(memory_format=torch.channels_last) and eps_cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x_t_cl, x_t) and torch.equal(eps_cl, eps)
+    # float64 stays float64 (no float32 detour for the coefficients)
+    x64, _ = q_sample(x0.double(), 123, schedule, noise=expected_eps.double())
+    truth, _, _ = _q_truth_and_floor(schedule, x0, expected_eps, torch.full((3,), 123))
+    assert x64.dtype == torch.float64 and torch.allclose(x64, truth, rtol=4 * torch.finfo(torch.float64).eps, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# l_simple_loss
+# ------------------------------------------------------------------------------------------------
+
+
+def test_l_simple_loss_hand_computed():
+    # T = 2 with betas 0.5, 0.5: alphas_cumprod = (0.5, 0.25), snr = (1, 1/3).
+    schedule = NoiseSchedule(num_train_timesteps=2, trained_betas=[0.5, 0.5])
+    target = _randn((2, 1, 2, 2), 71)
+    # Per-sample squared errors: sample 0 is off by 1 everywhere (mse 1), sample 1 by 2 (mse 4).
+    prediction = target + torch.tensor([1.0, 2.0]).reshape(2, 1, 1, 1)
+    t = torch.tensor([0, 1])
+    assert l_simple_loss(prediction, target, t, schedule).item() == pytest.approx(2.5, rel=1e-6)
+    gamma = 0.5  # min(snr, gamma) = (0.5, 1/3)
+    expected = {
+        "epsilon": (1 * 0.5 / 1 + 4 * (1 / 3) / (1 / 3)) / 2,  # min(snr, g) / snr = (0.5, 1)
+        "sample": (1 * 0.5 + 4 * (1 / 3)) / 2,  # min(snr, g)
+        "v_prediction": (1 * 0.5 / 2 + 4 * (1 / 3) / (4 / 3)) / 2,  # min(snr, g) / (snr + 1)
+    }
+    for prediction_type, value in expected.items():
+        got = l_simple_loss(prediction, target, t, schedule, prediction_type, min_snr_gamma=gamma)
+        assert got.dtype == torch.float32 and got.shape == ()
+        assert got.item() == pytest.approx(value, rel=1e-6), prediction_type
+        assert l_simple_loss(prediction, target, t, schedule, prediction_type).item() == pytest.approx(2.5, rel=1e-6)
+
+
+def test_l_simple_loss_random_and_zero_snr():
+    schedule = NoiseSchedule(rescale_betas_zero_snr=True)
+    t = torch.tensor([0, 400, 999])
+    prediction, target = _randn((3, 4, 5, 5), 81, torch.float64), _randn((3, 4, 5, 5), 82, torch.float64)
+    mse = [((prediction[b] - target[b]) ** 2).mean().item() for b in range(3)]
+    ac = [schedule.alphas_cumprod[i].item() for i in t.tolist()]
+    snr = [a / (1 - a) for a in ac]  # snr[2] == 0: zero terminal SNR
+    gamma = 5.0
+    weights = {
+        "epsilon": [min(s, gamma) / s if s > 0 else 1.0 for s in snr],  # the limit as snr -> 0
+        "sample": [min(s, gamma) for s in snr],
+        "v_prediction": [min(s, gamma) / (s + 1) for s in snr],
+    }
+    for prediction_type, w in weights.items():
+        got = l_simple_loss(prediction, target, t, schedule, prediction_type, min_snr_gamma=gamma)
+        assert got.dtype == torch.float64
+        assert got.item() == pytest.approx(sum(wi * e for wi, e in zip(w, mse)) / 3, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# group_norm_silu
+# ------------------------------------------------------------------------------------------------
+
+
+def _gn_params(B, C, seed, dtype=torch.float32):
+    return dict(
+        weight=1 + 0.3 * _randn((C,), seed, dtype), bias=_randn((C,), seed + 1, dtype, 0.2),
+        bias_in=_randn((B, C), seed + 2, dtype), scale=_randn((B, C), seed + 3, dtype, 0.3),
+        shift=_randn((B, C), seed + 4, dtype, 0.3),
+    )
+
+
+def _gn_composed(x, num_groups, p, act, eps=1e-5):
+    """torch's own GroupNorm composed with the embedding terms, in x's dtype."""
+    per_sample = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    h = x + p["bias_in"].to(x.dtype).reshape(per_sample)
+    y = F.group_norm(h, num_groups, p["weight"].to(x.dtype), p["bias"].to(x.dtype), eps)
+    y = y * (1 + p["scale"].to(x.dtype).reshape(per_sample)) + p["shift"].to(x.dtype).reshape(per_sample)
+    return F.silu(y) if act == "silu" else y
+
+
+GN_CASES = [
+    ((2, 6, 5, 7), 3),  # odd H x W
+    ((1, 4, 11), 4),  # batch 1, one spatial dim, one channel per group
+    ((3, 8, 2, 3, 5), 2),  # 3-D spatial
+    ((2, 32, 4, 4), 1),  # one group: LayerNorm over C, H, W
+]
+
+
+@pytest.mark.parametrize("act", ["silu", "none"])
+@pytest.mark.parametrize("shape, groups", GN_CASES)
+def test_group_norm_silu_matches_composed_float64(shape, groups, act):
+    # A large common offset stresses the variance computation (two-pass vs E[x^2] - E[x]^2).
+    x = _randn(shape, 91) * 2 + 30
+    p = _gn_params(shape[0], shape[1], 92)
+    truth = _gn_composed(x.double(), groups, {k: v.double() for k, v in p.items()}, act)
+    ours = group_norm_silu(x, num_groups=groups, act=act, **p)
+    torch32 = _gn_composed(x, groups, p, act)
+    assert ours.dtype == torch.float32 and ours.shape == x.shape
+    # Tolerance: ours must be at most 2x as far from float64 as torch's float32 GroupNorm, plus a floor
+    # of 8 eps32 * max|y| (rounding of normalisation, affine, modulation and SiLU).
+    err_ours = (ours.double() - truth).abs().max().item()
+    err_torch = (torch32.double() - truth).abs().max().item()
+    assert err_ours <= 2 * err_torch + 8 * EPS32 * truth.abs().max().item()
+    # Each optional term absent == that term neutral.
+    none = group_norm_silu(x, None, None, groups, act=act)
+    neutral = dict(weight=torch.ones(shape[1]), bias=torch.zeros(shape[1]))
+    assert torch.equal(none, group_norm_silu(x, num_groups=groups, act=act, **neutral))
+
+
+def test_group_norm_silu_channels_last_and_half():
+    x = _randn((2, 12, 5, 3), 101)
+    p = _gn_params(2, 12, 102)
+    ref = group_norm_silu(x, num_groups=4, **p)
+    cl = group_norm_silu(x.contiguous(memory_format=torch.channels_last), num_groups=4, **p)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    # The reference reduces in logical (NCHW) order whatever the layout, so the two agree bit for bit.
+    assert torch.equal(cl, ref)
+    for dtype in (torch.float16, torch.bfloat16):
+        xh = x.to(dtype)
+        got = group_norm_silu(xh, num_groups=4, **p)
+        assert got.dtype == dtype and torch.equal(got, group_norm_silu(xh.float(), num_groups=4, **p).to(dtype))
+
+
+@pytest.mark.parametrize("act", ["silu", "none"])
+def test_group_norm_silu_gradcheck(act):
+    B, C = 2, 4
+    x = _randn((B, C, 3, 2), 111, torch.float64).requires_grad_()
+    p = {k: v.requires_grad_() for k, v in _gn_params(B, C, 112, torch.float64).items()}
+    names = list(p)
+
+    def fn(x, *params):
+        return group_norm_silu(x, num_groups=2, act=act, **dict(zip(names, params)))
+
+    assert torch.autograd.gradcheck(fn, (x, *p.values()))
+    xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(fn, (xc, *p.values()))
+
+
+# ------------------------------------------------------------------------------------------------
+# bad inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_name_the_argument():
+    schedule = NoiseSchedule(num_train_timesteps=100)
+    table = ddpm_table(schedule)
+    x = _randn((2, 3, 4, 4), 1)
+    noise = _randn((2, 3, 4, 4), 2)
+    with pytest.raises(ValueError, match=r"noise must have the shape of the sample \(2, 3, 4, 4\), got \(2, 3, 4, 5\)"):
+        q_sample(x, 5, schedule, noise=_randn((2, 3, 4, 5), 3))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 99\].*max 100"):
+        q_sample(x, torch.tensor([1, 100]), schedule, noise=noise)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 99\].*min -1"):
+        step(noise, -1, x, table, noise=noise)
+    with pytest.raises(ValueError, match=r"t must have shape \(2,\).*got \(3,\)"):
+        step(noise, torch.tensor([1, 2, 3]), x, table, noise=noise)
+    with pytest.raises(ValueError, match=r"seeds must have shape \(2,\).*got \(1,\)"):
+        q_sample(x, 5, schedule, seeds=torch.tensor([1]))
+    with pytest.raises(TypeError, match=r"seeds must be an int64 tensor"):
+        step(noise, 5, x, table, seeds=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"exactly one of noise and seeds must be given, got both"):
+        q_sample(x, 5, schedule, noise=noise, seeds=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"exactly one of noise and seeds must be given, got neither"):
+        q_sample(x, 5, schedule)
+    with pytest.raises(ValueError, match=r"stream must be an int in \[0, 2\*\*32\), got 4294967296"):
+        q_sample(x, 5, schedule, seeds=torch.tensor([1, 2]), stream=2**32)
+    with pytest.raises(ValueError, match=r"model_output must have the shape of sample \(2, 3, 4, 4\), got \(2, 6, 4, 4\)"):
+        step(torch.cat([noise, noise], 1), 5, x, table, noise=noise)
+    learned = ddpm_table(schedule, variance_type="learned_range")
+    with pytest.raises(ValueError, match=r"model_output must have shape \(2, 6, 4, 4\).*learned_range.*got \(2, 3, 4, 4\)"):
+        step(noise, 5, x, learned, noise=noise)
+    with pytest.raises(ValueError, match=r"clip_range must be > 0 or None, got -1"):
+        step(noise, 5, x, table, noise=noise, clip_range=-1)
+    with pytest.raises(ValueError, match=r"dynamic_thresholding_ratio must be in \(0, 1\], got 1.5"):
+        step(noise, 5, x, table, noise=noise, thresholding=True, dynamic_thresholding_ratio=1.5)
+    with pytest.raises(TypeError, match=r"table must be a StepTable"):
+        step(noise, 5, x, schedule, noise=noise)
+    with pytest.raises(ValueError, match=r"prediction_type must be one of .*got 'x0'"):
+        training_target(x, noise, 5, schedule, "x0")
+    with pytest.raises(ValueError, match=r"min_snr_gamma must be > 0 or None, got 0"):
+        l_simple_loss(x, noise, 5, schedule, min_snr_gamma=0)
+    with pytest.raises(ValueError, match=r"target must have the shape of prediction"):
+        l_simple_loss(x, noise[:1], 5, schedule)
+
+
+def test_group_norm_bad_inputs():
+    x = _randn((2, 6, 4, 4), 1)
+    with pytest.raises(ValueError, match=r"num_groups must be a positive int dividing C=6, got 4"):
+        group_norm_silu(x, None, None, 4)
+    with pytest.raises(ValueError, match=r"x must have at least 3 dims, got shape \(2, 6\)"):
+        group_norm_silu(x[:, :, 0, 0], None, None, 2)
+    with pytest.raises(ValueError, match=r"weight must have shape \(6,\) or be None, got \(5,\)"):
+        group_norm_silu(x, torch.ones(5), None, 2)
+    with pytest.raises(ValueError, match=r"bias_in must have shape \(2, 6\) or be None, got \(6,\)"):
+        group_norm_silu(x, None, None, 2, bias_in=torch.ones(6))
+    with pytest.raises(ValueError, match=r"scale must have shape \(2, 6\) or be None, got \(1, 6\)"):
+        group_norm_silu(x, None, None, 2, scale=torch.ones(1, 6))
+    with pytest.raises(ValueError, match=r"act must be 'silu' or 'none', got 'relu'"):
+        group_norm_silu(x, None, None, 2, act="relu")
+    with pytest.raises(TypeError, match=r"x must be a floating-point tensor, got dtype torch.int64"):
+        group_norm_silu(x.long(), None, None, 2)

@@ -1,0 +1,141 @@
+"""The fused reverse step (CPU kernel) against the reference: DDPM and DDIM, every prediction type,
+variance type, clipping and thresholding, per-sample timesteps, dtypes, layouts and awkward shapes."""
+
+import itertools
+
+import pytest
+import torch
+from _tolerance import assert_matches_reference
+
+import ddpm_fast
+from ddpm_fast import reference
+from ddpm_fast.schedule import NoiseSchedule, ddim_table, ddpm_table, sampling_timesteps
+
+pytestmark = pytest.mark.skipif(ddpm_fast.build_info()["backends"]["cpu"] != "available",
+                                reason="the C++ extension is not built")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PREDICTIONS = ["epsilon", "sample", "v_prediction"]
+VARIANCES = ["fixed_small", "fixed_small_log", "fixed_large", "learned_range"]
+# (clip_range, thresholding, sample_max_value): none, clip at 1 and 1.5, dynamic thresholding up to 3
+POST = [(None, False, 1.0), (1.0, False, 1.0), (1.5, False, 1.0), (None, True, 3.0)]
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return NoiseSchedule(1000, "linear")
+
+
+def _inputs(table, shape, dtype, seed, channels_last=False):
+    g = torch.Generator().manual_seed(seed)
+    B, C = shape[:2]
+    sample = torch.randn(shape, generator=g).to(dtype)
+    out_channels = 2 * C if table.variance_type == "learned_range" else C
+    model_output = torch.randn((B, out_channels, *shape[2:]), generator=g)
+    if table.variance_type == "learned_range":  # the variance half is a fraction in [-1, 1]
+        model_output[:, C:] = torch.rand((B, C, *shape[2:]), generator=g) * 2 - 1
+    model_output = model_output.to(dtype)
+    noise = torch.randn(shape, generator=g).to(dtype)
+    t = table.timesteps[torch.randint(0, len(table.timesteps), (B,), generator=g)]
+    t[0] = table.timesteps[-1]  # always include the last step (t = 0 for DDPM: no noise there)
+    seeds = torch.randint(-2**62, 2**62, (B,), generator=g)
+    if channels_last:
+        sample, model_output, noise = (v.contiguous(memory_format=torch.channels_last)
+                                       for v in (sample, model_output, noise))
+    return sample, model_output, noise, t, seeds
+
+
+def _check(table, sample, model_output, noise, t, seeds=None, **post):
+    prev, x0 = ddpm_fast.step(model_output, t, sample, table, noise, seeds=seeds, backend="cpu", **post)
+    if seeds is not None:  # the kernel drew the contract's noise: give the reference the same values
+        noise = _drawn(t, seeds, sample)
+    ref_prev, ref_x0 = reference.step(model_output, t, sample, table, noise=noise, **post)
+    noise64 = None if noise is None else noise.double()
+    ref64_prev, ref64_x0 = reference.step(model_output.double(), t, sample.double(), table, noise=noise64, **post)
+    assert prev.dtype == sample.dtype and prev.shape == sample.shape
+    assert_matches_reference(x0, ref_x0, ref64_x0, what="pred_original_sample")
+    assert_matches_reference(prev, ref_prev, ref64_prev, what="prev_sample")
+    return prev, x0
+
+
+def _drawn(t, seeds, sample):
+    return reference.philox_normal(seeds, reference.STEP_STREAM_BASE + t, sample[0].numel()).reshape(
+        sample.shape).to(sample.dtype)
+
+
+@pytest.mark.parametrize("prediction, variance, post", list(itertools.product(PREDICTIONS, VARIANCES, POST)))
+def test_ddpm_every_configuration(schedule, prediction, variance, post):
+    clip_range, thresholding, sample_max_value = post
+    table = ddpm_table(schedule, prediction_type=prediction, variance_type=variance)
+    sample, model_output, noise, t, _ = _inputs(table, (4, 3, 8, 8), torch.float32, seed=hash((prediction, variance)) % 1000)
+    _check(table, sample, model_output, noise, t, clip_range=clip_range, thresholding=thresholding,
+           sample_max_value=sample_max_value)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("post", [POST[0], POST[1], POST[3]])
+@pytest.mark.parametrize("use_clipped", [False, True])
+def test_ddim_every_configuration(schedule, eta, prediction, post, use_clipped):
+    clip_range, thresholding, sample_max_value = post
+    table = ddim_table(schedule, sampling_timesteps(1000, 50, "leading", steps_offset=1), prediction_type=prediction,
+                       eta=eta, use_clipped_model_output=use_clipped)
+    sample, model_output, noise, t, _ = _inputs(table, (4, 3, 8, 8), torch.float32, seed=int(eta * 10) + 3)
+    _check(table, sample, model_output, noise if eta else None, t, clip_range=clip_range,
+           thresholding=thresholding, sample_max_value=sample_max_value)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, channels_last", [
+    ((2, 3, 16, 16), False),
+    ((2, 3, 16, 16), True),
+    ((1, 3, 5, 7), False),   # batch 1, odd H x W: a partial Philox group at the end of each sample
+    ((3, 5, 3, 3), True),    # C = 5 channels_last: channel runs not a multiple of any vector width
+    ((2, 4, 10), False),     # 3-D
+])
+@pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
+def test_dtypes_layouts_shapes_with_seeds(schedule, dtype, shape, channels_last, variance):
+    table = ddpm_table(schedule, prediction_type="epsilon", variance_type=variance)
+    sample, model_output, noise, t, seeds = _inputs(table, shape, dtype, seed=sum(shape), channels_last=channels_last)
+    prev, _ = _check(table, sample, model_output, None, t, seeds=seeds, clip_range=1.0)
+    assert prev.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_noise_is_independent_of_layout_and_batch(schedule):
+    table = ddpm_table(schedule)
+    sample, model_output, _, t, seeds = _inputs(table, (6, 3, 5, 7), torch.float32, seed=1)
+    t[:] = 500
+    prev, _ = ddpm_fast.step(model_output, t, sample, table, seeds=seeds, backend="cpu")
+    cl = [v.contiguous(memory_format=torch.channels_last) for v in (model_output, sample)]
+    prev_cl, _ = ddpm_fast.step(cl[0], t, cl[1], table, seeds=seeds, backend="cpu")
+    assert torch.equal(prev, prev_cl)
+    alone, _ = ddpm_fast.step(model_output[4:5], t[4:5], sample[4:5], table, seeds=seeds[4:5], backend="cpu")
+    assert torch.equal(alone, prev[4:5])
+
+
+def test_per_sample_timesteps_equal_separate_steps(schedule):
+    """Samples at different t in one call equal one call per sample at its own t."""
+    table = ddpm_table(schedule, variance_type="fixed_large")
+    sample, model_output, noise, _, _ = _inputs(table, (4, 3, 6, 6), torch.float32, seed=2)
+    t = torch.tensor([999, 500, 1, 0])
+    prev, x0 = ddpm_fast.step(model_output, t, sample, table, noise, backend="cpu", clip_range=1.0)
+    for b in range(4):
+        p, x = ddpm_fast.step(model_output[b:b + 1], int(t[b]), sample[b:b + 1], table, noise[b:b + 1],
+                              backend="cpu", clip_range=1.0)
+        assert torch.equal(p, prev[b:b + 1]) and torch.equal(x, x0[b:b + 1])
+
+
+def test_ddpm_adds_no_noise_at_t0(schedule):
+    table = ddpm_table(schedule)
+    sample, model_output, noise, _, _ = _inputs(table, (2, 3, 4, 4), torch.float32, seed=3)
+    a, _ = ddpm_fast.step(model_output, 0, sample, table, noise, backend="cpu")
+    b, _ = ddpm_fast.step(model_output, 0, sample, table, noise * 3, backend="cpu")
+    assert torch.equal(a, b)
+
+
+def test_skip_pred_original(schedule):
+    table = ddpm_table(schedule)
+    sample, model_output, noise, t, _ = _inputs(table, (2, 3, 4, 4), torch.float32, seed=4)
+    prev, x0 = ddpm_fast.step(model_output, t, sample, table, noise, backend="cpu", return_pred_original=False)
+    assert x0 is None
+    assert torch.equal(prev, ddpm_fast.step(model_output, t, sample, table, noise, backend="cpu")[0])
