@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import Case
+from harness import Case, cpu_cases
 
 import ddpm_fast
 from ddpm_fast import reference
@@ -58,16 +58,7 @@ def cases(device: torch.device, full: bool = False):
             note="fwd reads x, writes y; bwd reads x and dy, writes dx")
 
 
-_CASES = None
-
-
-def _case(i):
-    global _CASES
-    _CASES = _CASES or list(cases(torch.device("cpu")))
-    return _CASES[i]
-
-
 @pytest.mark.parametrize("impl", ["ours", "eager"])
 @pytest.mark.parametrize("which", [0, 1], ids=["forward", "forward_backward"])
 def test_group_norm_silu_cpu(benchmark, impl, which):
-    benchmark(_case(which).impls[impl])
+    benchmark(cpu_cases(cases)[which].impls[impl])

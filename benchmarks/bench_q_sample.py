@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import Case
+from harness import Case, cpu_cases
 
 import ddpm_fast
 from ddpm_fast import reference
@@ -31,15 +31,6 @@ def cases(device: torch.device, full: bool = False):
         }, note="reads x0, writes x_t and eps")
 
 
-_CASE = None
-
-
-def _case():
-    global _CASE
-    _CASE = _CASE or next(cases(torch.device("cpu")))
-    return _CASE
-
-
 @pytest.mark.parametrize("impl", ["ours", "eager"])
 def test_q_sample_cpu(benchmark, impl):
-    benchmark(_case().impls[impl])
+    benchmark(cpu_cases(cases)[0].impls[impl])

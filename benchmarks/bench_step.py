@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import Case
+from harness import Case, cpu_cases
 
 import ddpm_fast
 from ddpm_fast import reference
@@ -50,15 +50,6 @@ def cases(device: torch.device, full: bool = False):
                    note="reads x and the model output, writes x_prev")
 
 
-_CASE = None
-
-
-def _case():
-    global _CASE
-    _CASE = _CASE or next(cases(torch.device("cpu")))
-    return _CASE
-
-
 @pytest.mark.parametrize("impl", ["ours", "eager"])
 def test_step_cpu(benchmark, impl):
-    benchmark(_case().impls[impl])
+    benchmark(cpu_cases(cases)[0].impls[impl])

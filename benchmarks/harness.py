@@ -8,6 +8,7 @@ copy bandwidth measured in the same run (bytes read + written by ``dst.copy_(src
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime
 import json
 import platform
@@ -31,6 +32,12 @@ class Case:
     bytes: int          # bytes the op must move at least (its memory-bound limit)
     impls: dict[str, Callable]
     note: str = ""
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_cases(cases: Callable) -> list[Case]:
+    """A bench module's CPU cases, built once per session for its pytest-benchmark tests."""
+    return list(cases(torch.device("cpu")))
 
 
 def time_ms(fn: Callable, device: torch.device, min_seconds: float = 0.4, max_reps: int = 200) -> tuple[float, ...]:

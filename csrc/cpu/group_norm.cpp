@@ -112,7 +112,7 @@ struct FwdJob {
 
 // Per-channel sums of x over a region into out[c - c0] (+=).
 template <DType D, bool CL>
-DDPM_ALWAYS_INLINE void fwd_sum(const FwdJob& J, const Region& r, double* out, float* acc) {
+DDPM_ALWAYS_INLINE void fwd_sum(const FwdJob& J, const Region& r, double* out, float* DDPM_RESTRICT acc) {
   using St = Storage<D>;
   using T = typename St::T;
   const int64_t C = J.sh.C, S = J.sh.S;
@@ -140,7 +140,7 @@ DDPM_ALWAYS_INLINE void fwd_sum(const FwdJob& J, const Region& r, double* out, f
 // (the group mean and bias_in of each channel) are indexed by channel.
 template <DType D, bool CL>
 DDPM_ALWAYS_INLINE void fwd_m2(const FwdJob& J, const Region& r, const float* mu, const float* hb, double* out,
-                               float* acc) {
+                               float* DDPM_RESTRICT acc) {
   using St = Storage<D>;
   using T = typename St::T;
   const int64_t C = J.sh.C, S = J.sh.S;
@@ -449,7 +449,9 @@ DDPM_ALWAYS_INLINE float dy1_of(float dy, float xhat, float W, float B1) {
 // (s - s0) * nc + c - c0) and per-channel sums S1 += sum dy1, S2 += sum dy1 * xhat (index c - c0).
 template <DType D, bool CL, bool SiLU>
 DDPM_ALWAYS_INLINE void bwd_pass1(const BwdJob& J, const Region& r, const BwdConsts& K, float* DDPM_RESTRICT buf,
-                                  double* S1, double* S2, float* acc1, float* acc2) {
+                                  double* S1, double* S2, float* DDPM_RESTRICT acc1, float* DDPM_RESTRICT acc2) {
+  // (restrict everywhere: with seven float arrays in the channels-last loop GCC gave up on runtime
+  // alias checks and left it scalar, 50 ms instead of ~10 ms for (16, 128, 32, 32).)
   using St = Storage<D>;
   using T = typename St::T;
   const int64_t C = J.sh.C, S = J.sh.S, ns = r.ns(), nc = r.nc();
@@ -506,7 +508,7 @@ DDPM_ALWAYS_INLINE void bwd_pass1(const BwdJob& J, const Region& r, const BwdCon
 // sums of dh into DB[c - c0] (if DB is given).
 template <DType D, bool CL>
 DDPM_ALWAYS_INLINE void bwd_pass2(const BwdJob& J, const Region& r, const BwdConsts& K, const float* DDPM_RESTRICT buf,
-                                  double* DB, float* acc1) {
+                                  double* DB, float* DDPM_RESTRICT acc1) {
   using St = Storage<D>;
   using T = typename St::T;
   const int64_t C = J.sh.C, S = J.sh.S, ns = r.ns(), nc = r.nc();
@@ -544,11 +546,10 @@ DDPM_ALWAYS_INLINE void bwd_pass2(const BwdJob& J, const Region& r, const BwdCon
           T* DDPM_RESTRICT out = dxs + s * C + r.c0;
           for (int64_t c = 0; c < nc; ++c) {
             const float xh = ((St::load(px[c]) + hh[c]) - dd[c]) * rr[c];
-            const float dh = rr[c] * (kk[c] * br[c] - mm1[c] - xh * mm2[c]);
-            out[c] = St::store(dh);
-            if (DB) acc1[c] += dh;
+            out[c] = St::store(rr[c] * (kk[c] * br[c] - mm1[c] - xh * mm2[c]));
           }
-        } else {
+        }
+        if (DB) {
           for (int64_t c = 0; c < nc; ++c) {
             const float xh = ((St::load(px[c]) + hh[c]) - dd[c]) * rr[c];
             acc1[c] += rr[c] * (kk[c] * br[c] - mm1[c] - xh * mm2[c]);

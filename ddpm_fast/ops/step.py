@@ -99,12 +99,10 @@ def step(model_output: Tensor, t, sample: Tensor, table, noise: Tensor | None = 
     elif table.adds_noise:
         raise ValueError(f"{OP}: this {table.kind} table adds noise ({table.variance_type}, eta={table.eta}); "
                          "give noise or seeds")
-    if clip_range is not None and not clip_range > 0:
-        raise ValueError(f"{OP}: clip_range must be positive or None, got {clip_range!r}")
-    if thresholding and not 0 < dynamic_thresholding_ratio <= 1:
-        raise ValueError(f"{OP}: dynamic_thresholding_ratio must lie in (0, 1], got {dynamic_thresholding_ratio!r}")
-    if thresholding and not sample_max_value >= 1:
-        raise ValueError(f"{OP}: sample_max_value must be >= 1, got {sample_max_value!r}")
+    try:  # one set of option checks, the reference's; the message gains the op's name
+        reference._check_step_options(clip_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
+    except ValueError as error:
+        raise ValueError(f"{OP}: {error}") from None
     t = timesteps(OP, t, sample.shape[0], sample.device)
 
     chosen = resolve(OP, tuple(_LAUNCHERS), sample.device, backend)
