@@ -35,6 +35,12 @@ def _forward(fn):
     return lambda x, w, b, scale, shift: fn(x, w, b, GROUPS, scale=scale, shift=shift)
 
 
+def _torch_ops(x, w, b, scale, shift):
+    """What a U-Net written with torch.nn does (diffusers' ResnetBlock2D with scale_shift)."""
+    y = torch.nn.functional.group_norm(x, GROUPS, w.to(x.dtype), b.to(x.dtype))
+    return torch.nn.functional.silu(y * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
+
+
 def cases(device: torch.device, full: bool = False):
     for shape, dtype, channels_last in SHAPES[device.type]:
         layout = "channels_last" if channels_last else "NCHW"
@@ -42,7 +48,8 @@ def cases(device: torch.device, full: bool = False):
         ours, eager = _forward(ddpm_fast.group_norm_silu), _forward(reference.group_norm_silu)
         compiled = torch.compile(eager)
         yield Case("group_norm_silu fwd (scale/shift)", shape, dtype, layout, bytes=2 * args[0].nbytes, impls={
-            "ours": lambda: ours(*args), "eager": lambda: eager(*args), "compile": lambda: compiled(*args)},
+            "ours": lambda: ours(*args), "eager": lambda: eager(*args), "compile": lambda: compiled(*args),
+            "torch.nn": lambda: _torch_ops(*args)},
             note="reads x, writes y")
 
         grad_args = _inputs(shape, dtype, channels_last, device, requires_grad=True)
@@ -54,7 +61,7 @@ def cases(device: torch.device, full: bool = False):
                 return torch.autograd.grad(out, grad_args, dy)
             return run
         yield Case("group_norm_silu fwd+bwd", shape, dtype, layout, bytes=5 * args[0].nbytes, impls={
-            "ours": train(ours), "eager": train(eager), "compile": train(compiled)},
+            "ours": train(ours), "eager": train(eager), "compile": train(compiled), "torch.nn": train(_torch_ops)},
             note="fwd reads x, writes y; bwd reads x and dy, writes dx")
 
 

@@ -23,7 +23,6 @@ import bench_step  # noqa: E402
 from harness import copy_bandwidth_gbs, record, time_ms  # noqa: E402
 
 MODULES = (bench_q_sample, bench_step, bench_group_norm)
-BASELINES = ("eager", "compile", "diffusers")
 
 
 def main(argv=None) -> int:
@@ -37,10 +36,8 @@ def main(argv=None) -> int:
     copy = copy_bandwidth_gbs(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{where}; torch {torch.__version__}; copy bandwidth {copy:.1f} GB/s (measured now)\n")
-    header = f"{'op':36} {'shape':18} {'dtype':8} {'layout':13} {'ours ms':>8} {'GB/s':>7} {'%copy':>6}"
-    for name in BASELINES:
-        header += f" {name + ' ms':>13} {'x':>6}"
-    print(header)
+    print(f"{'op':36} {'shape':18} {'dtype':8} {'layout':13} {'ours ms':>8} {'GB/s':>7} {'%copy':>6}  "
+          "baselines: ms (our speed-up)")
     rows = []
     for module in MODULES:
         for case in module.cases(device):
@@ -50,9 +47,8 @@ def main(argv=None) -> int:
             gbs = case.bytes / (ours * 1e-3) / 1e9
             line = (f"{case.op:36} {str(case.shape):18} {str(case.dtype)[6:]:8} {case.layout:13} {ours:8.3f} "
                     f"{gbs:7.1f} {100 * gbs / copy:5.0f}%")
-            for name in BASELINES:
-                line += (f" {times[name][0]:13.3f} {times[name][0] / ours:5.1f}x" if name in times
-                         else f" {'-':>13} {'':>6}")
+            line += " " + " | ".join(f"{name} {ms:.3f} ({ms / ours:.1f}x)"
+                                     for name, (ms, _, _) in times.items() if name != "ours")
             print(line, flush=True)
             rows.append({"op": case.op, "shape": case.shape, "dtype": str(case.dtype), "layout": case.layout,
                          "bytes": case.bytes, "note": case.note, "ours_gbs": gbs, "pct_copy": 100 * gbs / copy,

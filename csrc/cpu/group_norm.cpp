@@ -10,6 +10,11 @@
 // When there are too few of them to keep every thread busy (e.g. batch 1), the work is split along
 // the spatial axis into three parallel phases (partial sums, partial second moments, normalize).
 //
+// Measured (AMD EPYC Zen 1, (16, 128, 32, 32) f32, G = 32, weight/bias/scale/shift + SiLU): forward
+// 6.6 ms on 1 thread, 3.5 ms on 2 (eager PyTorch group_norm + scale/shift + silu: 9.8 ms); without
+// SiLU 1.6 ms on 2 threads: the SiLU's exp + division costs more than the memory traffic on Zen 1.
+// Backward with all gradients and SiLU: 5.0 ms on 2 threads.
+//
 // Accuracy: sums run in float over short runs (16 lanes x 16 elements, or 64 pixels per channel)
 // and are accumulated in double, and the variance is a true two-pass sum of (h - mean)^2, so the
 // statistics are at least as accurate as PyTorch's float32 GroupNorm.
@@ -445,13 +450,31 @@ DDPM_ALWAYS_INLINE float dy1_of(float dy, float xhat, float W, float B1) {
   }
 }
 
+// One channels-last pixel of pass 1. A separate function because GCC only trusts `restrict` on
+// parameters: with local restrict pointers it wanted 15 run-time alias checks (limit 10) and left
+// the loop scalar (50 ms instead of ~10 ms for (16, 128, 32, 32)).
+template <DType D, bool SiLU>
+DDPM_ALWAYS_INLINE void bwd1_cl_pixel(const typename Storage<D>::T* DDPM_RESTRICT px,
+                                      const typename Storage<D>::T* DDPM_RESTRICT pd, const float* DDPM_RESTRICT dd,
+                                      const float* DDPM_RESTRICT hh, const float* DDPM_RESTRICT rr,
+                                      const float* DDPM_RESTRICT WW, const float* DDPM_RESTRICT BB,
+                                      float* DDPM_RESTRICT br, float* DDPM_RESTRICT acc1, float* DDPM_RESTRICT acc2,
+                                      int64_t nc) {
+  using St = Storage<D>;
+  for (int64_t c = 0; c < nc; ++c) {
+    const float xh = ((St::load(px[c]) + hh[c]) - dd[c]) * rr[c];
+    const float g = dy1_of<SiLU>(St::load(pd[c]), xh, WW[c], BB[c]);
+    br[c] = g;
+    acc1[c] += g;
+    acc2[c] += g * xh;
+  }
+}
+
 // Pass 1 over a region: dy1 into buf (region order: NCHW (c - c0) * ns + s - s0, channels-last
 // (s - s0) * nc + c - c0) and per-channel sums S1 += sum dy1, S2 += sum dy1 * xhat (index c - c0).
 template <DType D, bool CL, bool SiLU>
 DDPM_ALWAYS_INLINE void bwd_pass1(const BwdJob& J, const Region& r, const BwdConsts& K, float* DDPM_RESTRICT buf,
                                   double* S1, double* S2, float* DDPM_RESTRICT acc1, float* DDPM_RESTRICT acc2) {
-  // (restrict everywhere: with seven float arrays in the channels-last loop GCC gave up on runtime
-  // alias checks and left it scalar, 50 ms instead of ~10 ms for (16, 128, 32, 32).)
   using St = Storage<D>;
   using T = typename St::T;
   const int64_t C = J.sh.C, S = J.sh.S, ns = r.ns(), nc = r.nc();
@@ -487,14 +510,7 @@ DDPM_ALWAYS_INLINE void bwd_pass1(const BwdJob& J, const Region& r, const BwdCon
       for (int64_t s = p0; s < p1; ++s) {
         const T* DDPM_RESTRICT px = xs + s * C + r.c0;
         const T* DDPM_RESTRICT pd = dys + s * C + r.c0;
-        float* DDPM_RESTRICT br = buf + (s - r.s0) * nc;
-        for (int64_t c = 0; c < nc; ++c) {
-          const float xh = ((St::load(px[c]) + hh[c]) - dd[c]) * rr[c];
-          const float g = dy1_of<SiLU>(St::load(pd[c]), xh, WW[c], BB[c]);
-          br[c] = g;
-          acc1[c] += g;
-          acc2[c] += g * xh;
-        }
+        bwd1_cl_pixel<D, SiLU>(px, pd, dd, hh, rr, WW, BB, buf + (s - r.s0) * nc, acc1, acc2, nc);
       }
       for (int64_t c = 0; c < nc; ++c) {
         S1[c] += double(acc1[c]);
