@@ -10,14 +10,19 @@ import torch
 FLOOR = {torch.float32: 2**-22, torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float64: 2**-50}
 
 
-def assert_matches_reference(ours, same_dtype_reference, float64_reference, dtype=None, what="output"):
-    """``ours`` is no further from the float64 truth than twice what PyTorch itself manages, plus a floor."""
+def assert_matches_reference(ours, same_dtype_reference, float64_reference, dtype=None, what="output",
+                             magnitude=None):
+    """``ours`` is no further from the float64 truth than twice what PyTorch itself manages, plus a floor.
+
+    The floor scales with ``magnitude``: by default the result's, or (for a result that is a difference
+    of much larger terms) the size of the terms that cancel, which is what rounding errors scale with.
+    """
     dtype = dtype or ours.dtype
     truth = float64_reference.double()
     assert ours.shape == truth.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(truth.shape)}"
     ours_err = (ours.double() - truth).abs()
     torch_err = (same_dtype_reference.double() - truth).abs().max().item()
-    scale = max(1.0, truth.abs().max().item())
+    scale = max(1.0, truth.abs().max().item(), magnitude or 0.0)
     bound = 2 * torch_err + FLOOR[dtype] * scale
     finite = torch.isfinite(truth)
     assert torch.equal(torch.isfinite(ours.double()), finite), f"{what}: non-finite values where the reference has none"

@@ -20,6 +20,7 @@ CASES = [
     ((2, 20, 7, 5), 4, "plain"),         # C not a multiple of 8, no time embedding, no affine
     ((1, 4, 64, 64), 1, "scale_shift"),  # one group of 16K elements: far beyond one tile of work
     ((2, 8, 12), 2, "bias_in"),          # 3-D (B, C, L)
+    ((4, 8, 1, 1), 4, "both"),           # 1 x 1 spatial: two elements per group
 ]
 
 
@@ -83,6 +84,18 @@ def _grads(x, p, groups, act, backend, dtype=None, seed=0):
     return {"x": xx.grad, **{k: v.grad for k, v in leaves.items()}}
 
 
+def _cancelling_terms(x, p, groups):
+    """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) subtracts terms of size rstd * |dxhat|;
+    with few elements per group they cancel almost exactly, so rounding scales with them, not with dx.
+    |dxhat| <= |upstream| * max silu' (1.1) * |weight| * |1 + scale|, the upstream gradient N(0, 1), |.| < 5 here."""
+    B, C = x.shape[:2]
+    h = x.double() + (p["bias_in"].double().reshape(B, C, *[1] * (x.dim() - 2)) if "bias_in" in p else 0)
+    rstd = h.reshape(B, groups, -1).var(dim=2, unbiased=False).add(1e-5).rsqrt().max().item()
+    weight = p["weight"].abs().max().item() if p["weight"] is not None else 1.0
+    scale = 1 + p["scale"].double().abs().max().item() if "scale" in p else 1.0
+    return rstd * 5.0 * 1.1 * weight * scale
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, groups, form, channels_last",
                          [(*case, False) for case in CASES] + [(*case, True) for case in CASES if len(case[0]) == 4])
@@ -94,7 +107,9 @@ def test_backward_matches_reference(shape, groups, form, dtype, channels_last):
     assert set(ours) == set(truth)
     for name in truth:
         assert ours[name].dtype == (x if name == "x" else p[name]).dtype
-        assert_matches_reference(ours[name], same[name], truth[name], dtype=dtype, what=f"grad of {name}")
+        magnitude = _cancelling_terms(x, p, groups) if name in ("x", "bias_in") else None
+        assert_matches_reference(ours[name], same[name], truth[name], dtype=dtype, what=f"grad of {name}",
+                                 magnitude=magnitude)
     if channels_last:
         assert ours["x"].is_contiguous(memory_format=torch.channels_last)
 

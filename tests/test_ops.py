@@ -51,7 +51,16 @@ def _opcheck_cases(schedule):
         (torch.ops.ddpm_fast.group_norm_silu.default, (x, w, b, None, sc, sh, 4, 1e-5, 1, "cpu")),
         (torch.ops.ddpm_fast.group_norm_silu.default, (x, None, None, sc, None, None, 2, 1e-6, 0, "cpu")),
         (torch.ops.ddpm_fast.randn.default, (seeds, 37, 5, torch.float32, "cpu")),
+        (torch.ops.ddpm_fast.group_norm_silu_backward.default, _backward_args(x, w, b, sc, sh)),
     ]
+
+
+def _backward_args(x, w, b, scale, shift):
+    """The backward op's inputs as the forward leaves them (saved mean and rstd included)."""
+    x, w, scale = (v.detach() for v in (x, w, scale))
+    _, mean, rstd = torch.ops.ddpm_fast.group_norm_silu(x, w, b, None, scale, shift, 4, 1e-5, 1, "cpu")
+    dy = _rand(*x.shape, seed=9).contiguous(memory_format=torch.channels_last)  # a layout unlike x's
+    return (dy, x, w, b, None, scale, shift, mean, rstd, 4, 1, "cpu")
 
 
 @needs_cpu_kernels
@@ -65,6 +74,7 @@ def test_torch_compile_fullgraph(schedule):
     table = ddpm_table(schedule)
 
     def train_and_sample(x0, t, seeds, x, w, b, scale, shift):
+        x0 = x0 + ddpm_fast.randn(seeds, x0.shape[1:], backend="cpu")
         x_t, eps = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, backend="cpu")
         prev, _ = ddpm_fast.step(eps, t, x_t, table, seeds=seeds, clip_range=1.0, backend="cpu")
         h = ddpm_fast.group_norm_silu(x, w, b, 4, scale=scale, shift=shift, backend="cpu")

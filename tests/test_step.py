@@ -139,3 +139,17 @@ def test_skip_pred_original(schedule):
     prev, x0 = ddpm_fast.step(model_output, t, sample, table, noise, backend="cpu", return_pred_original=False)
     assert x0 is None
     assert torch.equal(prev, ddpm_fast.step(model_output, t, sample, table, noise, backend="cpu")[0])
+
+
+@pytest.mark.parametrize("post", [POST[0], POST[1], POST[3]])
+def test_nan_propagates_like_the_reference(schedule, post):
+    """A NaN from a diverged model must surface, not be clamped into a plausible pixel."""
+    clip_range, thresholding, sample_max_value = post
+    table = ddpm_table(schedule)
+    sample, model_output, noise, t, _ = _inputs(table, (2, 3, 4, 4), torch.float32, seed=5)
+    model_output[1, 2, 3, 1] = float("nan")
+    kwargs = dict(clip_range=clip_range, thresholding=thresholding, sample_max_value=sample_max_value)
+    prev, x0 = ddpm_fast.step(model_output, t, sample, table, noise, backend="cpu", **kwargs)
+    ref_prev, ref_x0 = reference.step(model_output, t, sample, table, noise=noise, **kwargs)
+    assert torch.equal(prev.isnan(), ref_prev.isnan()) and prev.isnan().any()
+    assert torch.equal(x0.isnan(), ref_x0.isnan())

@@ -102,6 +102,17 @@ struct GnShape {
   bool cl;
 };
 
+// A fused work item -> (sample b, groups [g0, g1)). channels_last items are whole samples (a group's
+// channels are interleaved with the others' in memory); NCHW items are single groups.
+struct ItemGroups {
+  int64_t b, g0, g1;
+};
+template <bool CL>
+inline ItemGroups item_groups(const GnShape& sh, int64_t item) {
+  if (CL) return {item, 0, sh.G};
+  return {item / sh.G, item % sh.G, item % sh.G + 1};
+}
+
 // =============================================================================================
 // Forward
 // =============================================================================================
@@ -272,12 +283,7 @@ DDPM_TARGET_CLONES void fwd_fused_items(const FwdJob& J, int64_t begin, int64_t 
   const GnShape& sh = J.sh;
   FwdScratch w(sh);
   for (int64_t item = begin; item < end; ++item) {
-    int64_t b, g0, g1;
-    if (CL) {
-      b = item, g0 = 0, g1 = sh.G;
-    } else {
-      b = item / sh.G, g0 = item % sh.G, g1 = g0 + 1;
-    }
+    const auto [b, g0, g1] = item_groups<CL>(sh, item);
     const Region r{b, g0 * sh.Cg, g1 * sh.Cg, 0, sh.S};
     std::fill(w.sum.begin(), w.sum.begin() + r.nc(), 0.0);
     std::fill(w.m2.begin(), w.m2.begin() + r.nc(), 0.0);
@@ -621,12 +627,7 @@ DDPM_TARGET_CLONES void bwd_fused_items(const BwdJob& J, int64_t begin, int64_t 
   BwdScratch w(sh, CL ? sh.C * sh.S : sh.Cg * sh.S);  // dy1 of one item stays in cache for pass 2
   const bool pass2 = J.dx || J.dbias_in;
   for (int64_t item = begin; item < end; ++item) {
-    int64_t b, g0, g1;
-    if (CL) {
-      b = item, g0 = 0, g1 = sh.G;
-    } else {
-      b = item / sh.G, g0 = item % sh.G, g1 = g0 + 1;
-    }
+    const auto [b, g0, g1] = item_groups<CL>(sh, item);
     const Region r{b, g0 * sh.Cg, g1 * sh.Cg, 0, sh.S};
     bwd_consts(J, b, r.c0, r.c1, w.K);
     std::fill(w.S1.begin(), w.S1.begin() + r.nc(), 0.0);
