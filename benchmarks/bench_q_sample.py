@@ -1,5 +1,6 @@
-"""q_sample: ours (noise drawn in the kernel) against the eager reference (torch.randn_like + the
-reference math) and torch.compile of that. pytest-benchmark: ``pytest benchmarks -o python_files='bench_*.py'``."""
+"""q_sample: ours (noise drawn in the kernel) against "eager" (torch.randn_like + the reference math:
+what users run today), torch.compile of that, and "reference" (the reference itself drawing the same
+contract noise from the seeds, in eager PyTorch). pytest-benchmark: ``pytest benchmarks -o python_files='bench_*.py'``."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def cases(device: torch.device, full: bool = False):
             "ours": lambda x0=x0, t=t, seeds=seeds: ddpm_fast.q_sample(x0, t, schedule, seeds=seeds),
             "eager": eager,
             "compile": torch.compile(eager),
+            "reference": lambda x0=x0, t=t, seeds=seeds: reference.q_sample(x0, t, schedule, seeds=seeds),
         }, note="reads x0, writes x_t and eps")
 
 

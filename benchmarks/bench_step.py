@@ -1,5 +1,6 @@
-"""The reverse step: ours (noise drawn in the kernel) against the eager reference step (with
-torch.randn_like noise), torch.compile of it and, where installed, diffusers' DDPMScheduler.step."""
+"""The reverse step: ours (noise drawn in the kernel) against "eager" (the reference step with
+torch.randn_like noise), torch.compile of it, "reference" (the reference drawing the same contract
+noise from the seeds) and, where installed, diffusers' DDPMScheduler.step."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def cases(device: torch.device, full: bool = False):
                 mo, t, x, table, seeds=seeds, clip_range=1.0, return_pred_original=False)[0],
             "eager": eager,
             "compile": torch.compile(eager),
+            "reference": lambda x=x, mo=mo, t=t, seeds=seeds: reference.step(mo, t, x, table, seeds=seeds,
+                                                                           clip_range=1.0)[0],
         }
         diffusers_step = _diffusers_step(t_value)
         if diffusers_step is not None:

@@ -40,6 +40,22 @@ def cpu_cases(cases: Callable) -> list[Case]:
     return list(cases(torch.device("cpu")))
 
 
+def _quantiles(times: list[float]) -> tuple[float, float, float]:
+    times = sorted(times)
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return pick(0.5), pick(0.2), pick(0.8)
+
+
+def _wall_ms(fn: Callable, seconds: float, max_reps: int) -> list[float]:
+    times, spent = [], 0.0
+    while len(times) < 3 or (spent < seconds and len(times) < max_reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+        spent += times[-1] / 1e3
+    return times
+
+
 def time_ms(fn: Callable, device: torch.device, min_seconds: float = 0.4, max_reps: int = 200) -> tuple[float, ...]:
     """(median, p20, p80) in milliseconds."""
     if device.type == "cuda":
@@ -47,15 +63,22 @@ def time_ms(fn: Callable, device: torch.device, min_seconds: float = 0.4, max_re
         return tuple(do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
     fn()
     fn()  # warm-up: first-call allocations, compiled graphs
-    times, spent = [], 0.0
-    while len(times) < 5 or (spent < min_seconds and len(times) < max_reps):
-        start = time.perf_counter()
+    return _quantiles(_wall_ms(fn, min_seconds, max_reps))
+
+
+def time_all(impls: dict[str, Callable], device: torch.device, rounds: int = 6) -> dict[str, tuple[float, ...]]:
+    """(median, p20, p80) ms of each implementation. On the CPU the implementations take turns over
+    several rounds, so a neighbour's load on a shared machine hits them alike and the ratios hold."""
+    if device.type == "cuda":
+        return {name: time_ms(fn, device) for name, fn in impls.items()}
+    for fn in impls.values():
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
-        spent += times[-1] / 1e3
-    times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return pick(0.5), pick(0.2), pick(0.8)
+        fn()
+    samples = {name: [] for name in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            samples[name] += _wall_ms(fn, 0.1, 50)
+    return {name: _quantiles(times) for name, times in samples.items()}
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_group_norm  # noqa: E402
 import bench_q_sample  # noqa: E402
 import bench_step  # noqa: E402
-from harness import copy_bandwidth_gbs, record, time_ms  # noqa: E402
+from harness import copy_bandwidth_gbs, record, time_all  # noqa: E402
 
 MODULES = (bench_q_sample, bench_step, bench_group_norm)
 
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     for module in MODULES:
         for case in module.cases(device):
             impls = {k: v for k, v in case.impls.items() if not (args.no_compile and k == "compile")}
-            times = {name: time_ms(fn, device) for name, fn in impls.items()}
+            times = time_all(impls, device)
             ours = times["ours"][0]
             gbs = case.bytes / (ours * 1e-3) / 1e9
             line = (f"{case.op:36} {str(case.shape):18} {str(case.dtype)[6:]:8} {case.layout:13} {ours:8.3f} "
