@@ -7,7 +7,8 @@ from ._native import build_info  # noqa: E402
 from .ops import (BACKENDS, get_backend, group_norm_silu, q_sample, randn, set_backend, step,  # noqa: E402
                   use_backend)
 from .schedule import NoiseSchedule, StepTable, ddim_table, ddpm_table, sampling_timesteps  # noqa: E402
+from .unet import UNet, UNetConfig  # noqa: E402
 
 __all__ = ["BACKENDS", "NoiseSchedule", "StepTable", "build_info", "ddim_table", "ddpm_table", "get_backend",
            "group_norm_silu", "q_sample", "randn", "reference", "sampling_timesteps", "set_backend", "step",
-           "use_backend"]
+           "UNet", "UNetConfig", "use_backend"]

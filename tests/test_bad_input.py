@@ -107,3 +107,9 @@ def test_randn():
         ddpm_fast.randn(torch.ones(2), (3,))
     with pytest.raises(TypeError, match=r"randn: dtype must be float32, float16 or bfloat16"):
         ddpm_fast.randn(torch.ones(2, dtype=torch.int64), (3,), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm_silu_needs_a_spatial_dim(backend):
+    with pytest.raises(ValueError, match=r"x must have at least 3 dimensions, got shape \(2, 12\)"):
+        ddpm_fast.group_norm_silu(_rand(2, 12), None, None, 4, backend=backend)

@@ -139,7 +139,7 @@ def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_g
     """``act(GroupNorm(x + bias_in) * (1 + scale) + shift)``, statistics in float32.
 
     Args:
-        x: (B, C, *spatial) float32 / float16 / bfloat16, NCHW or channels_last.
+        x: (B, C, *spatial), at least one spatial dim; float32 / float16 / bfloat16, NCHW or channels_last.
         weight, bias: (C,) GroupNorm affine parameters, or None.
         num_groups: G, dividing C.
         bias_in: (B, C) (or (B, C, 1, 1)) added before the norm (DDPM ResBlock time embedding), or None.
@@ -150,7 +150,7 @@ def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_g
         (B, C, *spatial) in x's dtype and memory format. Differentiable in x, weight, bias, bias_in, scale,
         shift.
     """
-    check_tensor(OP, "x", x, min_dim=2)
+    check_tensor(OP, "x", x, min_dim=3)
     C = x.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
         raise ValueError(f"{OP}: num_groups must be a positive int dividing the channels of x (C={C}), "

@@ -1,0 +1,263 @@
+"""ddpm_fast.unet.UNet: preset sizes, shapes, diffusers UNet2DModel parity, config refusals, gradients, layouts.
+
+Tolerances follow STYLE.md (tests/_tolerance.py): a float32 result passes when its error against a float64
+evaluation of the same network is at most twice the error of plain PyTorch in float32, plus one float32
+rounding of the output's magnitude. Sizes are small (16x16, tens of channels) so the file runs in seconds.
+"""
+
+import json
+
+import pytest
+import torch
+from _tolerance import assert_matches_reference
+
+import ddpm_fast
+from ddpm_fast.unet import (PRESETS, UNet, UNetConfig, config_from_diffusers, state_dict_from_diffusers,
+                            timestep_embedding)
+
+diffusers = pytest.importorskip("diffusers")
+UNet2DModel = diffusers.UNet2DModel
+
+
+def diffusers_kwargs(cfg: UNetConfig) -> dict:
+    """The UNet2DModel arguments of the same architecture as ``cfg`` (written independently of unet.py)."""
+    n = len(cfg.channel_mult)
+    attn = [cfg.sample_size // 2**i in cfg.attention_resolutions for i in range(n)]
+    return dict(
+        sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mult),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_groups, norm_eps=cfg.norm_eps,
+        resnet_time_scale_shift="default" if cfg.time_embedding == "add" else "scale_shift",
+        flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift, add_attention=cfg.mid_attention,
+        downsample_padding=cfg.downsample_padding, dropout=cfg.dropout)
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# Small UNet2DModel configurations covering both time-embedding forms, attention on and off, one head and
+# several, both downsample paddings, both sinusoid orders, input centering, a mid-block scale factor.
+SMALL = {
+    "ddpm": dict(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                 attention_head_dim=None, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1),
+    "scale_shift": dict(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                        down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "AttnUpBlock2D"), attention_head_dim=8,
+                        resnet_time_scale_shift="scale_shift", center_input_sample=True, mid_block_scale_factor=1.4,
+                        time_embedding_dim=48),
+    "no_attention": dict(sample_size=16, in_channels=1, out_channels=2, block_out_channels=(16, 16, 32),
+                         layers_per_block=2, norm_num_groups=4, down_block_types=("DownBlock2D",) * 3,
+                         up_block_types=("UpBlock2D",) * 3, add_attention=False),
+    # attn_norm_num_groups given: the scale_shift mid attention keeps its GroupNorm.
+    "scale_shift_attn_norm": dict(sample_size=16, block_out_channels=(16, 32), layers_per_block=1,
+                                  norm_num_groups=8, attn_norm_num_groups=8, resnet_time_scale_shift="scale_shift",
+                                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=16),
+}
+
+
+def random_diffusers(name: str, seed: int = 0):
+    """A small UNet2DModel with every parameter perturbed: GroupNorm weights 1 and biases 0 at init would
+    hide a mapping that swaps two norms."""
+    torch.manual_seed(seed)
+    model = UNet2DModel(**SMALL[name]).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def inputs(cfg_in: int, batch: int = 2, size: int = 16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, cfg_in, size, size, generator=g, dtype=dtype)
+    t = torch.tensor([7, 951][:batch])
+    return x, t
+
+
+# --------------------------------------------------------------------------------------------- presets
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_parameter_count_matches_diffusers(name):
+    # Meta tensors: the 256x256 models (114M parameters) cost nothing to build.
+    with torch.device("meta"):
+        ours = UNet.preset(name)
+        theirs = UNet2DModel(**diffusers_kwargs(ours.config))
+    assert n_params(ours) == n_params(theirs)
+
+
+def test_cifar10_preset_is_ddpm_cifar10_32():
+    with torch.device("meta"):
+        model = UNet.preset("cifar10")
+    assert n_params(model) == 35_746_307
+    assert 100_000 < sum(p.numel() for p in UNet.preset("tiny").parameters()) < 1_000_000
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_diffusers_config_round_trip(name):
+    cfg = PRESETS[name]
+    back = config_from_diffusers(diffusers_kwargs(cfg))
+    assert back == cfg
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+
+@pytest.mark.parametrize("batch, h, w", [(1, 16, 16), (3, 8, 24)])  # batch 1; non-square, smaller than trained
+def test_output_shape_and_timestep_forms(batch, h, w):
+    torch.manual_seed(0)
+    model = UNet.preset("tiny", out_channels=6).eval()  # 6: a learned-variance model's output
+    x = torch.randn(batch, 3, h, w)
+    with torch.no_grad():
+        out = model(x, torch.full((batch,), 10))
+        assert out.shape == (batch, 6, h, w)
+        # An int, a 0-d tensor and a (B,) tensor of the same timestep are the same computation.
+        assert torch.equal(model(x, 10), out)
+        assert torch.equal(model(x, torch.tensor(10)), out)
+
+
+def test_config_refuses_attention_resolution_of_no_level():
+    with pytest.raises(ValueError, match=r"attention_resolutions \[5\] match no level"):
+        UNetConfig(sample_size=16, attention_resolutions=(5,))
+
+
+def test_bad_timestep_shape_raises():
+    model = UNet.preset("tiny")
+    with pytest.raises(ValueError, match=r"t must be"):
+        model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2, 3]))
+
+
+def test_timestep_embedding_matches_diffusers():
+    from diffusers.models.embeddings import get_timestep_embedding
+    t = torch.tensor([0, 1, 500, 999])
+    for dim, flip, shift in ((32, False, 1), (33, True, 0)):  # 33: an odd width gets a zero column
+        ours = timestep_embedding(t, dim, flip, shift)
+        theirs = get_timestep_embedding(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- diffusers
+
+def check_against_diffusers(ours: UNet, theirs, cfg: dict):
+    """Ours in float32 vs diffusers in float32, both judged against diffusers in float64."""
+    x, t = inputs(cfg.get("in_channels", 3))
+    with torch.no_grad():
+        got = ours(x, t)
+        ref32 = theirs(x, t).sample
+        ref64 = theirs.double()(x.double(), t).sample
+    theirs.float()
+    assert_matches_reference(got, ref32, ref64, what="UNet vs UNet2DModel")
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_from_diffusers_instance_matches_forward(name):
+    theirs = random_diffusers(name)
+    ours = UNet.from_diffusers(theirs)
+    assert not ours.training
+    check_against_diffusers(ours, theirs, SMALL[name])
+
+
+@pytest.mark.parametrize("name, safe", [("ddpm", True), ("scale_shift", False)])
+def test_from_diffusers_directory_matches_forward(name, safe, tmp_path):
+    theirs = random_diffusers(name)
+    theirs.save_pretrained(tmp_path, safe_serialization=safe)
+    weights = "diffusion_pytorch_model." + ("safetensors" if safe else "bin")
+    assert (tmp_path / weights).exists()
+    ours = UNet.from_diffusers(tmp_path)
+    check_against_diffusers(ours, theirs, SMALL[name])
+    assert UNet.from_diffusers(str(tmp_path)).config == ours.config
+
+
+def test_every_weight_consumed_and_every_parameter_filled():
+    theirs = random_diffusers("ddpm")
+    ours = UNet.from_diffusers(theirs)
+    state = theirs.state_dict()
+    mapped = state_dict_from_diffusers(state, ours)
+    assert sorted(mapped) == sorted(ours.state_dict())
+    # Each diffusers tensor is used once: the mapped tensors are exactly theirs, none twice.
+    assert sorted(id(v) for v in mapped.values()) == sorted(id(v) for v in state.values())
+    with pytest.raises(ValueError, match=r"1 of theirs unused \['extra.weight'\]"):
+        state_dict_from_diffusers({**state, "extra.weight": torch.zeros(1)}, ours)
+    dropped = dict(state)
+    del dropped["mid_block.attentions.0.to_q.bias"]
+    with pytest.raises(ValueError, match=r"1 of ours unfilled \['mid.attn.to_q.bias'\]"):
+        state_dict_from_diffusers(dropped, ours)
+
+
+def test_pre_0_15_attention_names_load():
+    # Old hub checkpoints (google/ddpm-*) spell the attention layers query/key/value/proj_attn.
+    theirs = random_diffusers("ddpm")
+    ours = UNet.from_diffusers(theirs)
+    old = {k.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.")
+            .replace(".to_out.0.", ".proj_attn."): v for k, v in theirs.state_dict().items()}
+    assert old.keys() != theirs.state_dict().keys()
+    mapped = state_dict_from_diffusers(old, ours)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(mapped[k], v), k
+
+
+@pytest.mark.parametrize("field, value", [
+    ("resnet_time_scale_shift", "spatial"), ("act_fn", "gelu"), ("time_embedding_type", "fourier"),
+    ("down_block_types", ("DownBlock2D", "SkipDownBlock2D")), ("class_embed_type", "timestep"),
+    ("upsample_type", "resnet"), ("attention_head_dim", 7), ("attn_norm_num_groups", 4),
+    ("sample_size", (16, 32)), ("mid_block_type", None), ("block_out_channels", (16, 24)),
+    ("up_block_types", ("UpBlock2D", "UpBlock2D")),  # attention that does not mirror the down path
+    ("some_future_field", 1),
+])
+def test_unsupported_config_field_raises_naming_it(field, value):
+    config = {**SMALL["ddpm"], "_class_name": "UNet2DModel", field: value}
+    with pytest.raises(ValueError, match=f"{field}={value!r}".replace("(", r"\(").replace(")", r"\)")):
+        config_from_diffusers(config)
+
+
+def test_unsupported_directory_refused_before_reading_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**SMALL["ddpm"], "act_fn": "mish"}))
+    with pytest.raises(ValueError, match="act_fn='mish'"):
+        UNet.from_diffusers(tmp_path)
+
+
+# ----------------------------------------------------------------------------------- gradients, layouts
+
+def perturbed(model: UNet, seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def param_grads(model, x, t, w, backend):
+    model.zero_grad()
+    with ddpm_fast.use_backend(backend):
+        (model(x, t) * w).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("time_embedding", ["add", "scale_shift"])
+def test_gradients_cpu_backend_match_torch_backend(time_embedding):
+    if ddpm_fast.build_info()["backends"]["cpu"] != "available":
+        pytest.skip(f"cpu backend: {ddpm_fast.build_info()['backends']['cpu']}")
+    model = perturbed(UNet.preset("tiny", time_embedding=time_embedding))
+    x, t = inputs(3)
+    w = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    ours = param_grads(model, x, t, w, "cpu")
+    torch32 = param_grads(model, x, t, w, "torch")
+    # float64 truth: the same weights; GroupNormAct sends float64 to the reference op.
+    truth = param_grads(model.double(), x.double(), t, w.double(), "torch")
+    assert ours.keys() == truth.keys()
+    for name in ours:
+        assert_matches_reference(ours[name], torch32[name], truth[name], dtype=torch.float32, what=name)
+
+
+def test_channels_last_matches_contiguous():
+    model = perturbed(UNet.preset("tiny")).eval()
+    x, t = inputs(3)
+    with torch.no_grad():
+        ref = model(x, t)
+        got = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), t)
+        truth = model.double()(x.double(), t)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert_matches_reference(got, ref, truth, what="channels_last output")
