@@ -64,6 +64,9 @@ def _backward_args(x, w, b, scale, shift):
 
 
 @needs_cpu_kernels
+# torch 2.14's opcheck reads .grad of its own fake copies of autograd inputs (meta_utils.safe_grad) and
+# warns for any custom op with autograd; not ours to fix, and harmless.
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
 def test_opcheck_every_op(schedule):
     for op, args in _opcheck_cases(schedule):
         torch.library.opcheck(op, args)

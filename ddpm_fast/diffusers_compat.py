@@ -1,0 +1,578 @@
+"""Drop-in replacements for diffusers' DDPMScheduler and DDIMScheduler on the fused ops.
+
+`FastDDPMScheduler` and `FastDDIMScheduler` take the same config fields (and defaults) as diffusers'
+schedulers, read and write the same `scheduler_config.json`, and expose what diffusers' pipelines and
+typical user code touch (`config`, `timesteps`, `set_timesteps`, `step`, `add_noise`, `init_noise_sigma`,
+`scale_model_input`, `order`, ...). diffusers is never imported here.
+
+What differs inside:
+
+* the schedule is float64 (`schedule.NoiseSchedule`) and each step reads a float32 coefficient table
+  rounded once from it (`schedule.ddpm_table` / `ddim_table`, cached per (timesteps, eta, ...)), so
+  `step` is one fused kernel (`ddpm_fast.step`) instead of ~15 elementwise torch ops; results agree with
+  diffusers' up to diffusers' own float32 rounding (its cumulative product drifts by ~1e-6 relative);
+* the variance noise is drawn exactly as diffusers' `randn_tensor` draws it (same generator, shape,
+  dtype and device, drawn under the same conditions), so a seeded generator gives diffusers' noise.
+
+Usage with a pipeline::
+
+    pipe = DDPMPipeline(unet=unet, scheduler=FastDDPMScheduler.from_config(pipe_or_sched.config))
+    # DDIMPipeline re-creates a DDIMScheduler in its __init__, so assign after construction:
+    pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
+    pipe.scheduler = FastDDIMScheduler.from_config(pipe.scheduler.config)
+
+Deliberate differences from diffusers (each raises a clear error instead of returning NaN/garbage):
+variance types "learned" and "fixed_large_log" (see `schedule._REFUSED_VARIANCE_TYPES`), the
+"laplace" beta schedule, a "leading" steps_offset that pushes a timestep past T - 1, and model_output /
+sample of different dtypes. For the (T, N) where diffusers' "trailing" spacing yields N + 1 timesteps
+ending in -1, we return the first N (`schedule.sampling_timesteps`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .ops import q_sample, step as fused_step
+from .schedule import (_REFUSED_VARIANCE_TYPES, PREDICTION_TYPES, TIMESTEP_SPACINGS, VARIANCE_TYPES, NoiseSchedule,
+                       StepTable, _check_choice, _check_int, ddim_table, ddpm_table, sampling_timesteps)
+
+__all__ = ["FastDDIMScheduler", "FastDDPMScheduler", "FastSchedulerOutput", "SchedulerConfig"]
+
+CONFIG_NAME = "scheduler_config.json"
+# How many step tables a scheduler keeps (one per (timesteps, eta, use_clipped_model_output)).
+_TABLE_CACHE_SIZE = 8
+
+
+# --------------------------------------------------------------------------------------------------
+# config and output containers
+# --------------------------------------------------------------------------------------------------
+
+
+class SchedulerConfig(dict):
+    """A read-only dict with attribute access, like diffusers' FrozenDict (`config.num_train_timesteps`).
+
+    A dict subclass, so diffusers' own `from_config` accepts it (`DDIMScheduler.from_config(fast.config)`).
+    """
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"scheduler config has no field {name!r}; fields: {', '.join(self)}") from None
+
+    def _frozen(self, *args, **kwargs):
+        raise TypeError("the scheduler config is read-only; build a new scheduler with "
+                        "from_config(scheduler.config, field=value)")
+
+    __setattr__ = __setitem__ = __delitem__ = __delattr__ = _frozen
+    clear = pop = popitem = setdefault = update = _frozen
+
+    def __reduce__(self):  # copy / deepcopy / pickle without going through the blocked __setitem__
+        return (SchedulerConfig, (dict(self),))
+
+
+@dataclass
+class FastSchedulerOutput:
+    """What `step` returns: like diffusers' DDPMSchedulerOutput / DDIMSchedulerOutput.
+
+    prev_sample: (B, C, ...) x at the previous timestep; pred_original_sample: (B, C, ...) the predicted
+    x0 after clipping / thresholding.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+    def to_tuple(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.prev_sample, self.pred_original_sample)
+
+    def __getitem__(self, key):  # out[0] and out["prev_sample"] as diffusers' BaseOutput
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    return value
+
+
+def _randn_like_diffusers(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise drawn exactly as diffusers' `utils.torch_utils.randn_tensor` draws it.
+
+    A CPU generator with a non-CPU device draws on the CPU and moves the result; a list of generators
+    draws one (1, ...) slice per generator and concatenates; no generator uses torch's global RNG on
+    `device`. So the same seeded generator(s) give bit-identical noise to diffusers'.
+    """
+    rand_device = device
+    if generator is not None:
+        first = generator[0] if isinstance(generator, (list, tuple)) else generator
+        if not isinstance(first, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(first).__name__}")
+        gen_type = first.device.type
+        if gen_type != device.type and gen_type == "cpu":
+            rand_device = torch.device("cpu")
+        elif gen_type != device.type:
+            raise ValueError(f"generator is on {first.device} but the noise must be made on {device}; "
+                             "use a generator on that device or on the CPU")
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator: a list of generators needs one per sample ({shape[0]}), got {len(generator)}")
+        one = (1,) + tuple(shape[1:])
+        noise = torch.cat([torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator], 0)
+        return noise.to(device)
+    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+class _TimestepsKey:
+    """A table-cache key for a timestep sequence that hashes once (a 1000-tuple would rehash every step)."""
+
+    __slots__ = ("values", "_hash")
+
+    def __init__(self, ts: torch.Tensor):
+        self.values = tuple(ts.tolist())
+        self._hash = hash(self.values)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _TimestepsKey) and self._hash == other._hash and self.values == other.values
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _check_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# the shared scheduler machinery
+# --------------------------------------------------------------------------------------------------
+
+
+class _FastScheduler:
+    """Config handling, timesteps, add_noise and the table cache shared by the two schedulers."""
+
+    # field -> default, in diffusers' order; subclasses set it.
+    _DEFAULTS: dict[str, Any] = {}
+    order = 1
+    init_noise_sigma = 1.0
+
+    def _setup(self, values: dict) -> None:
+        values = {k: values[k] for k in self._DEFAULTS}
+        T = _check_int("num_train_timesteps", values["num_train_timesteps"], lo=1)
+        for name in ("clip_sample", "thresholding", "rescale_betas_zero_snr") + self._EXTRA_BOOLS:
+            values[name] = _check_bool(name, values[name])
+        for name in ("beta_start", "beta_end", "dynamic_thresholding_ratio", "clip_sample_range", "sample_max_value"):
+            values[name] = _check_float(name, values[name])
+        _check_choice("prediction_type", values["prediction_type"], PREDICTION_TYPES)
+        _check_choice("timestep_spacing", values["timestep_spacing"], TIMESTEP_SPACINGS)
+        _check_int("steps_offset", values["steps_offset"], lo=0)
+        if values["clip_sample"] and not values["clip_sample_range"] > 0:
+            raise ValueError("clip_sample_range must be > 0 when clip_sample=True, "
+                             f"got {values['clip_sample_range']!r}")
+        if values["thresholding"] and not 0 < values["dynamic_thresholding_ratio"] <= 1:
+            raise ValueError("dynamic_thresholding_ratio must be in (0, 1] when thresholding=True, "
+                             f"got {values['dynamic_thresholding_ratio']!r}")
+        if values["thresholding"] and not values["sample_max_value"] >= 1:
+            raise ValueError("sample_max_value must be >= 1 when thresholding=True, "
+                             f"got {values['sample_max_value']!r}")
+        # Validates beta_schedule, beta_start/end, trained_betas (naming the field) and builds float64 betas.
+        self.schedule = NoiseSchedule(**{k: values[k] for k in NoiseSchedule.CONFIG_KEYS})
+        tb = values["trained_betas"]
+        values["trained_betas"] = None if tb is None else _jsonable(tb)
+        self.config = SchedulerConfig(values)
+
+        # diffusers' public tensors, float32 rounded once from the float64 schedule.
+        self.betas = self.schedule.betas.float()
+        self.alphas = self.schedule.alphas.float()
+        self.alphas_cumprod = self.schedule.alphas_cumprod.float()
+        self.num_inference_steps: int | None = None
+        self.custom_timesteps = False
+        self._set_schedule_timesteps(torch.arange(T - 1, -1, -1, dtype=torch.int64), None)
+        self._tables: dict = {}
+
+    @staticmethod
+    def _clip_range(config) -> float | None:
+        return float(config["clip_sample_range"]) if config["clip_sample"] else None
+
+    # ---- construction from configs and directories ----
+
+    @classmethod
+    def from_config(cls, config=None, **overrides):
+        """Build from a config mapping (ours, or diffusers' `scheduler.config`), or from a scheduler object.
+
+        Keys that start with "_" (`_class_name`, `_diffusers_version`, `_use_default_values`) and fields of
+        other schedulers (e.g. DDPM's `variance_type` when building a DDIM scheduler) are ignored, as
+        diffusers ignores them; missing fields take the defaults. `overrides` must be fields of this class.
+        """
+        if config is None:
+            config = {}
+        if not isinstance(config, Mapping) and isinstance(getattr(config, "config", None), Mapping):
+            config = config.config  # a scheduler (ours or diffusers') passed directly
+        if not isinstance(config, Mapping):
+            raise TypeError("config must be a mapping (e.g. scheduler.config) or a scheduler, "
+                            f"got {type(config).__name__}")
+        unknown = sorted(set(overrides) - set(cls._DEFAULTS))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_config got unknown field(s) {unknown}; "
+                            f"fields: {', '.join(cls._DEFAULTS)}")
+        kwargs = {k: config[k] for k in cls._DEFAULTS if k in config}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **overrides):
+        """Read `scheduler_config.json` from a local directory (`path`, or `path/subfolder`).
+
+        Hub model ids are not downloaded: a path that is not an existing directory raises FileNotFoundError.
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        directory = Path(path) if subfolder is None else Path(path) / subfolder
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"{cls.__name__}.from_pretrained: {str(directory)!r} is not an existing local directory "
+                "(Hub downloads are not supported; download the model first and pass its directory)")
+        file = directory / CONFIG_NAME
+        if not file.is_file():
+            raise FileNotFoundError(f"{cls.__name__}.from_pretrained: no {CONFIG_NAME} in {str(directory)!r}")
+        with open(file, encoding="utf-8") as f:
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{cls.__name__}.from_pretrained: {str(file)!r} is not valid JSON: {error}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{cls.__name__}.from_pretrained: {str(file)!r} must hold a JSON object")
+        return cls.from_config(config, **overrides)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write `scheduler_config.json` (diffusers' format) into `save_directory`; returns the file's path."""
+        if not isinstance(save_directory, (str, os.PathLike)):
+            raise TypeError(f"save_directory must be a str or os.PathLike, got {type(save_directory).__name__}")
+        directory = Path(save_directory)
+        if directory.is_file():
+            raise ValueError(f"save_directory {str(directory)!r} is a file, not a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        data = {"_class_name": type(self).__name__, **{k: _jsonable(v) for k, v in self.config.items()}}
+        file = directory / CONFIG_NAME
+        file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return file
+
+    # ---- timesteps ----
+
+    def _set_schedule_timesteps(self, ts: torch.Tensor, device) -> None:
+        self._ts_cpu = ts
+        self._ts_key = _TimestepsKey(ts)
+        self.timesteps = ts.to(device) if device is not None else ts
+
+    def _inference_timesteps(self, num_inference_steps) -> torch.Tensor:
+        T = self.config.num_train_timesteps
+        N = _check_int("num_inference_steps", num_inference_steps, lo=1, hi=T)
+        return sampling_timesteps(T, N, self.config.timestep_spacing, self.config.steps_offset)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """Identity (DDPM / DDIM do not scale the model input); exists for pipeline interchangeability."""
+        return sample
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "trained_betas")
+        return f"{type(self).__name__}({fields})"
+
+    # ---- forward process ----
+
+    def _batch_timesteps(self, timesteps, batch: int, device: torch.device, name: str):
+        """An int, a 0-d or a (B,) integer tensor -> int or (B,) int64 tensor on `device`, range-checked."""
+        T = self.config.num_train_timesteps
+        if isinstance(timesteps, (int, np.integer)) and not isinstance(timesteps, bool):
+            return _check_int(name, timesteps, lo=0, hi=T - 1)
+        if not isinstance(timesteps, torch.Tensor):
+            raise TypeError(f"{name} must be an int or an integer tensor of shape () or ({batch},), "
+                            f"got {type(timesteps).__name__}")
+        if timesteps.dtype.is_floating_point or timesteps.dtype.is_complex or timesteps.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got dtype {timesteps.dtype}")
+        if timesteps.dim() == 0:
+            return _check_int(name, int(timesteps), lo=0, hi=T - 1)
+        if tuple(timesteps.shape) != (batch,):
+            raise ValueError(f"{name} must be an int or have shape () or ({batch},) (one per sample), "
+                             f"got shape {tuple(timesteps.shape)}")
+        t = timesteps.to(device=device, dtype=torch.int64)
+        if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
+            raise ValueError(f"{name} must lie in [0, {T - 1}] (num_train_timesteps={T}), "
+                             f"got min {int(t.min())}, max {int(t.max())}")
+        return t.contiguous()
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x_t = sqrt(ac[t]) x0 + sqrt(1 - ac[t]) noise, with the given noise, in one fused pass.
+
+        Args:
+            original_samples: (B, C, ...) float32 / float16 / bfloat16.
+            noise: like original_samples.
+            timesteps: int, 0-d or (B,) integer tensor.
+        """
+        if not isinstance(original_samples, torch.Tensor) or original_samples.dim() < 1:
+            raise TypeError("original_samples must be a tensor of shape (B, C, ...), got "
+                            f"{type(original_samples).__name__}")
+        t = self._batch_timesteps(timesteps, original_samples.shape[0], original_samples.device, "timesteps")
+        return q_sample(original_samples, t, self.schedule, noise=noise)[0]
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """v = sqrt(ac[t]) noise - sqrt(1 - ac[t]) sample (the v-prediction training target)."""
+        if not isinstance(sample, torch.Tensor) or sample.dim() < 1:
+            raise TypeError(f"sample must be a tensor of shape (B, C, ...), got {type(sample).__name__}")
+        t = self._batch_timesteps(timesteps, sample.shape[0], sample.device, "timesteps")
+        return q_sample(sample, t, self.schedule, noise=noise, target="v_prediction")[1]
+
+    # ---- the step ----
+
+    def _cached_table(self, key, build) -> StepTable:
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) >= _TABLE_CACHE_SIZE:
+                self._tables.pop(next(iter(self._tables)))
+            table = self._tables[key] = build()
+        return table
+
+    def _check_step_tensors(self, model_output, sample) -> None:
+        for name, value in (("model_output", model_output), ("sample", sample)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if sample.dim() < 2:
+            raise ValueError(f"sample must have shape (B, C, ...), got {tuple(sample.shape)}")
+
+    def _fused(self, table, model_output, t, sample, noise, return_dict):
+        prev, x0 = fused_step(model_output, t, sample, table, noise=noise, clip_range=self._clip_range(self.config),
+                              thresholding=self.config.thresholding,
+                              dynamic_thresholding_ratio=self.config.dynamic_thresholding_ratio,
+                              sample_max_value=self.config.sample_max_value)
+        if not return_dict:
+            return (prev, x0)
+        return FastSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+# --------------------------------------------------------------------------------------------------
+# DDPM
+# --------------------------------------------------------------------------------------------------
+
+
+class FastDDPMScheduler(_FastScheduler):
+    """diffusers' DDPMScheduler (ancestral sampling, Ho et al. 2020) on the fused `ddpm_fast.step`.
+
+    Same constructor fields and defaults as diffusers' DDPMScheduler. `variance_type` "learned" and
+    "fixed_large_log" are refused (diffusers computes NaN or a non-variance for them; see schedule.py).
+    """
+
+    _DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                     trained_betas=None, variance_type="fixed_small", clip_sample=True, prediction_type="epsilon",
+                     thresholding=False, dynamic_thresholding_ratio=0.995, clip_sample_range=1.0,
+                     sample_max_value=1.0, timestep_spacing="leading", steps_offset=0, rescale_betas_zero_snr=False)
+    _EXTRA_BOOLS = ()
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, variance_type: str = "fixed_small",
+                 clip_sample: bool = True, prediction_type: str = "epsilon", thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
+                 sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
+                 rescale_betas_zero_snr: bool = False):
+        if variance_type in _REFUSED_VARIANCE_TYPES:
+            raise ValueError(f"variance_type={variance_type!r} is not supported: "
+                             f"{_REFUSED_VARIANCE_TYPES[variance_type]}")
+        _check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        self._setup(locals())
+        self.variance_type = variance_type
+        # Tables are built on first use: e.g. zero terminal SNR with epsilon prediction is valid for
+        # timesteps that skip t = T - 1, and ddpm_table explains the failure when they do not.
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None) -> None:
+        """Set the sampling timesteps (N of them, by `timestep_spacing`), or custom descending `timesteps`.
+
+        `self.timesteps` becomes an int64 (N,) tensor on `device` (CPU when None), as diffusers'.
+        """
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("give one of num_inference_steps and timesteps, got both")
+        if timesteps is not None:
+            ts = torch.as_tensor(timesteps)
+            if ts.dtype.is_floating_point or ts.dtype == torch.bool:
+                raise TypeError(f"timesteps must hold integers, got dtype {ts.dtype}")
+            ts = ts.to(device="cpu", dtype=torch.int64).flatten()
+            T = self.config.num_train_timesteps
+            if ts.numel() < 1 or int(ts.min()) < 0 or int(ts.max()) >= T or bool((ts[1:] >= ts[:-1]).any()):
+                raise ValueError(f"timesteps must be a non-empty strictly descending sequence in [0, {T - 1}], "
+                                 f"got {ts.tolist()}")
+            self.custom_timesteps, self.num_inference_steps = True, None
+        else:
+            if num_inference_steps is None:
+                raise ValueError("give num_inference_steps or timesteps, got neither")
+            ts = self._inference_timesteps(num_inference_steps)
+            self.custom_timesteps, self.num_inference_steps = False, int(num_inference_steps)
+        self._set_schedule_timesteps(ts, device)
+
+    def _table(self) -> StepTable:
+        full = not (self.custom_timesteps or self.num_inference_steps)
+        return self._cached_table(self._ts_key, lambda: ddpm_table(
+            self.schedule, None if full else self._ts_cpu, self.config.prediction_type, self.config.variance_type))
+
+    def step_table(self) -> StepTable:
+        """The coefficient table `step` uses for the current timesteps (built once, cached)."""
+        return self._table()
+
+    def previous_timestep(self, timestep):
+        """The timestep a step from `timestep` lands on (-1 after the last); int or tensor in, same out."""
+        t = timestep.to("cpu") if isinstance(timestep, torch.Tensor) else timestep
+        prev = self._table().prev_timestep(t)
+        return prev.to(timestep.device) if isinstance(timestep, torch.Tensor) else prev
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        """One ancestral step x_t -> x_prev(t), fused; noise drawn as diffusers draws it.
+
+        Args:
+            model_output: (B, C, ...) like sample, or (B, 2C, ...) for variance_type="learned_range".
+            timestep: int, 0-d or (B,) integer tensor (per-sample timesteps).
+            sample: (B, C, ...) float32 / float16 / bfloat16.
+            generator: torch.Generator (or a list, one per sample), or None for torch's global RNG. As in
+                diffusers, noise is drawn only when some timestep is > 0.
+        Returns:
+            FastSchedulerOutput(prev_sample, pred_original_sample), or the tuple when return_dict=False.
+        """
+        self._check_step_tensors(model_output, sample)
+        t = self._batch_timesteps(timestep, sample.shape[0], sample.device, "timestep")
+        table = self._table()
+        draws = (t > 0) if isinstance(t, int) else bool((t > 0).any())
+        if draws:
+            noise = _randn_like_diffusers(sample.shape, generator, model_output.device, model_output.dtype)
+        elif table.adds_noise:
+            # Every t is 0, where the table's std is 0: diffusers draws nothing, the op still wants a tensor.
+            noise = torch.zeros_like(sample)
+        else:
+            noise = None
+        return self._fused(table, model_output, t, sample, noise, return_dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# DDIM
+# --------------------------------------------------------------------------------------------------
+
+
+class FastDDIMScheduler(_FastScheduler):
+    """diffusers' DDIMScheduler (Song et al. 2021) on the fused `ddpm_fast.step`.
+
+    Same constructor fields and defaults as diffusers' DDIMScheduler; `eta` and
+    `use_clipped_model_output` are per-`step` arguments, as in diffusers.
+    """
+
+    _DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                     trained_betas=None, clip_sample=True, set_alpha_to_one=True, steps_offset=0,
+                     prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
+                     clip_sample_range=1.0, sample_max_value=1.0, timestep_spacing="leading",
+                     rescale_betas_zero_snr=False)
+    _EXTRA_BOOLS = ("set_alpha_to_one",)
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = True,
+                 set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 clip_sample_range: float = 1.0, sample_max_value: float = 1.0, timestep_spacing: str = "leading",
+                 rescale_betas_zero_snr: bool = False):
+        self._setup(locals())
+        ac = self.schedule.alphas_cumprod
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else ac[0].float()
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """Set the N sampling timesteps by `timestep_spacing`; `self.timesteps`: int64 (N,) on `device`."""
+        ts = self._inference_timesteps(num_inference_steps)
+        self.num_inference_steps = int(num_inference_steps)
+        self._set_schedule_timesteps(ts, device)
+
+    def step_table(self, eta: float = 0.0, use_clipped_model_output: bool = False) -> StepTable:
+        """The coefficient table `step` uses for the current timesteps and (eta, use_clipped_model_output)."""
+        if self.num_inference_steps is None:
+            raise ValueError("num_inference_steps is None: call set_timesteps(num_inference_steps) first")
+        eta, use_clipped = float(eta), bool(use_clipped_model_output)
+        return self._cached_table((self._ts_key, eta, use_clipped), lambda: ddim_table(
+            self.schedule, self._ts_cpu, self.config.prediction_type, eta, self.config.set_alpha_to_one,
+            use_clipped))
+
+    def previous_timestep(self, timestep):
+        """t - T // N, diffusers' DDIM rule (negative: before the start). int or tensor in, same out."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps before previous_timestep")
+        return timestep - self.config.num_train_timesteps // self.num_inference_steps
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator=None, variance_noise: torch.Tensor | None = None,
+             return_dict: bool = True):
+        """One DDIM step x_t -> x_{t - T//N}, fused; noise (eta > 0) drawn as diffusers draws it.
+
+        Args:
+            model_output: (B, C, ...) like sample.
+            timestep: int, 0-d or (B,) integer tensor (per-sample timesteps).
+            sample: (B, C, ...) float32 / float16 / bfloat16.
+            eta: >= 0; 0 is deterministic DDIM, 1 has DDPM's posterior variance.
+            use_clipped_model_output: recompute eps from the clipped x0 (diffusers' option).
+            generator: torch.Generator (or list), or None for torch's global RNG; used only when eta > 0.
+            variance_noise: (B, C, ...) like sample: the noise itself instead of drawing it (eta > 0).
+        Returns:
+            FastSchedulerOutput(prev_sample, pred_original_sample), or the tuple when return_dict=False.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("num_inference_steps is None: call set_timesteps(num_inference_steps) before step")
+        self._check_step_tensors(model_output, sample)
+        eta = _check_float("eta", eta)
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta!r}")
+        # DDIMPipeline passes None (its default); diffusers treats it as False.
+        use_clipped = False if use_clipped_model_output is None else _check_bool(
+            "use_clipped_model_output", use_clipped_model_output)
+        t = self._batch_timesteps(timestep, sample.shape[0], sample.device, "timestep")
+        table = self.step_table(eta, use_clipped)
+        noise = None
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("give at most one of generator and variance_noise, got both")
+            if variance_noise is None:
+                noise = _randn_like_diffusers(model_output.shape, generator, model_output.device, model_output.dtype)
+            else:
+                is_tensor = isinstance(variance_noise, torch.Tensor)
+                if not is_tensor or tuple(variance_noise.shape) != tuple(sample.shape):
+                    got = tuple(variance_noise.shape) if is_tensor else type(variance_noise).__name__
+                    raise ValueError(f"variance_noise must be a tensor of sample's shape {tuple(sample.shape)}, "
+                                     f"got {got}")
+                noise = variance_noise
+        return self._fused(table, model_output, t, sample, noise, return_dict)

@@ -1,0 +1,506 @@
+"""DDPM / DDIM sampling loops over any ``model(x, t)``, with optional CUDA-graph capture, and a PNG grid writer.
+
+A sample's whole trajectory is a function of its seed alone (docs/contracts.md): ``x_T`` is the
+initial-noise stream ``2**33`` of the seed, and the step at timestep ``t`` draws stream ``2**32 + t``.
+So the same seed gives the same image at batch 1 and inside a batch of 8, on any backend (up to the
+few float32 ulp the backends' ``log`` / ``sin`` / ``cos`` may differ by, and the model's own batch
+invariance).
+
+The loop keeps everything on the device: the timesteps of every step are one (N, B) int64 tensor made
+before the loop, the seeds are a (B,) int64 device tensor, and nothing is read back to the host.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import sys
+import tempfile
+import time
+import warnings
+import zlib
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .ops import randn, step
+from .ops.checks import FLOAT_DTYPES
+from .schedule import (PREDICTION_TYPES, TIMESTEP_SPACINGS, NoiseSchedule, StepTable, ddim_table,
+                       ddpm_table, sampling_timesteps)
+
+__all__ = ["METHODS", "Sampler", "save_image_grid"]
+
+METHODS = ("ddpm", "ddim")
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks (messages name the argument, what is allowed and what arrived)
+# --------------------------------------------------------------------------------------------------
+
+
+def _choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"Sampler: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def _int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Sampler: {name} must be an int, got {type(value).__name__} {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"Sampler: {name} must be in [{'-inf' if lo is None else lo}, "
+                         f"{'inf' if hi is None else hi}], got {value}")
+    return value
+
+
+def _positive_float(name: str, value, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Sampler: {name} must be a number{' or None' if allow_none else ''}, "
+                        f"got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"Sampler: {name} must be a finite number > 0{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+    return value
+
+
+def _seeds_tensor(seeds, device) -> Tensor:
+    """seeds: (B,) integer tensor, or a sequence of ints (read as int64; [2**63, 2**64) wrap as uint64).
+
+    Returns (B,) int64 contiguous on ``device`` (the seeds' own device when ``device`` is None).
+    """
+    if isinstance(seeds, Tensor):
+        if seeds.dtype.is_floating_point or seeds.dtype.is_complex or seeds.dtype == torch.bool:
+            raise TypeError(f"Sampler.sample: seeds must be an int64 tensor or a list of ints, got dtype {seeds.dtype}")
+        if seeds.dim() != 1:
+            raise ValueError(f"Sampler.sample: seeds must have shape (B,) (one seed per sample), "
+                             f"got {tuple(seeds.shape)}")
+        return seeds.to(device=seeds.device if device is None else device, dtype=torch.int64).contiguous()
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
+        raise TypeError(f"Sampler.sample: seeds must be a (B,) int64 tensor or a list of ints, "
+                        f"got {type(seeds).__name__}")
+    values = []
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise TypeError(f"Sampler.sample: seeds[{i}] must be an int, got {type(s).__name__} {s!r}")
+        if not -(2**63) <= s < 2**64:
+            raise ValueError(f"Sampler.sample: seeds[{i}] must fit in 64 bits ([-2**63, 2**64)), got {s}")
+        values.append(s - 2**64 if s >= 2**63 else s)  # the same uint64 key, stored as int64
+    return torch.tensor(values, dtype=torch.int64, device="cpu" if device is None else device)
+
+
+def _shape(shape) -> tuple[int, ...]:
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise TypeError(f"Sampler.sample: shape must be a tuple (C, H, W), got {type(shape).__name__}")
+    shape = tuple(shape)
+    if len(shape) < 1 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
+        raise ValueError(f"Sampler.sample: shape must be a tuple of positive ints (C, H, W), got {shape!r}")
+    return shape
+
+
+def _infer_shape(model) -> tuple[int, int, int]:
+    """(C, H, W) from ``model.config`` (our UNet's UNetConfig, a diffusers model's config): in_channels and
+    sample_size (an int or an (H, W) pair)."""
+    config = getattr(model, "config", None)
+    get = (lambda k: config.get(k)) if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    channels, size = (None, None) if config is None else (get("in_channels"), get("sample_size"))
+    if isinstance(size, int):
+        size = (size, size)
+    if not isinstance(channels, int) or not isinstance(size, (tuple, list)) or len(size) != 2:
+        raise ValueError(f"Sampler.sample: give shape=(C, H, W); it cannot be read from this model "
+                         f"({type(model).__name__} has no config with in_channels and sample_size)")
+    return _shape((channels, *size))
+
+
+def _default_device(model, seeds) -> torch.device:
+    """The device of the model's first parameter (or buffer), else the seeds' (a tensor's), else the CPU."""
+    if isinstance(model, torch.nn.Module):
+        for tensor in model.parameters():
+            return tensor.device
+        for tensor in model.buffers():
+            return tensor.device
+    return seeds.device if isinstance(seeds, Tensor) else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# progress
+# --------------------------------------------------------------------------------------------------
+
+
+class _StderrBar:
+    """A minimal progress bar for when tqdm is not installed: one carriage-return line on stderr."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n, self.start = total, desc, 0, time.monotonic()
+        self._draw()
+
+    def _draw(self):
+        width = 30
+        done = width * self.n // max(self.total, 1)
+        rate = self.n / max(time.monotonic() - self.start, 1e-9)
+        sys.stderr.write(f"\r{self.desc}: [{'#' * done}{'.' * (width - done)}] {self.n}/{self.total} "
+                         f"{rate:.1f} it/s")
+        sys.stderr.flush()
+
+    def update(self, n: int = 1):
+        self.n += n
+        self._draw()
+
+    def close(self):
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+class _NoBar:
+    def update(self, n: int = 1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, enabled: bool, desc: str):
+    """tqdm when importable (it is optional), else the stderr bar; a no-op when not enabled."""
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _StderrBar(total, desc)
+    return tqdm(total=total, desc=desc)
+
+
+# --------------------------------------------------------------------------------------------------
+# the sampler
+# --------------------------------------------------------------------------------------------------
+
+
+def _unwrap(output, expected: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """The model's output as a tensor of shape ``expected`` in ``dtype``.
+
+    Accepts a tensor, an object with a ``.sample`` tensor (diffusers' UNet2DOutput) or a 1-tuple
+    (diffusers with ``return_dict=False``). Only metadata is read: no host sync.
+    """
+    if not isinstance(output, Tensor):
+        if isinstance(getattr(output, "sample", None), Tensor):
+            output = output.sample
+        elif isinstance(output, (tuple, list)) and len(output) == 1 and isinstance(output[0], Tensor):
+            output = output[0]
+        else:
+            raise TypeError(f"Sampler: model(x, t) must return a tensor, an object with a .sample tensor or a "
+                            f"1-tuple of a tensor, got {type(output).__name__}")
+    if tuple(output.shape) != expected:
+        raise ValueError(f"Sampler: model(x, t) must return shape {expected}, got {tuple(output.shape)}")
+    return output if output.dtype == dtype else output.to(dtype)
+
+
+class Sampler:
+    """DDPM (ancestral) or DDIM sampling for any callable ``model(x, t) -> output``.
+
+    ``x: (B, C, H, W)`` in the sampling dtype, ``t: (B,)`` int64 on x's device (the same timestep for
+    every sample); the output is ``(B, C, H, W)`` (``(B, 2C, H, W)`` for ``variance_type="learned_range"``),
+    a tensor, an object with a ``.sample`` tensor (a diffusers ``UNet2DModel``) or a 1-tuple of one.
+
+    Args:
+        model: the denoiser. It is called under ``torch.no_grad()``; put it in eval mode yourself.
+        schedule: the :class:`~ddpm_fast.schedule.NoiseSchedule` the model was trained with.
+        method: "ddpm" (ancestral, diffusers' DDPMScheduler) or "ddim" (diffusers' DDIMScheduler).
+        num_steps: number of sampling steps, in [1, T]; None: all T train timesteps.
+        eta: DDIM only, >= 0 (0: deterministic DDIM, 1: DDPM's posterior variance). DDPM refuses eta != 0.
+        prediction_type: "epsilon", "sample" or "v_prediction".
+        variance_type: DDPM only: "fixed_small", "fixed_small_log", "fixed_large" or "learned_range".
+        timestep_spacing: "leading", "linspace" or "trailing" (diffusers' rules); steps_offset shifts "leading".
+        clip_range: clamp the predicted x0 to [-clip_range, clip_range]; None: no clipping.
+        thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding (takes precedence
+            over clipping, as in diffusers).
+        set_alpha_to_one, use_clipped_model_output: DDIM's options (diffusers' meaning).
+        backend: force the ops' backend ("cpu", "torch", ...); None chooses by device.
+
+    Attributes:
+        table: the :class:`~ddpm_fast.schedule.StepTable`, built once here.
+        timesteps: (N,) int64 CPU, descending: the timesteps the loop visits.
+    """
+
+    def __init__(self, model: Callable, schedule: NoiseSchedule, *, method: str = "ddpm", num_steps: int | None = None,
+                 eta: float = 0.0, prediction_type: str = "epsilon", variance_type: str = "fixed_small",
+                 timestep_spacing: str = "leading", steps_offset: int = 0, clip_range: float | None = 1.0,
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 sample_max_value: float = 1.0, set_alpha_to_one: bool = True,
+                 use_clipped_model_output: bool = False, backend: str | None = None):
+        if not callable(model):
+            raise TypeError(f"Sampler: model must be callable as model(x, t), got {type(model).__name__}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"Sampler: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        _choice("method", method, METHODS)
+        _choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        _choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        T = schedule.num_train_timesteps
+        N = T if num_steps is None else _int("num_steps", num_steps, lo=1, hi=T)
+        steps_offset = _int("steps_offset", steps_offset, lo=0)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (eta >= 0 and math.isfinite(eta)):
+            raise ValueError(f"Sampler: eta must be a finite number >= 0, got {eta!r}")
+        if method == "ddpm" and eta != 0:
+            raise ValueError(f"Sampler: eta applies to method='ddim' only (DDPM always adds its full posterior "
+                             f"noise), got eta={eta!r} with method='ddpm'")
+        if method == "ddim" and variance_type != "fixed_small":
+            raise ValueError(f"Sampler: variance_type applies to method='ddpm' only (DDIM's noise is set by eta), "
+                             f"got variance_type={variance_type!r} with method='ddim'")
+        self.clip_range = _positive_float("clip_range", clip_range, allow_none=True)
+        if not isinstance(thresholding, bool):
+            raise TypeError(f"Sampler: thresholding must be a bool, got {type(thresholding).__name__}")
+        ratio = _positive_float("dynamic_thresholding_ratio", dynamic_thresholding_ratio)
+        if ratio > 1.0:
+            raise ValueError(f"Sampler: dynamic_thresholding_ratio must be in (0, 1], got {ratio!r}")
+        if not _positive_float("sample_max_value", sample_max_value) >= 1.0:
+            raise ValueError(f"Sampler: sample_max_value must be >= 1, got {sample_max_value!r}")
+
+        try:  # the schedule's own checks (e.g. steps_offset pushing a timestep past T, zero-SNR epsilon)
+            timesteps = sampling_timesteps(T, N, timestep_spacing, steps_offset)
+            if method == "ddpm":
+                table = ddpm_table(schedule, timesteps, prediction_type, variance_type)
+            else:
+                table = ddim_table(schedule, timesteps, prediction_type, float(eta), set_alpha_to_one,
+                                   use_clipped_model_output)
+        except ValueError as error:
+            raise ValueError(f"Sampler: {error}") from None
+
+        self.model, self.schedule, self.method = model, schedule, method
+        self.num_steps, self.eta, self.prediction_type = N, float(eta), prediction_type
+        self.variance_type = variance_type if method == "ddpm" else None
+        self.timestep_spacing, self.steps_offset = timestep_spacing, steps_offset
+        self.thresholding, self.dynamic_thresholding_ratio = thresholding, ratio
+        self.sample_max_value = float(sample_max_value)
+        self.backend = backend
+        self.table: StepTable = table
+        self.timesteps: Tensor = table.timesteps
+        self._out_channels_factor = 2 if self.variance_type == "learned_range" else 1
+        self._graph = None  # (key, graph, static_x, static_t, static_seeds, static_out): _graph_runner
+
+    def __repr__(self) -> str:
+        return (f"Sampler(method={self.method!r}, num_steps={self.num_steps}, eta={self.eta}, "
+                f"prediction_type={self.prediction_type!r}, variance_type={self.variance_type!r}, "
+                f"timestep_spacing={self.timestep_spacing!r}, clip_range={self.clip_range}, "
+                f"thresholding={self.thresholding})")
+
+    # ---------------------------------------------------------------------------------------- one step
+
+    def _step(self, x: Tensor, t: Tensor, seeds: Tensor | None) -> Tensor:
+        """model + reverse step: x (B, C, ...) at timesteps t (B,) -> x at prev(t). No host sync."""
+        expected = (x.shape[0], x.shape[1] * self._out_channels_factor, *x.shape[2:])
+        out = _unwrap(self.model(x, t), expected, x.dtype)
+        prev, _ = step(out, t, x, self.table, seeds=seeds, clip_range=self.clip_range,
+                       thresholding=self.thresholding, dynamic_thresholding_ratio=self.dynamic_thresholding_ratio,
+                       sample_max_value=self.sample_max_value, return_pred_original=False, backend=self.backend)
+        return prev
+
+    # ----------------------------------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def sample(self, seeds, shape=None, *, device=None, dtype: torch.dtype = torch.float32,
+               progress: bool = False, return_trajectory: bool = False, cuda_graph: bool = False):
+        """Draw one image per seed.
+
+        Args:
+            seeds: (B,) int64 tensor or a list of B ints; sample b's trajectory depends on seeds[b] only.
+            shape: the per-sample shape (C, H, W); None: ``(in_channels, sample_size, sample_size)`` from
+                ``model.config`` (our UNet, a diffusers UNet2DModel).
+            device: where to sample; None: the model's device (an nn.Module's first parameter's), else the
+                seeds' device (a tensor's), else the CPU.
+            dtype: float32, float16 or bfloat16: the dtype of x and of what the model receives.
+            progress: show a progress bar (tqdm when installed, else a line on stderr).
+            return_trajectory: also return every x_t, x_T first (unclamped).
+            cuda_graph: on CUDA, capture model + step once and replay it for every step; falls back to the
+                eager loop with a warning naming the reason where capture is impossible.
+
+        Returns:
+            images: (B, C, H, W) in ``dtype``, clamped to [-1, 1]; with ``return_trajectory``,
+            ``(images, trajectory)`` where trajectory is (N + 1, B, C, H, W).
+        """
+        if device is None:
+            device = _default_device(self.model, seeds)
+        seeds = _seeds_tensor(seeds, device)
+        shape = _infer_shape(self.model) if shape is None else _shape(shape)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"Sampler.sample: dtype must be float32, float16 or bfloat16, got {dtype}")
+        for name, flag in (("progress", progress), ("return_trajectory", return_trajectory),
+                           ("cuda_graph", cuda_graph)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"Sampler.sample: {name} must be a bool, got {type(flag).__name__}")
+        B, N = seeds.shape[0], self.num_steps
+        if B == 0:
+            empty = torch.empty((0, *shape), dtype=dtype, device=seeds.device)
+            return (empty, empty.new_empty((N + 1, 0, *shape))) if return_trajectory else empty
+
+        x = randn(seeds, shape, reference.INITIAL_NOISE_STREAM, dtype, backend=self.backend)
+        # Every step's (B,) timesteps, made once: row i is a contiguous device tensor, read without a sync.
+        ts = self.timesteps.to(seeds.device)[:, None].expand(N, B).contiguous()
+        step_seeds = seeds if self.table.adds_noise else None  # DDIM with eta = 0 draws nothing
+        trajectory = [x] if return_trajectory else None
+
+        run = None
+        if cuda_graph:
+            run = self._graph_runner(x, ts, step_seeds)
+        if run is None:
+            def run(x, i):
+                return self._step(x, ts[i], step_seeds)
+
+        bar = _progress_bar(N, progress, f"{self.method.upper()} sampling")
+        try:
+            for i in range(N):
+                x = run(x, i)
+                if trajectory is not None:
+                    trajectory.append(x)
+                bar.update(1)
+        finally:
+            bar.close()
+        images = x.clamp(-1.0, 1.0)
+        if return_trajectory:
+            return images, torch.stack(trajectory)
+        return images
+
+    # ---------------------------------------------------------------------------------------- CUDA graph
+
+    def _graph_runner(self, x: Tensor, ts: Tensor, seeds: Tensor | None):
+        """A function ``run(x, i)`` replaying one captured model + step, or None (after a warning).
+
+        The graph reads x, the timesteps and the seeds from static device buffers, so each replay steps
+        from the current x at the current t, and draws the noise of stream 2**32 + t for these seeds.
+        One graph is kept per (batch, shape, dtype, device, seeded); a new call with the same key only
+        copies its seeds in.
+        """
+        if not x.is_cuda:
+            warnings.warn(f"Sampler.sample: cuda_graph=True needs CUDA tensors, but sampling runs on {x.device}; "
+                          "using the eager loop", RuntimeWarning, stacklevel=3)
+            return None
+        key = (tuple(x.shape), x.dtype, x.device, seeds is not None)
+        if self._graph is None or self._graph[0] != key:
+            self._graph = None
+            try:
+                self._graph = (key, *self._capture(x, ts[0], seeds))
+            except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
+                warnings.warn(f"Sampler.sample: CUDA-graph capture failed ({type(error).__name__}: {error}); "
+                              "using the eager loop", RuntimeWarning, stacklevel=3)
+                return None
+        _, graph, static_x, static_t, static_seeds, static_out = self._graph
+        if seeds is not None:
+            static_seeds.copy_(seeds)
+
+        def run(x, i):
+            static_x.copy_(x)
+            static_t.copy_(ts[i])
+            graph.replay()
+            return static_out.clone()  # the next replay overwrites static_out
+        return run
+
+    def _capture(self, x: Tensor, t: Tensor, seeds: Tensor | None):
+        static_x, static_t = x.clone(), t.clone()
+        static_seeds = None if seeds is None else seeds.clone()
+        # Warm up on a side stream (lazy initialisation, cuDNN autotuning) before capturing, as PyTorch's
+        # CUDA-graph notes require; the warm-up results are thrown away.
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(static_x, static_t, static_seeds)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._step(static_x, static_t, static_seeds)
+        return graph, static_x, static_t, static_seeds, static_out
+
+
+# --------------------------------------------------------------------------------------------------
+# image grid
+# --------------------------------------------------------------------------------------------------
+
+_PNG_COLOR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG colour type (grey, grey+alpha, RGB, RGBA)
+_PIL_MODE = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png_bytes(pixels: bytes, width: int, height: int, channels: int) -> bytes:
+    """A PNG of 8-bit ``pixels`` (height rows of width * channels bytes), no filtering, zlib level 6."""
+    stride = width * channels
+    raw = b"".join(b"\x00" + pixels[y * stride:(y + 1) * stride] for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOR_TYPE[channels], 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw, 6))
+            + _png_chunk(b"IEND", b""))
+
+
+def _encode_png(grid: Tensor) -> bytes:
+    """grid: (H, W, C) uint8 CPU -> PNG bytes (Pillow when importable, else the writer above)."""
+    height, width, channels = grid.shape
+    pixels = grid.contiguous().numpy().tobytes()
+    try:
+        from PIL import Image
+    except ImportError:
+        return _png_bytes(pixels, width, height, channels)
+    import io
+    buffer = io.BytesIO()
+    Image.frombytes(_PIL_MODE[channels], (width, height), pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_image_grid(images: Tensor, path, nrow: int | None = None, *, padding: int = 0) -> None:
+    """Write ``images`` as one PNG grid, atomically (a temporary file in the same folder, then os.replace).
+
+    Args:
+        images: (B, C, H, W) floats in [-1, 1] (clamped), C in {1, 2, 3, 4} (grey, grey+alpha, RGB, RGBA).
+        path: the PNG to write; its folder must exist. On any failure no file (and no partial file) is left.
+        nrow: images per row; None: ceil(sqrt(B)).
+        padding: pixels of black between images and around the grid.
+
+    The grid is ``rows * H + (rows + 1) * padding`` pixels high and ``nrow * W + (nrow + 1) * padding`` wide,
+    with ``rows = ceil(B / nrow)``.
+    """
+    if not isinstance(images, Tensor):
+        raise TypeError(f"save_image_grid: images must be a torch.Tensor, got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise TypeError(f"save_image_grid: images must be a floating-point tensor in [-1, 1], got dtype {images.dtype}")
+    if images.dim() != 4 or images.shape[0] < 1 or images.shape[1] not in _PNG_COLOR_TYPE or min(images.shape[2:]) < 1:
+        raise ValueError(f"save_image_grid: images must have shape (B, C, H, W) with B >= 1, C in (1, 2, 3, 4) "
+                         f"and H, W >= 1, got {tuple(images.shape)}")
+    B, C, H, W = images.shape
+    if nrow is None:
+        nrow = math.ceil(math.sqrt(B))
+    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
+        raise ValueError(f"save_image_grid: nrow must be a positive int or None, got {nrow!r}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"save_image_grid: padding must be an int >= 0, got {padding!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"save_image_grid: path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+
+    nrow = min(nrow, B)
+    rows = math.ceil(B / nrow)
+    pixels = ((images.detach().float().cpu().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    grid = torch.zeros((rows * H + (rows + 1) * padding, nrow * W + (nrow + 1) * padding, C), dtype=torch.uint8)
+    for b in range(B):
+        r, c = divmod(b, nrow)
+        y, x = padding + r * (H + padding), padding + c * (W + padding)
+        grid[y:y + H, x:x + W] = pixels[b].permute(1, 2, 0)
+    data = _encode_png(grid)
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; an image is meant to be read by others
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,487 @@
+"""FastDDPMScheduler / FastDDIMScheduler against diffusers' DDPMScheduler / DDIMScheduler and pipelines.
+
+How the tolerances are derived (STYLE.md principle 4, tests/_tolerance.py):
+
+* truth = diffusers' own step code run in float64 on our float64 alphas_cumprod, fed the *same* noise
+  (its `randn_tensor` is patched to draw in float32 from the same generator and cast, because a float64
+  draw from a generator gives different numbers);
+* theirs = stock diffusers in float32, ours = the drop-in scheduler in float32, both drawing the noise
+  themselves from identically seeded generators.
+
+`assert_matches_reference` then requires  max|ours - truth| <= 2 * max|theirs - truth| + floor, where the
+floor is 2 eps32 times `magnitude`; we pass 4x the sum of |terms| of each formula (x0 = ax x + am m;
+prev = p0 x0c + p1 x + p2 m + std sigma z, read from our coefficient table), i.e. 8 eps32 per unit of
+cancelling terms: a coefficient rounding, a product and a sum per term, doubled for headroom. That the
+noise itself is identical is asserted separately: both generators end in the same state.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.pipelines.ddim import pipeline_ddim
+from diffusers.pipelines.ddpm import pipeline_ddpm
+from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
+
+from _tolerance import assert_matches_reference
+from ddpm_fast.diffusers_compat import FastDDIMScheduler, FastDDPMScheduler, FastSchedulerOutput, SchedulerConfig
+
+SHAPE = (3, 5, 7, 9)  # odd H, W and C not a multiple of 8, on purpose
+PREDICTIONS = ["epsilon", "sample", "v_prediction"]
+VARIANCES = ["fixed_small", "fixed_small_log", "fixed_large", "learned_range"]
+RATIO, MAX_VALUE = 0.95, 4.0  # thresholding that lands strictly inside (1, sample_max_value)
+CLIPS = [None, 1.0, "threshold"]
+SPACINGS = ["leading", "linspace", "trailing"]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _clip_config(clip):
+    return dict(clip_sample=isinstance(clip, float), clip_sample_range=clip if isinstance(clip, float) else 1.0,
+                thresholding=clip == "threshold", dynamic_thresholding_ratio=RATIO, sample_max_value=MAX_VALUE)
+
+
+def _fields(config, cls):
+    """The constructor fields of a config (diffusers adds `_class_name`, `_use_default_values`, ...)."""
+    return {k: config[k] for k in cls._DEFAULTS}
+
+
+def _draws_in(draw_dtype):
+    """randn_tensor for the float64 twin: the numbers the generator gives in `draw_dtype`, cast."""
+    def randn_tensor(shape, generator=None, device=None, dtype=None, **kwargs):
+        return torch.randn(tuple(shape), generator=generator, dtype=draw_dtype).to(dtype)
+    return randn_tensor
+
+
+_float32_draws = _draws_in(torch.float32)
+
+
+def _twin(theirs, ours):
+    """diffusers' scheduler evaluating its own formulas in float64 on our float64 alphas_cumprod."""
+    twin = copy.deepcopy(theirs)
+    twin.alphas_cumprod = ours.schedule.alphas_cumprod.clone()
+    twin.one = torch.tensor(1.0, dtype=torch.float64)
+    if hasattr(twin, "final_alpha_cumprod"):
+        twin.final_alpha_cumprod = twin.one if ours.config.set_alpha_to_one else twin.alphas_cumprod[0]
+    return twin
+
+
+def _magnitudes(table, t, x, m, v, z, x0c):
+    """4 x (sum of |terms|) of x0 and of prev_sample (see the module docstring). Float64 inputs, scalar t."""
+    ax, am, p0, p1, p2, std, lo, hi = table.coef[t].tolist()
+    x0_terms = ((ax * x).abs() + (am * m).abs()).max().item()
+    noise = (std * z).abs()
+    if v is not None:  # sigma = exp(y), y = 0.5 (f hi + (1 - f) lo): relative error ~ eps (1 + |terms of y|)
+        f = (v + 1) / 2
+        y = 0.5 * (f * hi + (1 - f) * lo)
+        noise = noise * y.exp() * (1 + 0.5 * ((f * hi).abs() + ((1 - f) * lo).abs()))
+    prev_terms = ((p0 * x0c).abs() + (p1 * x).abs() + (p2 * m).abs() + noise).max().item()
+    # Thresholding divides by s >= 1 computed from x0 itself: at most twice x0's error, carried by p0.
+    return 4 * prev_terms + abs(p0) * 8 * x0_terms, 8 * x0_terms
+
+
+def _inputs(prediction_type, variance_type, seed):
+    x = torch.randn(SHAPE, generator=_gen(seed))
+    m = torch.randn(SHAPE, generator=_gen(seed + 1)) * (1.6 if prediction_type == "sample" else 1.0)
+    if variance_type == "learned_range":
+        m = torch.cat([m, torch.rand(SHAPE, generator=_gen(seed + 2)) * 2 - 1], dim=1)
+    return x, m
+
+
+def _compare_step(ours, theirs, twin, patch_module, t, x, m, what, **kwargs):
+    """One step of ours / stock diffusers / the float64 twin at timestep t, each with generator seed 1234.
+
+    x, m: in the storage dtype under test; the twin gets them (and the noise) cast to float64.
+    """
+    g_ours, g_theirs = _gen(1234), _gen(1234)
+    out = ours.step(m, torch.tensor(t), x, generator=g_ours, **kwargs)
+    assert isinstance(out, FastSchedulerOutput)
+    ref = theirs.step(m, torch.tensor(t), x, generator=g_theirs, **kwargs)
+    # Same draws under the same conditions: the generators end in the same state.
+    assert torch.equal(g_ours.get_state(), g_theirs.get_state()), f"{what}: noise drawn differently"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(patch_module, "randn_tensor", _draws_in(x.dtype))
+        truth = twin.step(m.double(), torch.tensor(t), x.double(), generator=_gen(1234), **kwargs)
+    C = x.shape[1]
+    v = m[:, C:].double() if m.shape[1] == 2 * C else None
+    z = torch.randn(SHAPE, generator=_gen(1234), dtype=x.dtype).double()
+    ddim_args = {k: kwargs[k] for k in ("eta", "use_clipped_model_output") if k in kwargs}
+    table = ours.step_table(**ddim_args)
+    mag_prev, mag_x0 = _magnitudes(table, t, x.double(), m[:, :C].double(), v, z, truth.pred_original_sample)
+    assert_matches_reference(out.pred_original_sample, ref.pred_original_sample, truth.pred_original_sample,
+                             what=f"{what} x0 t={t}", magnitude=mag_x0)
+    assert_matches_reference(out.prev_sample, ref.prev_sample, truth.prev_sample, what=f"{what} prev t={t}",
+                             magnitude=mag_prev)
+    tup = ours.step(m, t, x, generator=_gen(1234), return_dict=False, **kwargs)
+    assert isinstance(tup, tuple) and torch.equal(tup[0], out.prev_sample) and torch.equal(tup[1], out[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# step against diffusers
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chain", ["full"] + SPACINGS)
+@pytest.mark.parametrize("clip", CLIPS, ids=["noclip", "clip1", "threshold"])
+@pytest.mark.parametrize("variance_type", VARIANCES)
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_ddpm_step_matches_diffusers(prediction_type, variance_type, clip, chain):
+    config = dict(prediction_type=prediction_type, variance_type=variance_type,
+                  timestep_spacing="leading" if chain == "full" else chain, **_clip_config(clip))
+    ours, theirs = FastDDPMScheduler(**config), DDPMScheduler(**config)
+    if chain != "full":
+        ours.set_timesteps(50)
+        theirs.set_timesteps(50)
+        assert torch.equal(ours.timesteps, theirs.timesteps)
+    twin = _twin(theirs, ours)
+    ts = ours.timesteps.tolist()
+    # First, middle, the last two (trailing ends at t=19 > 0 with prev -1: noise, var clamped at 1e-20).
+    for i, t in enumerate(dict.fromkeys([ts[0], ts[len(ts) // 2], ts[-2], ts[-1]])):
+        x, m = _inputs(prediction_type, variance_type, seed=100 * i)
+        _compare_step(ours, theirs, twin, scheduling_ddpm, t, x, m, f"ddpm {config}")
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("clip", [None, "threshold"], ids=["noclip", "threshold"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_ddim_step_matches_diffusers(prediction_type, eta, clip, spacing):
+    config = dict(prediction_type=prediction_type, timestep_spacing=spacing, beta_schedule="scaled_linear",
+                  beta_start=0.00085, beta_end=0.012, set_alpha_to_one=spacing != "trailing", **_clip_config(clip))
+    ours, theirs = FastDDIMScheduler(**config), DDIMScheduler(**config)
+    ours.set_timesteps(50)
+    theirs.set_timesteps(50)
+    twin = _twin(theirs, ours)
+    use_clipped = clip is not None  # the clipped-eps variant only differs when x0 was clipped
+    for i, t in enumerate(ours.timesteps[[0, 25, -1]].tolist()):
+        x, m = _inputs(prediction_type, "fixed_small", seed=10 + 100 * i)
+        _compare_step(ours, theirs, twin, scheduling_ddim, t, x, m, f"ddim {config}", eta=eta,
+                      use_clipped_model_output=use_clipped)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_half_precision_step_matches_diffusers(kind, dtype):
+    """Half-precision storage: same noise (drawn in the half dtype, as diffusers), same tolerance rule."""
+    if kind == "ddpm":
+        config = dict(prediction_type="v_prediction", variance_type="fixed_large", **_clip_config("threshold"))
+        ours, theirs, module, kwargs = FastDDPMScheduler(**config), DDPMScheduler(**config), scheduling_ddpm, {}
+    else:
+        config = dict(prediction_type="epsilon", **_clip_config(1.0))
+        ours, theirs, module = FastDDIMScheduler(**config), DDIMScheduler(**config), scheduling_ddim
+        kwargs = dict(eta=1.0)
+    ours.set_timesteps(20)
+    theirs.set_timesteps(20)
+    twin = _twin(theirs, ours)
+    for i, t in enumerate([950, 500, 0]):
+        x, m = (a.to(dtype) for a in _inputs(config["prediction_type"], "fixed_small", seed=50 + i))
+        _compare_step(ours, theirs, twin, module, t, x, m, f"{kind} {dtype}", **kwargs)
+
+
+def test_zero_terminal_snr_with_epsilon_explains_instead_of_nan():
+    """diffusers returns inf/NaN stepping from t = 999 when alphas_cumprod[999] == 0; we say why, and the
+    timesteps that skip 999 (leading spacing) still work."""
+    sched = FastDDPMScheduler(rescale_betas_zero_snr=True, timestep_spacing="leading")
+    x, m = _inputs("epsilon", "fixed_small", seed=2)
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        sched.step(m, 999, x, generator=_gen(0))
+    sched.set_timesteps(50)
+    assert torch.isfinite(sched.step(m, 980, x, generator=_gen(0)).prev_sample).all()
+
+
+def test_global_rng_without_generator_matches_diffusers():
+    """No generator: both draw from torch's global RNG the same way, so seeding torch gives the same."""
+    ours, theirs = FastDDPMScheduler(variance_type="fixed_large"), DDPMScheduler(variance_type="fixed_large")
+    x, m = _inputs("epsilon", "fixed_large", seed=3)
+    torch.manual_seed(7)
+    a = ours.step(m, 500, x).prev_sample
+    after_ours = torch.get_rng_state()
+    torch.manual_seed(7)
+    b = theirs.step(m, 500, x).prev_sample
+    assert torch.equal(after_ours, torch.get_rng_state())
+    # Same noise; the difference is only diffusers' float32 coefficient drift (max |p1| ~ 1e-6 relative).
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_per_sample_timesteps_equal_single_sample_steps(kind):
+    """A (B,) timestep tensor with a list of generators equals B single-sample steps, bit for bit."""
+    if kind == "ddpm":
+        sched = FastDDPMScheduler(prediction_type="v_prediction", variance_type="learned_range",
+                                  **_clip_config("threshold"))
+        sched.set_timesteps(50)
+        x, m = _inputs("v_prediction", "learned_range", seed=1)
+        kwargs = {}
+    else:
+        sched = FastDDIMScheduler(**_clip_config(1.0))
+        sched.set_timesteps(50)
+        x, m = _inputs("epsilon", "fixed_small", seed=1)
+        kwargs = dict(eta=1.0)
+    t = sched.timesteps[[0, 20, -1]]  # includes t = 0
+    out = sched.step(m, t, x, generator=[_gen(s) for s in (5, 6, 7)], **kwargs)
+    for b in range(3):
+        one = sched.step(m[b:b + 1], int(t[b]), x[b:b + 1], generator=_gen(5 + b), **kwargs)
+        assert torch.equal(out.prev_sample[b:b + 1], one.prev_sample), f"sample {b}"
+        assert torch.equal(out.pred_original_sample[b:b + 1], one.pred_original_sample), f"sample {b}"
+
+
+def test_ddim_variance_noise_is_used_as_given():
+    ours, theirs = FastDDIMScheduler(), DDIMScheduler()
+    ours.set_timesteps(20)
+    theirs.set_timesteps(20)
+    x, m = _inputs("epsilon", "fixed_small", seed=4)
+    z = torch.randn(SHAPE, generator=_gen(9))
+    a = ours.step(m, 500, x, eta=0.7, variance_noise=z).prev_sample
+    b = theirs.step(m, 500, x, eta=0.7, variance_noise=z).prev_sample
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# add_noise, timesteps, config
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["tensor", "int", "0-d"])
+def test_add_noise_matches_diffusers(form):
+    ours = FastDDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    theirs = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    x0 = torch.randn(SHAPE, generator=_gen(1))
+    noise = torch.randn(SHAPE, generator=_gen(2))
+    t = {"tensor": torch.tensor([0, 517, 999]), "int": 517, "0-d": torch.tensor(517)}[form]
+    t_theirs = torch.as_tensor(t).expand(SHAPE[0])
+    a = ours.add_noise(x0, noise, t)
+    b = theirs.add_noise(x0, noise, t_theirs)
+    ac = ours.schedule.alphas_cumprod[t_theirs].reshape(-1, 1, 1, 1)
+    truth = ac.sqrt() * x0.double() + (1 - ac).sqrt() * noise.double()
+    assert_matches_reference(a, b, truth, what="add_noise", magnitude=2 * (x0.abs().max() + noise.abs().max()).item())
+    v = ours.get_velocity(x0, noise, t)
+    truth_v = ac.sqrt() * noise.double() - (1 - ac).sqrt() * x0.double()
+    assert_matches_reference(v, theirs.get_velocity(x0, noise, t_theirs), truth_v, what="get_velocity",
+                             magnitude=2 * (x0.abs().max() + noise.abs().max()).item())
+
+
+@pytest.mark.parametrize("cls", ["ddpm", "ddim"])
+@pytest.mark.parametrize("spacing, offset", [("leading", 0), ("leading", 1), ("linspace", 0), ("trailing", 0)])
+def test_set_timesteps_matches_diffusers(cls, spacing, offset):
+    Ours, Theirs = (FastDDPMScheduler, DDPMScheduler) if cls == "ddpm" else (FastDDIMScheduler, DDIMScheduler)
+    ours = Ours(timestep_spacing=spacing, steps_offset=offset)
+    theirs = Theirs(timestep_spacing=spacing, steps_offset=offset)
+    assert torch.equal(ours.timesteps, theirs.timesteps)  # before set_timesteps: T-1 .. 0
+    for n in (1, 7, 50, 333, 999, 1000):
+        if spacing == "leading" and offset and n == 1000:
+            continue  # diffusers would schedule t = 1000 (out of range); ours refuses, see below
+        ours.set_timesteps(n)
+        theirs.set_timesteps(n)
+        assert ours.timesteps.dtype == theirs.timesteps.dtype == torch.int64
+        assert torch.equal(ours.timesteps, theirs.timesteps), (n, spacing, offset)
+        assert len(ours) == len(theirs) == 1000
+    if spacing == "trailing":
+        # A deliberate difference: diffusers' trailing gives N + 1 timesteps ending in -1 for (1000, 61).
+        ours.set_timesteps(61)
+        theirs.set_timesteps(61)
+        assert torch.equal(ours.timesteps, theirs.timesteps[:61]) and theirs.timesteps[61:].tolist() == [-1]
+
+
+def test_ddpm_custom_timesteps_and_previous_timestep():
+    ours, theirs = FastDDPMScheduler(), DDPMScheduler()
+    ours.set_timesteps(timesteps=[900, 500, 37, 3])
+    theirs.set_timesteps(timesteps=[900, 500, 37, 3])
+    assert torch.equal(ours.timesteps, theirs.timesteps)
+    for t in [900, 500, 37, 3]:
+        assert int(ours.previous_timestep(t)) == int(theirs.previous_timestep(t))
+    assert torch.equal(ours.previous_timestep(torch.tensor([900, 3])), torch.tensor([500, -1]))
+    ddim = FastDDIMScheduler()
+    ddim.set_timesteps(50)
+    assert ddim.previous_timestep(980) == 960
+
+
+OVERRIDES = dict(prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing",
+                 beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
+
+
+@pytest.mark.parametrize("cls", ["ddpm", "ddim"])
+def test_from_config_round_trip(cls):
+    Ours, Theirs = (FastDDPMScheduler, DDPMScheduler) if cls == "ddpm" else (FastDDIMScheduler, DDIMScheduler)
+    extra = dict(variance_type="fixed_large") if cls == "ddpm" else dict(set_alpha_to_one=False)
+    theirs = Theirs(**OVERRIDES, **extra)
+    ours = Ours.from_config(theirs.config)  # _class_name, _use_default_values ... are ignored
+    assert isinstance(ours.config, SchedulerConfig)
+    assert dict(ours.config) == _fields(theirs.config, Ours)
+    assert ours.config.num_train_timesteps == 1000 and ours.config.prediction_type == "v_prediction"
+    back = Theirs.from_config(ours.config)  # diffusers accepts ours too
+    assert _fields(back.config, Ours) == dict(ours.config)
+    # Same float32 tensors a user would read, up to diffusers' float32 cumprod drift.
+    torch.testing.assert_close(ours.alphas_cumprod, theirs.alphas_cumprod, rtol=1e-5, atol=1e-7)
+    # overrides, from a scheduler object, and across scheduler kinds (DDPM's variance_type is ignored)
+    assert Ours.from_config(theirs, steps_offset=1).config.steps_offset == 1
+    other = FastDDIMScheduler if cls == "ddpm" else FastDDPMScheduler
+    assert other.from_config(ours.config).config.prediction_type == "v_prediction"
+    with pytest.raises(TypeError, match="unknown field.*'clip_smaple'"):
+        Ours.from_config(theirs.config, clip_smaple=False)
+    with pytest.raises(TypeError, match="config must be a mapping"):
+        Ours.from_config(42)
+
+
+def test_config_is_read_only_and_copyable():
+    sched = FastDDPMScheduler(trained_betas=np.linspace(1e-4, 0.02, 1000))
+    assert isinstance(sched.config.trained_betas, list)
+    with pytest.raises(TypeError, match="read-only"):
+        sched.config.num_train_timesteps = 10
+    with pytest.raises(TypeError, match="read-only"):
+        sched.config["prediction_type"] = "sample"
+    with pytest.raises(AttributeError, match="no field 'nope'"):
+        sched.config.nope
+    assert copy.deepcopy(sched.config) == sched.config
+    assert copy.deepcopy(sched).config == sched.config
+
+
+@pytest.mark.parametrize("cls", ["ddpm", "ddim"])
+def test_save_pretrained_from_pretrained_round_trip(cls, tmp_path):
+    Ours, Theirs = (FastDDPMScheduler, DDPMScheduler) if cls == "ddpm" else (FastDDIMScheduler, DDIMScheduler)
+    ours = Ours(**OVERRIDES, trained_betas=[0.01] * 1000)
+    ours.save_pretrained(tmp_path / "scheduler")
+    assert dict(Ours.from_pretrained(tmp_path, subfolder="scheduler").config) == dict(ours.config)
+    # diffusers reads what we write, and we read what diffusers writes
+    theirs = Theirs.from_pretrained(tmp_path / "scheduler")
+    assert _fields(theirs.config, Ours) == dict(ours.config)
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert dict(Ours.from_pretrained(tmp_path / "theirs").config) == dict(ours.config)
+    with pytest.raises(FileNotFoundError, match="not an existing local directory"):
+        Ours.from_pretrained(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="not an existing local directory"):
+        Ours.from_pretrained("google/ddpm-cifar10-32")  # a Hub id is not downloaded
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no scheduler_config.json"):
+        Ours.from_pretrained(tmp_path / "empty")
+
+
+def test_pipeline_facing_attributes():
+    sched = FastDDPMScheduler()
+    x = torch.randn(SHAPE)
+    assert sched.init_noise_sigma == 1.0 and sched.order == 1 and len(sched) == 1000
+    assert sched.scale_model_input(x, 5) is x
+    sched.set_timesteps(10)
+    assert sched.num_inference_steps == 10 and sched.timesteps.tolist() == list(range(900, -1, -100))
+    # One table per timestep sequence, reused across steps and across pipeline calls (set_timesteps again).
+    table = sched.step_table()
+    sched.step(torch.randn(SHAPE), 900, x, generator=_gen(0))
+    sched.set_timesteps(10)
+    assert sched.step_table() is table and table.timesteps.tolist() == sched.timesteps.tolist()
+    ddim = FastDDIMScheduler()
+    ddim.set_timesteps(10)
+    assert ddim.step_table(eta=0.5) is ddim.step_table(eta=0.5) is not ddim.step_table(eta=0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# pipelines: swap the scheduler, get the same images
+# ------------------------------------------------------------------------------------------------
+
+
+def _tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_pipeline_swap_gives_diffusers_images(kind):
+    """Same images as the same pipeline with diffusers' scheduler, within the derived tolerance.
+
+    truth: the same pipeline in float64 (UNet and diffusers' scheduler twin) fed the same float32 noise.
+    The float32 UNet's rounding is in both ours and theirs, so 2x theirs covers it.
+    """
+    unet = _tiny_unet()
+    if kind == "ddpm":
+        Pipe, Theirs, Ours, modules = DDPMPipeline, DDPMScheduler, FastDDPMScheduler, (pipeline_ddpm, scheduling_ddpm)
+    else:
+        Pipe, Theirs, Ours, modules = DDIMPipeline, DDIMScheduler, FastDDIMScheduler, (pipeline_ddim, scheduling_ddim)
+    theirs = Theirs()
+    run = dict(batch_size=2, num_inference_steps=5, output_type="np")
+
+    pipe_theirs = Pipe(unet=unet, scheduler=theirs)
+    pipe_theirs.set_progress_bar_config(disable=True)
+    images_theirs = pipe_theirs(generator=_gen(0), **run).images
+
+    pipe_ours = Pipe(unet=unet, scheduler=Ours.from_config(theirs.config))
+    pipe_ours.scheduler = Ours.from_config(theirs.config)  # DDIMPipeline re-creates a DDIMScheduler in __init__
+    assert isinstance(pipe_ours.scheduler, Ours)
+    pipe_ours.set_progress_bar_config(disable=True)
+    images_ours = pipe_ours(generator=_gen(0), **run).images
+
+    pipe_truth = Pipe(unet=copy.deepcopy(unet).double(), scheduler=theirs)
+    pipe_truth.scheduler = _twin(theirs, pipe_ours.scheduler)
+    pipe_truth.set_progress_bar_config(disable=True)
+    with pytest.MonkeyPatch.context() as mp:
+        for module in modules:
+            mp.setattr(module, "randn_tensor", _float32_draws)
+        images_truth = pipe_truth(generator=_gen(0), **run).images
+
+    assert images_ours.shape == images_theirs.shape == (2, 8, 8, 3)
+    assert images_truth.dtype == np.float64
+    assert_matches_reference(torch.from_numpy(images_ours), torch.from_numpy(images_theirs),
+                             torch.from_numpy(images_truth), dtype=torch.float32, what=f"{kind} pipeline images")
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: errors name the argument
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(prediction_type="eps"), ValueError, "prediction_type must be one of"),
+    (dict(variance_type="learned"), ValueError, "variance_type='learned' is not supported"),
+    (dict(variance_type="fixed_large_log"), ValueError, "variance_type='fixed_large_log' is not supported"),
+    (dict(variance_type="nope"), ValueError, "variance_type must be one of"),
+    (dict(timestep_spacing="even"), ValueError, "timestep_spacing must be one of"),
+    (dict(beta_schedule="laplace"), ValueError, "beta_schedule must be one of"),
+    (dict(num_train_timesteps=0), ValueError, r"num_train_timesteps must be in \[1, inf\]"),
+    (dict(clip_sample="yes"), TypeError, "clip_sample must be a bool"),
+    (dict(clip_sample_range=0.0), ValueError, "clip_sample_range must be > 0 when clip_sample=True"),
+    (dict(thresholding=True, dynamic_thresholding_ratio=1.5), ValueError,
+     r"dynamic_thresholding_ratio must be in \(0, 1\]"),
+    (dict(thresholding=True, sample_max_value=0.5), ValueError, "sample_max_value must be >= 1"),
+    (dict(trained_betas=[0.1] * 10), ValueError, "trained_betas must have num_train_timesteps=1000 values"),
+    (dict(steps_offset=-1), ValueError, "steps_offset must be in"),
+])
+def test_bad_config_names_the_field(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FastDDPMScheduler(**kwargs)
+
+
+def test_bad_step_input_names_the_argument():
+    ddpm, ddim = FastDDPMScheduler(), FastDDIMScheduler()
+    x, m = _inputs("epsilon", "fixed_small", seed=0)
+    with pytest.raises(ValueError, match=r"timestep must be in \[0, 999\], got 1000"):
+        ddpm.step(m, 1000, x)
+    with pytest.raises(TypeError, match="timestep must hold integers"):
+        ddpm.step(m, torch.tensor(5.0), x)
+    with pytest.raises(ValueError, match=r"timestep must be an int or have shape \(\) or \(3,\)"):
+        ddpm.step(m, torch.tensor([1, 2]), x)
+    with pytest.raises(ValueError, match="timestep must lie in"):
+        ddpm.step(m, torch.tensor([1, 2, -1]), x)
+    with pytest.raises(TypeError, match="model_output must be a torch.Tensor"):
+        ddpm.step(m.numpy(), 5, x)
+    with pytest.raises(ValueError, match="model_output must have shape"):
+        ddpm.step(m[:, :2], 5, x)
+    with pytest.raises(ValueError, match="call set_timesteps"):
+        ddim.step(m, 5, x)
+    ddim.set_timesteps(10)
+    with pytest.raises(ValueError, match="at most one of generator and variance_noise"):
+        ddim.step(m, 500, x, eta=1.0, generator=_gen(0), variance_noise=torch.randn(SHAPE))
+    with pytest.raises(ValueError, match="variance_noise must be a tensor of sample's shape"):
+        ddim.step(m, 500, x, eta=1.0, variance_noise=torch.randn(3, 5))
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        ddim.step(m, 500, x, eta=-0.1)
+    with pytest.raises(ValueError, match=r"num_inference_steps must be in \[1, 1000\], got 1001"):
+        ddim.set_timesteps(1001)
+    with pytest.raises(ValueError, match="strictly descending"):
+        ddpm.set_timesteps(timesteps=[10, 20])
+    with pytest.raises(ValueError, match="one of num_inference_steps and timesteps"):
+        ddpm.set_timesteps(10, timesteps=[10, 5])
+    with pytest.raises(ValueError, match="timesteps must have shape|timesteps must be an int"):
+        ddpm.add_noise(x, torch.randn(SHAPE), torch.tensor([1, 2]))

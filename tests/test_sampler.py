@@ -1,0 +1,444 @@
+"""ddpm_fast.sampler: the DDPM / DDIM loops against hand-written reference loops, per-seed determinism,
+model-output unwrapping, the CUDA-graph fallback, progress bars, the PNG grid writer and bad arguments.
+
+Models here are tiny on purpose (CPU, the whole file in well under 40 s): `_Toy` is an elementwise
+callable that runs in float32 and float64 (so a float64 truth exists) and treats every sample alone
+(so batch composition cannot change a bit); the tiny UNet checks that a real network drives the loop.
+"""
+
+import copy
+import io
+import os
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+from _tolerance import assert_matches_reference
+from PIL import Image
+
+import ddpm_fast
+from ddpm_fast import reference
+from ddpm_fast.sampler import Sampler, save_image_grid
+from ddpm_fast.schedule import NoiseSchedule
+
+pytestmark = pytest.mark.skipif(ddpm_fast.build_info()["backends"]["cpu"] != "available",
+                                reason="the C++ extension is not built")
+
+SHAPE = (3, 8, 8)  # 192 values per sample: a multiple of 4, so every Philox call serves whole samples
+ODD_SHAPE = (3, 5, 7)  # 105 values: the last Philox call of each sample is cut short (105 % 4 == 1)
+
+
+class _Toy:
+    """model(x, t): a smooth elementwise function of x and t/T, any float dtype, per sample.
+
+    With ``learned`` it also predicts the variance fraction v in [-1, 1] as C more channels.
+    """
+
+    def __init__(self, T: int, learned: bool = False):
+        self.T, self.learned = T, learned
+
+    def __call__(self, x, t):
+        assert t.dtype == torch.int64 and t.shape == (x.shape[0],) and t.device == x.device
+        s = (t.to(x.dtype) / self.T).reshape(-1, *([1] * (x.dim() - 1)))
+        out = torch.tanh(0.8 * x + 0.1) * (1.0 - 0.5 * s) + 0.2 * s
+        if self.learned:
+            out = torch.cat([out, torch.tanh(x - 0.3 * s)], dim=1)
+        return out
+
+
+def _reference_loop(model, sampler: Sampler, seeds: torch.Tensor, shape, dtype=torch.float32):
+    """The sampler's definition, written out with the reference ops: x_T from the initial-noise stream,
+    then model + reference.step with the step streams at every scheduled timestep, clamped at the end."""
+    x = reference.philox_normal(seeds, reference.INITIAL_NOISE_STREAM, torch.Size(shape).numel())
+    x = x.reshape(seeds.shape[0], *shape).to(dtype)
+    with torch.no_grad():
+        for t in sampler.timesteps.tolist():
+            out = model(x, torch.full((x.shape[0],), t, dtype=torch.int64))
+            x, _ = reference.step(out, t, x, sampler.table, seeds=seeds if sampler.table.adds_noise else None,
+                                  clip_range=sampler.clip_range, thresholding=sampler.thresholding,
+                                  dynamic_thresholding_ratio=sampler.dynamic_thresholding_ratio,
+                                  sample_max_value=sampler.sample_max_value)
+    return x
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return NoiseSchedule(1000, "linear")
+
+
+@pytest.fixture(scope="module")
+def _tiny_unet():
+    torch.manual_seed(0)
+    return ddpm_fast.UNet.preset("tiny").eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Networks run on one thread here: at 8x8 each op takes microseconds, and on a loaded 2-core machine
+    two OpenMP threads waiting at barriers made the tiny UNet's forward 60x slower (0.6 s, not 10 ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def unet(_tiny_unet, one_thread):
+    return _tiny_unet
+
+
+# --------------------------------------------------------------------------------------------------
+# against the reference loop
+# --------------------------------------------------------------------------------------------------
+
+# (method, prediction_type, extra Sampler options): DDPM with every prediction type, the other variance
+# types, thresholding instead of clipping; DDIM deterministic and stochastic.
+CASES = [
+    ("ddpm", "epsilon", {}),
+    ("ddpm", "sample", {}),
+    ("ddpm", "v_prediction", {}),
+    ("ddpm", "epsilon", {"variance_type": "fixed_large", "clip_range": None}),
+    ("ddpm", "v_prediction", {"variance_type": "learned_range"}),
+    ("ddpm", "epsilon", {"thresholding": True, "sample_max_value": 2.0, "timestep_spacing": "trailing"}),
+    ("ddim", "epsilon", {"eta": 0.0}),
+    ("ddim", "v_prediction", {"eta": 0.0, "timestep_spacing": "linspace"}),
+    ("ddim", "sample", {"eta": 0.5, "clip_range": 1.5}),
+]
+
+
+@pytest.mark.parametrize("shape", [SHAPE, ODD_SHAPE], ids=["8x8", "5x7"])
+@pytest.mark.parametrize("method,prediction_type,options", CASES,
+                         ids=[f"{m}-{p}-{'-'.join(o) or 'default'}" for m, p, o in CASES])
+def test_matches_reference_loop(schedule, method, prediction_type, options, shape):
+    """Derived tolerance (tests/_tolerance.py, STYLE.md point 4): the same loop is run with the reference ops
+    in float64 (the truth: float64 model, step and x_T, from the same float32 Philox normals) and in float32
+    (what plain PyTorch manages); our sampler (the C++ randn and step kernels) may be at most twice as far
+    from the truth as the float32 reference, plus one float32 rounding of the result's magnitude. That
+    bound absorbs the few ulp by which the backends' log / sin / cos may differ, propagated like any
+    other float32 rounding."""
+    model = _Toy(schedule.num_train_timesteps, learned=options.get("variance_type") == "learned_range")
+    sampler = Sampler(model, schedule, method=method, num_steps=12, prediction_type=prediction_type, **options)
+    seeds = torch.tensor([0, 7, -3, 2**62 + 5])
+    ours = sampler.sample(seeds, shape)
+    ref32 = _reference_loop(model, sampler, seeds, shape).clamp(-1, 1)
+    ref64 = _reference_loop(model, sampler, seeds, shape, torch.float64).clamp(-1, 1)
+    assert ours.shape == (4, *shape) and ours.dtype == torch.float32
+    assert_matches_reference(ours, ref32, ref64, what=f"{method} {prediction_type} images")
+
+
+def test_torch_backend_equals_reference_loop_bitwise(schedule, unet):
+    """With the reference ops forced, the sampler is the hand-written loop op for op: equal to the bit,
+    with the tiny UNet driving it (which also checks the timestep and stream bookkeeping end to end)."""
+    sampler = Sampler(unet, schedule, num_steps=4, backend="torch")
+    seeds = torch.tensor([11, 12])
+    ours = sampler.sample(seeds, SHAPE)
+    assert torch.equal(ours, _reference_loop(unet, sampler, seeds, SHAPE).clamp(-1, 1))
+
+
+def test_ddim_eta0_is_deterministic_given_x_T(schedule):
+    """DDIM with eta = 0 draws no step noise: the images depend on the seeds only through x_T."""
+    model = _Toy(schedule.num_train_timesteps)
+    sampler = Sampler(model, schedule, method="ddim", num_steps=10, eta=0.0)
+    assert not sampler.table.adds_noise
+    seeds = torch.tensor([5, 6, 7])
+    first, again = sampler.sample(seeds, SHAPE), sampler.sample(seeds, SHAPE)
+    assert torch.equal(first, again)
+    ref32 = _reference_loop(model, sampler, seeds, SHAPE).clamp(-1, 1)
+    ref64 = _reference_loop(model, sampler, seeds, SHAPE, torch.float64).clamp(-1, 1)
+    assert_matches_reference(first, ref32, ref64, what="DDIM eta=0 images")
+
+
+def test_model_sees_scheduled_timesteps_as_device_tensors(schedule):
+    """The loop visits sampler.timesteps in order, each as a (B,) int64 tensor on x's device."""
+    seen = []
+
+    def spy(x, t):
+        assert t.dtype == torch.int64 and t.shape == (x.shape[0],) and t.device == x.device
+        seen.append(t.tolist())
+        return torch.zeros_like(x)
+
+    sampler = Sampler(spy, schedule, method="ddim", num_steps=7, steps_offset=1)
+    sampler.sample([1, 2], SHAPE)
+    assert seen == [[t, t] for t in sampler.timesteps.tolist()]
+    assert sampler.timesteps.tolist() == [853, 711, 569, 427, 285, 143, 1]  # leading: k * (1000 // 7) + offset
+
+
+# --------------------------------------------------------------------------------------------------
+# determinism per seed
+# --------------------------------------------------------------------------------------------------
+
+
+def _per_sample(model):
+    """Run a model one sample at a time: CPU convolutions and matmuls round differently with the batch
+    size (about 1e-6 for the tiny UNet), which is the model's property, not the sampler's."""
+    def run(x, t):
+        return torch.cat([model(x[b:b + 1], t[b:b + 1]) for b in range(x.shape[0])])
+    return run
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_same_seed_same_image_in_any_batch(schedule, unet, method):
+    sampler = Sampler(_per_sample(unet), schedule, method=method, num_steps=3, eta=0.0)
+    seeds = [3, 1, 4, 1, 5, 9, 2, 6]  # seed 1 twice: two identical images in one batch
+    batch = sampler.sample(seeds, SHAPE)
+    alone = sampler.sample([9], SHAPE)
+    reordered = sampler.sample(torch.tensor([9, 3]), SHAPE)
+    assert batch.shape == (8, *SHAPE)
+    assert torch.equal(batch[5], alone[0])
+    assert torch.equal(batch[5], reordered[0]) and torch.equal(batch[0], reordered[1])
+    assert torch.equal(batch[1], batch[3])
+    for i in range(8):  # different seeds give different images
+        for j in range(i + 1, 8):
+            if seeds[i] != seeds[j]:
+                assert not torch.equal(batch[i], batch[j]), (seeds[i], seeds[j])
+    assert batch.min() >= -1 and batch.max() <= 1
+
+
+def test_seed_list_and_tensor_agree(schedule):
+    sampler = Sampler(_Toy(1000), schedule, num_steps=3)
+    big = 2**64 - 1  # a uint64 seed given as a Python int is the int64 -1
+    from_list = sampler.sample([0, big], SHAPE)
+    from_tensor = sampler.sample(torch.tensor([0, -1]), SHAPE)
+    assert torch.equal(from_list, from_tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_runs(schedule, dtype):
+    images = Sampler(_Toy(1000), schedule, num_steps=3).sample([1, 2], SHAPE, dtype=dtype)
+    assert images.dtype == dtype and images.shape == (2, *SHAPE) and torch.isfinite(images).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# model outputs, trajectory, cuda_graph fallback, progress
+# --------------------------------------------------------------------------------------------------
+
+
+def test_diffusers_style_output_is_unwrapped(schedule):
+    toy = _Toy(1000)
+    plain = Sampler(toy, schedule, num_steps=4).sample([1, 2], SHAPE)
+    wrapped = Sampler(lambda x, t: types.SimpleNamespace(sample=toy(x, t)), schedule, num_steps=4)
+    as_tuple = Sampler(lambda x, t: (toy(x, t),), schedule, num_steps=4)
+    assert torch.equal(wrapped.sample([1, 2], SHAPE), plain)
+    assert torch.equal(as_tuple.sample([1, 2], SHAPE), plain)
+
+
+def test_diffusers_unet2dmodel(schedule, one_thread):
+    """A real diffusers UNet2DModel (returns UNet2DOutput): same derived tolerance as the reference-loop test,
+    the truth being the reference loop with a float64 copy of the model."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                  layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+    model64 = copy.deepcopy(model).double()
+    sampler = Sampler(model, schedule, num_steps=3)
+    seeds = torch.tensor([4, 5])
+    images = sampler.sample(seeds, SHAPE)
+    ref32 = _reference_loop(lambda x, t: model(x, t).sample, sampler, seeds, SHAPE).clamp(-1, 1)
+    ref64 = _reference_loop(lambda x, t: model64(x, t).sample, sampler, seeds, SHAPE, torch.float64).clamp(-1, 1)
+    assert images.shape == (2, *SHAPE)
+    assert_matches_reference(images, ref32, ref64, what="images from a diffusers UNet2DModel")
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_num_steps_none_visits_every_train_timestep(method):
+    sampler = Sampler(_Toy(20), NoiseSchedule(20), method=method)
+    assert sampler.num_steps == 20 and sampler.timesteps.tolist() == list(range(19, -1, -1))
+    _, trajectory = sampler.sample([1], SHAPE, return_trajectory=True)
+    assert trajectory.shape == (21, 1, *SHAPE)
+
+
+def test_shape_from_model_config(schedule, unet):
+    images = Sampler(unet, schedule, num_steps=1).sample([1])
+    assert images.shape == (1, 3, 16, 16)  # the tiny preset: 3 channels, sample_size 16
+    with pytest.raises(ValueError, match=r"give shape=\(C, H, W\)"):
+        Sampler(_Toy(1000), schedule, num_steps=1).sample([1])
+
+
+def test_return_trajectory(schedule):
+    sampler = Sampler(_Toy(1000), schedule, method="ddim", num_steps=5)
+    images, trajectory = sampler.sample([1, 2], SHAPE, return_trajectory=True)
+    assert trajectory.shape == (6, 2, *SHAPE)
+    assert torch.equal(trajectory[0], ddpm_fast.randn(torch.tensor([1, 2]), SHAPE))
+    assert torch.equal(trajectory[-1].clamp(-1, 1), images)
+
+
+def test_cuda_graph_on_cpu_warns_and_runs_eagerly(schedule):
+    sampler = Sampler(_Toy(1000), schedule, num_steps=4)
+    eager = sampler.sample([1, 2], SHAPE)
+    with pytest.warns(RuntimeWarning, match="cuda_graph=True needs CUDA tensors.*cpu"):
+        graphed = sampler.sample([1, 2], SHAPE, cuda_graph=True)
+    assert torch.equal(graphed, eager)
+
+
+def test_progress_bar_tqdm(schedule, capsys):
+    Sampler(_Toy(1000), schedule, num_steps=3).sample([1], SHAPE, progress=True)
+    assert "3/3" in capsys.readouterr().err
+
+
+def test_progress_bar_without_tqdm(schedule, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `from tqdm import tqdm` now raises ImportError
+    images = Sampler(_Toy(1000), schedule, num_steps=3).sample([1], SHAPE, progress=True)
+    err = capsys.readouterr().err
+    assert "DDPM sampling" in err and "3/3" in err and err.endswith("\n")
+    assert images.shape == (1, *SHAPE)
+
+
+def test_empty_batch(schedule):
+    images = Sampler(_Toy(1000), schedule, num_steps=3).sample([], SHAPE)
+    assert images.shape == (0, *SHAPE)
+
+
+# --------------------------------------------------------------------------------------------------
+# save_image_grid
+# --------------------------------------------------------------------------------------------------
+
+
+def _images(B, C=3, H=5, W=7):
+    return torch.linspace(-1.2, 1.2, B * C * H * W).reshape(B, C, H, W)  # a little outside [-1, 1]: clamped
+
+
+@pytest.mark.parametrize("B,nrow,size", [(5, None, (21, 10)), (5, 2, (14, 15)), (1, None, (7, 5)), (3, 8, (21, 5))])
+def test_save_image_grid_size(tmp_path, B, nrow, size):
+    path = tmp_path / "grid.png"
+    save_image_grid(_images(B), path, nrow=nrow)
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.mode == "RGB" and img.size == size  # (width, height)
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+
+
+def test_save_image_grid_pixels_and_padding(tmp_path):
+    images = _images(2, C=1, H=3, W=4)
+    path = tmp_path / "g.png"
+    save_image_grid(images, str(path), nrow=2, padding=1)
+    with Image.open(path) as img:
+        assert img.mode == "L" and img.size == (2 * 4 + 3, 3 + 2)
+        pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(5, 11)
+    expected = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    assert torch.equal(pixels[1:4, 1:5], expected[0, 0]) and torch.equal(pixels[1:4, 6:10], expected[1, 0])
+    assert pixels[0].eq(0).all() and pixels[:, 5].eq(0).all()  # padding is black
+
+
+@pytest.mark.parametrize("C,mode", [(1, "L"), (3, "RGB"), (4, "RGBA")])
+def test_save_image_grid_without_pillow(tmp_path, monkeypatch, C, mode):
+    """The pure-Python PNG writer, read back by Pillow: same pixels as Pillow's own encoding."""
+    images = _images(3, C=C)
+    with_pil = tmp_path / "pil.png"
+    save_image_grid(images, with_pil, nrow=2)
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    without = tmp_path / "plain.png"
+    save_image_grid(images, without, nrow=2)
+    monkeypatch.undo()
+    with Image.open(with_pil) as a, Image.open(without) as b:
+        assert b.mode == mode and b.size == a.size == (14, 10)
+        assert a.tobytes() == b.tobytes()
+
+
+def test_save_image_grid_failure_leaves_no_file(tmp_path, monkeypatch):
+    # A missing folder: nothing is created anywhere.
+    with pytest.raises(FileNotFoundError):
+        save_image_grid(_images(2), tmp_path / "missing" / "grid.png")
+    assert list(tmp_path.iterdir()) == []
+    # A failure after the bytes were written (here: fsync): the old file survives intact, no temp file remains.
+    path = tmp_path / "grid.png"
+    path.write_bytes(b"old")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        save_image_grid(_images(2), path)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+
+
+def test_save_image_grid_sampled_images(tmp_path, schedule):
+    images = Sampler(_Toy(1000), schedule, num_steps=2).sample(list(range(4)), SHAPE)
+    path = tmp_path / "samples.png"
+    save_image_grid(images, path)
+    with Image.open(io.BytesIO(path.read_bytes())) as img:
+        assert img.size == (16, 16)
+
+
+# --------------------------------------------------------------------------------------------------
+# bad arguments
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"model": 3}, TypeError, "model must be callable"),
+    ({"schedule": "linear"}, TypeError, "schedule must be a NoiseSchedule"),
+    ({"method": "euler"}, ValueError, "method must be one of"),
+    ({"num_steps": 0}, ValueError, r"num_steps must be in \[1, 1000\]"),
+    ({"num_steps": 1001}, ValueError, r"num_steps must be in \[1, 1000\]"),
+    ({"num_steps": 2.5}, TypeError, "num_steps must be an int"),
+    ({"prediction_type": "eps"}, ValueError, "prediction_type must be one of"),
+    ({"variance_type": "learned"}, ValueError, "variance_type='learned' is not supported"),
+    ({"variance_type": "small"}, ValueError, "variance_type must be one of"),
+    ({"method": "ddim", "variance_type": "fixed_large"}, ValueError, "variance_type applies to method='ddpm'"),
+    ({"eta": 0.5}, ValueError, "eta applies to method='ddim'"),
+    ({"method": "ddim", "eta": -1.0}, ValueError, "eta must be a finite number >= 0"),
+    ({"timestep_spacing": "even"}, ValueError, "timestep_spacing must be one of"),
+    ({"steps_offset": -1}, ValueError, "steps_offset must be in"),
+    ({"num_steps": 10, "steps_offset": 100}, ValueError, "steps_offset=100 pushes the first leading timestep"),
+    ({"clip_range": 0.0}, ValueError, "clip_range must be a finite number > 0"),
+    ({"clip_range": "1"}, TypeError, "clip_range must be a number"),
+    ({"thresholding": 1}, TypeError, "thresholding must be a bool"),
+    ({"thresholding": True, "dynamic_thresholding_ratio": 0.0}, ValueError, "dynamic_thresholding_ratio"),
+    ({"thresholding": True, "sample_max_value": 0.5}, ValueError, "sample_max_value must be >= 1"),
+])
+def test_bad_constructor_arguments(schedule, kwargs, error, match):
+    args = {"model": _Toy(1000), "schedule": schedule, **kwargs}
+    with pytest.raises(error, match=match):
+        Sampler(args.pop("model"), args.pop("schedule"), **args)
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((torch.tensor([1.0]), SHAPE), {}, TypeError, "seeds must be an int64 tensor"),
+    ((torch.tensor([[1]]), SHAPE), {}, ValueError, r"seeds must have shape \(B,\)"),
+    (([1, "2"], SHAPE), {}, TypeError, r"seeds\[1\] must be an int"),
+    (([2**64], SHAPE), {}, ValueError, r"seeds\[0\] must fit in 64 bits"),
+    ((5, SHAPE), {}, TypeError, "seeds must be a"),
+    (([1], (3, 0, 8)), {}, ValueError, "shape must be a tuple of positive ints"),
+    (([1], 8), {}, TypeError, "shape must be a tuple"),
+    (([1], SHAPE), {"dtype": torch.float64}, TypeError, "dtype must be float32, float16 or bfloat16"),
+    (([1], SHAPE), {"progress": "yes"}, TypeError, "progress must be a bool"),
+    (([1], SHAPE), {"cuda_graph": 1}, TypeError, "cuda_graph must be a bool"),
+])
+def test_bad_sample_arguments(schedule, args, kwargs, error, match):
+    sampler = Sampler(_Toy(1000), schedule, num_steps=2)
+    with pytest.raises(error, match=match):
+        sampler.sample(*args, **kwargs)
+
+
+@pytest.mark.parametrize("model,error,match", [
+    (lambda x, t: x[:, :2], ValueError, r"must return shape \(1, 3, 8, 8\), got \(1, 2, 8, 8\)"),
+    (lambda x, t: {"sample": x}, TypeError, "must return a tensor, an object with a .sample tensor"),
+])
+def test_bad_model_output(schedule, model, error, match):
+    with pytest.raises(error, match=match):
+        Sampler(model, schedule, num_steps=2).sample([1], SHAPE)
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "x.png"), {}, TypeError, "images must be a floating-point"),
+    ((torch.zeros(3, 4, 4), "x.png"), {}, ValueError, r"images must have shape \(B, C, H, W\)"),
+    ((torch.zeros(2, 5, 4, 4), "x.png"), {}, ValueError, r"C in \(1, 2, 3, 4\)"),
+    ((torch.zeros(2, 3, 4, 4), "x.png"), {"nrow": 0}, ValueError, "nrow must be a positive int"),
+    ((torch.zeros(2, 3, 4, 4), "x.png"), {"padding": -1}, ValueError, "padding must be an int >= 0"),
+    ((torch.zeros(2, 3, 4, 4), 3), {}, TypeError, "path must be a str or os.PathLike"),
+])
+def test_bad_save_image_grid_arguments(tmp_path, monkeypatch, args, kwargs, error, match):
+    monkeypatch.chdir(tmp_path)  # "x.png" is relative: nothing may appear in the working directory
+    with pytest.raises(error, match=match):
+        save_image_grid(*args, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_warnings_on_plain_sampling(schedule):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Sampler(_Toy(1000), schedule, num_steps=2).sample([1], SHAPE)
