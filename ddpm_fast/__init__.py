@@ -4,11 +4,13 @@ __version__ = "0.1.0"
 
 from . import reference  # noqa: E402
 from ._native import build_info  # noqa: E402
+from .diffusers_compat import FastDDIMScheduler, FastDDPMScheduler  # noqa: E402
 from .ops import (BACKENDS, get_backend, group_norm_silu, q_sample, randn, set_backend, step,  # noqa: E402
                   use_backend)
 from .schedule import NoiseSchedule, StepTable, ddim_table, ddpm_table, sampling_timesteps  # noqa: E402
+from .sampler import Sampler, save_image_grid  # noqa: E402
 from .unet import UNet, UNetConfig  # noqa: E402
 
-__all__ = ["BACKENDS", "NoiseSchedule", "StepTable", "build_info", "ddim_table", "ddpm_table", "get_backend",
-           "group_norm_silu", "q_sample", "randn", "reference", "sampling_timesteps", "set_backend", "step",
-           "UNet", "UNetConfig", "use_backend"]
+__all__ = ["BACKENDS", "FastDDIMScheduler", "FastDDPMScheduler", "NoiseSchedule", "StepTable", "build_info", "ddim_table", "ddpm_table", "get_backend",
+           "group_norm_silu", "q_sample", "randn", "reference", "Sampler", "sampling_timesteps", "save_image_grid",
+           "set_backend", "step", "UNet", "UNetConfig", "use_backend"]
