@@ -136,18 +136,12 @@ DDPM_ALWAYS_INLINE float select_bits(uint32_t m, float a, float b) {
   return as_float((as_uint(a) & m) | (as_uint(b) & ~m));
 }
 
-// exp(x) for every float: k = round(x / ln2), r = x - k ln2 (two-part ln2), e^r by a degree-7
-// polynomial, times 2^k built from two exponent fields so that k = 128 does not overflow early.
-DDPM_ALWAYS_INLINE float vexp(float x) {
-  const uint32_t too_small = mask_of(x < -87.33654f);       // result below FLT_MIN: flush to 0
-  const uint32_t too_big = mask_of(x > 88.72283935546875f);  // overflow: +Inf
-  const uint32_t is_nan = mask_of(x != x);
-  // Work on a clamped, NaN-free copy so the float -> int conversion below stays in range.
-  float xc = select_bits(too_small, -87.5f, x);
-  xc = select_bits(too_big | is_nan, 88.5f, xc);
-  const float k = round_small(xc * 1.4426950216293335f);
+// exp(x) for a finite x in [-87.5, 88.5]: k = round(x / ln2), r = x - k ln2 (two-part ln2), e^r by a
+// degree-7 polynomial, times 2^k built from two exponent fields so that k = 128 does not overflow early.
+DDPM_ALWAYS_INLINE float exp_finite(float x) {
+  const float k = round_small(x * 1.4426950216293335f);
   const int32_t ik = int32_t(k);
-  float r = xc - k * 0.693359375f;
+  float r = x - k * 0.693359375f;
   r = r - k * -2.12194440e-4f;
   float p = 0.0001963405084097758f;
   p = p * r + 0.0013935540337115526f;
@@ -157,8 +151,18 @@ DDPM_ALWAYS_INLINE float vexp(float x) {
   const float r2 = r * r;
   const float er = 1.0f + (r + r2 * (0.5f + r * p));
   const int32_t k1 = ik >> 1;
-  const int32_t k2 = ik - k1;
-  float y = er * as_float(uint32_t(k1 + 127) << 23) * as_float(uint32_t(k2 + 127) << 23);
+  return er * as_float(uint32_t(k1 + 127) << 23) * as_float(uint32_t(ik - k1 + 127) << 23);
+}
+
+// exp(x) for every float: exp_finite on a clamped, NaN-free copy, then underflow, overflow and NaN.
+DDPM_ALWAYS_INLINE float vexp(float x) {
+  const uint32_t too_small = mask_of(x < -87.33654f);       // result below FLT_MIN: flush to 0
+  const uint32_t too_big = mask_of(x > 88.72283935546875f);  // overflow: +Inf
+  const uint32_t is_nan = mask_of(x != x);
+  // Work on a clamped, NaN-free copy so the float -> int conversion below stays in range.
+  float xc = select_bits(too_small, -87.5f, x);
+  xc = select_bits(too_big | is_nan, 88.5f, xc);
+  float y = exp_finite(xc);
   y = as_float(as_uint(y) & ~too_small);
   y = select_bits(too_big, as_float(0x7f800000u), y);
   y = select_bits(is_nan, x, y);
@@ -173,19 +177,7 @@ DDPM_ALWAYS_INLINE float vexp_sigmoid_arg(float x) {
   const uint32_t lo = mask_of(x < -87.5f), big = mask_of(x > 88.72283935546875f), nan = mask_of(x != x);
   float xc = select_bits(lo, -87.5f, x);
   xc = select_bits(big | nan, 0.0f, xc);
-  const float k = round_small(xc * 1.4426950216293335f);
-  const int32_t ik = int32_t(k);
-  float r = xc - k * 0.693359375f;
-  r = r - k * -2.12194440e-4f;
-  float p = 0.0001963405084097758f;
-  p = p * r + 0.0013935540337115526f;
-  p = p * r + 0.008333776146173477f;
-  p = p * r + 0.041666459292173386f;
-  p = p * r + 0.166666641831398f;
-  const float r2 = r * r;
-  const float er = 1.0f + (r + r2 * (0.5f + r * p));
-  const int32_t k1 = ik >> 1;
-  const float y = er * as_float(uint32_t(k1 + 127) << 23) * as_float(uint32_t(ik - k1 + 127) << 23);
+  const float y = exp_finite(xc);
   return as_float(as_uint(y) | (big & 0x7f800000u));  // xc = 0 there, so y = 1: 1 | Inf bits = Inf
 }
 
