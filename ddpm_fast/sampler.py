@@ -28,8 +28,8 @@ from torch import Tensor
 from . import reference
 from .ops import randn, step
 from .ops.checks import FLOAT_DTYPES
-from .schedule import (PREDICTION_TYPES, TIMESTEP_SPACINGS, NoiseSchedule, StepTable, ddim_table,
-                       ddpm_table, sampling_timesteps)
+from .schedule import (PREDICTION_TYPES, TIMESTEP_SPACINGS, NoiseSchedule, StepTable, _check_choice, _check_int,
+                       ddim_table, ddpm_table, sampling_timesteps)
 
 __all__ = ["METHODS", "Sampler", "save_image_grid"]
 
@@ -41,19 +41,20 @@ METHODS = ("ddpm", "ddim")
 # --------------------------------------------------------------------------------------------------
 
 
+def _prefixed(check, *args):
+    """Run one of schedule.py's argument checks; its message gains the "Sampler: " prefix."""
+    try:
+        return check(*args)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"Sampler: {error}") from None
+
+
 def _choice(name: str, value, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"Sampler: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
+    return _prefixed(_check_choice, name, value, choices)
 
 
 def _int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Sampler: {name} must be an int, got {type(value).__name__} {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"Sampler: {name} must be in [{'-inf' if lo is None else lo}, "
-                         f"{'inf' if hi is None else hi}], got {value}")
-    return value
+    return _prefixed(_check_int, name, value, lo, hi)
 
 
 def _positive_float(name: str, value, allow_none: bool = False) -> float | None:
