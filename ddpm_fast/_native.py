@@ -24,6 +24,19 @@ def cuda_kernels():
     return getattr(_C, "cuda", None)
 
 
+def native_kernels(backend: str):
+    """The launchers of the compiled ``cpu`` or ``cuda`` backend (``_C.cpu`` / ``_C.cuda``)."""
+    return cpu_kernels() if backend == "cpu" else cuda_kernels()
+
+
+def launch_context(backend: str, device) -> int:
+    """The last argument of every native launcher: the thread count on the CPU, the current stream's handle
+    on CUDA (kernels run on the caller's stream)."""
+    import torch
+
+    return torch.get_num_threads() if backend == "cpu" else torch.cuda.current_stream(device).cuda_stream
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_runtime() -> dict | None:
     kernels = cuda_kernels()

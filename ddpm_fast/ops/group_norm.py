@@ -6,14 +6,16 @@ Both U-Net forms of the time embedding (docs/contracts.md): ``bias_in`` added pe
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from .._native import cpu_kernels
+from .._native import launch_context, native_kernels
 from .backend import resolve
+from .triton import launcher as triton_launcher
 from .checks import DTYPE_CODE, bcs, check_tensor, layout_of, memory_format
 
 OP = "group_norm_silu"
@@ -24,24 +26,26 @@ def _ptr(x: Tensor | None) -> int:
     return 0 if x is None else x.data_ptr()
 
 
-def _forward_cpu(x, weight, bias, bias_in, scale, shift, y, mean, rstd, G, eps, act, layout):
+def _forward_native(backend, x, weight, bias, bias_in, scale, shift, y, mean, rstd, G, eps, act, layout):
     B, C, S = bcs(x)
-    cpu_kernels().group_norm_forward(
+    native_kernels(backend).group_norm_forward(
         x.data_ptr(), _ptr(weight), _ptr(bias), _ptr(bias_in), _ptr(scale), _ptr(shift), y.data_ptr(),
         mean.data_ptr(), rstd.data_ptr(), B, C, S, G, eps, act, layout, DTYPE_CODE[x.dtype],
-        torch.get_num_threads())
+        launch_context(backend, x.device))
 
 
-def _backward_cpu(dy, x, weight, bias, bias_in, scale, shift, mean, rstd, dx, grads, G, act, layout):
+def _backward_native(backend, dy, x, weight, bias, bias_in, scale, shift, mean, rstd, dx, grads, G, act, layout):
     B, C, S = bcs(x)
-    cpu_kernels().group_norm_backward(
+    native_kernels(backend).group_norm_backward(
         dy.data_ptr(), x.data_ptr(), _ptr(weight), _ptr(bias), _ptr(bias_in), _ptr(scale), _ptr(shift),
         mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), *(_ptr(g) for g in grads), B, C, S, G, act, layout,
-        DTYPE_CODE[x.dtype], torch.get_num_threads())
+        DTYPE_CODE[x.dtype], launch_context(backend, x.device))
 
 
-_FORWARD = {"cpu": _forward_cpu}
-_BACKWARD = {"cpu": _backward_cpu}
+_FORWARD = {"cpu": partial(_forward_native, "cpu"), "cuda": partial(_forward_native, "cuda"),
+            "triton": triton_launcher("group_norm", "forward")}
+_BACKWARD = {"cpu": partial(_backward_native, "cpu"), "cuda": partial(_backward_native, "cuda"),
+             "triton": triton_launcher("group_norm", "backward")}
 
 
 @torch.library.custom_op("ddpm_fast::group_norm_silu", mutates_args=())

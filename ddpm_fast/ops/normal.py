@@ -8,29 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import math
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from .._native import cpu_kernels, cuda_kernels
+from .._native import launch_context, native_kernels
 from .backend import resolve
 from .checks import DTYPE_CODE, FLOAT_DTYPES, check_tensor
 
 OP = "randn"
 
 
-def _launch_cpu(seeds, stream, out):
-    cpu_kernels().normal(seeds.data_ptr(), stream, out.data_ptr(), out.shape[0], out.shape[1],
-                         DTYPE_CODE[out.dtype], torch.get_num_threads())
+def _launch_native(backend, seeds, stream, out):
+    native_kernels(backend).normal(seeds.data_ptr(), stream, out.data_ptr(), out.shape[0], out.shape[1],
+                                   DTYPE_CODE[out.dtype], launch_context(backend, out.device))
 
 
-def _launch_cuda(seeds, stream, out):
-    cuda_kernels().normal(seeds.data_ptr(), stream, out.data_ptr(), out.shape[0], out.shape[1],
-                          DTYPE_CODE[out.dtype], torch.cuda.current_stream(out.device).cuda_stream)
-
-
-_LAUNCHERS = {"cpu": _launch_cpu, "cuda": _launch_cuda}
+_LAUNCHERS = {"cpu": partial(_launch_native, "cpu"), "cuda": partial(_launch_native, "cuda")}
 
 
 @torch.library.custom_op("ddpm_fast::randn", mutates_args=())

@@ -6,14 +6,16 @@ The training form draws ``eps`` inside the kernel from the Philox contract (docs
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from .._native import cpu_kernels
+from .._native import launch_context, native_kernels
 from .backend import resolve
+from .triton import launcher as triton_launcher
 from .checks import (DTYPE_CODE, batch_stride, bcs, check_t_range, check_tensor, dense, layout_of,
                      memory_format, seeds_tensor, timesteps)
 
@@ -22,17 +24,19 @@ TARGETS = ("epsilon", "v_prediction", "sample")
 _TARGET_CODE = {"epsilon": 0, "v_prediction": 1}
 
 
-def _launch_cpu(x0, t, table, noise, seeds, stream, target, x_t, out_target, layout):
-    check_t_range(OP, t, table.shape[0])
+def _launch_native(backend, x0, t, table, noise, seeds, stream, target, x_t, out_target, layout):
+    if backend == "cpu":  # the CUDA kernels check t on the device: a check here would sync
+        check_t_range(OP, t, table.shape[0])
     B, C, S = bcs(x0)
-    cpu_kernels().q_sample(
+    native_kernels(backend).q_sample(
         x0.data_ptr(), batch_stride(x0), t.data_ptr(), table.data_ptr(), table.shape[0],
         0 if noise is None else noise.data_ptr(), 0 if noise is None else batch_stride(noise),
         0 if seeds is None else seeds.data_ptr(), stream, x_t.data_ptr(), out_target.data_ptr(),
-        target, B, C, S, layout, DTYPE_CODE[x0.dtype], torch.get_num_threads())
+        target, B, C, S, layout, DTYPE_CODE[x0.dtype], launch_context(backend, x0.device))
 
 
-_LAUNCHERS = {"cpu": _launch_cpu}
+_LAUNCHERS = {"cpu": partial(_launch_native, "cpu"), "cuda": partial(_launch_native, "cuda"),
+              "triton": triton_launcher(OP)}
 
 
 @torch.library.custom_op("ddpm_fast::q_sample", mutates_args=())

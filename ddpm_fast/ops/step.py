@@ -6,35 +6,39 @@ docs/contracts.md), so one kernel serves every prediction type, variance type an
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from .._native import cpu_kernels
+from .._native import launch_context, native_kernels
 from .backend import resolve
+from .triton import launcher as triton_launcher
 from .checks import (DTYPE_CODE, batch_stride, bcs, check_t_range, check_tensor, dense, layout_of,
                      memory_format, seeds_tensor, timesteps)
 
 OP = "step"
 
 
-def _launch_cpu(sample, model_output, variance, t, table, noise, seeds, clip_range, threshold_ratio,
-                sample_max_value, prev, x0, layout):
-    check_t_range(OP, t, table.shape[0])
+def _launch_native(backend, sample, model_output, variance, t, table, noise, seeds, clip_range, threshold_ratio,
+                   sample_max_value, prev, x0, layout):
+    if backend == "cpu":  # the CUDA kernels check t on the device: a check here would sync
+        check_t_range(OP, t, table.shape[0])
     B, C, S = bcs(sample)
-    cpu_kernels().step(
+    native_kernels(backend).step(
         sample.data_ptr(), batch_stride(sample), model_output.data_ptr(), batch_stride(model_output),
         0 if variance is None else variance.data_ptr(), 0 if variance is None else batch_stride(variance),
         t.data_ptr(), table.data_ptr(), table.shape[0],
         0 if noise is None else noise.data_ptr(), 0 if noise is None else batch_stride(noise),
         0 if seeds is None else seeds.data_ptr(), prev.data_ptr(), 0 if x0 is None else x0.data_ptr(),
         B, C, S, layout, DTYPE_CODE[sample.dtype], clip_range, threshold_ratio, sample_max_value,
-        torch.get_num_threads())
+        launch_context(backend, sample.device))
 
 
-_LAUNCHERS = {"cpu": _launch_cpu}
+_LAUNCHERS = {"cpu": partial(_launch_native, "cpu"), "cuda": partial(_launch_native, "cuda"),
+              "triton": triton_launcher(OP)}
 
 
 @torch.library.custom_op("ddpm_fast::step", mutates_args=())
