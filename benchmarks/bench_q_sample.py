@@ -1,4 +1,4 @@
-"""q_sample: ours (noise drawn in the kernel) against "eager" (torch.randn_like + the reference math:
+"""q_sample: our kernels (one column per native backend, noise drawn in the kernel) against "eager" (torch.randn_like + the reference math:
 what users run today), torch.compile of that, and "reference" (the reference itself drawing the same
 contract noise from the seeds, in eager PyTorch). pytest-benchmark: ``pytest benchmarks -o python_files='bench_*.py'``."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import Case, cpu_cases
+from harness import Case, cpu_cases, natives
 
 import ddpm_fast
 from ddpm_fast import reference
@@ -25,14 +25,17 @@ def cases(device: torch.device, full: bool = False):
         def eager(x0=x0, t=t):
             return reference.q_sample(x0, t, schedule, noise=torch.randn_like(x0))
 
+        def ours(backend, x0=x0, t=t, seeds=seeds):
+            return lambda: ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, backend=backend)
+
         yield Case("q_sample (noise drawn)", shape, x0.dtype, "NCHW", bytes=3 * x0.nbytes, impls={
-            "ours": lambda x0=x0, t=t, seeds=seeds: ddpm_fast.q_sample(x0, t, schedule, seeds=seeds),
+            **natives(device, ours),
             "eager": eager,
             "compile": torch.compile(eager),
             "reference": lambda x0=x0, t=t, seeds=seeds: reference.q_sample(x0, t, schedule, seeds=seeds),
         }, note="reads x0, writes x_t and eps")
 
 
-@pytest.mark.parametrize("impl", ["ours", "eager"])
+@pytest.mark.parametrize("impl", ["cpu", "eager"])
 def test_q_sample_cpu(benchmark, impl):
     benchmark(cpu_cases(cases)[0].impls[impl])

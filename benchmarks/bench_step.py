@@ -1,4 +1,4 @@
-"""The reverse step: ours (noise drawn in the kernel) against "eager" (the reference step with
+"""The reverse step: our kernels (one column per native backend, noise drawn in the kernel) against "eager" (the reference step with
 torch.randn_like noise), torch.compile of it, "reference" (the reference drawing the same contract
 noise from the seeds) and, where installed, diffusers' DDPMScheduler.step."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import Case, cpu_cases
+from harness import Case, cpu_cases, natives
 
 import ddpm_fast
 from ddpm_fast import reference
@@ -38,9 +38,12 @@ def cases(device: torch.device, full: bool = False):
         def eager(x=x, mo=mo, t=t):
             return reference.step(mo, t, x, table, noise=torch.randn_like(x), clip_range=1.0)[0]
 
+        def ours(backend, x=x, mo=mo, t=t, seeds=seeds):
+            return lambda: ddpm_fast.step(mo, t, x, table, seeds=seeds, clip_range=1.0, return_pred_original=False,
+                                          backend=backend)[0]
+
         impls = {
-            "ours": lambda x=x, mo=mo, t=t, seeds=seeds: ddpm_fast.step(
-                mo, t, x, table, seeds=seeds, clip_range=1.0, return_pred_original=False)[0],
+            **natives(device, ours),
             "eager": eager,
             "compile": torch.compile(eager),
             "reference": lambda x=x, mo=mo, t=t, seeds=seeds: reference.step(mo, t, x, table, seeds=seeds,
@@ -53,6 +56,6 @@ def cases(device: torch.device, full: bool = False):
                    note="reads x and the model output, writes x_prev")
 
 
-@pytest.mark.parametrize("impl", ["ours", "eager"])
+@pytest.mark.parametrize("impl", ["cpu", "eager"])
 def test_step_cpu(benchmark, impl):
     benchmark(cpu_cases(cases)[0].impls[impl])

@@ -3,6 +3,9 @@
 GPU: ``triton.testing.do_bench`` (CUDA events, cache flushed between runs) gives median / p20 / p80.
 CPU: the same quantiles over wall-clock repetitions after a warm-up. Bandwidth is reported against the
 copy bandwidth measured in the same run (bytes read + written by ``dst.copy_(src)``).
+
+Our kernels get one column per native backend this machine runs (:func:`native_backends`): "cuda" and
+"triton" on a GPU, "cpu" on the CPU, beside the baselines ("eager", "compile", "reference", ...).
 """
 
 from __future__ import annotations
@@ -22,9 +25,28 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+NATIVE = ("cuda", "triton", "cpu")
+
+
+def native_backends(device: torch.device) -> list[str]:
+    """Our kernel backends that get a column on ``device``: cuda and triton on a GPU, cpu on the CPU (each
+    only where build_info() says it is available)."""
+    import ddpm_fast
+    wanted = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    backends = ddpm_fast.build_info()["backends"]
+    return [name for name in wanted if backends[name] == "available"]
+
+
+def natives(device: torch.device, make: Callable[[str], Callable]) -> dict[str, Callable]:
+    """{backend: make(backend)} for each of :func:`native_backends`."""
+    return {name: make(name) for name in native_backends(device)}
+
+
 @dataclasses.dataclass
 class Case:
-    """One benchmarked configuration: ``impls`` maps a name ("ours", "eager", "compile") to a callable."""
+    """One benchmarked configuration: ``impls`` maps a name (a native backend "cuda" / "triton" / "cpu", or a
+    baseline "eager", "compile", ...) to a callable. ``target``: one of the issue's target rows (the rest
+    are extra shapes, run after the targets)."""
     op: str
     shape: tuple
     dtype: torch.dtype
@@ -32,6 +54,7 @@ class Case:
     bytes: int          # bytes the op must move at least (its memory-bound limit)
     impls: dict[str, Callable]
     note: str = ""
+    target: bool = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,9 +131,10 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def record(name: str, device: torch.device, rows: list[dict], extra: dict) -> Path:
-    """Write the rows with the machine and versions to benchmarks/results/<name>-<device>-<date>.json."""
-    env = environment(device)
+def record(name: str, device: torch.device, rows: list[dict], extra: dict, env: dict | None = None) -> Path:
+    """Write the rows with the machine and versions (``env``, default :func:`environment`) to
+    benchmarks/results/<name>-<device>-<date>.json."""
+    env = env or environment(device)
     RESULTS.mkdir(exist_ok=True)
     stamp = env["date"][:19].replace(":", "")
     path = RESULTS / f"{name}-{device.type}-{stamp}.json"

@@ -1,16 +1,19 @@
 """Print the fused ops against the eager reference and torch.compile of it, on this machine.
 
-    python benchmarks/table.py [--device cpu|cuda] [--no-compile] [--record]
+    python benchmarks/table.py [--device cpu|cuda] [--no-compile] [--targets-only] [--max-seconds S] [--record]
 
-Columns: median ms (p20-p80) of each implementation, ours in GB/s and % of the copy bandwidth measured
-in the same run, and our speed-up over each baseline. --record writes the JSON record under
-benchmarks/results/ (machine, versions, date, git sha).
+Columns: median ms (p20-p80) of each of our kernel backends ("cuda" and "triton" on a GPU, "cpu" on the
+CPU) in GB/s and % of the copy bandwidth measured in the same run, then each baseline's median ms and the
+fastest native backend's speed-up over it. The issue's target shapes run first, the extra shapes after
+them; --max-seconds stops starting new cases after that long (the record says so). --record writes the
+JSON record under benchmarks/results/ (machine, versions, date, git sha).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -20,41 +23,58 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_group_norm  # noqa: E402
 import bench_q_sample  # noqa: E402
 import bench_step  # noqa: E402
-from harness import copy_bandwidth_gbs, record, time_all  # noqa: E402
+from harness import NATIVE, copy_bandwidth_gbs, record, time_all  # noqa: E402
 
 MODULES = (bench_q_sample, bench_step, bench_group_norm)
+
+
+def _cases(device: torch.device, targets_only: bool):
+    cases = [case for module in MODULES for case in module.cases(device)]
+    targets = [case for case in cases if case.target]
+    return targets if targets_only else targets + [case for case in cases if not case.target]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines (faster)")
+    parser.add_argument("--targets-only", action="store_true", help="only the issue's target shapes")
+    parser.add_argument("--max-seconds", type=float, default=None, help="start no new case after this long")
     parser.add_argument("--record", action="store_true", help="write a JSON record under benchmarks/results/")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    start = time.monotonic()
 
     copy = copy_bandwidth_gbs(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{where}; torch {torch.__version__}; copy bandwidth {copy:.1f} GB/s (measured now)\n")
-    print(f"{'op':36} {'shape':18} {'dtype':8} {'layout':13} {'ours ms':>8} {'GB/s':>7} {'%copy':>6}  "
-          "baselines: ms (our speed-up)")
-    rows = []
-    for module in MODULES:
-        for case in module.cases(device):
-            impls = {k: v for k, v in case.impls.items() if not (args.no_compile and k == "compile")}
-            times = time_all(impls, device)
-            ours = times["ours"][0]
-            gbs = case.bytes / (ours * 1e-3) / 1e9
-            line = (f"{case.op:36} {str(case.shape):18} {str(case.dtype)[6:]:8} {case.layout:13} {ours:8.3f} "
-                    f"{gbs:7.1f} {100 * gbs / copy:5.0f}%")
-            line += " " + " | ".join(f"{name} {ms:.3f} ({ms / ours:.1f}x)"
-                                     for name, (ms, _, _) in times.items() if name != "ours")
-            print(line, flush=True)
-            rows.append({"op": case.op, "shape": case.shape, "dtype": str(case.dtype), "layout": case.layout,
-                         "bytes": case.bytes, "note": case.note, "ours_gbs": gbs, "pct_copy": 100 * gbs / copy,
-                         **{f"{k}_ms": {"median": v[0], "p20": v[1], "p80": v[2]} for k, v in times.items()}})
+    print(f"{'op':34} {'shape':18} {'dtype':8} {'layout':13}  ours: ms GB/s %copy per backend  |  "
+          "baselines: ms (speed-up of our fastest)")
+    rows, skipped = [], 0
+    cases = _cases(device, args.targets_only)
+    for n, case in enumerate(cases):
+        if args.max_seconds is not None and time.monotonic() - start > args.max_seconds:
+            skipped = len(cases) - n
+            print(f"\n--max-seconds {args.max_seconds:g} reached: {skipped} cases not run")
+            break
+        impls = {k: v for k, v in case.impls.items() if not (args.no_compile and k == "compile")}
+        times = time_all(impls, device)
+        ours = {k: times[k][0] for k in NATIVE if k in times}
+        gbs = {k: case.bytes / (ms * 1e-3) / 1e9 for k, ms in ours.items()}
+        best = min(ours.values()) if ours else None
+        line = f"{case.op:34} {str(case.shape):18} {str(case.dtype)[6:]:8} {case.layout:13} "
+        line += " ".join(f"{k} {ms:.3f} {gbs[k]:.1f} {100 * gbs[k] / copy:.0f}%" for k, ms in ours.items())
+        line += "  | " + " | ".join(f"{name} {ms:.3f}" + (f" ({ms / best:.1f}x)" if best else "")
+                                     for name, (ms, _, _) in times.items() if name not in ours)
+        print(line, flush=True)
+        rows.append({"op": case.op, "shape": case.shape, "dtype": str(case.dtype), "layout": case.layout,
+                     "bytes": case.bytes, "note": case.note, "target": case.target,
+                     **{f"{k}_gbs": v for k, v in gbs.items()},
+                     **{f"{k}_pct_copy": 100 * v / copy for k, v in gbs.items()},
+                     **{f"{k}_ms": {"median": v[0], "p20": v[1], "p80": v[2]} for k, v in times.items()}})
     if args.record:
-        print("\nrecorded", record("ops", device, rows, {"copy_gbs": copy}))
+        extra = {"copy_gbs": copy, "cases_not_run": skipped, "compile": not args.no_compile}
+        print("\nrecorded", record("ops", device, rows, extra))
     return 0
 
 

@@ -1,30 +1,8 @@
 // The contract's Gaussian noise on the GPU: one thread per Philox group of four logical elements.
-#include <algorithm>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include "kernels.h"
+#include "device.cuh"
 
 namespace ddpm_fast::cuda {
 namespace {
-
-// CUDA's accurate logf / sincosf (not the __ intrinsics): the CPU kernels agree to a few ulp.
-struct AccurateMath {
-  static __device__ __forceinline__ float log(float x) { return ::logf(x); }
-  static __device__ __forceinline__ float sqrt(float x) { return ::sqrtf(x); }
-  static __device__ __forceinline__ void sincos(float x, float& s, float& c) { ::sincosf(x, &s, &c); }
-};
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // seeds: (B,) int64; out: (B, N). blockIdx.y is the sample, x-threads walk its groups.
 template <typename T>

@@ -31,4 +31,13 @@ void check_launch(const char* op) {
   }
 }
 
+void check_status(const char* op, int status) {
+  const auto err = static_cast<cudaError_t>(status);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // the failed call also set the per-thread last error: clear it
+    throw std::runtime_error(std::string("ddpm_fast.") + op + ": CUDA call failed: " + cudaGetErrorName(err) +
+                             ": " + cudaGetErrorString(err));
+  }
+}
+
 }  // namespace ddpm_fast::cuda

@@ -1,0 +1,128 @@
+// Device helpers shared by the CUDA ops: storage <-> float32, 16-byte vector access, the accurate
+// Box-Muller math policy, the timestep guard and launch-shape helpers. Included by .cu files only.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace ddpm_fast::cuda {
+
+// CUDA's accurate logf / sqrtf / sincosf (not the __ intrinsics): the CPU kernels and the reference
+// agree to a few ulp, which the noise tests rely on.
+struct AccurateMath {
+  static __device__ __forceinline__ float log(float x) { return ::logf(x); }
+  static __device__ __forceinline__ float sqrt(float x) { return ::sqrtf(x); }
+  static __device__ __forceinline__ void sincos(float x, float& s, float& c) { ::sincosf(x, &s, &c); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Storage types: float, __half, __nv_bfloat16; math is float32 everywhere.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Elements per 16-byte access: 4 floats or 8 halves.
+template <typename T>
+constexpr int kVec = int(16 / sizeof(T));
+
+// v[k] = p[k], k < N; p 16-byte aligned (read-only path).
+template <typename T, int N>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&v)[N]) {
+  static_assert(N * sizeof(T) == 16, "one 16-byte access");
+  alignas(16) T tmp[N];
+  *reinterpret_cast<uint4*>(tmp) = __ldg(reinterpret_cast<const uint4*>(p));
+#pragma unroll
+  for (int k = 0; k < N; ++k) v[k] = to_float(tmp[k]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&v)[N]) {
+  static_assert(N * sizeof(T) == 16, "one 16-byte access");
+  alignas(16) T tmp[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) tmp[k] = from_float<T>(v[k]);
+  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(tmp);
+}
+
+template <typename T>
+__device__ __forceinline__ float load1(const T* __restrict__ p) { return to_float(__ldg(p)); }
+
+__device__ __forceinline__ float nan_f() { return __int_as_float(0x7fc00000); }
+
+// The timestep guard (documented in kernels.h): t is read from device memory, so it cannot be
+// checked on the host without a sync. A t outside [0, num_t) must not index the table; the kernels
+// write NaN for that sample instead.
+__device__ __forceinline__ bool t_ok(int64_t t, int64_t num_t) { return t >= 0 && t < num_t; }
+
+// silu(v) = v * sigmoid(v); expf overflows to inf for v < -88, giving -0 (PyTorch: a denormal).
+__device__ __forceinline__ float sigmoid_f(float v) { return 1.0f / (1.0f + ::expf(-v)); }
+
+// ---------------------------------------------------------------------------------------------
+// Host helpers.
+// ---------------------------------------------------------------------------------------------
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Whether a (B, C, S) tensor with this batch stride can be read with 16-byte accesses from the start
+// of every sample: its pointer is 16-byte aligned (or absent) and every sample starts on 16 bytes.
+inline bool vec_ok(const void* p, int64_t batch_stride, int64_t B, size_t elem) {
+  if (p == nullptr) return true;
+  return aligned16(p) && (B <= 1 || (batch_stride * int64_t(elem)) % 16 == 0);
+}
+
+inline int sm_count() {
+  int dev = 0, n = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+  return n > 0 ? n : 1;
+}
+
+inline int compute_major() {
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  return major;
+}
+
+constexpr unsigned kMaxGridY = 65535;  // samples beyond it are looped over inside the kernels
+
+}  // namespace ddpm_fast::cuda
+
+// DDPM_CUDA_DISPATCH(dtype, T, stmt): runs stmt with `using T` bound to the storage type.
+#define DDPM_CUDA_DISPATCH(dtype, T, ...)                                         \
+  do {                                                                            \
+    switch (dtype) {                                                              \
+      case ::ddpm_fast::DType::Float32: {                                         \
+        using T = float;                                                          \
+        __VA_ARGS__;                                                              \
+        break;                                                                    \
+      }                                                                           \
+      case ::ddpm_fast::DType::Float16: {                                         \
+        using T = __half;                                                         \
+        __VA_ARGS__;                                                              \
+        break;                                                                    \
+      }                                                                           \
+      case ::ddpm_fast::DType::BFloat16: {                                        \
+        using T = __nv_bfloat16;                                                  \
+        __VA_ARGS__;                                                              \
+        break;                                                                    \
+      }                                                                           \
+      default:                                                                    \
+        DDPM_CHECK(false, "unsupported dtype code ", static_cast<int>(dtype));    \
+    }                                                                             \
+  } while (0)

@@ -1,0 +1,296 @@
+// One reverse step on the GPU (DDPM or DDIM folded into the coefficient table), docs/contracts.md
+// "Reverse-step coefficient table", element for element as csrc/cpu/step.cpp:
+//   x0 = ax * x + am * m;  x0c = clip / threshold(x0);  mean = p0 * x0c + p1 * x + p2 * m;
+//   prev = mean + std * sigma * z   (z given, or Philox(seeds[b], 2^32 + t[b], i); only when std != 0)
+//
+// Without thresholding: the flat or tile walk of elementwise.cuh over the whole grid.
+// Dynamic thresholding: one block per sample finds s = quantile(|x0|, ratio) exactly as the CPU
+// kernel (a radix select on the bit patterns of |x0|: four 8-bit passes, plus one pass for the next
+// larger value when linear interpolation needs it), then applies the step to its sample with s in
+// shared memory. No scratch memory is needed, so the launch stays allocation-free and graph-safe.
+//
+// Device-side guards (the host cannot read t without a sync): a sample whose t is outside
+// [0, num_t), or whose row adds noise (std != 0) while neither noise nor seeds was given, gets NaN
+// in prev and x0_out; the table is never indexed with a bad t.
+#include "elementwise.cuh"
+
+namespace ddpm_fast::cuda {
+namespace {
+
+// x0 = ax * x + am * m with one explicit rounding order, so the quantile pass and the step agree bit
+// for bit on every |x0|.
+__device__ __forceinline__ float x0_of(float ax, float am, float x, float m) {
+  return __fmaf_rn(ax, x, __fmul_rn(am, m));
+}
+
+template <typename T_>
+struct StepOp {
+  using T = T_;
+  const T* x;              // (B, C, S) x_t, batch stride x_bs
+  int64_t x_bs;
+  const T* m;              // (B, C, S) model output, batch stride m_bs
+  int64_t m_bs;
+  const T* v;              // (B, C, S) predicted variance (learned_range), or null
+  int64_t v_bs;
+  const int64_t* t;        // (B,)
+  const float* table;      // (num_t, 8)
+  int64_t num_t;
+  const T* noise;          // (B, C, S) or null
+  int64_t noise_bs;
+  const int64_t* seeds;    // (B,) or null
+  T* prev;                 // (B, C, S) dense
+  T* x0_out;               // (B, C, S) dense, or null
+  int64_t n;               // C * S
+  float clip;              // > 0: clamp x0 to [-clip, clip]
+
+  struct Row {
+    float ax, am, p0, p1, p2, std, min_log, max_log;
+    float lo, hi, div;     // x0c = min(max(x0, lo), hi) [/ div when thr]
+    int64_t t;
+    bool ok, noisy, thr;
+  };
+
+  __device__ __forceinline__ Row row(int64_t b) const {
+    const int64_t tb = t[b];
+    Row r{};
+    r.t = tb;
+    r.ok = t_ok(tb, num_t);
+    if (r.ok) {
+      const float* p = table + 8 * tb;
+      r.ax = p[0], r.am = p[1], r.p0 = p[2], r.p1 = p[3], r.p2 = p[4], r.std = p[5], r.min_log = p[6];
+      r.max_log = p[7];
+    }
+    r.noisy = r.std != 0.0f;
+    if (r.noisy && noise == nullptr && seeds == nullptr) r.ok = false;  // no noise to add: NaN
+    r.lo = __int_as_float(int(0xff800000u));  // -inf
+    r.hi = __int_as_float(0x7f800000);        // +inf
+    r.div = 1.0f;
+    r.thr = false;
+    if (clip > 0.0f) r.lo = -clip, r.hi = clip;
+    return r;
+  }
+  __device__ bool draws(const Row& r) const { return r.ok && r.noisy && noise == nullptr; }
+  __device__ uint64_t seed(int64_t b) const { return uint64_t(seeds[b]); }
+  __device__ uint64_t stream(const Row& r) const { return kStepNoiseStreamBase + uint64_t(r.t); }
+
+  template <int N, bool kFull>
+  __device__ __forceinline__ void apply(const Row& r, int64_t b, int64_t i0, int cnt, const float (&zd)[N]) const {
+    float xv[N], mv[N], vv[N], z[N];
+    const T* xp = x + b * x_bs + i0;
+    const T* mp = m + b * m_bs + i0;
+    const T* vp = v && r.noisy ? v + b * v_bs + i0 : nullptr;
+    const T* np = noise && r.noisy ? noise + b * noise_bs + i0 : nullptr;
+    if constexpr (kFull) {
+      load_vec<T, N>(xp, xv);
+      load_vec<T, N>(mp, mv);
+      if (vp) load_vec<T, N>(vp, vv);
+      if (np) load_vec<T, N>(np, z);
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        xv[k] = k < cnt ? load1(xp + k) : 0.0f;
+        mv[k] = k < cnt ? load1(mp + k) : 0.0f;
+        vv[k] = vp && k < cnt ? load1(vp + k) : 0.0f;
+        z[k] = np && k < cnt ? load1(np + k) : 0.0f;
+      }
+    }
+    if (!np) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) z[k] = zd[k];
+    }
+    float o1[N], o2[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float x0 = x0_of(r.ax, r.am, xv[k], mv[k]);
+      float x0c = x0 < r.lo ? r.lo : x0;  // NaN stays NaN, as torch.clamp
+      x0c = x0c > r.hi ? r.hi : x0c;
+      if (r.thr) x0c = x0c / r.div;
+      float out = r.p0 * x0c + r.p1 * xv[k] + r.p2 * mv[k];
+      if (r.noisy) {
+        float sigma = 1.0f;
+        if (vp) {
+          const float f = (vv[k] + 1.0f) * 0.5f;
+          sigma = ::expf(0.5f * (f * r.max_log + (1.0f - f) * r.min_log));
+        }
+        out = out + r.std * sigma * z[k];
+      }
+      o1[k] = r.ok ? out : nan_f();
+      o2[k] = r.ok ? x0c : nan_f();
+    }
+    T* pp = prev + b * n + i0;
+    T* op = x0_out ? x0_out + b * n + i0 : nullptr;
+    if constexpr (kFull) {
+      store_vec<T, N>(pp, o1);
+      if (op) store_vec<T, N>(op, o2);
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        if (k < cnt) {
+          pp[k] = from_float<T>(o1[k]);
+          if (op) op[k] = from_float<T>(o2[k]);
+        }
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Dynamic thresholding: the per-sample quantile, as quantile_linear in csrc/cpu/step.cpp (which is
+// torch.quantile's linear interpolation in float32).
+// ---------------------------------------------------------------------------------------------
+constexpr int kThrThreads = 512;
+
+struct SelectShared {
+  unsigned int hist[256];
+  unsigned int max_key, next_key;
+  unsigned int prefix;
+  long long k;
+  unsigned int ties;
+};
+
+template <typename T>
+__device__ float block_quantile(const StepOp<T>& op, const typename StepOp<T>::Row& r, int64_t b, float q,
+                                SelectShared& sh) {
+  const int64_t n = op.n;
+  const T* xp = op.x + b * op.x_bs;
+  const T* mp = op.m + b * op.m_bs;
+  auto key = [&](int64_t i) -> unsigned int {
+    return __float_as_uint(x0_of(r.ax, r.am, load1(xp + i), load1(mp + i))) & 0x7fffffffu;
+  };
+  const float pos = q * float(n - 1);
+  int64_t lo = int64_t(pos);
+  lo = lo < 0 ? 0 : (lo > n - 1 ? n - 1 : lo);
+  int64_t hi = int64_t(::ceilf(pos));
+  hi = hi > n - 1 ? n - 1 : hi;
+
+  if (threadIdx.x == 0) {
+    sh.max_key = 0;
+    sh.prefix = 0;
+    sh.k = lo;
+  }
+  for (int pass = 0; pass < 4; ++pass) {
+    const int shift = 24 - 8 * pass;
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) sh.hist[i] = 0;
+    __syncthreads();
+    const unsigned int prefix = sh.prefix;
+    unsigned int local_max = 0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const unsigned int kv = key(i);
+      if (pass == 0) local_max = kv > local_max ? kv : local_max;
+      if (pass == 0 || (kv >> (shift + 8)) == (prefix >> (shift + 8))) atomicAdd(&sh.hist[(kv >> shift) & 255u], 1u);
+    }
+    if (pass == 0) atomicMax(&sh.max_key, local_max);
+    __syncthreads();
+    if (threadIdx.x == 0) {  // the digit holding rank k among the candidates
+      long long k = sh.k, below = 0;
+      unsigned int d = 0;
+      while (below + sh.hist[d] <= k) below += sh.hist[d++];
+      sh.k = k - below;
+      sh.prefix = prefix | (d << shift);
+      if (pass == 3) sh.ties = sh.hist[d] - unsigned(k - below);  // keys equal to it at or after rank lo
+    }
+    __syncthreads();
+  }
+  const unsigned int max_key = sh.max_key, klo = sh.prefix;
+  if (max_key > 0x7f800000u) return nan_f();  // a NaN in |x0|: torch.quantile gives NaN
+  unsigned int khi = klo;
+  if (hi > lo && sh.ties < 2) {  // the next value up is the smallest key above klo
+    if (threadIdx.x == 0) sh.next_key = max_key;
+    __syncthreads();
+    unsigned int local_min = max_key;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const unsigned int kv = key(i);
+      if (kv > klo && kv < local_min) local_min = kv;
+    }
+    atomicMin(&sh.next_key, local_min);
+    __syncthreads();
+    khi = sh.next_key;
+  }
+  const float below = __uint_as_float(klo), above = __uint_as_float(khi);
+  const float w = __fsub_rn(pos, float(lo));
+  const float diff = __fsub_rn(above, below);
+  return w < 0.5f ? __fadd_rn(below, __fmul_rn(w, diff)) : __fsub_rn(above, __fmul_rn(diff, __fsub_rn(1.0f, w)));
+}
+
+// One block per sample: the quantile, then the step over the whole sample.
+template <typename T, int N, bool kVecOk, bool kTiled>
+__global__ void __launch_bounds__(kThrThreads)
+    step_threshold_kernel(StepOp<T> op, int64_t B, int64_t C, int64_t S, ClTile tl, float ratio, float max_value) {
+  __shared__ SelectShared sh;
+  __shared__ float zs[kTiled ? kTileElems : 1];
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    typename StepOp<T>::Row r = op.row(b);
+    float s = 1.0f;
+    if (r.ok) {  // uniform per block
+      const float q = block_quantile(op, r, b, ratio, sh);
+      s = q < 1.0f ? 1.0f : q;  // torch.clamp(q, 1, max): NaN stays NaN
+      s = s > max_value ? max_value : s;
+    }
+    r.lo = -s;
+    r.hi = s;
+    r.div = s;
+    r.thr = true;
+    if constexpr (kTiled) {
+      for (int64_t tile = 0; tile < tl.count(); ++tile) tile_sample(op, r, b, C, S, tl, tile, zs);
+    } else {
+      flat_sample<N, kVecOk>(op, r, b, op.n, threadIdx.x, blockDim.x);
+    }
+    __syncthreads();  // sh is reused by the next sample
+  }
+}
+
+template <typename T>
+void run(const StepOp<T>& op, int64_t B, int64_t C, int64_t S, bool channels_last, float threshold_ratio,
+         float sample_max_value, cudaStream_t s) {
+  const int64_t n = C * S;
+  // Channels-last noise from seeds needs the tile walk; rows with std == 0 draw nothing in it.
+  const bool tiled = channels_last && op.noise == nullptr && op.seeds != nullptr;
+  const size_t e = sizeof(T);
+  const bool vec = vec_ok(op.x, op.x_bs, B, e) && vec_ok(op.m, op.m_bs, B, e) && vec_ok(op.v, op.v_bs, B, e) &&
+                   vec_ok(op.noise, op.noise_bs, B, e) && vec_ok(op.prev, n, B, e) && vec_ok(op.x0_out, n, B, e);
+  if (threshold_ratio > 0.0f) {
+    const unsigned grid = unsigned(std::min<int64_t>(B, int64_t(1) << 20));
+    const ClTile tl(C, S);
+    constexpr int NV = kVec<T>;
+    if (tiled)
+      step_threshold_kernel<T, 4, false, true><<<grid, kThrThreads, 0, s>>>(op, B, C, S, tl, threshold_ratio,
+                                                                            sample_max_value);
+    else if (vec)
+      step_threshold_kernel<T, NV, true, false><<<grid, kThrThreads, 0, s>>>(op, B, C, S, tl, threshold_ratio,
+                                                                             sample_max_value);
+    else
+      step_threshold_kernel<T, 4, false, false><<<grid, kThrThreads, 0, s>>>(op, B, C, S, tl, threshold_ratio,
+                                                                             sample_max_value);
+    return;
+  }
+  if (tiled)
+    launch_tiles(op, B, C, S, s);
+  else if (vec)
+    launch_flat<StepOp<T>, true>(op, B, n, s);
+  else
+    launch_flat<StepOp<T>, false>(op, B, n, s);
+}
+
+}  // namespace
+
+void step(const void* x, int64_t x_bstride, const void* m, int64_t m_bstride, const void* v, int64_t v_bstride,
+          const int64_t* t, const float* table, int64_t num_t, const void* noise, int64_t noise_bstride,
+          const int64_t* seeds, void* prev, void* x0_out, int64_t B, int64_t C, int64_t S, Layout layout,
+          DType dtype, float clip_range, float threshold_ratio, float sample_max_value, uintptr_t cuda_stream) {
+  DDPM_CHECK(B >= 0 && C >= 0 && S >= 0, "step: negative size B=", B, " C=", C, " S=", S);
+  if (B == 0 || C == 0 || S == 0) return;
+  DDPM_CHECK(x && m && t && table && prev, "step: x, m, t, table and prev must be given");
+  DDPM_CHECK(layout == Layout::Contiguous || layout == Layout::ChannelsLast, "step: bad layout ", int(layout));
+  DDPM_CHECK(!(threshold_ratio > 1.0f), "step: threshold_ratio must be <= 1, got ", threshold_ratio);
+  DDPM_CHECK(num_t > 0, "step: the table has no rows");
+  auto s = reinterpret_cast<cudaStream_t>(cuda_stream);
+  DDPM_CUDA_DISPATCH(dtype, T, {
+    const StepOp<T> op{static_cast<const T*>(x), x_bstride, static_cast<const T*>(m), m_bstride,
+                       static_cast<const T*>(v), v_bstride, t, table, num_t, static_cast<const T*>(noise),
+                       noise_bstride, seeds, static_cast<T*>(prev), static_cast<T*>(x0_out), C * S, clip_range};
+    run(op, B, C, S, layout == Layout::ChannelsLast, threshold_ratio, sample_max_value, s);
+  });
+  check_launch("step");
+}
+
+}  // namespace ddpm_fast::cuda

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# One prepared GPU check (H200 image: torch 2.11+cu130, triton 3.6, nvcc 13.0, Python 3.12), run from the
+# repository root:  scripts/gpu_check.sh
+#   DDPM_CHECK_BUDGET   total seconds (default 350)
+#   DDPM_CHECK_STAGES   the stages after the build (default "gpu-tests op-tests op-bench sampling-bench"),
+#                       e.g. DDPM_CHECK_STAGES=sampling-bench for a second call that runs only that one
+#
+#   1. build the extension for sm_90 only (editable, --no-build-isolation, build/gpu), print build_info
+#   2. pytest -m gpu (tests/test_cuda.py and the other GPU tests), then the op tests on cuda and triton
+#   3. benchmarks/table.py --device cuda --record (targets first; stops starting cases at its budget)
+#   4. benchmarks/bench_sampling.py --device cuda --quick --record, when that file exists and time is left
+#   5. copy the JSON records (and the logs) to $OUT when it is set; print a short table last
+#
+# Every stage runs under `timeout` with what is left of the budget, so the whole script ends within
+# ~6 minutes whatever hangs; a stage that fails or times out is reported and the next one still runs.
+# The sampling benchmark (~2.5 min by itself) starts only when 140 s are left; otherwise the summary says
+# so and a second call with DDPM_CHECK_STAGES=sampling-bench runs it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+BUDGET=${DDPM_CHECK_BUDGET:-350}
+STAGES=" ${DDPM_CHECK_STAGES:-gpu-tests op-tests op-bench sampling-bench} "
+START=$(date +%s)
+LOGS=$(mktemp -d)
+declare -a SUMMARY=()
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+# stage NAME MIN MAX COMMAND...: run under timeout min(MAX, time left), if at least MIN seconds are left;
+# log to $LOGS/NAME.log.
+stage() {
+  local name=$1 min=$2 max=$3
+  shift 3
+  if [ "$name" != build ] && [[ $STAGES != *" $name "* ]]; then
+    return 0
+  fi
+  local budget
+  budget=$(left)
+  ((budget > max)) && budget=$max
+  if ((budget < min)); then
+    SUMMARY+=("$name: skipped, $(left) s left < $min s (rerun: DDPM_CHECK_STAGES=$name $0)")
+    echo "=== $name: skipped, $(left) s of the budget left"
+    return 1
+  fi
+  echo "=== $name (timeout ${budget} s)"
+  local t0 rc
+  t0=$(date +%s)
+  timeout --kill-after=10 "$budget" "$@" 2>&1 | tee "$LOGS/$name.log"
+  rc=${PIPESTATUS[0]}
+  local took=$(($(date +%s) - t0))
+  case $rc in
+    0) SUMMARY+=("$name: ok (${took} s)") ;;
+    124 | 137) SUMMARY+=("$name: TIMED OUT after ${took} s") ;;
+    *) SUMMARY+=("$name: FAILED rc=$rc (${took} s)") ;;
+  esac
+  return "$rc"
+}
+
+echo "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo '?')"
+"$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+# Wheels the image lacks (diffusers for the baselines), carried under shared/wheels/ when present.
+if compgen -G "shared/wheels/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/ddpm-site shared/wheels/*.whl &&
+    export PYTHONPATH=/tmp/ddpm-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+export DDPM_FAST_CUDA=ON DDPM_FAST_CUDA_ARCHS=90-real CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
+if ! stage build 60 200 "$PY" -m pip install --no-build-isolation --no-deps -q -e . \
+  --config-settings=build-dir=build/gpu; then
+  echo "build failed: nothing else can run"
+  printf '%s\n' "${SUMMARY[@]}"
+  exit 1
+fi
+"$PY" -c "import json, ddpm_fast; print(json.dumps(ddpm_fast.build_info(), indent=1))"
+
+stage gpu-tests 20 80 "$PY" -m pytest -m gpu tests -q --no-header -p no:cacheprovider
+stage op-tests 20 70 "$PY" -m pytest tests/test_q_sample.py tests/test_step.py tests/test_group_norm.py \
+  tests/test_ops.py -k "cuda or triton" -q --no-header -p no:cacheprovider
+stage op-bench 30 110 "$PY" benchmarks/table.py --device cuda --record --max-seconds 80
+if [ -f benchmarks/bench_sampling.py ]; then
+  stage sampling-bench 140 200 "$PY" benchmarks/bench_sampling.py --device cuda --quick --record
+fi
+
+if [ -n "${OUT:-}" ]; then
+  # The newest record of each kind (at most 8 files come back), then the logs in one file.
+  for kind in ops sampling; do
+    newest=$(ls -t benchmarks/results/"$kind"-cuda-*.json 2>/dev/null | head -1)
+    [ -n "$newest" ] && cp "$newest" "$OUT/"
+  done
+  tail -n +1 "$LOGS"/*.log >"$OUT/gpu_check.log" 2>/dev/null
+fi
+
+echo
+echo "=== summary ($(($(date +%s) - START)) s)"
+printf '%s\n' "${SUMMARY[@]}"
+for name in gpu-tests op-tests; do
+  [ -f "$LOGS/$name.log" ] && echo "$name: $(grep -E '(passed|failed|error)' "$LOGS/$name.log" | tail -1)"
+done
+"$PY" - <<'EOF'
+# The issue's targets (H200) against the newest op record: median us of each backend, % of copy bandwidth.
+import glob, json, os
+TARGETS = {  # (op prefix, shape, dtype, layout): target in us
+    ("q_sample", (128, 3, 256, 256), "float32", "NCHW"): 85, ("q_sample", (256, 3, 32, 32), "float32", "NCHW"): 8,
+    ("DDPM step", (128, 3, 256, 256), "float32", "NCHW"): 85, ("DDPM step", (256, 3, 32, 32), "float32", "NCHW"): 8,
+    ("group_norm_silu fwd (", (128, 128, 32, 32), "float32", "NCHW"): 39,
+    ("group_norm_silu fwd (", (128, 128, 32, 32), "bfloat16", "channels_last"): 20,
+    ("group_norm_silu fwd (", (8, 320, 64, 64), "float32", "NCHW"): 25,
+    ("group_norm_silu fwd+bwd", (128, 128, 32, 32), "float32", "NCHW"): 110,
+}
+records = sorted(glob.glob("benchmarks/results/ops-cuda-*.json"), key=os.path.getmtime)
+if not records:
+    raise SystemExit("no op record")
+data = json.load(open(records[-1]))
+print(f"\n{records[-1]}: copy {data['copy_gbs']:.0f} GB/s, {data.get('cases_not_run', 0)} cases not run")
+print(f"{'op':28} {'shape':18} {'dtype':8} {'layout':13} {'cuda us':>8} {'%copy':>6} {'triton us':>9} "
+      f"{'compile us':>10} {'target':>6}  ok")
+for row in data["rows"]:
+    shape = tuple(row["shape"])
+    dtype = row["dtype"].replace("torch.", "")
+    target = next((v for (op, s, d, l), v in TARGETS.items()
+                   if row["op"].startswith(op) and s == shape and d == dtype and l == row["layout"]), None)
+    us = lambda k: row[f"{k}_ms"]["median"] * 1e3 if f"{k}_ms" in row else float("nan")  # noqa: E731
+    ok = "" if target is None else ("yes" if us("cuda") <= target and us("cuda") * 1.3 <= us("compile") else "NO")
+    print(f"{row['op'][:28]:28} {str(shape):18} {dtype:8} {row['layout']:13} {us('cuda'):8.1f} "
+          f"{row.get('cuda_pct_copy', float('nan')):5.0f}% {us('triton'):9.1f} {us('compile'):10.1f} "
+          f"{target if target else '':>6}  {ok}")
+EOF

@@ -1,0 +1,409 @@
+"""CUDA-kernel specifics that the shared op tests (test_q_sample / test_step / test_group_norm, run on every
+backend) do not reach: CUDA-graph capture, the 16-byte and the scalar paths (misaligned pointers, odd
+sizes), the channels-last noise tiles, the cluster split of small batch x groups and groups wider than one
+block, the device-side timestep guard, the launch-error path, and the noise against the CPU kernels'.
+
+Every test needs a CUDA device and the cuda backend (an extension built with DDPM_FAST_CUDA=ON); without
+them the whole module skips and says which is missing.
+"""
+
+import pytest
+import torch
+from _tolerance import FLOOR, assert_matches_reference
+from test_step import _magnitudes  # the per-element size of the terms a step's rounding scales with
+
+import ddpm_fast
+from ddpm_fast import reference
+from ddpm_fast.schedule import NoiseSchedule, ddim_table, ddpm_table, sampling_timesteps
+
+
+def _cuda_missing() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA device"
+    reason = ddpm_fast.build_info()["backends"]["cuda"]
+    return None if reason == "available" else f"cuda backend: {reason}"
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_cuda_missing() is not None, reason=str(_cuda_missing()))]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# One float32 ulp of |z| <= 6 per log / sin / cos rounding (test_ops.py's randn bound).
+NOISE_ATOL = 8 * 6 * 2**-23
+CPU_HAS_KERNELS = ddpm_fast.build_info()["backends"]["cpu"] == "available"
+needs_cpu_kernels = pytest.mark.skipif(not CPU_HAS_KERNELS, reason="the C++ CPU extension is not built")
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return NoiseSchedule(1000, "linear")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(shape, seed, dtype=torch.float32, scale=1.0, offset=0.0):
+    return (torch.randn(shape, generator=_gen(seed)) * scale + offset).to(dtype)
+
+
+def _seeds(batch, seed):
+    return torch.randint(-2**62, 2**62, (batch,), generator=_gen(seed))
+
+
+def _misaligned(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x (same shape, dtype, memory format) whose data pointer is one element past a 16-byte
+    boundary, so every 16-byte access is impossible and the kernels must take their scalar path."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if cl:
+        B, C, H, W = x.shape
+        out = buf[1:].view(B, H, W, C).permute(0, 3, 1, 2)
+    else:
+        out = buf[1:].view(x.shape)
+    out.copy_(x)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA graphs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_graph_capture_of_a_ten_step_loop_replays_with_new_seeds(schedule):
+    """q_sample + step, 10 steps in one captured graph: the seeds and timesteps are read on the device, so
+    writing new seeds into the captured tensor draws new noise and the same seeds reproduce bit for bit."""
+    table = ddpm_table(schedule, variance_type="fixed_small")
+    B, shape = 4, (4, 3, 9, 11)  # odd H x W: the kernels' tails run inside the graph too
+    x0 = _randn(shape, 1).cuda()
+    seeds = _seeds(B, 2).cuda()
+    t = torch.tensor([999, 640, 77, 1], device="cuda")
+
+    def loop():
+        x = x0
+        for k in range(10):
+            x_t, eps = ddpm_fast.q_sample(x, t, schedule, seeds=seeds, stream=k, backend="cuda")
+            x, _ = ddpm_fast.step(eps * 0.5, t, x_t, table, seeds=seeds, clip_range=1.0, backend="cuda")
+        return x
+
+    eager = loop()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs recommends
+        loop()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = loop()
+
+    graph.replay()
+    first = out.clone()
+    assert torch.equal(first, eager), "the replay differs from the eager loop with the same seeds"
+    assert torch.isfinite(first).all()
+
+    seeds.copy_(_seeds(B, 3).cuda())
+    graph.replay()
+    second = out.clone()
+    differs = (second != first).flatten(1).any(dim=1)
+    assert differs.all(), "new seeds in the captured tensor must draw new noise for every sample"
+    assert torch.equal(second, loop()), "the replay with new seeds differs from the eager loop with them"
+
+    seeds.copy_(_seeds(B, 2).cuda())
+    graph.replay()
+    assert torch.equal(out, first), "the same seeds must reproduce the first replay exactly"
+
+
+# --------------------------------------------------------------------------------------------------
+# the noise against the CPU kernels (same seeds)
+# --------------------------------------------------------------------------------------------------
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(3, 3, 17, 9), (2, 70, 5, 3), (2, 5, 64, 1)])
+def test_q_sample_noise_equals_cpu_kernel(schedule, shape, channels_last):
+    """The epsilon target is the drawn noise itself: equal to the CPU kernel's up to log/sin/cos rounding.
+    C = 70 > 64 splits channels-last tiles along the channels; H x W odd puts Philox groups across rows."""
+    x0 = _randn(shape, 4)
+    if channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    t, seeds = torch.tensor([3, 500, 999])[: shape[0]], _seeds(shape[0], 5)
+    _, cpu = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, stream=11, backend="cpu")
+    _, gpu = ddpm_fast.q_sample(x0.cuda(), t.cuda(), schedule, seeds=seeds.cuda(), stream=11, backend="cuda")
+    assert gpu.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=NOISE_ATOL)
+    # And the contract itself, in logical NCHW order whatever the layout.
+    ref = reference.philox_normal(seeds, 11, x0[0].numel()).reshape(shape)
+    torch.testing.assert_close(gpu.cpu().contiguous(), ref, rtol=0, atol=NOISE_ATOL)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("learned", [False, True])
+def test_step_noise_equals_cpu_kernel(schedule, channels_last, learned):
+    """The step's drawn noise (stream 2**32 + t per sample) equals the CPU kernel's: the outputs agree to
+    the noise's rounding times std * sigma plus one float32 rounding of the result."""
+    table = ddpm_table(schedule, variance_type="learned_range" if learned else "fixed_small")
+    shape = (3, 6, 7, 5)
+    x = _randn(shape, 6)
+    C = shape[1]
+    mo = _randn((3, 2 * C if learned else C, 7, 5), 7)
+    if learned:
+        mo[:, C:] = torch.rand((3, C, 7, 5), generator=_gen(8)) * 2 - 1
+    if channels_last:
+        x, mo = (v.contiguous(memory_format=torch.channels_last) for v in (x, mo))
+    t, seeds = torch.tensor([999, 421, 0]), _seeds(3, 9)
+    cpu, _ = ddpm_fast.step(mo, t, x, table, seeds=seeds, backend="cpu")
+    gpu, _ = ddpm_fast.step(mo.cuda(), t.cuda(), x.cuda(), table, seeds=seeds.cuda(), backend="cuda")
+    std = table.coef[t, 5].float().reshape(3, 1, 1, 1)
+    sigma_max = torch.exp(0.5 * table.coef[t, 6:8].abs().max(dim=1).values).float().reshape(3, 1, 1, 1)
+    bound = std * (sigma_max if learned else 1.0) * NOISE_ATOL + 2**-21 * (1 + cpu.abs())
+    assert ((gpu.cpu() - cpu).abs() <= bound).all()
+    # The last sample sits at t = 0 (no noise): there the two kernels do the same float math.
+    torch.testing.assert_close(gpu.cpu()[2], cpu[2], rtol=2**-21, atol=2**-22)
+
+
+# --------------------------------------------------------------------------------------------------
+# 16-byte and scalar paths, layouts, odd sizes
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 5, 7, 9), (1, 1, 1, 13)])
+def test_q_sample_misaligned_equals_aligned(schedule, dtype, shape):
+    """Storage offset 1 takes the scalar path; it computes what the 16-byte path does (n = 192 divides into
+    vectors, 315 and 13 leave tails)."""
+    x0, noise = _randn(shape, 10, dtype).cuda(), _randn(shape, 11, dtype).cuda()
+    t, seeds = torch.randint(0, 1000, (shape[0],), generator=_gen(12)).cuda(), _seeds(shape[0], 13).cuda()
+    for kwargs in ({"seeds": seeds}, {"noise": noise}):
+        aligned = ddpm_fast.q_sample(x0, t, schedule, target="v_prediction", backend="cuda", **kwargs)
+        moved = {k: _misaligned(v) if k == "noise" else v for k, v in kwargs.items()}
+        scalar = ddpm_fast.q_sample(_misaligned(x0), t, schedule, target="v_prediction", backend="cuda", **moved)
+        for a, s in zip(aligned, scalar):
+            torch.testing.assert_close(s, a, rtol=2**-22, atol=2**-23)
+    x_t, eps = ddpm_fast.q_sample(_misaligned(x0), t, schedule, noise=_misaligned(noise), backend="cuda")
+    ref_x_t, _ = reference.q_sample(x0, t, schedule, noise=noise)
+    ref64, _ = reference.q_sample(x0.double(), t, schedule, noise=noise.double())
+    assert_matches_reference(x_t, ref_x_t, ref64, what="x_t (misaligned)")
+    assert torch.equal(eps, noise)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("post", [{}, {"clip_range": 1.0}, {"thresholding": True, "sample_max_value": 3.0}])
+def test_step_misaligned_and_channels_last_agree(schedule, dtype, post):
+    """The flat 16-byte walk, the scalar walk (misaligned) and the channels-last tile walk (noise drawn per
+    tile) give the same step; with thresholding each sample's quantile comes from one block."""
+    table = ddpm_table(schedule, variance_type="learned_range")
+    shape, C = (3, 5, 9, 7), 5
+    x = _randn(shape, 14, dtype).cuda()
+    mo = torch.cat([_randn(shape, 15), torch.rand(shape, generator=_gen(16)) * 2 - 1], dim=1).to(dtype).cuda()
+    t, seeds = torch.tensor([999, 500, 3]).cuda(), _seeds(3, 17).cuda()
+    prev, x0 = ddpm_fast.step(mo, t, x, table, seeds=seeds, backend="cuda", **post)
+    prev_s, x0_s = ddpm_fast.step(_misaligned(mo), t, _misaligned(x), table, seeds=seeds, backend="cuda", **post)
+    cl = lambda v: v.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    prev_c, x0_c = ddpm_fast.step(cl(mo), t, cl(x), table, seeds=seeds, backend="cuda", **post)
+    # The walks do the same float32 math per element; allow one rounding of the stored result.
+    tol = {"rtol": 2 * FLOOR[dtype], "atol": 2 * FLOOR[dtype]}
+    for other in (prev_s, prev_c):
+        torch.testing.assert_close(other.float(), prev.float(), **tol)
+    for other in (x0_s, x0_c):
+        torch.testing.assert_close(other.float(), x0.float(), **tol)
+    assert prev_c.is_contiguous(memory_format=torch.channels_last)
+    # Against the reference given the very noise the kernel drew (randn on CUDA runs the same Philox and
+    # the same float math), so only the step's own arithmetic is compared.
+    noise = torch.cat([ddpm_fast.randn(seeds[b:b + 1], shape[1:], stream=reference.STEP_STREAM_BASE + int(t[b]),
+                                       backend="cuda") for b in range(3)]).cpu()
+    ref = reference.step(mo.cpu(), t.cpu(), x.cpu(), table, noise=noise.to(dtype), **post)
+    ref64 = reference.step(mo.cpu().double(), t.cpu(), x.cpu().double(), table, noise=noise.double(), **post)
+    x0_terms, prev_terms = _magnitudes(table, t.cpu(), x.cpu(), mo.cpu(), noise)
+    assert_matches_reference(x0.cpu(), ref[1], ref64[1], what="pred_original_sample", magnitude=x0_terms)
+    assert_matches_reference(prev.cpu(), ref[0], ref64[0], what="prev_sample", magnitude=prev_terms)
+
+
+def test_threshold_quantile_with_ties_and_nan(schedule):
+    """x0 on a coarse grid makes many |x0| equal, so the quantile's two neighbours are often the same key
+    (the ties branch) and sometimes not (the next-key pass); a NaN in one sample makes only that sample NaN,
+    as torch.quantile does."""
+    table = ddim_table(schedule, sampling_timesteps(1000, 50, "leading", steps_offset=1), prediction_type="sample")
+    B, shape = 4, (4, 3, 16, 16)
+    x = _randn(shape, 18).cuda()
+    mo = (torch.randint(-40, 41, shape, generator=_gen(19)) / 10.0).cuda()  # x0 = mo (prediction "sample")
+    mo[3, 1, 2, 3] = float("nan")
+    t = torch.tensor([981, 501, 21, 1]).cuda()
+    for ratio in (0.5, 0.9, 0.995, 1.0):
+        prev, x0 = ddpm_fast.step(mo, t, x, table, thresholding=True, dynamic_thresholding_ratio=ratio,
+                                  sample_max_value=3.5, backend="cuda")
+        ref_prev, ref_x0 = reference.step(mo, t, x, table, thresholding=True, dynamic_thresholding_ratio=ratio,
+                                          sample_max_value=3.5)
+        torch.testing.assert_close(x0[:3], ref_x0[:3], rtol=2**-22, atol=0)
+        torch.testing.assert_close(prev[:3], ref_prev[:3], rtol=2**-21, atol=2**-22)
+        assert torch.isnan(x0[3]).all() and torch.isnan(ref_x0[3]).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# the timestep guard and the launch-error path
+# --------------------------------------------------------------------------------------------------
+
+
+def test_timesteps_out_of_range_give_nan_not_out_of_bounds_reads(schedule):
+    """The CUDA launchers do not read t on the host (that would sync): a t outside [0, T) writes NaN for
+    its sample and never indexes the table; the other samples are untouched."""
+    table = ddpm_table(schedule)
+    shape = (4, 3, 6, 6)
+    x, mo = _randn(shape, 20).cuda(), _randn(shape, 21).cuda()
+    t = torch.tensor([10, 1000, -1, 2**40]).cuda()
+    seeds = _seeds(4, 22).cuda()
+    x_t, eps = ddpm_fast.q_sample(x, t, schedule, seeds=seeds, backend="cuda")
+    prev, x0 = ddpm_fast.step(mo, t, x, table, seeds=seeds, backend="cuda")
+    prev_thr, _ = ddpm_fast.step(mo, t, x, table, seeds=seeds, thresholding=True, backend="cuda")
+    for out in (x_t, eps, prev, x0, prev_thr):
+        assert torch.isfinite(out[0]).all()
+        assert torch.isnan(out[1:]).all()
+    torch.cuda.synchronize()  # no illegal address was raised by the kernels
+    good, _ = ddpm_fast.q_sample(x[:1], t[:1], schedule, seeds=seeds[:1], backend="cuda")
+    assert torch.equal(good, x_t[:1])
+
+
+def test_launch_failure_raises_naming_the_op():
+    """A region too wide for shared memory (one group of 4096 channels: the backward needs 260 KB, more than
+    any GPU gives a block) fails at launch: a Python RuntimeError that names the op, and later launches work."""
+    x = _randn((1, 4096, 2, 2), 23).cuda().requires_grad_()
+    with pytest.raises(RuntimeError, match=r"ddpm_fast\.group_norm_silu(_backward)?: CUDA"):
+        y = ddpm_fast.group_norm_silu(x, None, None, 1, backend="cuda")  # 148 KB: fits on Hopper, not on Ampere
+        y.sum().backward()
+    ok = ddpm_fast.group_norm_silu(x.detach()[:, :8], None, None, 2, backend="cuda")
+    assert torch.isfinite(ok).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# GroupNorm: small batch x groups (cluster split), wide groups, one channel per group, misalignment
+# --------------------------------------------------------------------------------------------------
+
+
+def _gn_inputs(shape, dtype, seed, channels_last, form):
+    g = _gen(seed)
+    B, C = shape[:2]
+    x = (torch.randn(shape, generator=g) * 3 + 2).to(dtype)  # an offset mean: no E[x^2] - E[x]^2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    extra = {}
+    if form in ("bias_in", "both"):
+        extra["bias_in"] = torch.randn(B, C, generator=g)
+    if form in ("scale_shift", "both"):
+        extra["scale"] = torch.randn(B, C, generator=g) * 0.5
+        extra["shift"] = torch.randn(B, C, generator=g)
+    return x, w, b, extra
+
+
+def _gn_run(fn, x, w, b, extra, groups, dy, **kwargs):
+    leaves = [x, w, b, *extra.values()]
+    leaves = [v.detach().clone().requires_grad_() for v in leaves]
+    xx, ww, bb, *rest = leaves
+    y = fn(xx, ww, bb, groups, **dict(zip(extra, rest)), **kwargs)
+    grads = torch.autograd.grad(y, leaves, dy.to(y.dtype))
+    return y, grads
+
+
+GN_CASES = [
+    # (shape, groups, form): why
+    ((1, 320, 64, 64), 32, "scale_shift"),  # batch 1: 32 groups split over clusters of 8 blocks
+    ((2, 4, 128, 128), 1, "both"),          # one group of 64K elements: far wider than one block
+    ((3, 12, 5, 7), 12, "bias_in"),          # one channel per group, odd H x W
+    ((2, 1024, 2, 3), 1, "scale_shift"),     # 1024 channels in one group: a region wider than 512 channels
+    ((4, 256, 4, 4), 32, "both"),            # 4 x 4 spatial: many groups per block
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape, groups, form", GN_CASES)
+def test_group_norm_forward_backward_against_reference(shape, groups, form, dtype, channels_last):
+    x, w, b, extra = _gn_inputs(shape, dtype, 24, channels_last, form)
+    dy = torch.randn(shape, generator=_gen(25))
+    dev = {k: v.cuda() for k, v in extra.items()}
+    y, grads = _gn_run(ddpm_fast.group_norm_silu, x.cuda(), w.cuda(), b.cuda(), dev, groups, dy.cuda(),
+                       backend="cuda")
+    ref_y, ref_grads = _gn_run(reference.group_norm_silu, x, w, b, extra, groups, dy)
+    ref64 = {k: v.double() for k, v in extra.items()}
+    y64, grads64 = _gn_run(reference.group_norm_silu, x.double(), w.double(), b.double(), ref64, groups,
+                           dy.double())
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last if channels_last
+                                                 else torch.contiguous_format)
+    assert_matches_reference(y.cpu(), ref_y, y64, what="y")
+    names = ["dx", "dweight", "dbias", *("d" + k for k in extra)]
+    for name, ours, ref, truth in zip(names, grads, ref_grads, grads64):
+        # Gradients are sums over up to S (or B * S) terms of size |dy|: rounding scales with that count.
+        terms = float(shape[2] * shape[3]) ** 0.5 * (shape[0] if name in ("dweight", "dbias") else 1)
+        assert_matches_reference(ours.cpu(), ref, truth, dtype=ours.dtype, what=name, magnitude=terms)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_misaligned_equals_aligned(dtype, channels_last):
+    """Storage offset 1 (scalar loads) computes what the 16-byte NCHW path does; C = 20, S = 35."""
+    x, w, b, extra = _gn_inputs((2, 20, 5, 7), dtype, 26, channels_last, "both")
+    x, w, b = x.cuda(), w.cuda(), b.cuda()
+    extra = {k: v.cuda() for k, v in extra.items()}
+    y = ddpm_fast.group_norm_silu(x, w, b, 4, backend="cuda", **extra)
+    y_s = ddpm_fast.group_norm_silu(_misaligned(x), w, b, 4, backend="cuda", **extra)
+    torch.testing.assert_close(y_s.float(), y.float(), rtol=2**-20, atol=2**-20)
+
+
+def test_group_norm_is_deterministic_except_parameter_sums():
+    """The forward and dx come out bit-identical run to run (fixed reduction order); dweight / dbias are
+    atomics over samples and agree to rounding."""
+    x, w, b, extra = _gn_inputs((8, 64, 16, 16), torch.float32, 27, False, "scale_shift")
+    dy = torch.randn(x.shape, generator=_gen(28)).cuda()
+    args = (x.cuda(), w.cuda(), b.cuda(), {k: v.cuda() for k, v in extra.items()}, 8, dy)
+    y1, g1 = _gn_run(ddpm_fast.group_norm_silu, *args, backend="cuda")
+    y2, g2 = _gn_run(ddpm_fast.group_norm_silu, *args, backend="cuda")
+    assert torch.equal(y1, y2) and torch.equal(g1[0], g2[0])
+    for a, c in zip(g1[1:], g2[1:]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# the op layer on CUDA: opcheck and torch.compile
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+def test_opcheck_on_cuda(schedule):
+    x0, noise = _randn((2, 3, 5, 7), 29).cuda(), _randn((2, 3, 5, 7), 30).cuda()
+    t, seeds = torch.tensor([10, 900]).cuda(), torch.tensor([3, -7]).cuda()
+    table = ddpm_table(schedule, variance_type="learned_range")
+    mo, var = _randn((2, 3, 5, 7), 31).cuda(), (torch.rand(2, 3, 5, 7) * 2 - 1).cuda()
+    x = _randn((2, 8, 4, 4), 32).cuda().requires_grad_()
+    w, b = _randn((8,), 33).cuda().requires_grad_(), _randn((8,), 34).cuda()
+    sc, sh = _randn((2, 8), 35).cuda().requires_grad_(), _randn((2, 8), 36).cuda()
+    cl = x0.contiguous(memory_format=torch.channels_last)
+    cases = [
+        (torch.ops.ddpm_fast.q_sample.default, (x0, t, schedule.q_table("cuda"), None, seeds, 3, 1, "cuda")),
+        (torch.ops.ddpm_fast.q_sample.default, (cl, t, schedule.q_table("cuda"), noise, None, 0, 0, "cuda")),
+        (torch.ops.ddpm_fast.step.default,
+         (x0, mo, var, t, table.table("cuda"), None, seeds, 1.0, 0.0, 1.0, True, "cuda")),
+        (torch.ops.ddpm_fast.step.default,
+         (cl, mo, var, t, table.table("cuda"), noise, None, 0.0, 0.995, 2.0, False, "cuda")),
+        (torch.ops.ddpm_fast.group_norm_silu.default, (x, w, b, None, sc, sh, 4, 1e-5, 1, "cuda")),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_on_cuda(schedule):
+    table = ddpm_table(schedule)
+
+    def train_and_sample(x0, t, seeds, x, w, b, scale, shift):
+        x_t, eps = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, backend="cuda")
+        prev, _ = ddpm_fast.step(eps, t, x_t, table, seeds=seeds, clip_range=1.0, backend="cuda")
+        h = ddpm_fast.group_norm_silu(x, w, b, 4, scale=scale, shift=shift, backend="cuda")
+        return prev, h
+
+    args = (_randn((2, 3, 8, 8), 37).cuda(), torch.tensor([5, 700]).cuda(), torch.tensor([1, 2]).cuda(),
+            _randn((2, 8, 4, 4), 38).cuda().requires_grad_(), _randn((8,), 39).cuda().requires_grad_(),
+            _randn((8,), 40).cuda(), _randn((2, 8), 41).cuda().requires_grad_(), _randn((2, 8), 42).cuda())
+    prev, h = torch.compile(train_and_sample, fullgraph=True)(*args)
+    prev_eager, h_eager = train_and_sample(*args)
+    assert torch.equal(prev, prev_eager)
+    torch.testing.assert_close(h, h_eager)
