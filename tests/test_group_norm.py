@@ -1,4 +1,4 @@
-"""The fused group_norm_silu (CPU kernels, forward and backward) against the reference."""
+"""The fused group_norm_silu (each kernel backend, forward and backward) against the reference."""
 
 import pytest
 import torch
@@ -6,9 +6,6 @@ from _tolerance import assert_matches_reference
 
 import ddpm_fast
 from ddpm_fast import reference
-
-pytestmark = pytest.mark.skipif(ddpm_fast.build_info()["backends"]["cpu"] != "available",
-                                reason="the C++ extension is not built")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CASES = [
@@ -41,6 +38,14 @@ def _inputs(shape, form, dtype, seed, channels_last=False, affine=True):
     return x, p
 
 
+def _group_norm(backend, x, p, groups, act="silu"):
+    """ddpm_fast.group_norm_silu on ``backend`` (inputs moved to its device), the output back on the CPU."""
+    x, *small = backend.to(x, *(p.get(k) for k in ("weight", "bias", "bias_in", "scale", "shift")))
+    weight, bias, bias_in, scale, shift = small
+    return ddpm_fast.group_norm_silu(x, weight, bias, groups, bias_in=bias_in, scale=scale, shift=shift, act=act,
+                                     backend=backend.name).cpu()
+
+
 def _reference(x, groups, p, act, dtype=None):
     cast = (lambda v: None if v is None else v.to(dtype)) if dtype else (lambda v: v)
     return reference.group_norm_silu(cast(x), cast(p["weight"]), cast(p["bias"]), groups,
@@ -51,37 +56,39 @@ def _reference(x, groups, p, act, dtype=None):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, groups, form", CASES)
 @pytest.mark.parametrize("act", ["silu", "none"])
-def test_forward_matches_reference(shape, groups, form, dtype, act):
+def test_forward_matches_reference(backend, shape, groups, form, dtype, act):
+    backend.subset(keep=shape[0] * groups <= 8 or dtype == torch.float32)  # the interpreter pays per group
     x, p = _inputs(shape, form, dtype, seed=shape[1] + groups, affine=form != "plain")
-    y = ddpm_fast.group_norm_silu(x, p["weight"], p["bias"], groups, bias_in=p.get("bias_in"), scale=p.get("scale"),
-                                  shift=p.get("shift"), act=act, backend="cpu")
+    y = _group_norm(backend, x, p, groups, act)
     assert y.dtype == dtype and y.shape == x.shape
     assert_matches_reference(y, _reference(x, groups, p, act), _reference(x, groups, p, act, torch.float64))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, groups", [((2, 32, 8, 8), 8), ((1, 6, 5, 7), 3), ((2, 12, 4, 4), 12)])
-def test_channels_last(shape, groups, dtype):
+def test_channels_last(backend, shape, groups, dtype):
     x, p = _inputs(shape, "both", dtype, seed=1, channels_last=True)
-    y = ddpm_fast.group_norm_silu(x, p["weight"], p["bias"], groups, bias_in=p["bias_in"], scale=p["scale"],
-                                  shift=p["shift"], backend="cpu")
+    y = _group_norm(backend, x, p, groups)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_matches_reference(y, _reference(x, groups, p, "silu"), _reference(x, groups, p, "silu", torch.float64))
 
 
 def _grads(x, p, groups, act, backend, dtype=None, seed=0):
-    """Gradients of sum(out * w) for a random w, through ``backend`` (or the reference in ``dtype``)."""
-    leaves = {k: v.detach().to(dtype or v.dtype).requires_grad_() for k, v in p.items() if v is not None}
-    xx = x.detach().to(dtype or x.dtype).requires_grad_()
+    """Gradients of sum(out * w) for a random w, through ``backend`` (a conftest Backend, or "reference" in
+    ``dtype``), on the CPU."""
+    device = "cpu" if backend == "reference" else backend.device
+    leaves = {k: v.detach().to(device=device, dtype=dtype or v.dtype).requires_grad_()
+              for k, v in p.items() if v is not None}
+    xx = x.detach().to(device=device, dtype=dtype or x.dtype).requires_grad_()
     kwargs = {k: leaves.get(k) for k in ("bias_in", "scale", "shift")}
     if backend == "reference":
         y = reference.group_norm_silu(xx, leaves.get("weight"), leaves.get("bias"), groups, act=act, **kwargs)
     else:
         y = ddpm_fast.group_norm_silu(xx, leaves.get("weight"), leaves.get("bias"), groups, act=act,
-                                      backend=backend, **kwargs)
-    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+                                      backend=backend.name, **kwargs)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=y.dtype)
     (y * w).sum().backward()
-    return {"x": xx.grad, **{k: v.grad for k, v in leaves.items()}}
+    return {"x": xx.grad.cpu(), **{k: v.grad.cpu() for k, v in leaves.items()}}
 
 
 def _cancelling_terms(x, p, groups):
@@ -99,9 +106,10 @@ def _cancelling_terms(x, p, groups):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, groups, form, channels_last",
                          [(*case, False) for case in CASES] + [(*case, True) for case in CASES if len(case[0]) == 4])
-def test_backward_matches_reference(shape, groups, form, dtype, channels_last):
+def test_backward_matches_reference(backend, shape, groups, form, dtype, channels_last):
+    backend.subset(keep=shape[0] * groups <= 8 or (dtype == torch.float32 and not channels_last))
     x, p = _inputs(shape, form, dtype, seed=groups, channels_last=channels_last, affine=form != "plain")
-    ours = _grads(x, p, groups, "silu", "cpu")
+    ours = _grads(x, p, groups, "silu", backend)
     same = _grads(x, p, groups, "silu", "reference")
     truth = _grads(x, p, groups, "silu", "reference", dtype=torch.float64)
     assert set(ours) == set(truth)
@@ -114,20 +122,18 @@ def test_backward_matches_reference(shape, groups, form, dtype, channels_last):
         assert ours["x"].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_broadcast_time_embedding_shapes():
+def test_broadcast_time_embedding_shapes(backend):
     """(B, C, 1, 1) time embeddings, as U-Nets produce them, equal (B, C) ones."""
     x, p = _inputs((2, 8, 4, 4), "both", torch.float32, seed=2)
-    a = ddpm_fast.group_norm_silu(x, p["weight"], p["bias"], 4, bias_in=p["bias_in"], scale=p["scale"],
-                                  shift=p["shift"], backend="cpu")
-    b = ddpm_fast.group_norm_silu(x, p["weight"], p["bias"], 4, bias_in=p["bias_in"][..., None, None],
-                                  scale=p["scale"][..., None, None], shift=p["shift"][..., None, None], backend="cpu")
+    a = _group_norm(backend, x, p, 4)
+    b = _group_norm(backend, x, {**p, **{k: p[k][..., None, None] for k in ("bias_in", "scale", "shift")}}, 4)
     assert torch.equal(a, b)
 
 
-def test_bf16_activations_with_float32_parameters():
+def test_bf16_activations_with_float32_parameters(backend):
     """Under autocast the norm's parameters stay float32 while activations are bfloat16."""
     x, p = _inputs((2, 8, 4, 4), "scale_shift", torch.bfloat16, seed=3)
-    y = ddpm_fast.group_norm_silu(x, p["weight"], p["bias"], 4, scale=p["scale"], shift=p["shift"], backend="cpu")
+    y = _group_norm(backend, x, p, 4)
     assert y.dtype == torch.bfloat16
     truth = _reference(x.double(), 4, {k: v.double() for k, v in p.items()}, "silu")
     assert_matches_reference(y, _reference(x, 4, p, "silu"), truth)

@@ -33,59 +33,67 @@ def test_build_info_reports_every_backend():
         assert info["cuda_missing_reason"]
 
 
-def _opcheck_cases(schedule):
-    x0, noise = _rand(2, 3, 5, 7, seed=1), _rand(2, 3, 5, 7, seed=2)
-    t, seeds = torch.tensor([10, 900]), torch.tensor([3, -7])
+def _opcheck_cases(schedule, backend):
+    """(op, args) pairs on ``backend``'s device; the randn case only where the backend has a randn kernel."""
+    device, name = backend.device, backend.name
+    x0, noise = backend.to(_rand(2, 3, 5, 7, seed=1), _rand(2, 3, 5, 7, seed=2))
+    t, seeds = backend.to(torch.tensor([10, 900]), torch.tensor([3, -7]))
     table = ddpm_table(schedule, variance_type="learned_range")
-    mo, var = _rand(2, 3, 5, 7, seed=3), torch.rand(2, 3, 5, 7) * 2 - 1
-    x, w, b = _rand(2, 8, 4, 4, seed=4).requires_grad_(), _rand(8, seed=5).requires_grad_(), _rand(8, seed=6)
-    sc, sh = _rand(2, 8, seed=7).requires_grad_(), _rand(2, 8, seed=8)
+    mo, var = backend.to(_rand(2, 3, 5, 7, seed=3), torch.rand(2, 3, 5, 7) * 2 - 1)
+    x, w, b = backend.to(_rand(2, 8, 4, 4, seed=4), _rand(8, seed=5), _rand(8, seed=6))
+    sc, sh = backend.to(_rand(2, 8, seed=7), _rand(2, 8, seed=8))
+    for leaf in (x, w, sc):
+        leaf.requires_grad_()
     cl = x0.contiguous(memory_format=torch.channels_last)
-    return [
-        (torch.ops.ddpm_fast.q_sample.default, (x0, t, schedule.q_table("cpu"), None, seeds, 3, 1, "cpu")),
-        (torch.ops.ddpm_fast.q_sample.default, (cl, t, schedule.q_table("cpu"), noise, None, 0, 0, "cpu")),
+    cases = [
+        (torch.ops.ddpm_fast.q_sample.default, (x0, t, schedule.q_table(device), None, seeds, 3, 1, name)),
+        (torch.ops.ddpm_fast.q_sample.default, (cl, t, schedule.q_table(device), noise, None, 0, 0, name)),
         (torch.ops.ddpm_fast.step.default,
-         (x0, mo, var, t, table.table("cpu"), None, seeds, 1.0, 0.0, 1.0, True, "cpu")),
+         (x0, mo, var, t, table.table(device), None, seeds, 1.0, 0.0, 1.0, True, name)),
         (torch.ops.ddpm_fast.step.default,
-         (cl, mo, var, t, table.table("cpu"), noise, None, 0.0, 0.995, 2.0, False, "cpu")),
-        (torch.ops.ddpm_fast.group_norm_silu.default, (x, w, b, None, sc, sh, 4, 1e-5, 1, "cpu")),
-        (torch.ops.ddpm_fast.group_norm_silu.default, (x, None, None, sc, None, None, 2, 1e-6, 0, "cpu")),
-        (torch.ops.ddpm_fast.randn.default, (seeds, 37, 5, torch.float32, "cpu")),
-        (torch.ops.ddpm_fast.group_norm_silu_backward.default, _backward_args(x, w, b, sc, sh)),
+         (cl, mo, var, t, table.table(device), noise, None, 0.0, 0.995, 2.0, False, name)),
+        (torch.ops.ddpm_fast.group_norm_silu.default, (x, w, b, None, sc, sh, 4, 1e-5, 1, name)),
+        (torch.ops.ddpm_fast.group_norm_silu.default, (x, None, None, sc, None, None, 2, 1e-6, 0, name)),
+        (torch.ops.ddpm_fast.group_norm_silu_backward.default, _backward_args(x, w, b, sc, sh, name)),
     ]
+    if name != "triton":  # randn has cpu and cuda kernels only
+        cases.append((torch.ops.ddpm_fast.randn.default, (seeds, 37, 5, torch.float32, name)))
+    return cases
 
 
-def _backward_args(x, w, b, scale, shift):
+def _backward_args(x, w, b, scale, shift, name):
     """The backward op's inputs as the forward leaves them (saved mean and rstd included)."""
     x, w, scale = (v.detach() for v in (x, w, scale))
-    _, mean, rstd = torch.ops.ddpm_fast.group_norm_silu(x, w, b, None, scale, shift, 4, 1e-5, 1, "cpu")
-    dy = _rand(*x.shape, seed=9).contiguous(memory_format=torch.channels_last)  # a layout unlike x's
-    return (dy, x, w, b, None, scale, shift, mean, rstd, 4, 1, "cpu")
+    _, mean, rstd = torch.ops.ddpm_fast.group_norm_silu(x, w, b, None, scale, shift, 4, 1e-5, 1, name)
+    dy = _rand(*x.shape, seed=9).to(x.device).contiguous(memory_format=torch.channels_last)  # a layout unlike x's
+    return (dy, x, w, b, None, scale, shift, mean, rstd, 4, 1, name)
 
 
-@needs_cpu_kernels
 # torch 2.14's opcheck reads .grad of its own fake copies of autograd inputs (meta_utils.safe_grad) and
 # warns for any custom op with autograd; not ours to fix, and harmless.
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
-def test_opcheck_every_op(schedule):
-    for op, args in _opcheck_cases(schedule):
+def test_opcheck_every_op(schedule, backend):
+    for op, args in _opcheck_cases(schedule, backend):
         torch.library.opcheck(op, args)
 
 
-@needs_cpu_kernels
-def test_torch_compile_fullgraph(schedule):
+def test_torch_compile_fullgraph(schedule, backend):
     table = ddpm_table(schedule)
+    name = backend.name
+    randn_backend = name if name != "triton" else None  # randn has no triton kernel: the automatic choice
 
     def train_and_sample(x0, t, seeds, x, w, b, scale, shift):
-        x0 = x0 + ddpm_fast.randn(seeds, x0.shape[1:], backend="cpu")
-        x_t, eps = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, backend="cpu")
-        prev, _ = ddpm_fast.step(eps, t, x_t, table, seeds=seeds, clip_range=1.0, backend="cpu")
-        h = ddpm_fast.group_norm_silu(x, w, b, 4, scale=scale, shift=shift, backend="cpu")
+        x0 = x0 + ddpm_fast.randn(seeds, x0.shape[1:], backend=randn_backend)
+        x_t, eps = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, backend=name)
+        prev, _ = ddpm_fast.step(eps, t, x_t, table, seeds=seeds, clip_range=1.0, backend=name)
+        h = ddpm_fast.group_norm_silu(x, w, b, 4, scale=scale, shift=shift, backend=name)
         return prev, h
 
-    args = (_rand(2, 3, 8, 8, seed=1), torch.tensor([5, 700]), torch.tensor([1, 2]),
-            _rand(2, 8, 4, 4, seed=2).requires_grad_(), _rand(8, seed=3).requires_grad_(), _rand(8, seed=4),
-            _rand(2, 8, seed=5).requires_grad_(), _rand(2, 8, seed=6))
+    args = backend.to(_rand(2, 3, 8, 8, seed=1), torch.tensor([5, 700]), torch.tensor([1, 2]),
+                      _rand(2, 8, 4, 4, seed=2), _rand(8, seed=3), _rand(8, seed=4), _rand(2, 8, seed=5),
+                      _rand(2, 8, seed=6))
+    for i in (3, 4, 6):
+        args[i].requires_grad_()
     compiled = torch.compile(train_and_sample, fullgraph=True)
     prev, h = compiled(*args)
     prev_eager, h_eager = train_and_sample(*args)

@@ -1,4 +1,4 @@
-"""The fused q_sample (CPU kernel) against the reference, for every dtype, layout and awkward shape."""
+"""The fused q_sample (each kernel backend) against the reference, for every dtype, layout and awkward shape."""
 
 import pytest
 import torch
@@ -7,9 +7,6 @@ from _tolerance import FLOOR, assert_matches_reference
 import ddpm_fast
 from ddpm_fast import reference
 from ddpm_fast.schedule import NoiseSchedule
-
-pytestmark = pytest.mark.skipif(ddpm_fast.build_info()["backends"]["cpu"] != "available",
-                                reason="the C++ extension is not built")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [
@@ -37,12 +34,20 @@ def schedule():
     return NoiseSchedule(1000, "linear")
 
 
+def _q_sample(backend, x0, t, schedule, noise=None, seeds=None, **kwargs):
+    """ddpm_fast.q_sample on ``backend`` (inputs moved to its device), outputs back on the CPU."""
+    x0, noise, seeds = backend.to(x0, noise, seeds)
+    t = backend.to(t) if isinstance(t, torch.Tensor) else t
+    x_t, target = ddpm_fast.q_sample(x0, t, schedule, noise, seeds=seeds, backend=backend.name, **kwargs)
+    return x_t.cpu(), target.cpu()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("target", ["epsilon", "v_prediction"])
-def test_given_noise_matches_reference(schedule, shape, dtype, target):
+def test_given_noise_matches_reference(backend, schedule, shape, dtype, target):
     x0, noise, t, _ = _inputs(shape, dtype, seed=len(shape) * 7 + DTYPES.index(dtype))
-    x_t, out = ddpm_fast.q_sample(x0, t, schedule, noise, target=target, backend="cpu")
+    x_t, out = _q_sample(backend, x0, t, schedule, noise, target=target)
     ref_x_t, _ = reference.q_sample(x0, t, schedule, noise=noise)
     ref64_x_t, _ = reference.q_sample(x0.double(), t, schedule, noise=noise.double())
     assert x_t.dtype == dtype and x_t.shape == x0.shape
@@ -57,9 +62,9 @@ def test_given_noise_matches_reference(schedule, shape, dtype, target):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_drawn_noise_matches_reference_generator(schedule, shape, dtype):
+def test_drawn_noise_matches_reference_generator(backend, schedule, shape, dtype):
     x0, _, t, seeds = _inputs(shape, dtype, seed=11 + len(shape))
-    x_t, eps = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, stream=5, backend="cpu")
+    x_t, eps = _q_sample(backend, x0, t, schedule, seeds=seeds, stream=5)
     ref_eps = reference.philox_normal(seeds, 5, x0[0].numel()).reshape(shape)
     # Same uint32 stream; log/sin/cos may round differently by a few float32 ulp of |z| <= 6.
     torch.testing.assert_close(eps.float(), ref_eps.to(dtype).float(), rtol=0, atol=8 * 6 * 2**-23 + FLOOR[dtype] * 6)
@@ -69,64 +74,69 @@ def test_drawn_noise_matches_reference_generator(schedule, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_channels_last_equals_contiguous(schedule, dtype):
+@pytest.mark.parametrize("shape", [(3, 6, 5, 7), (2, 5, 4, 6)])  # H x W odd, and a multiple of 4
+def test_channels_last_equals_contiguous(backend, schedule, dtype, shape):
     """The noise is a function of the logical index, so the memory layout must not change a single value."""
-    x0, noise, t, seeds = _inputs((3, 6, 5, 7), dtype, seed=3)
+    x0, noise, t, seeds = _inputs(shape, dtype, seed=3)
+    x0, noise, t, seeds = backend.to(x0, noise, t, seeds)
     for kwargs in ({"seeds": seeds}, {"noise": noise}):
-        dense = ddpm_fast.q_sample(x0, t, schedule, target="v_prediction", backend="cpu", **kwargs)
+        dense = ddpm_fast.q_sample(x0, t, schedule, target="v_prediction", backend=backend.name, **kwargs)
         cl_kwargs = {k: (v.contiguous(memory_format=torch.channels_last) if k == "noise" else v)
                      for k, v in kwargs.items()}
         cl = ddpm_fast.q_sample(x0.contiguous(memory_format=torch.channels_last), t, schedule,
-                                target="v_prediction", backend="cpu", **cl_kwargs)
+                                target="v_prediction", backend=backend.name, **cl_kwargs)
         for a, b in zip(dense, cl):
             assert b.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(a, b)
 
 
-def test_noise_independent_of_batch_composition(schedule):
+def test_noise_independent_of_batch_composition(backend, schedule):
     """Sample b's noise depends on its seed only: alone, or inside a shuffled batch of 8."""
     x0, _, t, seeds = _inputs((8, 3, 8, 8), torch.float32, seed=4)
-    _, batch_eps = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, backend="cpu")
+    _, batch_eps = _q_sample(backend, x0, t, schedule, seeds=seeds)
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
-    _, shuffled = ddpm_fast.q_sample(x0[perm], t[perm], schedule, seeds=seeds[perm], backend="cpu")
+    _, shuffled = _q_sample(backend, x0[perm], t[perm], schedule, seeds=seeds[perm])
     assert torch.equal(shuffled, batch_eps[perm])
-    _, alone = ddpm_fast.q_sample(x0[5:6], t[5:6], schedule, seeds=seeds[5:6], backend="cpu")
+    _, alone = _q_sample(backend, x0[5:6], t[5:6], schedule, seeds=seeds[5:6])
     assert torch.equal(alone, batch_eps[5:6])
 
 
-def test_streams_and_seeds_change_the_noise(schedule):
+def test_streams_and_seeds_change_the_noise(backend, schedule):
     x0, _, t, seeds = _inputs((2, 3, 8, 8), torch.float32, seed=5)
-    _, a = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, stream=0, backend="cpu")
-    _, b = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, stream=1, backend="cpu")
-    _, c = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds + 1, stream=0, backend="cpu")
+    _, a = _q_sample(backend, x0, t, schedule, seeds=seeds, stream=0)
+    _, b = _q_sample(backend, x0, t, schedule, seeds=seeds, stream=1)
+    _, c = _q_sample(backend, x0, t, schedule, seeds=seeds + 1, stream=0)
     assert not torch.isclose(a, b).any() and not torch.isclose(a, c).any()
 
 
-def test_non_contiguous_inputs(schedule):
+def test_non_contiguous_inputs(backend, schedule):
     """A strided view (every other channel) is handled, not misread."""
     x0, noise, t, _ = _inputs((2, 8, 6, 6), torch.float32, seed=6)
     view, noise_view = x0[:, ::2], noise[:, 1::2]
-    x_t, _ = ddpm_fast.q_sample(view, t, schedule, noise_view, backend="cpu")
+    on_device = backend.to(x0, noise, t)  # sliced on the device, so the kernel sees the strided view
+    x_t, _ = ddpm_fast.q_sample(on_device[0][:, ::2], on_device[2], schedule, on_device[1][:, 1::2],
+                                backend=backend.name)
+    x_t = x_t.cpu()
     ref, _ = reference.q_sample(view.contiguous(), t, schedule, noise=noise_view.contiguous())
     ref64, _ = reference.q_sample(view.double(), t, schedule, noise=noise_view.double())
     assert_matches_reference(x_t, ref, ref64)
 
 
-def test_scalar_timestep_and_empty_batch(schedule):
+def test_scalar_timestep_and_empty_batch(backend, schedule):
     x0, noise, _, _ = _inputs((2, 3, 4, 4), torch.float32, seed=7)
-    x_t, _ = ddpm_fast.q_sample(x0, 999, schedule, noise, backend="cpu")
+    x_t, _ = _q_sample(backend, x0, 999, schedule, noise)
     ref, _ = reference.q_sample(x0, torch.tensor([999, 999]), schedule, noise=noise)
     assert_matches_reference(x_t, ref, reference.q_sample(x0.double(), torch.tensor([999, 999]), schedule,
                                                           noise=noise.double())[0])
     empty = torch.empty(0, 3, 4, 4)
-    x_t, eps = ddpm_fast.q_sample(empty, torch.empty(0, dtype=torch.int64), schedule,
-                                  seeds=torch.empty(0, dtype=torch.int64), backend="cpu")
+    x_t, eps = _q_sample(backend, empty, torch.empty(0, dtype=torch.int64), schedule,
+                         seeds=torch.empty(0, dtype=torch.int64))
     assert x_t.shape == empty.shape and eps.shape == empty.shape
 
 
-def test_sample_target_returns_x0(schedule):
-    x0, noise, t, _ = _inputs((2, 3, 4, 4), torch.float32, seed=8)
-    _, target = ddpm_fast.q_sample(x0, t, schedule, noise, target="sample", backend="cpu")
+def test_sample_target_returns_x0(backend, schedule):
+    x0, noise, t = backend.to(*_inputs((2, 3, 4, 4), torch.float32, seed=8)[:3])
+    _, target = ddpm_fast.q_sample(x0, t, schedule, noise, target="sample", backend=backend.name)
     assert target is x0
 
 

@@ -1,4 +1,4 @@
-"""The fused reverse step (CPU kernel) against the reference: DDPM and DDIM, every prediction type,
+"""The fused reverse step (each kernel backend) against the reference: DDPM and DDIM, every prediction type,
 variance type, clipping and thresholding, per-sample timesteps, dtypes, layouts and awkward shapes."""
 
 import itertools
@@ -11,9 +11,6 @@ from _tolerance import assert_matches_reference
 import ddpm_fast
 from ddpm_fast import reference
 from ddpm_fast.schedule import NoiseSchedule, ddim_table, ddpm_table, sampling_timesteps
-
-pytestmark = pytest.mark.skipif(ddpm_fast.build_info()["backends"]["cpu"] != "available",
-                                reason="the C++ extension is not built")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PREDICTIONS = ["epsilon", "sample", "v_prediction"]
@@ -64,8 +61,16 @@ def _magnitudes(table, t, sample, model_output, noise):
     return x0_terms, prev_terms
 
 
-def _check(table, sample, model_output, noise, t, seeds=None, **post):
-    prev, x0 = ddpm_fast.step(model_output, t, sample, table, noise, seeds=seeds, backend="cpu", **post)
+def _step(backend, model_output, t, sample, table, noise=None, seeds=None, **kwargs):
+    """ddpm_fast.step on ``backend`` (inputs moved to its device), outputs back on the CPU."""
+    model_output, sample, noise, seeds = backend.to(model_output, sample, noise, seeds)
+    t = backend.to(t) if isinstance(t, torch.Tensor) else t
+    prev, x0 = ddpm_fast.step(model_output, t, sample, table, noise, seeds=seeds, backend=backend.name, **kwargs)
+    return prev.cpu(), (None if x0 is None else x0.cpu())
+
+
+def _check(backend, table, sample, model_output, noise, t, seeds=None, **post):
+    prev, x0 = _step(backend, model_output, t, sample, table, noise, seeds=seeds, **post)
     if seeds is not None:  # the kernel drew the contract's noise: give the reference the same values
         noise = _drawn(t, seeds, sample)
     ref_prev, ref_x0 = reference.step(model_output, t, sample, table, noise=noise, **post)
@@ -84,11 +89,11 @@ def _drawn(t, seeds, sample):
 
 
 @pytest.mark.parametrize("prediction, variance, post", list(itertools.product(PREDICTIONS, VARIANCES, POST)))
-def test_ddpm_every_configuration(schedule, prediction, variance, post):
+def test_ddpm_every_configuration(backend, schedule, prediction, variance, post):
     clip_range, thresholding, sample_max_value = post
     table = ddpm_table(schedule, prediction_type=prediction, variance_type=variance)
     sample, model_output, noise, t, _ = _inputs(table, (4, 3, 8, 8), torch.float32, seed=zlib.crc32(f"{prediction}{variance}".encode()) % 1000)
-    _check(table, sample, model_output, noise, t, clip_range=clip_range, thresholding=thresholding,
+    _check(backend, table, sample, model_output, noise, t, clip_range=clip_range, thresholding=thresholding,
            sample_max_value=sample_max_value)
 
 
@@ -96,12 +101,12 @@ def test_ddpm_every_configuration(schedule, prediction, variance, post):
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("post", [POST[0], POST[1], POST[3]])
 @pytest.mark.parametrize("use_clipped", [False, True])
-def test_ddim_every_configuration(schedule, eta, prediction, post, use_clipped):
+def test_ddim_every_configuration(backend, schedule, eta, prediction, post, use_clipped):
     clip_range, thresholding, sample_max_value = post
     table = ddim_table(schedule, sampling_timesteps(1000, 50, "leading", steps_offset=1), prediction_type=prediction,
                        eta=eta, use_clipped_model_output=use_clipped)
     sample, model_output, noise, t, _ = _inputs(table, (4, 3, 8, 8), torch.float32, seed=int(eta * 10) + 3)
-    _check(table, sample, model_output, noise if eta else None, t, clip_range=clip_range,
+    _check(backend, table, sample, model_output, noise if eta else None, t, clip_range=clip_range,
            thresholding=thresholding, sample_max_value=sample_max_value)
 
 
@@ -114,62 +119,63 @@ def test_ddim_every_configuration(schedule, eta, prediction, post, use_clipped):
     ((2, 4, 10), False),     # 3-D
 ])
 @pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
-def test_dtypes_layouts_shapes_with_seeds(schedule, dtype, shape, channels_last, variance):
+def test_dtypes_layouts_shapes_with_seeds(backend, schedule, dtype, shape, channels_last, variance):
     table = ddpm_table(schedule, prediction_type="epsilon", variance_type=variance)
     sample, model_output, noise, t, seeds = _inputs(table, shape, dtype, seed=sum(shape), channels_last=channels_last)
-    prev, _ = _check(table, sample, model_output, None, t, seeds=seeds, clip_range=1.0)
+    prev, _ = _check(backend, table, sample, model_output, None, t, seeds=seeds, clip_range=1.0)
     assert prev.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def test_noise_is_independent_of_layout_and_batch(schedule):
+@pytest.mark.parametrize("shape", [(6, 3, 5, 7), (3, 5, 4, 6)])  # H x W odd, and a multiple of 4
+def test_noise_is_independent_of_layout_and_batch(backend, schedule, shape):
     table = ddpm_table(schedule)
-    sample, model_output, _, t, seeds = _inputs(table, (6, 3, 5, 7), torch.float32, seed=1)
+    sample, model_output, _, t, seeds = _inputs(table, shape, torch.float32, seed=1)
     t[:] = 500
-    prev, _ = ddpm_fast.step(model_output, t, sample, table, seeds=seeds, backend="cpu")
+    prev, _ = _step(backend, model_output, t, sample, table, seeds=seeds)
     cl = [v.contiguous(memory_format=torch.channels_last) for v in (model_output, sample)]
-    prev_cl, _ = ddpm_fast.step(cl[0], t, cl[1], table, seeds=seeds, backend="cpu")
+    prev_cl, _ = _step(backend, cl[0], t, cl[1], table, seeds=seeds)
     assert torch.equal(prev, prev_cl)
-    alone, _ = ddpm_fast.step(model_output[4:5], t[4:5], sample[4:5], table, seeds=seeds[4:5], backend="cpu")
-    assert torch.equal(alone, prev[4:5])
+    alone, _ = _step(backend, model_output[2:3], t[2:3], sample[2:3], table, seeds=seeds[2:3])
+    assert torch.equal(alone, prev[2:3])
 
 
-def test_per_sample_timesteps_equal_separate_steps(schedule):
+def test_per_sample_timesteps_equal_separate_steps(backend, schedule):
     """Samples at different t in one call equal one call per sample at its own t."""
     table = ddpm_table(schedule, variance_type="fixed_large")
     sample, model_output, noise, _, _ = _inputs(table, (4, 3, 6, 6), torch.float32, seed=2)
     t = torch.tensor([999, 500, 1, 0])
-    prev, x0 = ddpm_fast.step(model_output, t, sample, table, noise, backend="cpu", clip_range=1.0)
+    prev, x0 = _step(backend, model_output, t, sample, table, noise, clip_range=1.0)
     for b in range(4):
-        p, x = ddpm_fast.step(model_output[b:b + 1], int(t[b]), sample[b:b + 1], table, noise[b:b + 1],
-                              backend="cpu", clip_range=1.0)
+        p, x = _step(backend, model_output[b:b + 1], int(t[b]), sample[b:b + 1], table, noise[b:b + 1],
+                     clip_range=1.0)
         assert torch.equal(p, prev[b:b + 1]) and torch.equal(x, x0[b:b + 1])
 
 
-def test_ddpm_adds_no_noise_at_t0(schedule):
+def test_ddpm_adds_no_noise_at_t0(backend, schedule):
     table = ddpm_table(schedule)
     sample, model_output, noise, _, _ = _inputs(table, (2, 3, 4, 4), torch.float32, seed=3)
-    a, _ = ddpm_fast.step(model_output, 0, sample, table, noise, backend="cpu")
-    b, _ = ddpm_fast.step(model_output, 0, sample, table, noise * 3, backend="cpu")
+    a, _ = _step(backend, model_output, 0, sample, table, noise)
+    b, _ = _step(backend, model_output, 0, sample, table, noise * 3)
     assert torch.equal(a, b)
 
 
-def test_skip_pred_original(schedule):
+def test_skip_pred_original(backend, schedule):
     table = ddpm_table(schedule)
     sample, model_output, noise, t, _ = _inputs(table, (2, 3, 4, 4), torch.float32, seed=4)
-    prev, x0 = ddpm_fast.step(model_output, t, sample, table, noise, backend="cpu", return_pred_original=False)
+    prev, x0 = _step(backend, model_output, t, sample, table, noise, return_pred_original=False)
     assert x0 is None
-    assert torch.equal(prev, ddpm_fast.step(model_output, t, sample, table, noise, backend="cpu")[0])
+    assert torch.equal(prev, _step(backend, model_output, t, sample, table, noise)[0])
 
 
 @pytest.mark.parametrize("post", [POST[0], POST[1], POST[3]])
-def test_nan_propagates_like_the_reference(schedule, post):
+def test_nan_propagates_like_the_reference(backend, schedule, post):
     """A NaN from a diverged model must surface, not be clamped into a plausible pixel."""
     clip_range, thresholding, sample_max_value = post
     table = ddpm_table(schedule)
     sample, model_output, noise, t, _ = _inputs(table, (2, 3, 4, 4), torch.float32, seed=5)
     model_output[1, 2, 3, 1] = float("nan")
     kwargs = dict(clip_range=clip_range, thresholding=thresholding, sample_max_value=sample_max_value)
-    prev, x0 = ddpm_fast.step(model_output, t, sample, table, noise, backend="cpu", **kwargs)
+    prev, x0 = _step(backend, model_output, t, sample, table, noise, **kwargs)
     ref_prev, ref_x0 = reference.step(model_output, t, sample, table, noise=noise, **kwargs)
     assert torch.equal(prev.isnan(), ref_prev.isnan()) and prev.isnan().any()
     assert torch.equal(x0.isnan(), ref_x0.isnan())

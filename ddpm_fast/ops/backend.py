@@ -2,13 +2,17 @@
 
 Each op declares the native backends it has kernels for. The choice, in order: the call's ``backend=``,
 then the global one (:func:`set_backend` / :func:`use_backend`), then automatic by the device of the
-inputs: CUDA tensors take ``cuda``, then ``triton``; CPU tensors take ``cpu``; ``torch`` (the pure-PyTorch
-reference) is the fallback everywhere. An explicit request that cannot run raises and says why.
+inputs: CUDA tensors take the faster of ``cuda`` and ``triton`` for that op (:data:`CUDA_PREFERENCE`),
+then the other (``triton`` is what runs when the extension was built without CUDA); CPU tensors take
+``cpu`` (never ``triton``: on the CPU it is the interpreter, a test vehicle, so only on request);
+``torch`` (the pure-PyTorch reference) is the fallback everywhere. An explicit request that cannot run
+raises and says why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 import torch
@@ -16,7 +20,16 @@ import torch
 from .._native import backend_missing_reason
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+# Per op, the order in which CUDA tensors try the two GPU backends: the faster first, by the median times
+# of the op's benchmark cases in the newest GPU record of benchmarks/results/ (`python benchmarks/table.py
+# --device cuda --record`). No GPU record compares them yet, so the compiled kernels lead everywhere; a GPU
+# session that records both updates this table (and the README's backend section) from its numbers.
+CUDA_PREFERENCE = {
+    "q_sample": ("cuda", "triton"),
+    "step": ("cuda", "triton"),
+    "group_norm_silu": ("cuda", "triton"),
+}
 _state = threading.local()
 
 
@@ -53,9 +66,18 @@ def _runs_on(backend: str, device: torch.device) -> str | None:
         return f"the cpu backend takes CPU tensors, got tensors on {device}"
     if backend == "cuda" and device.type != "cuda":
         return f"the cuda backend takes CUDA tensors, got tensors on {device}"
-    if backend == "triton" and device.type not in ("cuda", "cpu"):
+    if backend == "triton" and device.type != "cuda" and (device.type != "cpu"
+                                                          or os.environ.get("TRITON_INTERPRET") != "1"):
         return f"the triton backend takes CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {device}"
     return backend_missing_reason(backend)
+
+
+def _auto_order(op: str, device: torch.device) -> tuple[str, ...]:
+    if device.type == "cuda":
+        return CUDA_PREFERENCE.get(op, ("cuda", "triton")) + ("torch",)
+    if device.type == "cpu":
+        return ("cpu", "torch")
+    return ("torch",)
 
 
 def resolve(op: str, native: tuple[str, ...], device: torch.device, backend: str | None) -> str:
@@ -69,7 +91,7 @@ def resolve(op: str, native: tuple[str, ...], device: torch.device, backend: str
         if reason is not None:
             raise RuntimeError(f"{op}: backend {requested!r} is not available: {reason}")
         return requested
-    for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+    for candidate in _auto_order(op, device):
         if candidate == "torch" or (candidate in native and _runs_on(candidate, device) is None):
             return candidate
     return "torch"

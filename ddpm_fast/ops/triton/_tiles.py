@@ -1,0 +1,74 @@
+"""The tile of one program of an elementwise kernel (q_sample, step), for either layout.
+
+A program covers a tile of one sample and gets, per element, its memory offset within the sample, its
+Philox group ``j = i // 4`` and ``lane = i % 4`` of the logical (NCHW) index ``i``, and a mask:
+
+* NCHW: ``BLOCK`` consecutive logical elements as a ``(BLOCK / 4, 4)`` tile: one Philox call per row;
+* channels_last, ``S % 4 == 0``: ``(BLOCK_S / 4, 4, BLOCK_C)`` pixels x channels: the four values of one
+  Philox call are four consecutive pixels of one channel, so again one call per (row, channel);
+* channels_last otherwise (odd spatial sizes): ``(BLOCK_S, BLOCK_C)``, one Philox call per element.
+
+Memory is contiguous along the last tile axis in every case (coalesced loads and stores).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+def _block_c(args: dict) -> int:
+    return min(triton.next_power_of_2(args["C"]), 128, args["BLOCK"] // 4)
+
+
+# triton.heuristics: a channels-last tile of BLOCK elements, up to 128 channels wide.
+CHANNELS_LAST_BLOCKS = {"BLOCK_C": _block_c, "BLOCK_S": lambda args: args["BLOCK"] // _block_c(args)}
+
+
+def programs_per_sample(meta: dict, C: int, S: int, channels_last: bool) -> int:
+    if channels_last:
+        return triton.cdiv(S, meta["BLOCK_S"]) * triton.cdiv(C, meta["BLOCK_C"])
+    return triton.cdiv(C * S, meta["BLOCK"])
+
+
+@triton.jit
+def tiles_per_sample(C, S, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    if CHANNELS_LAST:
+        return tl.cdiv(S, BLOCK_S) * tl.cdiv(C, BLOCK_C)
+    return tl.cdiv(C * S, BLOCK)
+
+
+@triton.jit
+def sample_tile(pid, C, S, CHANNELS_LAST: tl.constexpr, S_MULTIPLE_OF_4: tl.constexpr,
+                BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(b, offsets, j, lane, mask) of program ``pid``'s tile: its sample b (int64) and, per element, the offset
+    from the sample's start (int32), the Philox group j, the lane and the in-bounds mask."""
+    tiles = tiles_per_sample(C, S, CHANNELS_LAST, BLOCK, BLOCK_S, BLOCK_C)
+    b = (pid // tiles).to(tl.int64)
+    pid_in_sample = pid % tiles
+    # One return statement: compiled Triton unifies the types of all returns, even in pruned branches.
+    if not CHANNELS_LAST:
+        rows = pid_in_sample * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+        lane = tl.arange(0, 4)[None, :]
+        offsets = rows[:, None] * 4 + lane
+        j = rows[:, None]
+        mask = offsets < C * S
+    else:
+        blocks_c = tl.cdiv(C, BLOCK_C)
+        s0 = (pid_in_sample // blocks_c) * BLOCK_S
+        c = (pid_in_sample % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+        if S_MULTIPLE_OF_4:
+            q = tl.arange(0, BLOCK_S // 4)[:, None, None]
+            lane = tl.arange(0, 4)[None, :, None]
+            cc = c[None, None, :]
+            s = s0 + q * 4 + lane
+            j = (cc * S + s0 + q * 4) // 4
+        else:
+            s = s0 + tl.arange(0, BLOCK_S)[:, None]
+            cc = c[None, :]
+            j = (cc * S + s) // 4
+            lane = (cc * S + s) % 4
+        offsets = s * C + cc
+        mask = (s < S) & (cc < C)
+    return b, offsets, j, lane, mask

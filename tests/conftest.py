@@ -1,0 +1,59 @@
+"""The ``backend`` fixture: every op test runs on each kernel backend that this machine can run.
+
+* ``cpu``: the C++ kernels (skipped when the extension is not built);
+* ``triton``: natively on a CUDA device, otherwise on Triton's CPU interpreter (``TRITON_INTERPRET=1``,
+  set below before any kernel module is imported, because Triton reads it when a kernel is defined);
+* ``cuda``: the CUDA kernels (skipped, with the reason, without a CUDA device and a CUDA build).
+
+The interpreter costs ~10-50 ms per program, so under it the heaviest parametrizations keep to a
+representative subset (``backend.subset(keep)``); on a GPU every case runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import ddpm_fast  # noqa: E402  (after TRITON_INTERPRET is set)
+
+BACKENDS = ("cpu", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device: torch.device
+    interpreted: bool  # triton on the CPU interpreter
+
+    def to(self, *tensors):
+        """The tensors on this backend's device (None stays None); memory formats are kept."""
+        moved = tuple(None if t is None else t.to(self.device) for t in tensors)
+        return moved[0] if len(moved) == 1 else moved
+
+    def subset(self, keep: bool) -> None:
+        """Skip a case that the interpreter need not repeat: ``keep`` marks the representative ones."""
+        if self.interpreted and not keep:
+            pytest.skip("triton on the CPU interpreter runs a representative subset (the full set on a GPU)")
+
+
+def _unavailable(name: str) -> str | None:
+    reason = ddpm_fast.build_info()["backends"][name]
+    return None if reason == "available" else reason
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> Backend:
+    name = request.param
+    reason = _unavailable(name)
+    if reason is not None:
+        pytest.skip(f"{name} backend: {reason}")
+    on_cuda = name == "cuda" or (name == "triton" and torch.cuda.is_available())
+    return Backend(name, torch.device("cuda" if on_cuda else "cpu"),
+                   interpreted=name == "triton" and not on_cuda)

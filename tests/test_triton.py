@@ -1,0 +1,273 @@
+"""What only the triton backend has: its Philox counter mapping, its multi-tile paths, its in-kernel
+guards, its launch configurations, and the automatic backend choice around it.
+
+On a machine without a CUDA device these run on Triton's CPU interpreter (conftest sets TRITON_INTERPRET).
+"""
+
+import pytest
+import torch
+from _tolerance import assert_matches_reference
+
+import ddpm_fast
+from ddpm_fast import reference
+from ddpm_fast.ops import backend as backend_choice
+from ddpm_fast.schedule import NoiseSchedule, ddpm_table
+
+TRITON = ddpm_fast.build_info()["backends"]["triton"]
+if TRITON != "available":
+    pytest.skip(f"triton backend: {TRITON}", allow_module_level=True)
+
+import triton  # noqa: E402  (only where the backend runs)
+import triton.language as tl  # noqa: E402
+
+from ddpm_fast.ops.triton._common import contract_philox  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return NoiseSchedule(1000, "linear")
+
+
+@triton.jit
+def _philox_kernel(seed_ptr, j_ptr, stream_ptr, out_ptr, N: tl.constexpr):
+    """Program p: the words of seeds[p], streams[p] for every j (the kernels load a sample's seed as a scalar)."""
+    k = tl.arange(0, N)
+    seed = tl.load(seed_ptr + tl.program_id(0))
+    stream = tl.load(stream_ptr + tl.program_id(0))
+    x0, x1, x2, x3 = contract_philox(seed, tl.load(j_ptr + k), stream & 0xFFFFFFFF, stream >> 32)
+    base = out_ptr + tl.program_id(0) * 4 * N + k * 4
+    tl.store(base, x0.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(base + 1, x1.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(base + 2, x2.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(base + 3, x3.to(tl.int64) & 0xFFFFFFFF)
+
+
+def _philox_words(seeds, j, streams):
+    """Four uint32 words (as int64) per (seed, j, stream) from the kernels' own Philox helper."""
+    out = torch.empty(seeds.shape[0], j.shape[0], 4, dtype=torch.int64, device=DEVICE)
+    _philox_kernel[(seeds.shape[0],)](seeds.to(DEVICE), j.to(DEVICE), streams.to(DEVICE), out, N=j.shape[0])
+    return out.cpu()
+
+
+def test_philox_counter_mapping_is_the_contract():
+    """Triton's tl.philox with counter (j lo, j hi, stream lo, stream hi) and the seed as key is bit-exact with
+    reference.philox4x32_10, including j and streams past 2**32 (the reverse step's streams are 2**32 + t)."""
+    seeds = torch.tensor([0, 1, -1, 2**62 + 12345, -(2**40) - 7])
+    j = torch.tensor([0, 1, 2, 3, 1000, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5, 3 * 2**33 + 11], dtype=torch.int64)
+    j = torch.cat([j, torch.arange(6, dtype=torch.int64) + 77])  # 16 entries (a power of two for tl.arange)
+    streams = torch.tensor([0, 5, 2**32, 2**32 + 999, 2**33])
+    ours = _philox_words(seeds, j, streams)
+    counter = torch.stack(torch.broadcast_tensors(
+        (j & 0xFFFFFFFF)[None, :], (j >> 32)[None, :], (streams & 0xFFFFFFFF)[:, None], (streams >> 32)[:, None]),
+        dim=-1)
+    key = torch.stack([seeds & 0xFFFFFFFF, (seeds >> 32) & 0xFFFFFFFF], dim=-1)[:, None, :]
+    assert torch.equal(ours, reference.philox4x32_10(counter, key))
+
+
+@pytest.mark.parametrize("shape, channels_last", [
+    ((2, 3, 64, 72), False),  # 13824 elements per sample: two NCHW tiles
+    ((2, 3, 64, 72), True),   # channels_last: several spatial tiles, S a multiple of 4
+    ((1, 160, 5, 3), True),   # 160 channels: two channel tiles; S = 15 draws per element
+])
+def test_multi_tile_samples_match_the_reference(schedule, shape, channels_last):
+    """Samples spread over several programs (the CI shapes elsewhere fit in one tile under the interpreter)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x0 = torch.rand(shape, generator=g) * 2 - 1
+    t = torch.randint(0, 1000, (shape[0],), generator=g)
+    seeds = torch.randint(-2**62, 2**62, (shape[0],), generator=g)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x_t, eps = ddpm_fast.q_sample(x0.contiguous(memory_format=fmt).to(DEVICE), t.to(DEVICE), schedule,
+                                  seeds=seeds.to(DEVICE), stream=7, backend="triton")
+    ref_eps = reference.philox_normal(seeds, 7, x0[0].numel()).reshape(shape)
+    torch.testing.assert_close(eps.cpu(), ref_eps, rtol=0, atol=8 * 6 * 2**-23)
+    ref, _ = reference.q_sample(x0, t, schedule, noise=eps.cpu())
+    assert_matches_reference(x_t.cpu(), ref, reference.q_sample(x0.double(), t, schedule, noise=eps.cpu().double())[0])
+
+    table = ddpm_table(schedule, variance_type="fixed_large")
+    model_output = torch.randn(shape, generator=g)
+    prev, _ = ddpm_fast.step(model_output.contiguous(memory_format=fmt).to(DEVICE), t.to(DEVICE),
+                             x0.contiguous(memory_format=fmt).to(DEVICE), table, seeds=seeds.to(DEVICE),
+                             clip_range=1.0, backend="triton")
+    z = reference.philox_normal(seeds, reference.STEP_STREAM_BASE + t, x0[0].numel()).reshape(shape)
+    ref_prev, _ = reference.step(model_output, t, x0, table, noise=z, clip_range=1.0)
+    ref64_prev, _ = reference.step(model_output.double(), t, x0.double(), table, noise=z.double(), clip_range=1.0)
+    ax, am, p0, p1, p2, std = table.coef[t, :6].reshape(shape[0], 6, *[1] * (len(shape) - 1)).unbind(1)
+    terms = p0.abs() * ((ax * x0).abs() + (am * model_output).abs()) + (p1 * x0).abs() + (p2 * model_output).abs() \
+        + (std * z).abs()  # what float32 rounding scales with (test_step.py derives it the same way)
+    assert_matches_reference(prev.cpu(), ref_prev, ref64_prev, magnitude=terms)
+
+
+@pytest.mark.parametrize("shape, groups", [
+    ((1, 4, 48, 48), 1),  # a group of 9216 elements: several spatial tiles per group
+    ((2, 8192, 1), 1),    # 8192 channels in one group: several channel tiles
+])
+def test_group_norm_multi_tile_groups(shape, groups):
+    g = torch.Generator().manual_seed(shape[1])
+    B, C = shape[:2]
+    x = torch.randn(shape, generator=g) * 3 + 2
+    params = [torch.randn(C, generator=g), torch.randn(C, generator=g)] + \
+        [torch.randn(B, C, generator=g) * 0.5 for _ in range(3)]
+    leaves = [v.to(DEVICE).requires_grad_() for v in (x, *params)]
+    y = ddpm_fast.group_norm_silu(leaves[0], leaves[1], leaves[2], groups, bias_in=leaves[3], scale=leaves[4],
+                                  shift=leaves[5], backend="triton")
+    upstream = torch.randn(shape, generator=g)
+    grads = torch.autograd.grad((y * upstream.to(DEVICE)).sum(), leaves)
+    ref_leaves = [v.double().requires_grad_() for v in (x, *params)]
+    ref = reference.group_norm_silu(ref_leaves[0], ref_leaves[1], ref_leaves[2], groups, bias_in=ref_leaves[3],
+                                    scale=ref_leaves[4], shift=ref_leaves[5])
+    ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), ref_leaves)
+    same_leaves = [v.clone().requires_grad_() for v in (x, *params)]
+    same = reference.group_norm_silu(same_leaves[0], same_leaves[1], same_leaves[2], groups, bias_in=same_leaves[3],
+                                     scale=same_leaves[4], shift=same_leaves[5])
+    same_grads = torch.autograd.grad((same * upstream).sum(), same_leaves)
+    assert_matches_reference(y.detach().cpu(), same.detach(), ref.detach())
+    # dx and dbias_in subtract group means of terms of size rstd * |dxhat| (test_group_norm.py's bound)
+    h = x.double() + params[2].double().reshape(B, C, *[1] * (len(shape) - 2))
+    var = h.reshape(B, groups, -1).var(dim=2, unbiased=False)
+    cancelling = var.add(1e-5).rsqrt().max().item() * 5.0 * 1.1 * params[0].abs().max().item() * \
+        (1 + params[3].abs().max().item())
+    for name, ours, same_grad, truth in zip(("x", "weight", "bias", "bias_in", "scale", "shift"), grads, same_grads,
+                                            ref_grads):
+        assert_matches_reference(ours.cpu(), same_grad, truth, what=f"grad of {name}",
+                                 magnitude=cancelling if name in ("x", "bias_in") else None)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU-tensor checks; on CUDA the kernels guard instead")
+def test_bad_timesteps_raise_on_cpu_tensors(schedule):
+    x0 = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"q_sample: t must lie in \[0, 999\].*max 1000"):
+        ddpm_fast.q_sample(x0, torch.tensor([3, 1000]), schedule, seeds=torch.tensor([1, 2]), backend="triton")
+    table = ddpm_table(schedule)
+    with pytest.raises(ValueError, match=r"step: t must lie in \[0, 999\].*min -1"):
+        ddpm_fast.step(x0, torch.tensor([-1, 5]), x0, table, seeds=torch.tensor([1, 2]), backend="triton")
+
+
+def test_bad_timestep_poisons_only_its_sample_in_kernel(schedule, monkeypatch):
+    """On CUDA a range check would sync, so the kernels write NaN for a sample whose t is outside the table
+    (the host check is switched off here to reach the kernels' own guard)."""
+    from ddpm_fast.ops.triton import q_sample as triton_q_sample
+    from ddpm_fast.ops.triton import step as triton_step
+
+    monkeypatch.setattr(triton_q_sample, "check_t_range", lambda *args: None)
+    monkeypatch.setattr(triton_step, "check_t_range", lambda *args: None)
+    x0 = torch.randn(3, 3, 4, 4, device=DEVICE)
+    t = torch.tensor([3, 1000, -1], device=DEVICE)
+    seeds = torch.tensor([1, 2, 3], device=DEVICE)
+    table = ddpm_table(schedule)
+    outputs = [*torch.ops.ddpm_fast.q_sample(x0, t, schedule.q_table(DEVICE), None, seeds, 0, 1, "triton"),
+               *torch.ops.ddpm_fast.step(x0, x0, None, t, table.table(DEVICE), None, seeds, 1.0, 0.0, 1.0, True,
+                                         "triton")]
+    for out in outputs:  # x_t, the v target, prev, x0
+        assert out[0].isfinite().all() and out[1:].isnan().all()
+
+
+def test_missing_noise_raises_on_cpu_tensors_and_is_nan_in_kernel(schedule):
+    """A row that adds noise with neither noise nor seeds: the cpu backend's error for CPU tensors, NaN for
+    that sample from the kernel itself (what CUDA tensors get; the op layer above never lets it happen)."""
+    from ddpm_fast.ops.triton import step as triton_step
+    from ddpm_fast.ops.triton._tiles import programs_per_sample
+
+    table = ddpm_table(schedule).table(DEVICE)
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    t = torch.tensor([0, 500], device=DEVICE)  # DDPM adds no noise at t = 0
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match=r"step: timestep t\[1\] = 500 adds noise"):
+            torch.ops.ddpm_fast.step(x, x, None, t, table, None, None, 0.0, 0.0, 1.0, False, "triton")
+    prev = torch.empty_like(x)
+    triton_step._step_kernel[lambda meta: (2 * programs_per_sample(meta, 3, 16, False),)](
+        x, 48, x, 48, x, 0, t, table, table.shape[0], x, 0, t, prev, prev, t, 0.0, 3, 16,
+        NOISE=triton_step.NO_NOISE, HAS_V=False, WRITE_X0=False, THRESHOLD=False, CLIP=False, CHANNELS_LAST=False,
+        S_MULTIPLE_OF_4=True)
+    assert prev[0].isfinite().all() and prev[1].isnan().all()
+
+
+def test_interpreter_runs_one_configuration():
+    from ddpm_fast.ops.triton import _common
+
+    space = _common.configs([{"BLOCK": 1024}, {"BLOCK": 2048}], {"BLOCK": 8192}, num_warps=(4, 8))
+    if _common.INTERPRET:
+        assert [c.kwargs for c in space] == [{"BLOCK": 8192}]
+    else:
+        assert len(space) == 4
+
+
+def test_automatic_choice_never_picks_triton_for_cpu_tensors():
+    cpu = torch.device("cpu")
+    chosen = backend_choice.resolve("q_sample", ("cpu", "cuda", "triton"), cpu, None)
+    assert chosen == ("cpu" if ddpm_fast.build_info()["backends"]["cpu"] == "available" else "torch")
+    assert backend_choice.resolve("q_sample", ("triton",), cpu, None) == "torch"
+    assert backend_choice.resolve("q_sample", ("triton",), cpu, "triton") == "triton"  # only when asked
+
+
+def test_cuda_tensors_prefer_per_op_table_and_fall_back_to_triton(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(backend_choice, "_runs_on", lambda name, device: None)  # pretend both GPU backends run
+    monkeypatch.setitem(backend_choice.CUDA_PREFERENCE, "step", ("triton", "cuda"))
+    assert backend_choice.resolve("step", ("cpu", "cuda", "triton"), cuda, None) == "triton"
+    assert backend_choice.resolve("q_sample", ("cpu", "cuda", "triton"), cuda, None) == "cuda"
+    # an extension built without CUDA: triton
+    monkeypatch.setattr(backend_choice, "_runs_on", lambda name, device: "no CUDA" if name == "cuda" else None)
+    assert backend_choice.resolve("q_sample", ("cpu", "cuda", "triton"), cuda, None) == "triton"
+
+
+# Compiles representative kernel variants for an H100/H200 (sm_90) in a subprocess without TRITON_INTERPRET:
+# the interpreter runs code that the compiler rejects (it once accepted a helper whose constexpr branches
+# returned different shapes), so CI without a GPU still checks that the kernels lower to a cubin
+# (Triton ships ptxas; no GPU or driver is needed).
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ddpm_fast.ops.triton import group_norm, q_sample, step
+
+def jit_function(kernel):
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+        kernel = kernel.fn  # through autotune and heuristics
+    return kernel
+
+def compile_for_sm90(kernel, types, constexprs):
+    fn = jit_function(kernel)
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "*fp32") for name in fn.arg_names}
+    triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 4, "enable_fp_fusion": False})
+
+ints = {name: "i32" for name in ("C", "S", "G", "Cg", "num_t", "stream_hi")}
+ints.update({name: "i64" for name in ("x0_bs", "noise_bs", "x_bs", "m_bs", "v_bs", "stream_lo")})
+ints.update(t_ptr="*i64", seeds_ptr="*i64", group_size="fp32", eps="fp32", clip="fp32")
+
+def types(dtype):
+    return {**ints, **{name: "*" + dtype for name in ("x0_ptr", "noise_ptr", "xt_ptr", "target_ptr", "x_ptr", "m_ptr",
+                                                      "v_ptr", "prev_ptr", "y_ptr", "dy_ptr", "dx_ptr")}}
+
+# each tile shape of the elementwise kernels, with the heaviest options
+for dtype, cl, s4 in (("fp16", False, True), ("bf16", True, True), ("fp32", True, False)):
+    compile_for_sm90(q_sample._q_sample_kernel, types(dtype), dict(
+        DRAW=True, V_TARGET=True, CHANNELS_LAST=cl, S_MULTIPLE_OF_4=s4, BLOCK=2048, BLOCK_S=512, BLOCK_C=4))
+    compile_for_sm90(step._step_kernel, types(dtype), dict(
+        NOISE=2, HAS_V=True, WRITE_X0=True, THRESHOLD=cl, CLIP=not cl, CHANNELS_LAST=cl, S_MULTIPLE_OF_4=s4,
+        BLOCK=1024, BLOCK_S=32, BLOCK_C=32))
+compile_for_sm90(step._step_kernel, types("fp32"), dict(
+    NOISE=0, HAS_V=False, WRITE_X0=False, THRESHOLD=False, CLIP=False, CHANNELS_LAST=False, S_MULTIPLE_OF_4=True,
+    BLOCK=1024, BLOCK_S=32, BLOCK_C=32))
+for dtype, cl in (("bf16", True), ("fp32", False)):
+    flags = dict(HAS_W=True, HAS_BIAS=True, HAS_BIN=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True,
+                 CHANNELS_LAST=cl, TILE=2048, BLOCK_CG=4, BLOCK_S=512)
+    compile_for_sm90(group_norm._forward_kernel, types(dtype), flags)
+    compile_for_sm90(group_norm._backward_kernel, types(dtype), dict(flags, DBIN=True, DSCALE=True, DSHIFT=True,
+                                                                     DW=True, DB=True))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every test compiles the kernels it runs")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
