@@ -7,11 +7,14 @@ few float32 ulp the backends' ``log`` / ``sin`` / ``cos`` may differ by, and the
 invariance).
 
 The loop keeps everything on the device: the timesteps of every step are one (N, B) int64 tensor made
-before the loop, the seeds are a (B,) int64 device tensor, and nothing is read back to the host.
+before the loop, the seeds are a (B,) int64 device tensor, and nothing is read back to the host. With
+``cuda_graph=True`` one replay of a captured graph is one whole step: it picks its timesteps from that
+tensor by a device step counter and advances x in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
@@ -26,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from ._native import backend_missing_reason
 from .ops import randn, step
 from .ops.checks import FLOAT_DTYPES
 from .schedule import (PREDICTION_TYPES, TIMESTEP_SPACINGS, NoiseSchedule, StepTable, _check_choice, _check_int,
@@ -280,7 +284,7 @@ class Sampler:
         self.table: StepTable = table
         self.timesteps: Tensor = table.timesteps
         self._out_channels_factor = 2 if self.variance_type == "learned_range" else 1
-        self._graph = None  # (key, graph, static_x, static_t, static_seeds, static_out): _graph_runner
+        self._graph: _GraphedStep | None = None  # the captured step of cuda_graph=True
 
     def __repr__(self) -> str:
         return (f"Sampler(method={self.method!r}, num_steps={self.num_steps}, eta={self.eta}, "
@@ -315,8 +319,11 @@ class Sampler:
             dtype: float32, float16 or bfloat16: the dtype of x and of what the model receives.
             progress: show a progress bar (tqdm when installed, else a line on stderr).
             return_trajectory: also return every x_t, x_T first (unclamped).
-            cuda_graph: on CUDA, capture model + step once and replay it for every step; falls back to the
-                eager loop with a warning naming the reason where capture is impossible.
+            cuda_graph: on CUDA, capture model + step once (per batch shape, dtype, autocast state and
+                model parameters) and replay it for every step; later calls reuse the graph with new seeds.
+                Needs the cuda or triton step kernel; falls back to the eager loop with a warning naming
+                the reason where capture is impossible. Under autocast, the graph recasts the weights each
+                step (autocast's weight cache cannot outlive its region).
 
         Returns:
             images: (B, C, H, W) in ``dtype``, clamped to [-1, 1]; with ``return_trajectory``,
@@ -343,76 +350,139 @@ class Sampler:
         step_seeds = seeds if self.table.adds_noise else None  # DDIM with eta = 0 draws nothing
         trajectory = [x] if return_trajectory else None
 
-        run = None
-        if cuda_graph:
-            run = self._graph_runner(x, ts, step_seeds)
-        if run is None:
-            def run(x, i):
-                return self._step(x, ts[i], step_seeds)
+        graphed = self._graphed_loop(x, ts, step_seeds) if cuda_graph else None
+        if graphed is not None:
+            x = graphed.x  # the graph's own buffer: each replay advances it by one step in place
 
         bar = _progress_bar(N, progress, f"{self.method.upper()} sampling")
         try:
             for i in range(N):
-                x = run(x, i)
+                if graphed is not None:
+                    graphed.graph.replay()
+                else:
+                    x = self._step(x, ts[i], step_seeds)
                 if trajectory is not None:
-                    trajectory.append(x)
+                    trajectory.append(x.clone() if graphed is not None else x)
                 bar.update(1)
         finally:
             bar.close()
-        images = x.clamp(-1.0, 1.0)
+        images = x.clamp(-1.0, 1.0)  # a new tensor: the graph's buffer is never handed out
         if return_trajectory:
             return images, torch.stack(trajectory)
         return images
 
     # ---------------------------------------------------------------------------------------- CUDA graph
 
-    def _graph_runner(self, x: Tensor, ts: Tensor, seeds: Tensor | None):
-        """A function ``run(x, i)`` replaying one captured model + step, or None (after a warning).
+    def _graph_key(self, x: Tensor, seeded: bool) -> tuple:
+        """What a captured graph bakes in besides the values in its buffers: the batch's shape, dtype and
+        device, whether the step draws noise, the step's options and table (kernel arguments), the autocast
+        state, the model and its parameter storage (a graph reads parameters by address, so ``model.half()``
+        or ``model.to(...)`` after a capture needs a new one)."""
+        dev = x.device.type
+        autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        storage = ()
+        if isinstance(self.model, torch.nn.Module):
+            storage = tuple((p.data_ptr(), p.dtype) for p in self.model.parameters())
+            storage += tuple((b.data_ptr(), b.dtype) for b in self.model.buffers())
+        options = (self.clip_range, self.thresholding, self.dynamic_thresholding_ratio, self.sample_max_value,
+                   id(self.table), self.backend)
+        return (tuple(x.shape), x.dtype, x.device, seeded, options, autocast, id(self.model), storage)
 
-        The graph reads x, the timesteps and the seeds from static device buffers, so each replay steps
-        from the current x at the current t, and draws the noise of stream 2**32 + t for these seeds.
-        One graph is kept per (batch, shape, dtype, device, seeded); a new call with the same key only
-        copies its seeds in.
+    def _graphed_loop(self, x: Tensor, ts: Tensor, seeds: Tensor | None) -> "_GraphedStep | None":
+        """The captured model + step, loaded with this call's x_T, timesteps and seeds; or None after a
+        warning naming why the eager loop runs instead.
+
+        One graph is kept per :meth:`_graph_key`; a later call with the same key only copies its x_T, seeds
+        and timesteps into the graph's buffers (device-to-device, no host sync) and rewinds its step index.
         """
-        if not x.is_cuda:
-            warnings.warn(f"Sampler.sample: cuda_graph=True needs CUDA tensors, but sampling runs on {x.device}; "
-                          "using the eager loop", RuntimeWarning, stacklevel=3)
+        reason = _graph_unavailable_reason(x.device, self.backend)
+        if reason is not None:
+            warnings.warn(f"Sampler.sample: {reason}; using the eager loop", RuntimeWarning, stacklevel=3)
             return None
-        key = (tuple(x.shape), x.dtype, x.device, seeds is not None)
-        if self._graph is None or self._graph[0] != key:
-            self._graph = None
+        key = self._graph_key(x, seeds is not None)
+        if self._graph is None or self._graph.key != key:
+            self._graph = None  # free the old graph's memory pool before capturing a new one
             try:
-                self._graph = (key, *self._capture(x, ts[0], seeds))
+                self._graph = _GraphedStep.capture(self._step, key, x, ts, seeds)
             except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
                 warnings.warn(f"Sampler.sample: CUDA-graph capture failed ({type(error).__name__}: {error}); "
                               "using the eager loop", RuntimeWarning, stacklevel=3)
                 return None
-        _, graph, static_x, static_t, static_seeds, static_out = self._graph
+        self._graph.load(x, ts, seeds)
+        return self._graph
+
+
+class _GraphedStep:
+    """One model + reverse step captured as a CUDA graph that advances its own state.
+
+    Replay k reads row k of the timesteps buffer ``ts`` ((N, B) int64) through the device step index
+    ``index`` ((1,) int64), runs ``x <- step(model(x, t), t, x, seeds)`` in place on ``x`` and increments
+    ``index``: one replay per step, nothing copied or read back between replays. Every input lives in a
+    buffer captured by address, so :meth:`load` (in-place copies) prepares a new trajectory.
+    """
+
+    def __init__(self, key, graph, x: Tensor, ts: Tensor, index: Tensor, seeds: Tensor | None):
+        self.key, self.graph, self.x, self.ts, self.index, self.seeds = key, graph, x, ts, index, seeds
+
+    @staticmethod
+    def _body(step_fn, x: Tensor, ts: Tensor, index: Tensor, seeds: Tensor | None) -> None:
+        t = ts.index_select(0, index).view(-1)  # (B,): this replay's timesteps, chosen on the device
+        x.copy_(step_fn(x, t, seeds))
+        index.add_(1)
+
+    @classmethod
+    def capture(cls, step_fn, key, x: Tensor, ts: Tensor, seeds: Tensor | None) -> "_GraphedStep":
+        x, ts = x.clone(), ts.clone()
+        index = torch.zeros(1, dtype=torch.int64, device=x.device)
+        seeds = None if seeds is None else seeds.clone()
+        dev = x.device.type
+        # Under autocast, casts must happen inside the graph: with autocast's weight cache the graph would
+        # read bf16 copies made before the capture, which the enclosing autocast region frees when it ends.
+        autocast = (torch.autocast(dev, dtype=torch.get_autocast_dtype(dev), cache_enabled=False)
+                    if torch.is_autocast_enabled(dev) else contextlib.nullcontext())
+        with autocast:
+            graph = _capture_graph(lambda: cls._body(step_fn, x, ts, index, seeds), x.device,
+                                   before_each_warmup=index.zero_)
+        return cls(key, graph, x, ts, index, seeds)
+
+    def load(self, x: Tensor, ts: Tensor, seeds: Tensor | None) -> None:
+        """Start a trajectory: x_T (B, C, H, W), the timesteps (N, B) and the seeds (B,) into the buffers."""
+        self.x.copy_(x)
+        self.ts.copy_(ts)
+        self.index.zero_()
         if seeds is not None:
-            static_seeds.copy_(seeds)
+            self.seeds.copy_(seeds)
 
-        def run(x, i):
-            static_x.copy_(x)
-            static_t.copy_(ts[i])
-            graph.replay()
-            return static_out.clone()  # the next replay overwrites static_out
-        return run
 
-    def _capture(self, x: Tensor, t: Tensor, seeds: Tensor | None):
-        static_x, static_t = x.clone(), t.clone()
-        static_seeds = None if seeds is None else seeds.clone()
-        # Warm up on a side stream (lazy initialisation, cuDNN autotuning) before capturing, as PyTorch's
-        # CUDA-graph notes require; the warm-up results are thrown away.
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step(static_x, static_t, static_seeds)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self._step(static_x, static_t, static_seeds)
-        return graph, static_x, static_t, static_seeds, static_out
+def _graph_unavailable_reason(device: torch.device, backend: str | None) -> str | None:
+    """Why a sampling step on ``device`` cannot be captured as a CUDA graph, or None when it can."""
+    if device.type != "cuda":
+        return f"cuda_graph=True needs CUDA tensors, but sampling runs on {device}"
+    if backend == "torch" or all(backend_missing_reason(b) for b in ("cuda", "triton")):
+        # The torch reference step reads the timesteps back to the host, which a capture forbids.
+        why = ("backend='torch' was asked for" if backend == "torch" else
+               f"cuda: {backend_missing_reason('cuda')}; triton: {backend_missing_reason('triton')}")
+        return f"cuda_graph=True needs the cuda or triton step kernel, but the step would run on torch ({why})"
+    return None
+
+
+def _capture_graph(run: Callable[[], None], device: torch.device, before_each_warmup: Callable[[], object]):
+    """``run`` captured as a ``torch.cuda.CUDAGraph`` (its ``replay()`` re-runs it on the device).
+
+    Warms up on a side stream first (lazy initialisation, cuDNN and Triton autotuning), as PyTorch's
+    CUDA-graph notes require; ``before_each_warmup`` resets whatever ``run`` advances.
+    """
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            before_each_warmup()
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph
 
 
 # --------------------------------------------------------------------------------------------------

@@ -504,6 +504,32 @@ def config_from_diffusers(config: dict) -> UNetConfig:
         raise ValueError(f"UNet.from_diffusers: unsupported configuration: {e}") from e
 
 
+def diffusers_config(config: UNetConfig) -> dict:
+    """The diffusers ``UNet2DModel(**kwargs)`` of the same architecture: the inverse of
+    :func:`config_from_diffusers` (``UNet.from_diffusers(UNet2DModel(**diffusers_config(cfg)))`` has ``cfg``).
+
+    Raises ValueError for the one form diffusers cannot build: a DDPM ("add") mid attention without its norm.
+    """
+    if not config.mid_attention_norm and config.time_embedding == "add":
+        raise ValueError("diffusers_config: mid_attention_norm=False exists in diffusers only with "
+                         "time_embedding='scale_shift'")
+    attention = [i in config.attention_levels for i in range(len(config.channel_mult))]
+    scale_shift = config.time_embedding == "scale_shift"
+    return dict(
+        sample_size=config.sample_size, in_channels=config.in_channels, out_channels=config.out_channels,
+        center_input_sample=config.center_input_sample, time_embedding_type="positional",
+        time_embedding_dim=config.time_embed_dim, freq_shift=config.freq_shift,
+        flip_sin_to_cos=config.flip_sin_to_cos,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        block_out_channels=config.channels, layers_per_block=config.layers_per_block,
+        mid_block_scale_factor=config.mid_block_scale_factor, downsample_padding=config.downsample_padding,
+        dropout=config.dropout, attention_head_dim=config.attention_head_dim, norm_num_groups=config.norm_groups,
+        attn_norm_num_groups=config.norm_groups if scale_shift and config.mid_attention_norm else None,
+        norm_eps=config.norm_eps, resnet_time_scale_shift="scale_shift" if scale_shift else "default",
+        add_attention=config.mid_attention)
+
+
 def read_diffusers_weights(path) -> dict[str, Tensor]:
     """The state dict of a ``save_pretrained`` directory (safetensors preferred, else .bin), without diffusers."""
     st = os.path.join(path, "diffusion_pytorch_model.safetensors")

@@ -20,6 +20,7 @@ from PIL import Image
 
 import ddpm_fast
 from ddpm_fast import reference
+from ddpm_fast import sampler as sampler_module
 from ddpm_fast.sampler import Sampler, save_image_grid
 from ddpm_fast.schedule import NoiseSchedule
 
@@ -271,6 +272,115 @@ def test_cuda_graph_on_cpu_warns_and_runs_eagerly(schedule):
     with pytest.warns(RuntimeWarning, match="cuda_graph=True needs CUDA tensors.*cpu"):
         graphed = sampler.sample([1, 2], SHAPE, cuda_graph=True)
     assert torch.equal(graphed, eager)
+
+
+def _fake_capture(captures: list):
+    """Stands in for sampler._capture_graph on the CPU: warms up as the real one does, and its "graph"
+    re-runs the captured step on the same buffers. A real graph replays the same kernels on the same
+    buffers, so this checks the graph's bookkeeping (step index, in-place x, seeds and timesteps loaded
+    between calls), not the capture itself (the GPU test below does)."""
+    def capture(run, device, before_each_warmup):
+        for _ in range(2):
+            before_each_warmup()
+            run()
+        captures.append(run)
+        return types.SimpleNamespace(replay=run)
+    return capture
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    captures = []
+    monkeypatch.setattr(sampler_module, "_graph_unavailable_reason", lambda device, backend: None)
+    monkeypatch.setattr(sampler_module, "_capture_graph", _fake_capture(captures))
+    return captures
+
+
+@pytest.mark.parametrize("method,num_steps", [("ddpm", 6), ("ddim", 1)])
+def test_graphed_loop_equals_eager_and_captures_once(schedule, fake_graphs, method, num_steps):
+    model = _Toy(schedule.num_train_timesteps)
+    graphed = Sampler(model, schedule, method=method, num_steps=num_steps, eta=0.0)
+    eager = Sampler(model, schedule, method=method, num_steps=num_steps, eta=0.0)
+    for seeds in ([1, 2], [7, -5]):  # the second call reuses the graph with new seeds and a new x_T
+        images, trajectory = graphed.sample(seeds, SHAPE, cuda_graph=True, return_trajectory=True)
+        expected, expected_trajectory = eager.sample(seeds, SHAPE, return_trajectory=True)
+        assert torch.equal(images, expected) and torch.equal(trajectory, expected_trajectory)
+    assert len(fake_graphs) == 1
+    graphed.sample([1, 2, 3], SHAPE, cuda_graph=True)  # another batch size: another capture
+    assert len(fake_graphs) == 2
+
+
+def test_graphed_loop_reads_timesteps_from_the_device_counter(schedule, fake_graphs):
+    """Replay k sees the k-th scheduled timesteps (after the capture's two warm-up steps at the first)."""
+    seen = []
+
+    def spy(x, t):
+        seen.append(t.tolist())
+        return torch.zeros_like(x)
+
+    sampler = Sampler(spy, schedule, method="ddim", num_steps=4)
+    scheduled = [[t, t] for t in sampler.timesteps.tolist()]
+    sampler.sample([1, 2], SHAPE, cuda_graph=True)
+    assert seen == scheduled[:1] * 2 + scheduled
+    seen.clear()
+    sampler.sample([3, 4], SHAPE, cuda_graph=True)  # the same graph, rewound
+    assert seen == scheduled and len(fake_graphs) == 1
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((3, 1, 1), 0.5))
+
+    def forward(self, x, t):
+        return torch.tanh(x * self.weight)
+
+
+def test_graph_key_follows_the_model_parameters(schedule, fake_graphs):
+    """A graph reads the parameters by address: new parameter storage (model.half(), .to(...)) needs a new
+    capture, while the same storage (in-place updates) reuses the graph."""
+    model = _Scale()
+    sampler = Sampler(model, schedule, num_steps=2)
+    sampler.sample([1], SHAPE, cuda_graph=True)
+    with torch.no_grad():
+        model.weight.mul_(2.0)  # in place: same address
+    sampler.sample([1], SHAPE, cuda_graph=True)
+    assert len(fake_graphs) == 1
+    old = model.weight.data  # kept alive, so the new storage cannot reuse its address
+    model.weight.data = old.clone()
+    assert torch.equal(sampler.sample([2], SHAPE, cuda_graph=True), sampler.sample([2], SHAPE))
+    assert len(fake_graphs) == 2
+
+
+def test_graph_unavailable_reasons(monkeypatch):
+    reason = sampler_module._graph_unavailable_reason
+    assert "needs CUDA tensors" in reason(torch.device("cpu"), None)
+    assert "backend='torch'" in reason(torch.device("cuda"), "torch")
+    # Neither GPU backend can run (stated here: the test session may run Triton on its CPU interpreter).
+    monkeypatch.setattr(sampler_module, "backend_missing_reason", lambda b: f"no {b} here")
+    assert "step would run on torch (cuda: no cuda here; triton: no triton here)" in reason(torch.device("cuda"), None)
+    monkeypatch.setattr(sampler_module, "backend_missing_reason", lambda b: None if b == "triton" else "no cuda")
+    assert reason(torch.device("cuda"), None) is None  # one GPU backend suffices
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_cuda_graph_equals_eager_on_gpu(schedule, autocast):
+    """The real capture: the tiny UNet + step replayed from a graph gives the eager loop's images to the bit
+    (the same kernels on the same inputs), across two calls with different seeds (one capture), and under
+    bf16 autocast entered outside the sampler (the graph must not keep autocast's cached weight casts)."""
+    torch.manual_seed(0)
+    unet = ddpm_fast.UNet.preset("tiny").cuda().eval()
+    sampler = Sampler(unet, schedule, num_steps=5)
+    for seeds in ([1, 2, 3], [9, 8, 7]):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a capture failure would warn and run eagerly
+                graphed = sampler.sample(seeds, cuda_graph=True)
+            eager = sampler.sample(seeds)
+        assert torch.equal(graphed, eager)
+    assert sampler._graph is not None
 
 
 def test_progress_bar_tqdm(schedule, capsys):

@@ -12,8 +12,8 @@ import torch
 from _tolerance import assert_matches_reference
 
 import ddpm_fast
-from ddpm_fast.unet import (PRESETS, UNet, UNetConfig, config_from_diffusers, state_dict_from_diffusers,
-                            timestep_embedding)
+from ddpm_fast.unet import (PRESETS, UNet, UNetConfig, config_from_diffusers, diffusers_config,
+                            state_dict_from_diffusers, timestep_embedding)
 
 diffusers = pytest.importorskip("diffusers")
 UNet2DModel = diffusers.UNet2DModel
@@ -102,6 +102,23 @@ def test_diffusers_config_round_trip(name):
     cfg = PRESETS[name]
     back = config_from_diffusers(diffusers_kwargs(cfg))
     assert back == cfg
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS) + sorted(SMALL))
+def test_diffusers_config_is_the_inverse(name):
+    """diffusers_config(cfg) builds a UNet2DModel whose saved config reads back as cfg (both time-embedding
+    forms, with and without the scale_shift mid-attention norm), with our parameter count."""
+    cfg = PRESETS[name] if name in PRESETS else config_from_diffusers(SMALL[name])
+    with torch.device("meta"):
+        theirs = UNet2DModel(**diffusers_config(cfg))
+        ours = UNet(cfg)
+    assert config_from_diffusers({**dict(theirs.config), "_class_name": "UNet2DModel"}) == cfg
+    assert n_params(theirs) == n_params(ours)
+
+
+def test_diffusers_config_refuses_add_without_mid_attention_norm():
+    with pytest.raises(ValueError, match="mid_attention_norm=False exists in diffusers only with"):
+        diffusers_config(UNetConfig(mid_attention_norm=False))
 
 
 # ------------------------------------------------------------------------------------------------ shapes
