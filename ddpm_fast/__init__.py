@@ -10,7 +10,8 @@ from .ops import (BACKENDS, get_backend, group_norm_silu, q_sample, randn, set_b
 from .schedule import NoiseSchedule, StepTable, ddim_table, ddpm_table, sampling_timesteps  # noqa: E402
 from .sampler import Sampler, save_image_grid  # noqa: E402
 from .unet import UNet, UNetConfig  # noqa: E402
+from .train import TrainConfig, Trainer, load_model  # noqa: E402
 
 __all__ = ["BACKENDS", "FastDDIMScheduler", "FastDDPMScheduler", "NoiseSchedule", "StepTable", "build_info", "ddim_table", "ddpm_table", "get_backend",
            "group_norm_silu", "q_sample", "randn", "reference", "Sampler", "sampling_timesteps", "save_image_grid",
-           "set_backend", "step", "UNet", "UNetConfig", "use_backend"]
+           "set_backend", "step", "TrainConfig", "Trainer", "UNet", "UNetConfig", "load_model", "use_backend"]

@@ -1,0 +1,457 @@
+"""The ``ddpm-fast`` command line: train, sample, evaluate, bench, info, demo.
+
+Every subcommand has ``--help``. A bad argument, file or dataset ends the program with one readable
+line on stderr (``ddpm-fast <command>: error: ...``) and exit code 2, never a traceback; set
+``DDPM_FAST_DEBUG=1`` to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+PROG = "ddpm-fast"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class UsageError(Exception):
+    """A bad command line or input file, reported as one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage text stays behind --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _load_sampling_model(path: str):
+    """(model, schedule, sampler options) from our checkpoint, or a diffusers UNet2DModel / pipeline folder."""
+    from .schedule import NoiseSchedule
+    from .train import load_model
+    from .unet import UNet
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model {path!r} does not exist")
+    unet_dir = p / "unet" if (p / "unet" / "config.json").is_file() else p
+    config_file = unet_dir / "config.json"
+    if config_file.is_file():
+        try:
+            class_name = json.loads(config_file.read_text()).get("_class_name")
+        except json.JSONDecodeError as error:
+            raise ValueError(f"unreadable {str(config_file)!r}: {error}") from None
+        if class_name is not None:  # a diffusers folder
+            model = UNet.from_diffusers(unet_dir)
+            scheduler_file = next((f for f in (unet_dir.parent / "scheduler" / "scheduler_config.json",
+                                               p / "scheduler_config.json") if f.is_file()), None)
+            scheduler = json.loads(scheduler_file.read_text()) if scheduler_file else {}
+            options = {"prediction_type": scheduler.get("prediction_type", "epsilon")}
+            if "variance_type" in scheduler:  # DDPM sampling only (google/ddpm-* use fixed_large)
+                options["variance_type"] = scheduler["variance_type"]
+            return model, NoiseSchedule.from_config(scheduler), options
+    model, schedule, config = load_model(p)
+    return model, schedule, {"prediction_type": config["prediction_type"]}
+
+
+def _save_samples(images, seeds, out: Path) -> tuple[Path, Path]:
+    import numpy as np
+    from .sampler import save_image_grid
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image_grid(images, out, padding=1)
+    npz = out.with_suffix(".npz")
+    np.savez(npz, images=images.float().numpy(), seeds=np.asarray(seeds, dtype=np.int64))
+    return out, npz
+
+
+# --------------------------------------------------------------------------------------- subcommands
+
+def cmd_train(args) -> int:
+    from . import distributed
+    from .train import TrainConfig, Trainer
+    _set_threads(args.threads)
+    created = distributed.init_from_env()
+    try:
+        config = TrainConfig(
+            data=args.data, image_size=args.image_size, preset=args.preset, prediction_type=args.prediction_type,
+            min_snr_gamma=args.min_snr_gamma, num_train_timesteps=args.timesteps, beta_schedule=args.beta_schedule,
+            batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
+            grad_clip=args.grad_clip, ema_decay=args.ema_decay, ema_warmup=not args.no_ema_warmup, flip=args.flip,
+            amp=args.amp, seed=args.seed, checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
+            num_samples=args.num_samples, sample_steps=args.sample_steps)
+        trainer = Trainer(config, args.out, progress=True)
+        if not args.no_resume and trainer.resume():
+            _say(f"resumed from step {trainer.step} ({args.out})")
+        start = time.perf_counter()
+        losses = trainer.train(time_limit=args.time_limit)
+        if losses:
+            _say(f"step {trainer.step}: loss {losses[-1]:.4f}; {len(losses)} steps in "
+                 f"{time.perf_counter() - start:.0f} s; checkpoints in {Path(args.out) / 'checkpoints'}")
+    finally:
+        if created:
+            distributed.shutdown()
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+    from . import distributed
+    from .sampler import Sampler
+    _set_threads(args.threads)
+    created = distributed.init_from_env()
+    try:
+        model, schedule, options = _load_sampling_model(args.model)
+        if args.method != "ddpm":
+            options.pop("variance_type", None)
+        device = distributed.default_device() if args.device is None else torch.device(args.device)
+        model = model.to(device)
+        sampler = Sampler(model, schedule, method=args.method, num_steps=args.steps, backend=args.backend, **options)
+        seeds = torch.arange(args.seed, args.seed + args.num_samples, dtype=torch.int64)
+        cfg = model.config
+        images = distributed.sample_sharded(sampler, seeds, (cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                                            device, progress=distributed.rank() == 0, cuda_graph=args.cuda_graph)
+        if images is not None:
+            png, npz = _save_samples(images, seeds.tolist(), Path(args.out))
+            _say(f"wrote {png} and {npz} ({args.num_samples} samples, {sampler.method} {sampler.num_steps} steps)")
+    finally:
+        if created:
+            distributed.shutdown()
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+    from .data import load_dataset, load_digits
+    from .sampler import Sampler
+    from .train import load_model
+    _set_threads(args.threads)
+    model, schedule, config = load_model(args.checkpoint)
+    data = config["train"]["data"]
+    real = load_digits("test") if data == "digits" else load_dataset(data, config["train"]["image_size"])
+    x0 = real.images[:args.num_images]
+    result = {}
+    bound = _timed(lambda: _bpd(model, x0, schedule, config["prediction_type"], args.bpd_timesteps), result, "bpd")
+    if data == "digits":
+        sampler = Sampler(model, schedule, method="ddim", num_steps=args.sample_steps,
+                          prediction_type=config["prediction_type"])
+        samples = sampler.sample(torch.arange(args.num_samples), progress=True)
+        result.update(_digit_scores(samples))
+    result.update(bound)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _bench_argv(args, name: str) -> list[str]:
+    """Our bench options in the form each benchmark script takes them."""
+    argv = [] if args.device is None else ["--device", args.device]
+    if args.max_seconds is not None:
+        argv += ["--max-seconds", str(args.max_seconds)]
+    if args.record:
+        argv.append("--record")
+    if name == "table":
+        argv += ["--no-compile"] if args.no_compile else []
+        argv += ["--targets-only"] if args.quick else []
+    else:
+        argv += ["--quick"] if args.quick else []
+    return argv
+
+
+def cmd_bench(args) -> int:
+    import importlib.util
+    table = REPO_ROOT / "benchmarks" / "table.py"
+    if not table.is_file():
+        raise UsageError(f"the benchmarks are not installed with the package: run `{PROG} bench` from a checkout "
+                         f"of the repository (looked for {table})")
+    _set_threads(args.threads)
+    status = 0
+    for name in ("table", "bench_sampling"):
+        file = REPO_ROOT / "benchmarks" / f"{name}.py"
+        if not file.is_file():
+            print(f"\n({file.name} is not in this checkout: no {name.replace('bench_', '')} table)")
+            continue
+        sys.path.insert(0, str(file.parent))
+        spec = importlib.util.spec_from_file_location(f"_ddpm_fast_bench_{name}", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not hasattr(module, "main"):
+            print(f"\n({file.name} has no main(): skipped)")
+            continue
+        print(f"\n== {file.relative_to(REPO_ROOT)} ==", flush=True)
+        status |= int(module.main(_bench_argv(args, name)) or 0)
+    return status
+
+
+def cmd_info(args) -> int:
+    from . import build_info
+    print(json.dumps(build_info(), indent=2, default=str))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _timed(fn, timings: dict, name: str):
+    start = time.perf_counter()
+    value = fn()
+    timings[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
+    return value
+
+
+def _bpd(model, x0, schedule, prediction_type, timesteps):
+    from .evaluate import variational_bound
+    r = variational_bound(model, x0, schedule, prediction_type=prediction_type, num_timesteps=timesteps,
+                          progress=True)
+    return {"bpd": round(r["bpd"], 3), "prior_bpd": round(r["prior_bpd"], 5), "decoder_bpd": round(r["decoder_bpd"], 3)}
+
+
+def _digit_scores(samples):
+    from .evaluate import digit_scores
+    s = digit_scores(samples)
+    return {k: round(v, 4) for k, v in s.items()}
+
+
+def _throughput(model, schedule, batch: int, steps: int) -> dict:
+    """Images per second of DDIM sampling with the fused ops and with the reference backend everywhere."""
+    import torch
+    from .ops import use_backend
+    from .sampler import Sampler
+    seeds = torch.arange(batch, dtype=torch.int64)
+    result = {}
+    for name, backend in (("fused", None), ("reference", "torch")):
+        with use_backend(backend) if backend else _nullcontext():
+            sampler = Sampler(model, schedule, method="ddim", num_steps=steps, backend=backend)
+            sampler.sample(seeds[:2])  # warm-up: first-call allocations and lazy initialisation
+            start = time.perf_counter()
+            sampler.sample(seeds)
+            result[name] = batch / (time.perf_counter() - start)
+    return result
+
+
+def _nullcontext():
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def cmd_demo(args) -> int:
+    import torch
+    from .data import load_digits
+    from .sampler import Sampler
+    from .train import TrainConfig, Trainer
+    _set_threads(args.threads)
+    start = time.perf_counter()
+    out = Path(args.out)
+    # The demo owns its folder: a previous demo's checkpoints would otherwise be resumed or outlive this run.
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if (out / "log.jsonl").exists():
+        (out / "log.jsonl").unlink()
+    _say(f"ddpm-fast demo: the tiny U-Net on scikit-learn's digits (8x8 -> 16x16), {torch.get_num_threads()} "
+         f"CPU thread(s), training for {args.train_seconds:.0f} s")
+    config = TrainConfig(data="digits", preset="tiny", batch_size=args.batch_size, steps=args.max_steps, lr=args.lr,
+                         warmup_steps=100, min_snr_gamma=5.0, ema_decay=0.9999, ema_warmup=True,
+                         checkpoint_every=args.max_steps,
+                         seed=args.seed, num_samples=args.samples, sample_steps=args.sample_steps)
+    trainer = Trainer(config, out, dataset=load_digits("train"), progress=True)
+    timings: dict = {}
+    losses = _timed(lambda: trainer.train(time_limit=args.train_seconds), timings, "train")
+    _say(f"trained {trainer.step} steps ({trainer.step * args.batch_size / len(trainer.dataset):.1f} epochs) in "
+         f"{timings['train_seconds']} s, final loss {sum(losses[-50:]) / len(losses[-50:]):.4f} (mean of the last 50); "
+         f"checkpoint {out / 'checkpoints' / f'step_{trainer.step:08d}'}")
+
+    model = trainer.ema_model()
+    sampler = Sampler(model, trainer.schedule, method="ddim", num_steps=args.sample_steps)
+    seeds = list(range(args.samples))
+    samples = _timed(lambda: sampler.sample(seeds, (1, 16, 16), progress=True), timings, "sample")
+    png, npz = _save_samples(samples, seeds, out / "samples.png")
+    _say(f"{args.samples} samples (fused DDIM, {args.sample_steps} steps) in {timings['sample_seconds']} s -> {png}")
+
+    scores = _timed(lambda: _digit_scores(samples), timings, "score")
+    real = _digit_scores(load_digits("train").images[:args.samples])
+    _say(f"digit scores of the samples: confidence {scores['confidence']:.3f}, Fréchet distance "
+         f"{scores['frechet']:.1f}, {100 * scores['digit_fraction']:.0f}% read as digits "
+         f"(real training digits score {real['confidence']:.3f} and {real['frechet']:.1f}; pure noise ~0 and ~1200)")
+    held_out = load_digits("test").images[:args.bpd_images]
+    bound = _timed(lambda: _bpd(model, held_out, trainer.schedule, "epsilon", args.bpd_timesteps), timings, "bpd")
+    _say(f"variational bound on {held_out.shape[0]} held-out digits: {bound['bpd']:.3f} bits/dim (L_T "
+         f"{bound['prior_bpd']:.5f}, L_0 {bound['decoder_bpd']:.3f}; {args.bpd_timesteps} log-spaced strata of t)")
+    speed = _timed(lambda: _throughput(model, trainer.schedule, args.bench_batch, args.bench_steps), timings, "bench")
+    _say(f"sampling throughput, {args.bench_batch} images x {args.bench_steps} DDIM steps: fused "
+         f"{speed['fused']:.1f} images/s, reference backend {speed['reference']:.1f} images/s "
+         f"({speed['fused'] / speed['reference']:.2f}x)")
+    summary = {"steps": trainer.step, "loss": losses[-1] if losses else None, **scores, **bound,
+               "fused_images_per_s": round(speed["fused"], 2), "reference_images_per_s": round(speed["reference"], 2),
+               "threads": torch.get_num_threads(), **timings,
+               "total_seconds": round(time.perf_counter() - start, 1), "grid": str(png)}
+    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    _say(f"done in {summary['total_seconds']:.0f} s; summary in {out / 'demo.json'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- parser
+
+def _default_threads() -> int:
+    # The demo's default: see README ("The demo"): two threads measured fastest on a 2-core machine.
+    return min(2, os.cpu_count() or 1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Train, sample, evaluate and benchmark DDPMs on the fused kernels.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,sample,evaluate,bench,info}",
+                                parser_class=_Parser)
+
+    def add(name, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        return p
+
+    demo = add("demo", "Train the tiny U-Net on the bundled digits for a few minutes, sample, score, time.")
+    demo.add_argument("--out", default="runs/demo", help="output folder (its checkpoints/ is replaced)")
+    demo.add_argument("--train-seconds", type=_positive(float), default=300.0, help="training time budget")
+    demo.add_argument("--max-steps", type=_positive(int), default=20_000, help="training step cap")
+    demo.add_argument("--batch-size", type=_positive(int), default=32)
+    demo.add_argument("--lr", type=_positive(float), default=1e-3)
+    demo.add_argument("--samples", type=_positive(int), default=256, help="images to sample and score")
+    demo.add_argument("--sample-steps", type=_positive(int), default=30, help="DDIM steps")
+    demo.add_argument("--bpd-timesteps", type=_positive(int), default=30,
+                      help="strata of the variational-bound estimate (999: the exact sum)")
+    demo.add_argument("--bpd-images", type=_positive(int), default=100, help="held-out digits for the bound")
+    demo.add_argument("--bench-batch", type=_positive(int), default=32, help="batch of the throughput comparison")
+    demo.add_argument("--bench-steps", type=_positive(int), default=20, help="DDIM steps of the throughput comparison")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo, threads=_default_threads())
+
+    train = add("train", "Train a U-Net (resumes from OUT's latest checkpoint). Under torchrun: DDP over all ranks.")
+    train.add_argument("--data", default="digits", help="'digits', an image folder or a CIFAR-10 python directory")
+    train.add_argument("--out", required=True, help="run folder: checkpoints/, samples/, log.jsonl")
+    train.add_argument("--image-size", type=_positive(int), default=None, help="resize images (default: the data's)")
+    train.add_argument("--preset", default="tiny", help="U-Net preset: tiny, cifar10, celebahq256, lsun256")
+    train.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "sample", "v_prediction"))
+    train.add_argument("--min-snr-gamma", type=_positive(float), default=None, help="min-SNR weighting, e.g. 5")
+    train.add_argument("--timesteps", type=_positive(int), default=1000, help="diffusion steps T")
+    train.add_argument("--beta-schedule", default="linear", choices=("linear", "scaled_linear", "cosine", "sigmoid"))
+    train.add_argument("--batch-size", type=_positive(int), default=64, help="global batch (split across ranks)")
+    train.add_argument("--steps", type=_positive(int), default=10_000)
+    train.add_argument("--time-limit", type=_positive(float), default=None, help="stop after this many seconds")
+    train.add_argument("--lr", type=_positive(float), default=2e-4)
+    train.add_argument("--warmup-steps", type=int, default=500)
+    train.add_argument("--grad-clip", type=_positive(float), default=1.0)
+    train.add_argument("--ema-decay", type=float, default=0.9999)
+    train.add_argument("--no-ema-warmup", action="store_true", help="use --ema-decay from the first step")
+    train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                       help="random horizontal flips (default: off for digits, on for image folders and CIFAR-10)")
+    train.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"), help="auto: bf16 on CUDA")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-every", type=_positive(int), default=1000)
+    train.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0: never)")
+    train.add_argument("--num-samples", type=_positive(int), default=64)
+    train.add_argument("--sample-steps", type=_positive(int), default=50)
+    train.add_argument("--no-resume", action="store_true", help="start from scratch even if OUT has checkpoints")
+    train.set_defaults(func=cmd_train)
+
+    sample = add("sample", "Sample a trained model (our checkpoint or a diffusers UNet2DModel folder) to PNG + .npz.")
+    sample.add_argument("model", help="a checkpoint, a run folder (its latest checkpoint) or a diffusers folder")
+    sample.add_argument("--out", default="samples.png", help="the PNG grid; the images go next to it as .npz")
+    sample.add_argument("--num-samples", type=_positive(int), default=64, help="number of images")
+    sample.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")
+    sample.add_argument("--method", default="ddim", choices=("ddim", "ddpm"))
+    sample.add_argument("--steps", type=_positive(int), default=50, help="sampling steps")
+    sample.add_argument("--backend", default=None, choices=("cuda", "triton", "cpu", "torch"),
+                        help="the step op's backend (default: by device)")
+    sample.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: the rank's GPU, else CPU)")
+    sample.add_argument("--cuda-graph", action="store_true", help="replay one captured model + step per step (CUDA)")
+    sample.set_defaults(func=cmd_sample)
+
+    evaluate = add("evaluate", "Bits/dim (variational bound) of a checkpoint; digit scores for digit models.")
+    evaluate.add_argument("checkpoint", help="a checkpoint or run folder")
+    evaluate.add_argument("--num-images", type=_positive(int), default=300, help="held-out images for the bound")
+    evaluate.add_argument("--bpd-timesteps", type=_positive(int), default=100, help="999: the exact sum")
+    evaluate.add_argument("--num-samples", type=_positive(int), default=256)
+    evaluate.add_argument("--sample-steps", type=_positive(int), default=50)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    bench = add("bench", "The op table (benchmarks/table.py) and the sampling + training table "
+                         "(benchmarks/bench_sampling.py) on this machine; needs a checkout of the repository.")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--quick", action="store_true", help="only the target shapes / the short sampling runs")
+    bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines of the op table")
+    bench.add_argument("--max-seconds", type=_positive(float), default=None, help="per table: no new case after this")
+    bench.add_argument("--record", action="store_true", help="write JSON records under benchmarks/results/")
+    bench.set_defaults(func=cmd_bench)
+
+    info = add("info", "Print ddpm_fast.build_info(): the compiled backends, CUDA architectures, versions.")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+# Commands that run torch's CPU kernels for minutes: worth a restart with sleeping OpenMP threads.
+_HEAVY = ("demo", "train", "sample", "evaluate")
+
+
+def _restart_with_passive_openmp(argv: list[str]) -> None:
+    """Re-run this command with OMP_WAIT_POLICY=PASSIVE unless the user set a policy.
+
+    libgomp reads the policy once, when torch loads, so it cannot be changed in-process. With the
+    default (spinning) policy, a training step of the tiny U-Net took 12 s instead of 0.6 s on a 2-core
+    machine shared with other work (README, "The demo"); sleeping threads cost ~nothing when idle.
+    """
+    if "OMP_WAIT_POLICY" in os.environ or not argv or argv[0] not in _HEAVY:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "ddpm_fast", *argv])
+
+
+def main(argv=None) -> int:
+    """The console script. ``argv`` None: the process's own arguments (and the OpenMP restart above)."""
+    if argv is None:
+        argv = sys.argv[1:]
+        _restart_with_passive_openmp(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = f"{PROG} {args.command}"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, TypeError, OSError, RuntimeError, ImportError) as error:
+        if os.environ.get("DDPM_FAST_DEBUG"):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Training images as one (N, C, H, W) float32 tensor in [-1, 1]: the bundled digits, a folder, or CIFAR-10.
+
+* ``"digits"``: scikit-learn's 8x8 handwritten digits (1,797 images, bundled with scikit-learn, no
+  download). Pixel values 0..16 are divided by 16, upsampled 8x8 -> 16x16 bilinearly
+  (``align_corners=False``), then mapped to [-1, 1] by ``2 x - 1``; 16x16 is the smallest size the
+  U-Net's two levels and 8x8 attention work at. A fixed permutation (seed 0) splits 1,497 training
+  and 300 held-out images; the held-out ones are what :mod:`ddpm_fast.evaluate` scores samples against.
+  Digits are never flipped by default (a mirrored 2, 3, 4, 5, 6, 7 or 9 is not that digit).
+* a folder of PNG / JPEG images (searched recursively): each is converted to RGB (or L with
+  ``channels=1``), its shorter side resized to ``size`` (bicubic), then center-cropped to size x size.
+* a CIFAR-10 "python version" directory (``data_batch_1`` .. ``data_batch_5``, or ``test_batch`` with
+  ``split="test"``): 32x32 RGB. The pickles are read with an unpickler that only builds numpy arrays, so a
+  tampered file cannot run code.
+
+Everything lands in memory: these datasets are a few MB. A missing, empty or corrupt dataset raises
+:class:`DatasetError` naming the path and what is wrong.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DatasetError", "ImageDataset", "load_cifar10", "load_dataset", "load_digits", "load_image_folder"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DIGITS_HELD_OUT = 300
+CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+class DatasetError(ValueError):
+    """A dataset that is missing, empty or unreadable; the message names the path and the problem."""
+
+
+@dataclass
+class ImageDataset:
+    """images: (N, C, H, W) float32 in [-1, 1]; labels: (N,) int64 or None; flip: the default for training."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    flip: bool = True
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The per-image shape (C, H, W)."""
+        return tuple(self.images.shape[1:])
+
+
+def _to_unit_range(pixels01: torch.Tensor) -> torch.Tensor:
+    return (pixels01 * 2.0 - 1.0).clamp_(-1.0, 1.0).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------- digits
+
+def load_digits(split: str = "train", size: int = 16) -> ImageDataset:
+    """scikit-learn's digits: split "train" (1,497 images), "test" (300 held out) or "all" (1,797).
+
+    Returns (N, 1, size, size) images in [-1, 1] (see the module docstring for the scaling) with labels.
+    """
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"load_digits: split must be 'train', 'test' or 'all', got {split!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise ValueError(f"load_digits: size must be an int >= 8, got {size!r}")
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError as error:
+        raise DatasetError("the digits dataset needs scikit-learn (pip install 'ddpm-fast[demo]')") from error
+    bunch = sklearn_digits()
+    pixels = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]  # (1797, 1, 8, 8) in [0, 1]
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    if size != 8:
+        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
+    if split != "all":
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+        keep = order[DIGITS_HELD_OUT:] if split == "train" else order[:DIGITS_HELD_OUT]
+        pixels, labels = pixels[keep], labels[keep]
+    return ImageDataset(f"digits-{split}", _to_unit_range(pixels), labels, flip=False)
+
+
+# --------------------------------------------------------------------------------------------- image folder
+
+def _resize_center_crop(image, size: int):
+    """A PIL image -> size x size: shorter side to ``size`` (bicubic), then the center square."""
+    from PIL import Image
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def load_image_folder(path, size: int = 32, channels: int = 3) -> ImageDataset:
+    """Every PNG / JPEG under ``path`` (sorted, recursive) as (N, channels, size, size) in [-1, 1]."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as error:
+        raise DatasetError("reading an image folder needs Pillow (pip install pillow)") from error
+    if channels not in (1, 3):
+        raise ValueError(f"load_image_folder: channels must be 1 or 3, got {channels!r}")
+    root = Path(path)
+    if not root.exists():
+        raise DatasetError(f"dataset folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"dataset {str(root)!r} is not a folder (expected PNG / JPEG images inside)")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DatasetError(f"dataset folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    mode = "L" if channels == 1 else "RGB"
+    arrays = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                arrays.append(np.asarray(_resize_center_crop(image.convert(mode), size), dtype=np.uint8))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise DatasetError(f"cannot read image {str(file)!r}: {error}") from None
+    pixels = torch.from_numpy(np.stack(arrays)).float().div_(255.0)
+    pixels = pixels[:, None] if channels == 1 else pixels.permute(0, 3, 1, 2)
+    return ImageDataset(root.name or str(root), _to_unit_range(pixels), None, flip=True)
+
+
+# ------------------------------------------------------------------------------------------------- CIFAR-10
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Builds the dicts, lists, bytes and numpy arrays of a CIFAR-10 batch, and nothing else."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (a CIFAR-10 batch holds only arrays)")
+
+
+def _read_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(file, "rb") as f:
+            batch = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+        raise DatasetError(f"corrupt CIFAR-10 batch {str(file)!r}: {type(error).__name__}: {error}") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != data.shape[0]:
+        raise DatasetError(f"corrupt CIFAR-10 batch {str(file)!r}: data has shape {data.shape} "
+                           f"(expected (N, 3072)) and {len(labels)} labels")
+    return data, labels
+
+
+def load_cifar10(path, split: str = "train") -> ImageDataset:
+    """The CIFAR-10 python-pickle directory (cifar-10-batches-py): (50,000 or 10,000, 3, 32, 32) in [-1, 1]."""
+    if split not in ("train", "test"):
+        raise ValueError(f"load_cifar10: split must be 'train' or 'test', got {split!r}")
+    root = Path(path)
+    names = CIFAR_TRAIN_BATCHES if split == "train" else ("test_batch",)
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise DatasetError(f"CIFAR-10 folder {str(root)!r} lacks {', '.join(missing)} (expected the python "
+                           "version, cifar-10-batches-py)")
+    parts = [_read_cifar_batch(root / n) for n in names]
+    data = np.concatenate([d for d, _ in parts]).reshape(-1, 3, 32, 32)
+    labels = torch.from_numpy(np.concatenate([lab for _, lab in parts]))
+    return ImageDataset(f"cifar10-{split}", _to_unit_range(torch.from_numpy(data).float().div_(255.0)), labels,
+                        flip=True)
+
+
+# ------------------------------------------------------------------------------------------------- dispatch
+
+def is_cifar10_dir(path) -> bool:
+    return (Path(path) / "data_batch_1").is_file() or (Path(path) / "test_batch").is_file()
+
+
+def load_dataset(spec: str, size: int | None = None, channels: int = 3) -> ImageDataset:
+    """``"digits"`` (16x16 unless ``size``), a CIFAR-10 python directory (32x32), or an image folder (``size``, 32)."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"load_dataset: spec must be 'digits' or a path, got {type(spec).__name__}")
+    if spec == "digits":
+        return load_digits("train", 16 if size is None else size)
+    if not os.path.exists(spec):
+        raise DatasetError(f"dataset {str(spec)!r} does not exist (give 'digits', an image folder or a "
+                           "CIFAR-10 python directory)")
+    if os.path.isdir(spec) and is_cifar10_dir(spec):
+        dataset = load_cifar10(spec, "train" if (Path(spec) / "data_batch_1").exists() else "test")
+        if size not in (None, 32):
+            dataset.images = F.interpolate(dataset.images, size=(size, size), mode="bilinear", antialias=True,
+                                           align_corners=False).clamp_(-1, 1)
+        return dataset
+    return load_image_folder(spec, 32 if size is None else size, channels)

@@ -1,0 +1,121 @@
+"""torch.distributed glue: process-group setup from torchrun's environment, DDP, sharded sampling.
+
+Launch any number of processes with torchrun (``torchrun --nproc-per-node 8 -m ddpm_fast train ...``);
+each process reads RANK / WORLD_SIZE / LOCAL_RANK, joins the group (nccl on CUDA, gloo on the CPU) and
+takes its own GPU. Without those variables everything here is a single-process no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["any_rank", "barrier", "default_device", "init_from_env", "is_distributed", "mean_over_ranks", "rank",
+           "sample_sharded", "shutdown", "world_size", "wrap_ddp"]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def default_device() -> torch.device:
+    """This process's GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_from_env(backend: str | None = None) -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); returns whether this call created it.
+
+    A group that already exists (a caller's) is used as it is and left to that caller to destroy.
+    backend: None picks nccl when CUDA is available, else gloo.
+    """
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE is set but {', '.join(missing)} is not: launch with torchrun")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(default_device())
+    dist.init_process_group(backend)
+    return True
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    return default_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def mean_over_ranks(value: Tensor) -> Tensor:
+    """A scalar averaged over ranks (itself without a process group)."""
+    if not is_distributed():
+        return value
+    buf = value.detach().float().reshape(1).to(_collective_device())
+    dist.all_reduce(buf)
+    return buf[0] / world_size()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (so ranks stop a loop at the same step)."""
+    if not is_distributed():
+        return flag
+    buf = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return bool(buf.item() > 0)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> Callable:
+    """The module to call for training: DistributedDataParallel under a process group, else the model."""
+    if not is_distributed():
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def sample_sharded(sampler, seeds: Tensor, shape, device, **kwargs) -> Tensor | None:
+    """``sampler.sample`` over ``seeds`` split into contiguous shards, one per rank, gathered on rank 0.
+
+    Each image depends on its seed only, so the result equals one process sampling every seed.
+    Returns (len(seeds), *shape) on rank 0 (CPU), None on the other ranks; without a process group, the
+    plain ``sampler.sample(seeds)`` (moved to the CPU).
+    """
+    seeds = torch.as_tensor(seeds, dtype=torch.int64).cpu()
+    if not is_distributed():
+        return sampler.sample(seeds.to(device), tuple(shape), device=device, **kwargs).cpu()
+    n, world = seeds.shape[0], world_size()
+    per_rank = -(-n // world)
+    mine = seeds[rank() * per_rank:(rank() + 1) * per_rank]
+    images = sampler.sample(mine.to(device), tuple(shape), device=device, **kwargs)
+    # all_gather needs equal shapes: pad each shard to per_rank images (nccl and gloo both support it).
+    padded = images.new_zeros((per_rank, *shape))
+    padded[:images.shape[0]] = images
+    padded = padded.to(_collective_device())
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    if rank() != 0:
+        return None
+    return torch.cat(gathered).cpu()[:n]

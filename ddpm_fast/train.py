@@ -1,0 +1,527 @@
+"""L_simple training of the DDPM U-Net on the fused ops, with exact resume and crash-safe checkpoints.
+
+One training step (Ho et al. 2020, Algorithm 1): a batch x0, timesteps t ~ U[0, T), one fused
+``q_sample`` that draws the noise inside the kernel from per-sample seeds and returns (x_t, target)
+(epsilon, x0 or v), the model's prediction, the mean squared error (optionally min-SNR-gamma
+weighted, Hang et al. 2023: :func:`ddpm_fast.reference.l_simple_loss`), Adam with a linear learning-rate
+warm-up and gradient-norm clipping, then an EMA of the weights.
+
+Randomness is a pure function of (seed, step): the batch's images (an epoch-wise permutation), its
+timesteps, flips and noise seeds and the dropout generator are all derived from them. Resuming from a
+checkpoint at step s therefore replays exactly the steps an uninterrupted run would take, and the loss
+after resuming equals the uninterrupted run's (tests/test_train.py). Under torch.distributed each rank
+takes its slice of the same global batch, so the DDP-averaged gradient is the global batch's gradient.
+
+The EMA decay is ``min(ema_decay, (1 + n) / (10 + n))`` after n updates when ``ema_warmup`` (default), so
+short runs get a useful average: 0.9999 alone would leave the EMA at ~95% of the initial random weights
+after 500 steps. ``ema_warmup=False`` uses ``ema_decay`` from the first step.
+
+Checkpoints: ``<out>/checkpoints/step_<8 digits>/`` holding ``config.json`` (U-Net, schedule and training
+configuration, step), ``ema.safetensors`` (the weights to sample with), ``model.safetensors`` and
+``optimizer.safetensors``. A checkpoint is written into a hidden temporary folder, every file fsynced,
+then renamed into place with one ``os.replace``, so a crash while saving leaves the previous
+checkpoint as the latest one; :func:`latest_checkpoint` only ever sees complete folders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed as dist_utils
+from . import reference
+from .data import ImageDataset, load_dataset
+from .ops import q_sample
+from .sampler import Sampler, save_image_grid
+from .schedule import PREDICTION_TYPES, NoiseSchedule
+from .unet import PRESETS, UNet, UNetConfig
+
+__all__ = ["CHECKPOINT_FORMAT", "TrainConfig", "Trainer", "latest_checkpoint", "load_checkpoint",
+           "load_model", "save_checkpoint"]
+
+CHECKPOINT_FORMAT = "ddpm_fast-checkpoint-1"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_MASK63 = (1 << 63) - 1
+
+
+@dataclass
+class TrainConfig:
+    """A training run. ``batch_size`` is the global batch (split evenly across torch.distributed ranks)."""
+
+    data: str = "digits"                # "digits", an image folder or a CIFAR-10 python directory
+    image_size: int | None = None       # None: the dataset's own (digits 16, CIFAR-10 32)
+    preset: str = "tiny"                # a UNet preset; in/out channels and sample_size follow the data
+    prediction_type: str = "epsilon"    # "epsilon", "sample" (x0) or "v_prediction"
+    min_snr_gamma: float | None = None  # e.g. 5.0 for min-SNR weighting
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    batch_size: int = 64
+    steps: int = 10_000
+    lr: float = 2e-4
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    flip: bool | None = None            # None: the dataset's default (False for digits, True for photos)
+    amp: str = "auto"                   # "auto" (bf16 autocast on CUDA), "bf16" or "none"
+    seed: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    sample_every: int = 0               # 0: no periodic grids
+    num_samples: int = 64
+    sample_steps: int = 50              # DDIM steps of the periodic grids
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"TrainConfig: preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"TrainConfig: prediction_type must be one of {PREDICTION_TYPES}, "
+                             f"got {self.prediction_type!r}")
+        if self.amp not in ("auto", "bf16", "none"):
+            raise ValueError(f"TrainConfig: amp must be 'auto', 'bf16' or 'none', got {self.amp!r}")
+        for name in ("batch_size", "steps", "checkpoint_every", "keep_checkpoints", "num_samples", "sample_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
+                raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
+        for name in ("warmup_steps", "sample_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig: {name} must be an int >= 0, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig: lr must be a finite number > 0, got {self.lr!r}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig: grad_clip must be > 0, got {self.grad_clip!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig: ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(f"TrainConfig: min_snr_gamma must be > 0 or None, got {self.min_snr_gamma!r}")
+
+
+# ------------------------------------------------------------------------------------------- randomness
+
+def derive_seed(*values: int) -> int:
+    """A 63-bit seed that is a pure function of the integers given (splitmix64 over them)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & _MASK63
+
+
+# Purposes, so that two uses of (seed, step) never share a stream.
+_PERMUTATION, _BATCH, _NOISE, _DROPOUT, _SAMPLES = range(5)
+
+
+@dataclass
+class StepDraw:
+    """What step ``step`` of a run draws, for the whole global batch (G = batch_size)."""
+
+    indices: Tensor   # (G,) int64 image indices
+    t: Tensor         # (G,) int64 timesteps
+    flip: Tensor      # (G,) bool
+    seeds: Tensor     # (G,) int64 q_sample noise seeds
+
+
+def draw_step(seed: int, step: int, batch: int, num_images: int, num_train_timesteps: int) -> StepDraw:
+    """The batch of step ``step``: positions step*G .. step*G+G-1 of the epoch-wise permuted dataset."""
+    positions = torch.arange(step * batch, (step + 1) * batch, dtype=torch.int64)
+    epochs, offsets = positions // num_images, positions % num_images
+    indices = torch.empty_like(positions)
+    for epoch in epochs.unique().tolist():
+        g = torch.Generator().manual_seed(derive_seed(seed, _PERMUTATION, epoch))
+        perm = torch.randperm(num_images, generator=g)
+        mask = epochs == epoch
+        indices[mask] = perm[offsets[mask]]
+    g = torch.Generator().manual_seed(derive_seed(seed, _BATCH, step))
+    t = torch.randint(0, num_train_timesteps, (batch,), generator=g)
+    flip = torch.rand(batch, generator=g) < 0.5
+    base = derive_seed(seed, _NOISE, step) >> 1  # room for + G without passing 2**63
+    return StepDraw(indices, t, flip, base + torch.arange(batch, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------------------------------- EMA
+
+class EMA:
+    """An exponential moving average of a model's parameters (buffers are copied)."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool):
+        self.decay, self.warmup = decay, warmup
+        self.params = [p.detach().clone().float() for p in model.parameters()]
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        n = self.updates
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        weight = 1.0 - self.current_decay()
+        torch._foreach_lerp_(self.params, [p.detach().float() for p in model.parameters()], weight)
+        self.updates += 1
+
+    def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        """model's state dict with the averaged parameters in place of its own."""
+        names = [n for n, _ in model.named_parameters()]
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for name, p in zip(names, self.params):
+            state[name] = p.to(state[name].dtype).clone()
+        return state
+
+    def load(self, model: nn.Module, state: dict[str, Tensor], updates: int) -> None:
+        names = [n for n, _ in model.named_parameters()]
+        self.params = [state[n].to(device=p.device, dtype=torch.float32).clone()
+                       for n, p in zip(names, model.parameters())]
+        self.updates = updates
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    from safetensors.torch import save
+    _write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """Adam's per-parameter state as flat tensors: '<param index>.<field>'."""
+    tensors = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for field, value in state.items():
+            tensors[f"{index}.{field}"] = value if isinstance(value, Tensor) else torch.tensor(value)
+    return tensors
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
+    state = optimizer.state_dict()
+    restored: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        index, field = key.split(".", 1)
+        restored.setdefault(int(index), {})[field] = value
+    state["state"] = restored
+    optimizer.load_state_dict(state)
+
+
+def save_checkpoint(folder, step: int, config: dict, tensors: dict[str, dict[str, Tensor]], keep: int = 2) -> Path:
+    """Write ``folder/step_<step>/`` atomically and keep the ``keep`` newest checkpoints.
+
+    Args:
+        config: JSON-serialisable; written as config.json with ``format`` and ``step`` added.
+        tensors: file stem -> state dict, e.g. {"ema": ..., "model": ..., "optimizer": ...}.
+    Returns:
+        The checkpoint folder. A failure at any point leaves no new step folder (only a hidden temporary
+        one, removed by the next save) and every earlier checkpoint intact.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".tmp-step_*"):  # what an earlier crash left behind
+        shutil.rmtree(stale, ignore_errors=True)
+    final = folder / f"step_{step:08d}"
+    tmp = folder / f".tmp-step_{step:08d}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        for stem, state in tensors.items():
+            _write_safetensors(tmp / f"{stem}.safetensors", state)
+        _write_bytes(tmp / "config.json",
+                     json.dumps({"format": CHECKPOINT_FORMAT, "step": step, **config}, indent=2).encode())
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. after resuming at it): move the old one aside first
+            old = folder / f".tmp-step_{step:08d}-old-{os.getpid()}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in _checkpoint_dirs(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _checkpoint_dirs(folder: Path) -> list[Path]:
+    """Complete checkpoint folders under ``folder``, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / "config.json").is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(path) -> Path | None:
+    """The newest complete checkpoint under ``path`` (a run folder or its checkpoints/ folder), or None."""
+    path = Path(path)
+    dirs = _checkpoint_dirs(path / "checkpoints") or _checkpoint_dirs(path)
+    return dirs[-1] if dirs else None
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder from itself, a run folder or a checkpoints/ folder; FileNotFoundError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if (path / "config.json").is_file() and (path / "ema.safetensors").is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{str(path)!r} is not a checkpoint and holds no complete checkpoint "
+                                "(checkpoints/step_*/ with config.json)")
+    return found
+
+
+def load_checkpoint(path) -> tuple[dict, Path]:
+    """(config.json's content, the checkpoint folder); ValueError for a folder that is not ours."""
+    folder = resolve_checkpoint(path)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"unreadable checkpoint config {str(folder / 'config.json')!r}: {error}") from None
+    if config.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(folder)!r} is not a ddpm_fast checkpoint (format {config.get('format')!r}, "
+                         f"expected {CHECKPOINT_FORMAT!r})")
+    return config, folder
+
+
+def load_model(path, weights: str = "ema") -> tuple[UNet, NoiseSchedule, dict]:
+    """A trained U-Net (eval mode, float32, CPU) with its schedule and config from a checkpoint."""
+    if weights not in ("ema", "model"):
+        raise ValueError(f"load_model: weights must be 'ema' or 'model', got {weights!r}")
+    config, folder = load_checkpoint(path)
+    model = UNet(UNetConfig(**config["unet"]))
+    model.load_state_dict(_read_safetensors(folder / f"{weights}.safetensors"), strict=True)
+    return model.eval(), NoiseSchedule(**config["schedule"]), config
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    """Trains a U-Net on a dataset; ``train()`` runs to ``config.steps`` (or ``steps``), resumable.
+
+    Args:
+        config: the run.
+        out_dir: where checkpoints/, samples/ and log.jsonl go; None: nothing is written.
+        dataset: the data (else ``load_dataset(config.data, config.image_size)``).
+        device: None: the rank's device under torch.distributed, else CUDA when available, else CPU.
+        progress: a tqdm bar (rank 0 only).
+    """
+
+    def __init__(self, config: TrainConfig, out_dir=None, *, dataset: ImageDataset | None = None,
+                 device=None, progress: bool = False):
+        self.config = config
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.dataset = dataset if dataset is not None else load_dataset(config.data, config.image_size)
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        if config.batch_size % self.world:
+            raise ValueError(f"TrainConfig: batch_size={config.batch_size} must be divisible by the "
+                             f"{self.world} torch.distributed ranks")
+        self.device = torch.device(device) if device is not None else dist_utils.default_device()
+        self.progress = progress and self.rank == 0
+        C, H, W = self.dataset.shape
+        if H != W:
+            raise ValueError(f"Trainer: images must be square, got {H}x{W}")
+        self.flip = self.dataset.flip if config.flip is None else config.flip
+        self.schedule = NoiseSchedule(config.num_train_timesteps, config.beta_schedule)
+        self.unet_config = dataclasses.replace(PRESETS[config.preset], sample_size=H, in_channels=C, out_channels=C)
+        # Same initial weights on every rank: the init draws from a generator seeded by the run's seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(config.seed, _DROPOUT, -1))
+            self.model = UNet(self.unet_config).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.ema = EMA(self.model, config.ema_decay, config.ema_warmup)
+        self.step = 0
+        self.images = self.dataset.images.to(self.device)
+        self._forward = dist_utils.wrap_ddp(self.model, self.device)
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        return c.lr * min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else c.lr
+
+    def train_step(self) -> float:
+        """One optimisation step; returns the global batch's loss (averaged over ranks)."""
+        c = self.config
+        draw = draw_step(c.seed, self.step, c.batch_size, len(self.dataset), c.num_train_timesteps)
+        per_rank = c.batch_size // self.world
+        part = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        x0 = self.images[draw.indices[part].to(self.device)]
+        t = draw.t[part].to(self.device)
+        if self.flip:
+            x0 = torch.where(draw.flip[part].to(self.device)[:, None, None, None], x0.flip(-1), x0)
+        x_t, target = q_sample(x0, t, self.schedule, seeds=draw.seeds[part].to(self.device),
+                               target=c.prediction_type)
+        torch.manual_seed(derive_seed(c.seed, _DROPOUT, self.step, self.rank))  # dropout, where the preset has it
+        self.model.train()
+        with _autocast(c.amp, self.device):
+            prediction = self._forward(x_t, t)
+        loss = reference.l_simple_loss(prediction.float(), target, t, self.schedule, c.prediction_type,
+                                       c.min_snr_gamma)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return dist_utils.mean_over_ranks(loss.detach()).item()
+
+    # ------------------------------------------------------------------------------------------- the loop
+
+    def train(self, steps: int | None = None, time_limit: float | None = None) -> list[float]:
+        """Train until ``steps`` (default ``config.steps``) or ``time_limit`` seconds; returns the losses.
+
+        Checkpoints every ``checkpoint_every`` steps and at the end; grids every ``sample_every`` steps.
+        """
+        steps = self.config.steps if steps is None else steps
+        losses, start = [], time.perf_counter()
+        # A time budget shows seconds (the step count it allows is unknown), else steps.
+        bar = (_bar(math.ceil(time_limit), 0, self.progress, "s") if time_limit is not None
+               else _bar(steps, self.step, self.progress, "step"))
+        try:
+            while self.step < steps:
+                loss = self.train_step()
+                losses.append(loss)
+                if time_limit is None:
+                    bar.update(1)
+                else:
+                    bar.update(min(math.ceil(time_limit), int(time.perf_counter() - start)) - bar.n)
+                bar.set_postfix(step=self.step, loss=f"{loss:.4f}", refresh=False)
+                self._log({"step": self.step, "loss": loss, "lr": self.lr_at(self.step - 1)})
+                if self.step % self.config.checkpoint_every == 0:
+                    self.save()
+                if self.config.sample_every and self.step % self.config.sample_every == 0:
+                    self.sample_grid()
+                if time_limit is not None and dist_utils.any_rank(time.perf_counter() - start > time_limit):
+                    break
+        finally:
+            bar.close()
+        if self.out_dir is not None and self.step % self.config.checkpoint_every:
+            self.save()
+        return losses
+
+    def _log(self, record: dict) -> None:
+        if self.out_dir is not None and self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ----------------------------------------------------------------------------------------- state I/O
+
+    def checkpoint_config(self) -> dict:
+        s = self.schedule
+        return {"unet": dataclasses.asdict(self.unet_config),
+                "schedule": {"num_train_timesteps": s.num_train_timesteps, "beta_schedule": s.beta_schedule,
+                             "beta_start": s.beta_start, "beta_end": s.beta_end},
+                "prediction_type": self.config.prediction_type, "train": dataclasses.asdict(self.config),
+                "dataset": {"name": self.dataset.name, "size": len(self.dataset), "shape": list(self.dataset.shape)},
+                "ema_updates": self.ema.updates}
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0 writes; every rank waits for it)."""
+        path = None
+        if self.out_dir is not None and self.rank == 0:
+            path = save_checkpoint(self.out_dir / "checkpoints", self.step, self.checkpoint_config(),
+                                   {"ema": self.ema.state_dict(self.model), "model": self.model.state_dict(),
+                                    "optimizer": _optimizer_tensors(self.optimizer)},
+                                   keep=self.config.keep_checkpoints)
+        dist_utils.barrier()
+        return path
+
+    def resume(self, path=None) -> bool:
+        """Load the latest checkpoint of ``path`` (default: out_dir); False when there is none."""
+        source = path if path is not None else self.out_dir
+        if source is None or (path is None and latest_checkpoint(source) is None):
+            return False
+        config, folder = load_checkpoint(source)
+        if UNetConfig(**config["unet"]) != self.unet_config:
+            raise ValueError(f"cannot resume from {str(folder)!r}: its U-Net configuration differs from this run's")
+        self.model.load_state_dict(_read_safetensors(folder / "model.safetensors"), strict=True)
+        self.ema.load(self.model, _read_safetensors(folder / "ema.safetensors"), config["ema_updates"])
+        _load_optimizer(self.optimizer, _read_safetensors(folder / "optimizer.safetensors"))
+        self.step = int(config["step"])
+        return True
+
+    # ------------------------------------------------------------------------------------------- samples
+
+    def ema_model(self) -> UNet:
+        """A copy of the model holding the EMA weights, in eval mode."""
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.ema.state_dict(self.model))
+        return model.eval()
+
+    def sample_grid(self, path=None, num_samples: int | None = None) -> Path | None:
+        """DDIM samples of the EMA model (sharded over ranks) as a PNG grid; returns its path on rank 0."""
+        n = num_samples or self.config.num_samples
+        sampler = Sampler(self.ema_model(), self.schedule, method="ddim", num_steps=self.config.sample_steps,
+                          prediction_type=self.config.prediction_type)
+        seeds = torch.arange(n, dtype=torch.int64) + derive_seed(self.config.seed, _SAMPLES) % (1 << 40)
+        images = dist_utils.sample_sharded(sampler, seeds, self.dataset.shape, self.device)
+        if self.rank != 0:
+            return None
+        if path is None:
+            if self.out_dir is None:
+                return None
+            path = self.out_dir / "samples" / f"step_{self.step:08d}.png"
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_image_grid(images, path, padding=1)
+        return Path(path)
+
+
+def _bar(total: int, initial: int, enabled: bool, unit: str):
+    if enabled:
+        try:
+            from tqdm import tqdm
+            return tqdm(total=total, initial=initial, desc="training", unit=unit, dynamic_ncols=True)
+        except ImportError:
+            pass
+    return _NoBar()
+
+
+class _NoBar:
+    n = 0
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass

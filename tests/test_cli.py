@@ -1,0 +1,143 @@
+"""The ddpm-fast command line: --help everywhere, one-line errors (exit 2), train -> sample, bench dispatch, demo."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_fast import cli
+
+SUBCOMMANDS = ("demo", "train", "sample", "evaluate", "bench", "info")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see tests/test_evaluate.py
+    yield
+    torch.set_num_threads(threads)
+
+
+def _one_line_error(capsys, *fragments):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "error:" in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: ddpm-fast " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["train", "--out", "x", "--batch-size", "0"], ["--batch-size", "must be > 0"]),
+    (["train", "--out", "x", "--prediction-type", "noise"], ["--prediction-type", "invalid choice"]),
+    (["sample", "m", "--num-samples", "two"], ["--num-samples", "expected an integer"]),
+    (["frobnicate"], ["invalid choice"]),
+    (["train"], ["--out"]),
+])
+def test_bad_arguments_are_one_line(argv, fragments, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    _one_line_error(capsys, *fragments)
+
+
+def test_bad_files_are_one_line(tmp_path, capsys):
+    assert cli.main(["sample", str(tmp_path / "missing")]) == 2
+    _one_line_error(capsys, "does not exist")
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "nowhere")]) == 2
+    _one_line_error(capsys, "dataset", "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "empty")]) == 2
+    _one_line_error(capsys, "holds no images")
+    assert cli.main(["sample", str(tmp_path / "empty")]) == 2
+    _one_line_error(capsys, "holds no complete checkpoint")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    assert cli.main(["sample", str(bad)]) == 2
+    _one_line_error(capsys, "unreadable")
+
+
+def test_error_from_a_real_process_is_one_line(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "ddpm_fast", "sample", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"})
+    assert run.returncode == 2
+    expected = f"ddpm-fast sample: error: model {str(tmp_path / 'nope')!r} does not exist"
+    assert run.stderr.strip().splitlines() == [expected]
+
+
+def test_train_then_sample(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), "--steps", "2", "--batch-size", "4", "--checkpoint-every", "1"]) == 0
+    assert cli.main(["train", "--out", str(run), "--steps", "3", "--batch-size", "4"]) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+    out = tmp_path / "grid.png"
+    assert cli.main(["sample", str(run), "--num-samples", "3", "--steps", "2", "--out", str(out), "--seed", "5"]) == 0
+    with np.load(out.with_suffix(".npz")) as npz:
+        assert npz["images"].shape == (3, 1, 16, 16) and npz["seeds"].tolist() == [5, 6, 7]
+    assert out.read_bytes().startswith(b"\x89PNG")
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(run), "--num-images", "4", "--bpd-timesteps", "2", "--num-samples", "4",
+                     "--sample-steps", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bpd"] > 0 and 0 <= result["confidence"] <= 1 and result["frechet"] >= 0
+
+
+def test_sample_a_diffusers_folder(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    model = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                  down_block_types=("DownBlock2D", "DownBlock2D"), layers_per_block=1,
+                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    model.save_pretrained(tmp_path / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "scheduler")
+    out = tmp_path / "grid.png"
+    assert cli.main(["sample", str(tmp_path), "--num-samples", "2", "--steps", "2", "--out", str(out)]) == 0
+    with np.load(out.with_suffix(".npz")) as npz:
+        assert npz["images"].shape == (2, 1, 8, 8)
+
+
+def test_bench_dispatches_to_the_checkout(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)
+    assert cli.main(["bench"]) == 2
+    _one_line_error(capsys, "benchmarks are not installed")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "table.py").write_text("def main(argv):\n    print('TABLE', argv)\n    return 0\n")
+    assert cli.main(["bench", "--no-compile", "--quick", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "TABLE ['--device', 'cpu', '--no-compile', '--targets-only']" in out
+    assert "bench_sampling.py is not in this checkout" in out
+    (tmp_path / "benchmarks" / "bench_sampling.py").write_text("def main(argv):\n    print('SAMPLING', argv)\n")
+    assert cli.main(["bench", "--quick", "--record"]) == 0
+    assert "SAMPLING ['--record', '--quick']" in capsys.readouterr().out
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    assert "backends" in json.loads(capsys.readouterr().out)
+
+
+def test_demo_end_to_end_small(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--train-seconds", "1", "--max-steps", "2", "--batch-size", "8",
+                     "--samples", "4", "--sample-steps", "2", "--bpd-timesteps", "2", "--bpd-images", "4",
+                     "--bench-batch", "2", "--bench-steps", "2",
+                     "--threads", "1"]) == 0
+    summary = json.loads((out / "demo.json").read_text())
+    for key in ("confidence", "frechet", "bpd", "fused_images_per_s", "reference_images_per_s", "grid"):
+        assert key in summary
+    assert summary["steps"] <= 2 and os.path.exists(summary["grid"])
+    assert "sampling throughput" in capsys.readouterr().out

@@ -1,0 +1,112 @@
+"""Evaluation: the variational bound's terms, the Fréchet distance, the digit classifier, and a short
+training run that beats an untrained model on both the bound and the digit scores."""
+
+import math
+
+import pytest
+import torch
+
+from ddpm_fast import NoiseSchedule, Sampler
+from ddpm_fast.data import load_digits
+from ddpm_fast.evaluate import digit_classifier, digit_scores, frechet_distance, variational_bound
+from ddpm_fast.train import TrainConfig, Trainer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # On a shared 2-core machine, torch's spinning OpenMP threads slow each other badly (see README).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Oracle(torch.nn.Module):
+    """An epsilon model that knows x0: it predicts the exact noise, so every KL term of the bound is zero."""
+
+    def __init__(self, x0, schedule):
+        super().__init__()
+        self.x0, self.coef = x0, schedule.q_coef
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives variational_bound a device
+
+    def forward(self, x_t, t):
+        a, b = self.coef[t].T.to(x_t.dtype).reshape(2, -1, 1, 1, 1)
+        return (x_t - a * self.x0) / b
+
+
+def test_bound_of_an_oracle_is_prior_plus_decoder():
+    schedule = NoiseSchedule(num_train_timesteps=50)
+    x0 = (torch.randint(0, 256, (3, 1, 4, 4)).double() / 127.5 - 1).float()
+    result = variational_bound(Oracle(x0.double(), schedule), x0, schedule, variance_type="fixed_small")
+    assert result["timesteps"].tolist() == list(range(1, 50))
+    assert torch.equal(result["weights"], torch.ones(49, dtype=torch.float64))
+    torch.testing.assert_close(result["terms_bpd"], torch.zeros(49, dtype=torch.float64), rtol=0, atol=1e-9)
+    # L_0 with the exact mean x0 and the std of step 1's posterior, in closed form (Ho's tanh CDF).
+    ac = schedule.alphas_cumprod
+    sigma = math.sqrt(schedule.betas[1].item() * (1 - ac[0].item()) / (1 - ac[1].item()))
+    cdf = lambda z: 0.5 * (1 + math.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))  # noqa: E731
+    interior = -math.log(cdf(1 / 255 / sigma) - cdf(-1 / 255 / sigma))
+    edge = -math.log(cdf(1 / 255 / sigma))  # the open end bins at -1 and +1
+    expected = sum(edge if abs(v) > 0.999 else interior for v in x0.flatten().tolist()) / (x0.numel() * math.log(2))
+    assert result["decoder_bpd"] == pytest.approx(expected, rel=1e-6)
+    # L_T in closed form: KL(N(sqrt(ac_T) x0, 1 - ac_T) || N(0, 1)).
+    aT = ac[-1].item()
+    prior = sum(0.5 * (-1 - math.log(1 - aT) + (1 - aT) + aT * v * v) for v in x0.flatten().tolist())
+    assert result["prior_bpd"] == pytest.approx(prior / (x0.numel() * math.log(2)), rel=1e-6)
+    assert result["bpd"] == pytest.approx(result["prior_bpd"] + result["decoder_bpd"], rel=1e-9)
+
+
+def test_strata_cover_every_term_once():
+    from ddpm_fast.evaluate import _strata
+    for T, count in ((1000, 50), (1000, 8), (100, 99), (20, 3)):
+        steps, weights = _strata(T, count)
+        assert weights.sum().item() == T - 1 and weights.min() >= 1
+        assert steps == sorted(set(steps)) and 1 <= steps[0] and steps[-1] <= T - 1
+    assert _strata(1000, 50)[0][:5] == [1, 2, 3, 4, 5], "the first strata are single, exact timesteps"
+
+
+def test_frechet_distance_matches_scipy():
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(150, 6, generator=g, dtype=torch.float64) * 0.7 + 0.3
+    ca, cb = torch.cov(a.T).numpy(), torch.cov(b.T).numpy()
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum().item() + ca.trace() + cb.trace() \
+        - 2 * scipy_linalg.sqrtm(ca @ cb).real.trace()
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_digit_classifier_and_score_range():
+    test = load_digits("test")
+    classifier = digit_classifier()
+    accuracy = (classifier(test.images).argmax(1) == test.labels).float().mean().item()
+    assert accuracy > 0.93
+    real = digit_scores(load_digits("train").images[:256])
+    noise = digit_scores(torch.rand(256, 1, 16, 16) * 2 - 1)
+    assert real["confidence"] > 0.9 and real["digit_fraction"] > 0.97 and real["frechet"] < 20
+    assert noise["confidence"] < 0.05 and noise["frechet"] > 500
+    with pytest.raises(ValueError, match=r"\(N, 1, 16, 16\)"):
+        digit_scores(torch.zeros(4, 3, 16, 16))
+
+
+def test_short_training_beats_untrained():
+    data = load_digits("train")
+    config = TrainConfig(batch_size=16, steps=TRAIN_STEPS, lr=2e-3, warmup_steps=20, min_snr_gamma=5.0, seed=0)
+    trainer = Trainer(config, None, dataset=data)
+    untrained = trainer.ema_model()
+    trainer.train()
+    trained = trainer.ema_model()
+    held_out = load_digits("test").images[:32]
+    scores = {}
+    for name, model in (("untrained", untrained), ("trained", trained)):
+        bound = variational_bound(model, held_out, trainer.schedule, num_timesteps=8)["bpd"]
+        samples = Sampler(model, trainer.schedule, method="ddim", num_steps=10).sample(list(range(64)), (1, 16, 16))
+        scores[name] = {"bpd": bound, **digit_scores(samples)}
+    u, t = scores["untrained"], scores["trained"]
+    assert t["bpd"] < 0.5 * u["bpd"], scores
+    assert t["frechet"] < 0.7 * u["frechet"], scores
+    assert t["confidence"] > u["confidence"] + 0.1, scores
+
+
+TRAIN_STEPS = 100
