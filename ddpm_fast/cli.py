@@ -86,7 +86,7 @@ def _save_samples(images, seeds, out: Path) -> tuple[Path, Path]:
     import numpy as np
     from .sampler import save_image_grid
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image_grid(images, out, padding=1)
+    save_image_grid(images, out, padding=1, scale=max(1, 48 // images.shape[-1]))  # 16x16 digits: 3x
     npz = out.with_suffix(".npz")
     np.savez(npz, images=images.float().numpy(), seeds=np.asarray(seeds, dtype=np.int64))
     return out, npz

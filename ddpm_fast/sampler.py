@@ -520,7 +520,7 @@ def _encode_png(grid: Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def save_image_grid(images: Tensor, path, nrow: int | None = None, *, padding: int = 0) -> None:
+def save_image_grid(images: Tensor, path, nrow: int | None = None, *, padding: int = 0, scale: int = 1) -> None:
     """Write ``images`` as one PNG grid, atomically (a temporary file in the same folder, then os.replace).
 
     Args:
@@ -528,9 +528,10 @@ def save_image_grid(images: Tensor, path, nrow: int | None = None, *, padding: i
         path: the PNG to write; its folder must exist. On any failure no file (and no partial file) is left.
         nrow: images per row; None: ceil(sqrt(B)).
         padding: pixels of black between images and around the grid.
+        scale: each image enlarged ``scale`` times (nearest neighbour), so small images stay legible.
 
     The grid is ``rows * H + (rows + 1) * padding`` pixels high and ``nrow * W + (nrow + 1) * padding`` wide,
-    with ``rows = ceil(B / nrow)``.
+    with ``rows = ceil(B / nrow)`` (H, W after ``scale``).
     """
     if not isinstance(images, Tensor):
         raise TypeError(f"save_image_grid: images must be a torch.Tensor, got {type(images).__name__}")
@@ -548,8 +549,13 @@ def save_image_grid(images: Tensor, path, nrow: int | None = None, *, padding: i
         raise ValueError(f"save_image_grid: padding must be an int >= 0, got {padding!r}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"save_image_grid: path must be a str or os.PathLike, got {type(path).__name__}")
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"save_image_grid: scale must be an int >= 1, got {scale!r}")
     path = os.fspath(path)
 
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        H, W = H * scale, W * scale
     nrow = min(nrow, B)
     rows = math.ceil(B / nrow)
     pixels = ((images.detach().float().cpu().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)

@@ -500,7 +500,7 @@ class Trainer:
                 return None
             path = self.out_dir / "samples" / f"step_{self.step:08d}.png"
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_image_grid(images, path, padding=1)
+        save_image_grid(images, path, padding=1, scale=max(1, 48 // images.shape[-1]))
         return Path(path)
 
 

@@ -60,6 +60,12 @@ def use_backend(backend: str | None):
         set_backend(previous)
 
 
+def on_device(tensor: torch.Tensor):
+    """Launch on ``tensor``'s GPU, whichever is current: native and Triton kernels launch on the current
+    device (a no-op context on the CPU)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _runs_on(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot take tensors on ``device``, or None."""
     if backend == "cpu" and device.type != "cpu":

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import reference
 from .._native import launch_context, native_kernels
-from .backend import resolve
+from .backend import on_device, resolve
 from .triton import launcher as triton_launcher
 from .checks import DTYPE_CODE, bcs, check_tensor, layout_of, memory_format
 
@@ -58,7 +58,8 @@ def _forward_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], bia
     mean = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if x.numel():
-        _FORWARD[backend](x, weight, bias, bias_in, scale, shift, y, mean, rstd, num_groups, eps, act, layout)
+        with on_device(x):
+            _FORWARD[backend](x, weight, bias, bias_in, scale, shift, y, mean, rstd, num_groups, eps, act, layout)
     return y, mean, rstd
 
 
@@ -89,8 +90,9 @@ def _backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional
     small = _grad_buffers(x, weight, bias, bias_in, scale, shift)
     if x.numel():
         present = [g if p is not None else None for g, p in zip(small, (weight, bias, bias_in, scale, shift))]
-        _BACKWARD[backend](dy, x, weight, bias, bias_in, scale, shift, mean, rstd, dx, present, num_groups, act,
-                           layout)
+        with on_device(x):
+            _BACKWARD[backend](dy, x, weight, bias, bias_in, scale, shift, mean, rstd, dx, present, num_groups,
+                               act, layout)
     else:
         for g in small:
             g.zero_()

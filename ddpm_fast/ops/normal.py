@@ -6,7 +6,6 @@ the batch it runs in, the device or the backend.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from functools import partial
 
@@ -15,7 +14,7 @@ from torch import Tensor
 
 from .. import reference
 from .._native import launch_context, native_kernels
-from .backend import resolve
+from .backend import on_device, resolve
 from .checks import DTYPE_CODE, FLOAT_DTYPES, check_tensor
 
 OP = "randn"
@@ -33,7 +32,7 @@ _LAUNCHERS = {"cpu": partial(_launch_native, "cpu"), "cuda": partial(_launch_nat
 def _randn_op(seeds: Tensor, numel: int, stream: int, dtype: torch.dtype, backend: str) -> Tensor:
     out = seeds.new_empty((seeds.shape[0], numel), dtype=dtype)
     if out.numel():
-        with torch.cuda.device(seeds.device) if seeds.is_cuda else contextlib.nullcontext():
+        with on_device(seeds):
             _LAUNCHERS[backend](seeds, stream, out)
     return out
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import reference
 from .._native import launch_context, native_kernels
-from .backend import resolve
+from .backend import on_device, resolve
 from .triton import launcher as triton_launcher
 from .checks import (DTYPE_CODE, batch_stride, bcs, check_t_range, check_tensor, dense, layout_of,
                      memory_format, seeds_tensor, timesteps)
@@ -48,7 +48,8 @@ def _q_sample_op(x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], 
     x_t = torch.empty_like(x0, memory_format=memory_format(layout))
     out_target = torch.empty_like(x_t)
     if x0.numel():
-        _LAUNCHERS[backend](x0, t, table, noise, seeds, stream, target, x_t, out_target, layout)
+        with on_device(x0):
+            _LAUNCHERS[backend](x0, t, table, noise, seeds, stream, target, x_t, out_target, layout)
     return x_t, out_target
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import reference
 from .._native import launch_context, native_kernels
-from .backend import resolve
+from .backend import on_device, resolve
 from .triton import launcher as triton_launcher
 from .checks import (DTYPE_CODE, batch_stride, bcs, check_t_range, check_tensor, dense, layout_of,
                      memory_format, seeds_tensor, timesteps)
@@ -52,8 +52,9 @@ def _step_op(sample: Tensor, model_output: Tensor, variance: Optional[Tensor], t
     prev = torch.empty_like(sample, memory_format=memory_format(layout))
     x0 = torch.empty_like(prev) if write_x0 else prev.new_empty(0)
     if sample.numel():
-        _LAUNCHERS[backend](sample, model_output, variance, t, table, noise, seeds, clip_range, threshold_ratio,
-                            sample_max_value, prev, x0 if write_x0 else None, layout)
+        with on_device(sample):
+            _LAUNCHERS[backend](sample, model_output, variance, t, table, noise, seeds, clip_range,
+                                threshold_ratio, sample_max_value, prev, x0 if write_x0 else None, layout)
     return prev, x0
 
 
