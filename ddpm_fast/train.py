@@ -390,7 +390,8 @@ class Trainer:
         self.model.train()
         with _autocast(c.amp, self.device):
             prediction = self._forward(x_t, t)
-        loss = reference.l_simple_loss(prediction.float(), target, t, self.schedule, c.prediction_type,
+        # The CPU copy of t: the loss's weights index the schedule on the host (no device-to-host read).
+        loss = reference.l_simple_loss(prediction.float(), target, draw.t[part], self.schedule, c.prediction_type,
                                        c.min_snr_gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
