@@ -84,9 +84,9 @@ def _load_sampling_model(path: str):
 
 def _save_samples(images, seeds, out: Path) -> tuple[Path, Path]:
     import numpy as np
-    from .sampler import save_image_grid
+    from .train import write_sample_grid
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image_grid(images, out, padding=1, scale=max(1, 48 // images.shape[-1]))  # 16x16 digits: 3x
+    write_sample_grid(images, out)
     npz = out.with_suffix(".npz")
     np.savez(npz, images=images.float().numpy(), seeds=np.asarray(seeds, dtype=np.int64))
     return out, npz

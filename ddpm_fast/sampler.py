@@ -520,14 +520,15 @@ def _encode_png(grid: Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def save_image_grid(images: Tensor, path, nrow: int | None = None, *, padding: int = 0, scale: int = 1) -> None:
+def save_image_grid(images: Tensor, path, nrow: int | None = None, *, padding: int = 0, scale: int = 1,
+                    pad_value: float = -1.0) -> None:
     """Write ``images`` as one PNG grid, atomically (a temporary file in the same folder, then os.replace).
 
     Args:
         images: (B, C, H, W) floats in [-1, 1] (clamped), C in {1, 2, 3, 4} (grey, grey+alpha, RGB, RGBA).
         path: the PNG to write; its folder must exist. On any failure no file (and no partial file) is left.
         nrow: images per row; None: ceil(sqrt(B)).
-        padding: pixels of black between images and around the grid.
+        padding: pixels between images and around the grid, of ``pad_value`` (in [-1, 1]; -1 is black).
         scale: each image enlarged ``scale`` times (nearest neighbour), so small images stay legible.
 
     The grid is ``rows * H + (rows + 1) * padding`` pixels high and ``nrow * W + (nrow + 1) * padding`` wide,
@@ -551,6 +552,8 @@ def save_image_grid(images: Tensor, path, nrow: int | None = None, *, padding: i
         raise TypeError(f"save_image_grid: path must be a str or os.PathLike, got {type(path).__name__}")
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise ValueError(f"save_image_grid: scale must be an int >= 1, got {scale!r}")
+    if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)) or not -1.0 <= pad_value <= 1.0:
+        raise ValueError(f"save_image_grid: pad_value must be a number in [-1, 1], got {pad_value!r}")
     path = os.fspath(path)
 
     if scale > 1:
@@ -559,7 +562,8 @@ def save_image_grid(images: Tensor, path, nrow: int | None = None, *, padding: i
     nrow = min(nrow, B)
     rows = math.ceil(B / nrow)
     pixels = ((images.detach().float().cpu().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-    grid = torch.zeros((rows * H + (rows + 1) * padding, nrow * W + (nrow + 1) * padding, C), dtype=torch.uint8)
+    grid = torch.full((rows * H + (rows + 1) * padding, nrow * W + (nrow + 1) * padding, C),
+                      round((pad_value + 1.0) * 127.5), dtype=torch.uint8)
     for b in range(B):
         r, c = divmod(b, nrow)
         y, x = padding + r * (H + padding), padding + c * (W + padding)

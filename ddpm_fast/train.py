@@ -49,11 +49,17 @@ from .schedule import PREDICTION_TYPES, NoiseSchedule
 from .unet import PRESETS, UNet, UNetConfig
 
 __all__ = ["CHECKPOINT_FORMAT", "TrainConfig", "Trainer", "latest_checkpoint", "load_checkpoint",
-           "load_model", "save_checkpoint"]
+           "load_model", "save_checkpoint", "write_sample_grid"]
 
 CHECKPOINT_FORMAT = "ddpm_fast-checkpoint-1"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _MASK63 = (1 << 63) - 1
+
+
+def write_sample_grid(images: torch.Tensor, path) -> None:
+    """Samples as a PNG grid a person can read: small images enlarged to ~48 px, grey lines between them
+    (digits touch their borders, so black padding would merge neighbours)."""
+    save_image_grid(images, path, padding=2, scale=max(1, 48 // images.shape[-1]), pad_value=-0.5)
 
 
 @dataclass
@@ -501,7 +507,7 @@ class Trainer:
                 return None
             path = self.out_dir / "samples" / f"step_{self.step:08d}.png"
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_image_grid(images, path, padding=1, scale=max(1, 48 // images.shape[-1]))
+        write_sample_grid(images, path)
         return Path(path)
 
 

@@ -434,7 +434,7 @@ def test_save_image_grid_pixels_and_padding(tmp_path):
 def test_save_image_grid_scale_enlarges_each_pixel(tmp_path):
     images = _images(3, C=1, H=3, W=4)
     save_image_grid(images, tmp_path / "plain.png", nrow=3, padding=1)
-    save_image_grid(images, tmp_path / "big.png", nrow=3, padding=1, scale=3)
+    save_image_grid(images, tmp_path / "big.png", nrow=3, padding=1, scale=3, pad_value=0.0)
     with Image.open(tmp_path / "big.png") as img:
         assert img.size == (3 * 12 + 4, 9 + 2)
         big = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(11, 40)
@@ -442,6 +442,7 @@ def test_save_image_grid_scale_enlarges_each_pixel(tmp_path):
     for b in range(3):
         tile = big[1:10, 1 + b * 13:13 + b * 13]
         assert torch.equal(tile, expected[b].repeat_interleave(3, 0).repeat_interleave(3, 1))
+    assert big[0].eq(128).all() and big[:, 13].eq(128).all()  # pad_value 0 is mid grey
 
 
 @pytest.mark.parametrize("C,mode", [(1, "L"), (3, "RGB"), (4, "RGBA")])
@@ -553,6 +554,7 @@ def test_bad_model_output(schedule, model, error, match):
     ((torch.zeros(2, 3, 4, 4), "x.png"), {"nrow": 0}, ValueError, "nrow must be a positive int"),
     ((torch.zeros(2, 3, 4, 4), "x.png"), {"padding": -1}, ValueError, "padding must be an int >= 0"),
     ((torch.zeros(2, 3, 4, 4), "x.png"), {"scale": 0}, ValueError, "scale must be an int >= 1"),
+    ((torch.zeros(2, 3, 4, 4), "x.png"), {"pad_value": 2.0}, ValueError, r"pad_value must be a number in \[-1, 1\]"),
     ((torch.zeros(2, 3, 4, 4), 3), {}, TypeError, "path must be a str or os.PathLike"),
 ])
 def test_bad_save_image_grid_arguments(tmp_path, monkeypatch, args, kwargs, error, match):
