@@ -60,9 +60,10 @@ stage() {
 echo "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo '?')"
 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-# Wheels the image lacks (diffusers for the baselines), carried under shared/wheels/ when present.
-if compgen -G "shared/wheels/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --target /tmp/ddpm-site shared/wheels/*.whl &&
+# Wheels the image lacks (diffusers + importlib_metadata, zipp for the baselines): downloaded into .whl/
+# (ignored by git) as the device README says, and carried with the call (carry: [".whl"]).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/ddpm-site .whl/*.whl &&
     export PYTHONPATH=/tmp/ddpm-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
