@@ -72,6 +72,15 @@ template <class E, class... Args>
       ::ddpm_fast::detail::fail<std::runtime_error>(__FILE__, __LINE__, #cond, __VA_ARGS__);  \
   } while (0)
 
+// The size and enum checks both GroupNorm launchers (CPU and CUDA) start with; `op` names the launcher.
+inline void check_group_norm_args(const char* op, int64_t B, int64_t C, int64_t S, int64_t G, Activation act,
+                                  Layout layout) {
+  DDPM_CHECK(B >= 0 && C >= 0 && S >= 0, op, ": negative size B=", B, " C=", C, " S=", S);
+  DDPM_CHECK(G > 0 && C % G == 0, op, ": C=", C, " must be a positive multiple of G=", G);
+  DDPM_CHECK(act == Activation::None || act == Activation::SiLU, op, ": bad activation ", int(act));
+  DDPM_CHECK(layout == Layout::Contiguous || layout == Layout::ChannelsLast, op, ": bad layout ", int(layout));
+}
+
 template <class T>
 DDPM_HD constexpr T ceil_div(T a, T b) {
   return (a + b - 1) / b;

@@ -603,20 +603,13 @@ bool nchw_vec_ok(int64_t S, const Geo& g, std::initializer_list<const void*> ptr
   return true;
 }
 
-void check_gn(const char* op, int64_t B, int64_t C, int64_t S, int64_t G, Activation act, Layout layout) {
-  DDPM_CHECK(B >= 0 && C >= 0 && S >= 0, op, ": negative size B=", B, " C=", C, " S=", S);
-  DDPM_CHECK(G > 0 && C % G == 0, op, ": C=", C, " must be a positive multiple of G=", G);
-  DDPM_CHECK(act == Activation::None || act == Activation::SiLU, op, ": bad activation ", int(act));
-  DDPM_CHECK(layout == Layout::Contiguous || layout == Layout::ChannelsLast, op, ": bad layout ", int(layout));
-}
-
 }  // namespace
 
 void group_norm_forward(const void* x, const float* weight, const float* bias, const float* bias_in,
                         const float* scale, const float* shift, void* y, float* mean, float* rstd, int64_t B,
                         int64_t C, int64_t S, int64_t G, float eps, Activation act, Layout layout, DType dtype,
                         uintptr_t cuda_stream) {
-  check_gn("group_norm_forward", B, C, S, G, act, layout);
+  check_group_norm_args("group_norm_forward", B, C, S, G, act, layout);
   if (B == 0 || C == 0) return;
   DDPM_CHECK(S > 0, "group_norm_forward: empty spatial size (S = 0) has no statistics");
   DDPM_CHECK(x && y && mean && rstd, "group_norm_forward: x, y, mean and rstd must be given");
@@ -642,7 +635,7 @@ void group_norm_backward(const void* dy, const void* x, const float* weight, con
                          const float* rstd, void* dx, float* dweight, float* dbias, float* dbias_in, float* dscale,
                          float* dshift, int64_t B, int64_t C, int64_t S, int64_t G, Activation act, Layout layout,
                          DType dtype, uintptr_t cuda_stream) {
-  check_gn("group_norm_backward", B, C, S, G, act, layout);
+  check_group_norm_args("group_norm_backward", B, C, S, G, act, layout);
   if (C == 0) return;
   auto s = reinterpret_cast<cudaStream_t>(cuda_stream);
   const char* op = "group_norm_silu_backward";
