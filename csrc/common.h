@@ -72,6 +72,31 @@ template <class E, class... Args>
       ::ddpm_fast::detail::fail<std::runtime_error>(__FILE__, __LINE__, #cond, __VA_ARGS__);  \
   } while (0)
 
+// The argument checks the CPU and CUDA launchers of q_sample and step start with: false when there is no
+// work (an empty tensor), so the launcher returns before touching a pointer.
+inline bool check_q_sample_args(const void* x0, const int64_t* t, const float* table, const void* noise,
+                                const int64_t* seeds, const void* x_t, const void* target, int target_kind,
+                                int64_t B, int64_t C, int64_t S, Layout layout) {
+  DDPM_CHECK(B >= 0 && C >= 0 && S >= 0, "q_sample: negative size B=", B, " C=", C, " S=", S);
+  if (B == 0 || C == 0 || S == 0) return false;
+  DDPM_CHECK(x0 && t && table && x_t && target, "q_sample: x0, t, table, x_t and target must be given");
+  DDPM_CHECK(noise || seeds, "q_sample: either noise or seeds must be given");
+  DDPM_CHECK(target_kind == int(Target::Epsilon) || target_kind == int(Target::V),
+             "q_sample: target_kind must be 0 (epsilon) or 1 (v_prediction), got ", target_kind);
+  DDPM_CHECK(layout == Layout::Contiguous || layout == Layout::ChannelsLast, "q_sample: bad layout ", int(layout));
+  return true;
+}
+
+inline bool check_step_args(const void* x, const void* m, const int64_t* t, const float* table, const void* prev,
+                            int64_t B, int64_t C, int64_t S, Layout layout, float threshold_ratio) {
+  DDPM_CHECK(B >= 0 && C >= 0 && S >= 0, "step: negative size B=", B, " C=", C, " S=", S);
+  if (B == 0 || C == 0 || S == 0) return false;
+  DDPM_CHECK(x && m && t && table && prev, "step: x, m, t, table and prev must be given");
+  DDPM_CHECK(layout == Layout::Contiguous || layout == Layout::ChannelsLast, "step: bad layout ", int(layout));
+  DDPM_CHECK(!(threshold_ratio > 1.0f), "step: threshold_ratio must be <= 1, got ", threshold_ratio);
+  return true;
+}
+
 // The size and enum checks both GroupNorm launchers (CPU and CUDA) start with; `op` names the launcher.
 inline void check_group_norm_args(const char* op, int64_t B, int64_t C, int64_t S, int64_t G, Activation act,
                                   Layout layout) {

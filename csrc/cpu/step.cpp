@@ -294,11 +294,7 @@ void step(const void* x, int64_t x_bstride, const void* m, int64_t m_bstride, co
           const int64_t* t, const float* table, int64_t num_t, const void* noise, int64_t noise_bstride,
           const int64_t* seeds, void* prev, void* x0_out, int64_t B, int64_t C, int64_t S, Layout layout,
           DType dtype, float clip_range, float threshold_ratio, float sample_max_value, int num_threads) {
-  DDPM_CHECK(B >= 0 && C >= 0 && S >= 0, "step: negative size B=", B, " C=", C, " S=", S);
-  if (B == 0 || C == 0 || S == 0) return;
-  DDPM_CHECK(x && m && t && table && prev, "step: x, m, t, table and prev must be given");
-  DDPM_CHECK(layout == Layout::Contiguous || layout == Layout::ChannelsLast, "step: bad layout ", int(layout));
-  DDPM_CHECK(!(threshold_ratio > 1.0f), "step: threshold_ratio must be <= 1, got ", threshold_ratio);
+  if (!check_step_args(x, m, t, table, prev, B, C, S, layout, threshold_ratio)) return;
   for (int64_t b = 0; b < B; ++b) {
     DDPM_CHECK(t[b] >= 0 && t[b] < num_t, "step: t[", b, "] = ", t[b], " is outside [0, ", num_t, ")");
     DDPM_CHECK(table[8 * t[b] + 5] == 0.0f || noise || seeds, "step: timestep t[", b, "] = ", t[b],

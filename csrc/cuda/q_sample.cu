@@ -110,13 +110,7 @@ void q_sample(const void* x0, int64_t x0_bstride, const int64_t* t, const float*
               const void* noise, int64_t noise_bstride, const int64_t* seeds, uint64_t stream, void* x_t,
               void* target, int target_kind, int64_t B, int64_t C, int64_t S, Layout layout, DType dtype,
               uintptr_t cuda_stream) {
-  DDPM_CHECK(B >= 0 && C >= 0 && S >= 0, "q_sample: negative size B=", B, " C=", C, " S=", S);
-  if (B == 0 || C == 0 || S == 0) return;
-  DDPM_CHECK(x0 && t && table && x_t && target, "q_sample: x0, t, table, x_t and target must be given");
-  DDPM_CHECK(noise || seeds, "q_sample: either noise or seeds must be given");
-  DDPM_CHECK(target_kind == int(Target::Epsilon) || target_kind == int(Target::V),
-             "q_sample: target_kind must be 0 (epsilon) or 1 (v_prediction), got ", target_kind);
-  DDPM_CHECK(layout == Layout::Contiguous || layout == Layout::ChannelsLast, "q_sample: bad layout ", int(layout));
+  if (!check_q_sample_args(x0, t, table, noise, seeds, x_t, target, target_kind, B, C, S, layout)) return;
   DDPM_CHECK(num_t > 0, "q_sample: the table has no rows");
   auto s = reinterpret_cast<cudaStream_t>(cuda_stream);
   DDPM_CUDA_DISPATCH(dtype, T, {
