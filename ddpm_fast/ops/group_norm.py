@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import reference
 from .._native import launch_context, native_kernels
 from .backend import on_device, resolve
+from .dispatch import call, custom_op
 from .triton import launcher as triton_launcher
 from .checks import DTYPE_CODE, bcs, check_tensor, layout_of, memory_format
 
@@ -48,7 +49,7 @@ _BACKWARD = {"cpu": partial(_backward_native, "cpu"), "cuda": partial(_backward_
              "triton": triton_launcher("group_norm", "backward")}
 
 
-@torch.library.custom_op("ddpm_fast::group_norm_silu", mutates_args=())
+@custom_op("ddpm_fast::group_norm_silu")
 def _forward_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], bias_in: Optional[Tensor],
                 scale: Optional[Tensor], shift: Optional[Tensor], num_groups: int, eps: float, act: int,
                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -77,7 +78,7 @@ def _grad_buffers(x, weight, bias, bias_in, scale, shift):
     return tuple(like(p) for p in (weight, bias, bias_in, scale, shift))
 
 
-@torch.library.custom_op("ddpm_fast::group_norm_silu_backward", mutates_args=())
+@custom_op("ddpm_fast::group_norm_silu_backward")
 def _backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                  bias_in: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor], mean: Tensor,
                  rstd: Tensor, num_groups: int, act: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor,
@@ -114,8 +115,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, bias_in, scale, shift, mean, rstd = ctx.saved_tensors
-    dx, *small = torch.ops.ddpm_fast.group_norm_silu_backward(
-        dy, x, weight, bias, bias_in, scale, shift, mean, rstd, ctx.num_groups, ctx.act, ctx.backend)
+    dx, *small = call(_backward_op, dy, x, weight, bias, bias_in, scale, shift, mean, rstd, ctx.num_groups, ctx.act,
+                      ctx.backend)
     small = [g if p is not None else None for g, p in zip(small, (weight, bias, bias_in, scale, shift))]
     return (dx, *small, None, None, None, None)
 
@@ -129,9 +130,10 @@ def _per_sample_channel(name: str, value, x: Tensor) -> Tensor | None:
         return None
     B, C = x.shape[:2]
     check_tensor(OP, name, value, device=x.device)
-    if value.dim() < 2 or tuple(value.shape[:2]) != (B, C) or any(n != 1 for n in value.shape[2:]):
+    trailing = value.dim() - 2
+    if value.shape[:2] != (B, C) or (trailing > 0 and any(n != 1 for n in value.shape[2:])):
         raise ValueError(f"{OP}: {name} must have shape ({B}, {C}) or ({B}, {C}, 1, 1), got {tuple(value.shape)}")
-    return value.reshape(B, C)
+    return value if trailing == 0 else value.reshape(B, C)  # a view costs ~3 us: only when there is one to make
 
 
 def _float32(value: Tensor | None) -> Tensor | None:
@@ -176,5 +178,5 @@ def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_g
         return reference.group_norm_silu(x, weight, bias, num_groups, eps, bias_in=bias_in, scale=scale,
                                          shift=shift, act=act)
     small = (_float32(v) for v in (weight, bias, bias_in, scale, shift))
-    y, _, _ = torch.ops.ddpm_fast.group_norm_silu(x, *small, num_groups, float(eps), ACTIVATIONS[act], chosen)
+    y, _, _ = call(_forward_op, x, *small, num_groups, float(eps), ACTIVATIONS[act], chosen)
     return y

@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import reference
 from .._native import launch_context, native_kernels
 from .backend import on_device, resolve
+from .dispatch import call, custom_op
 from .triton import launcher as triton_launcher
 from .checks import (DTYPE_CODE, batch_stride, bcs, check_t_range, check_tensor, dense, layout_of,
                      memory_format, seeds_tensor, timesteps)
@@ -39,7 +40,7 @@ _LAUNCHERS = {"cpu": partial(_launch_native, "cpu"), "cuda": partial(_launch_nat
               "triton": triton_launcher(OP)}
 
 
-@torch.library.custom_op("ddpm_fast::q_sample", mutates_args=())
+@custom_op("ddpm_fast::q_sample")
 def _q_sample_op(x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], seeds: Optional[Tensor],
                  stream: int, target: int, backend: str) -> tuple[Tensor, Tensor]:
     layout = layout_of(x0)
@@ -98,5 +99,5 @@ def q_sample(x0: Tensor, t, schedule, noise: Tensor | None = None, *, seeds: Ten
             return x_t, eps
         return x_t, reference.training_target(x0, eps, t, schedule, target)
     table = schedule.q_table(x0.device)
-    x_t, out = torch.ops.ddpm_fast.q_sample(x0, t, table, noise, seeds, stream, _TARGET_CODE.get(target, 0), chosen)
+    x_t, out = call(_q_sample_op, x0, t, table, noise, seeds, stream, _TARGET_CODE.get(target, 0), chosen)
     return x_t, (x0 if target == "sample" else out)

@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import reference
 from .._native import launch_context, native_kernels
 from .backend import on_device, resolve
+from .dispatch import call, custom_op
 from .triton import launcher as triton_launcher
 from .checks import (DTYPE_CODE, batch_stride, bcs, check_t_range, check_tensor, dense, layout_of,
                      memory_format, seeds_tensor, timesteps)
@@ -41,7 +42,7 @@ _LAUNCHERS = {"cpu": partial(_launch_native, "cpu"), "cuda": partial(_launch_nat
               "triton": triton_launcher(OP)}
 
 
-@torch.library.custom_op("ddpm_fast::step", mutates_args=())
+@custom_op("ddpm_fast::step")
 def _step_op(sample: Tensor, model_output: Tensor, variance: Optional[Tensor], t: Tensor, table: Tensor,
              noise: Optional[Tensor], seeds: Optional[Tensor], clip_range: float, threshold_ratio: float,
              sample_max_value: float, write_x0: bool, backend: str) -> tuple[Tensor, Tensor]:
@@ -119,8 +120,8 @@ def step(model_output: Tensor, t, sample: Tensor, table, noise: Tensor | None = 
     variance = None
     if learned:
         model_output, variance = model_output.split(sample.shape[1], dim=1)
-    prev, x0 = torch.ops.ddpm_fast.step(
-        sample, model_output, variance, t, table.table(sample.device), noise, seeds,
+    prev, x0 = call(
+        _step_op, sample, model_output, variance, t, table.table(sample.device), noise, seeds,
         0.0 if clip_range is None else float(clip_range),
         float(dynamic_thresholding_ratio) if thresholding else 0.0, float(sample_max_value),
         return_pred_original, chosen)
