@@ -21,6 +21,31 @@ import torch
 if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
     os.environ["TRITON_INTERPRET"] = "1"
 
+
+def _patch_triton_interpreter_index() -> None:
+    """Triton < 3.7's interpreter turns a scalar kernel argument used as a loop bound (``range(0, Cg, ...)``)
+    into ``int`` of a 1-element 1-d array: a DeprecationWarning under NumPy 1.25-2.3 (an error here, where
+    warnings are errors), a TypeError from NumPy 2.4 (triton-lang/triton#9171, fixed in 3.7 by #9172).
+    torch 2.11 pins Triton 3.6, so a CPU run of this suite in the GPU image's versions hits it. Re-patch the
+    attribute as ``int(data.squeeze())`` in the interpreter's per-launch scope (its own restore undoes it).
+    Tests only: the interpreter is a test tool, and compiled kernels on a GPU never take this path."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import triton
+
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+        _patch_triton_interpreter_index()
+
 import ddpm_fast  # noqa: E402  (after TRITON_INTERPRET is set)
 
 BACKENDS = ("cpu", "triton", "cuda")
