@@ -134,6 +134,117 @@ def test_group_norm_multi_tile_groups(shape, groups):
                                  magnitude=cancelling if name in ("x", "bias_in") else None)
 
 
+# The split path of group_norm (grid (B * G, SPLIT): per-chunk partials, then a merge per group) is taken on a
+# GPU when B * G is small; choose_split() says 1 off the GPU, so these tests force it. Batch 1 and few groups
+# keep the interpreter's programs (B * G * SPLIT per kernel) few.
+def _force_split(monkeypatch, split):
+    from ddpm_fast.ops.triton import group_norm as triton_group_norm
+
+    monkeypatch.setattr(triton_group_norm, "choose_split", lambda groups, Cg, S, device: split)
+
+
+_GROUP_NORM_INPUTS = ("x", "weight", "bias", "bias_in", "scale", "shift")
+
+
+def _group_norm_with_grads(x, p, groups, backend, dtype=None):
+    """(output, gradients of sum(output * upstream) by input name) of group_norm_silu through ``backend``
+    ("triton", or "reference" in ``dtype``), on the CPU."""
+    device = DEVICE if backend == "triton" else torch.device("cpu")
+    leaves = {k: v.detach().to(device=device, dtype=dtype or v.dtype).requires_grad_()
+              for k, v in {"x": x, **p}.items() if v is not None}
+    args = [leaves.get(k) for k in _GROUP_NORM_INPUTS]
+    if backend == "triton":
+        y = ddpm_fast.group_norm_silu(*args[:3], groups, bias_in=args[3], scale=args[4], shift=args[5],
+                                      backend="triton")
+    else:
+        y = reference.group_norm_silu(*args[:3], groups, bias_in=args[3], scale=args[4], shift=args[5])
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=y.dtype)
+    grads = torch.autograd.grad((y * upstream).sum(), list(leaves.values()))
+    return y.detach().cpu(), {k: g.cpu() for k, g in zip(leaves, grads)}
+
+
+@pytest.mark.parametrize("shape, groups, form, dtype, channels_last, split", [
+    ((1, 4, 5, 7), 2, "both", torch.float32, False, 3),             # odd H x W: chunks of 12, 12, 11 pixels
+    ((1, 8, 6, 6), 2, "bias_in", torch.float16, True, 3),           # channels_last chunks of 12 pixels
+    ((1, 6, 4, 5), 2, "scale_shift", torch.bfloat16, True, 3),      # 3 channels per group (not a power of 2)
+    ((1, 3, 7, 3), 3, "plain", torch.float32, False, 2),            # one channel per group, no affine
+    ((1, 2, 96, 96), 1, "scale_shift", torch.bfloat16, False, 2),   # chunks of 4608 pixels: 3 tiles each
+    ((2, 4100, 2), 1, "both", torch.float32, False, 2),             # 4100 channels: two channel tiles per chunk
+])
+def test_group_norm_split_path_matches_reference(monkeypatch, shape, groups, form, dtype, channels_last, split):
+    """Forward and every gradient through the split path, against the reference (test_group_norm.py's bounds)."""
+    from test_group_norm import _inputs, assert_grads_match
+
+    _force_split(monkeypatch, split)
+    x, p = _inputs(shape, form, dtype, seed=sum(shape), channels_last=channels_last, affine=form != "plain")
+    y, ours = _group_norm_with_grads(x, p, groups, "triton")
+    y_same, same = _group_norm_with_grads(x, p, groups, "reference")
+    y_truth, truth = _group_norm_with_grads(x, p, groups, "reference", dtype=torch.float64)
+    assert_matches_reference(y, y_same, y_truth)
+    assert_grads_match(ours, same, truth, x, p, groups)
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert ours["x"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_group_norm_split_path_is_deterministic(monkeypatch):
+    """The partials are merged in a fixed order (no atomics): two runs agree bit for bit."""
+    from test_group_norm import _inputs
+
+    _force_split(monkeypatch, 3)
+    x, p = _inputs((1, 2, 5, 7), "both", torch.float32, seed=5)
+    (y1, first), (y2, second) = (_group_norm_with_grads(x, p, 1, "triton") for _ in range(2))
+    assert torch.equal(y1, y2)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.parametrize("offset", [100.0, 1000.0])
+@pytest.mark.parametrize("split", [1, 3])
+def test_group_norm_statistics_survive_a_large_mean(monkeypatch, offset, split):
+    """Unit spread around a mean of 100 or 1000: E[x^2] - E[x]^2 in float32 would lose the variance to
+    cancellation (relative error ~ offset^2 * 2^-24, 6e-4 at 100); one-pass shifted sums merged with Chan's
+    formula keep mean and rstd within a few ulp of the float64 values, over several tiles and chunks."""
+    _force_split(monkeypatch, split)
+    g = torch.Generator().manual_seed(int(offset) + split)
+    shape, groups = (1, 4, 48, 48), 2  # 4608-element groups: 2 tiles of pixels per channel, or 3 chunks
+    x = torch.randn(shape, generator=g) + offset
+    w, b = torch.randn(4, generator=g), torch.randn(4, generator=g)
+    y, mean, rstd = torch.ops.ddpm_fast.group_norm_silu(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), None, None, None,
+                                                        groups, 1e-5, 1, "triton")
+    h = x.double().reshape(1, groups, -1)
+    true_mean, true_var = h.mean(dim=2), h.var(dim=2, unbiased=False)
+    true_rstd = (true_var + 1e-5).rsqrt()
+    ulp = 2.0**-23
+    assert ((mean.cpu().double() - true_mean).abs() <= 2 * ulp * true_mean.abs()).all(), (mean, true_mean)
+    assert ((rstd.cpu().double() - true_rstd).abs() <= 8 * ulp * true_rstd).all(), (rstd, true_rstd)
+    ref = reference.group_norm_silu(x, w, b, groups)
+    assert_matches_reference(y.cpu(), ref, reference.group_norm_silu(x.double(), w.double(), b.double(), groups))
+
+
+def test_group_norm_split_choice(monkeypatch):
+    """SPLIT fills about SPLIT_PROGRAMS_PER_SM programs per SM when B * G is small, keeps chunks of at least
+    SPLIT_MIN_CHUNK_ELEMENTS, and never splits off the GPU; the chunking covers S with no empty chunk."""
+    from ddpm_fast.ops.triton import group_norm as triton_group_norm
+
+    monkeypatch.setattr(triton_group_norm, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+
+    def plan(B, C, H, W, G, device=cuda):
+        split = triton_group_norm.choose_split(B * G, C // G, H * W, device)
+        return triton_group_norm._chunking(H * W, split)
+
+    assert plan(1, 320, 64, 64, 32) == (9, 464)   # 32 programs -> 288
+    assert plan(8, 320, 64, 64, 32) == (2, 2048)  # 256 -> 512
+    assert plan(128, 128, 32, 32, 32) == (1, 1024)  # 4096 programs: enough
+    assert plan(1, 128, 32, 32, 32) == (1, 1024)  # 4096-element groups: too small to split
+    assert plan(1, 320, 64, 64, 32, device=torch.device("cpu")) == (1, 4096)
+    for S in (1, 2, 7, 35, 100, 1000, 4096, 65536):
+        for want in (1, 2, 3, 5, 9, 32):
+            split, chunk = triton_group_norm._chunking(S, want)
+            assert 1 <= split <= max(1, min(want, S)) and (split - 1) * chunk < S <= split * chunk, (S, want)
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU-tensor checks; on CUDA the kernels guard instead")
 def test_bad_timesteps_raise_on_cpu_tensors(schedule):
     x0 = torch.randn(2, 3, 4, 4)
@@ -233,7 +344,7 @@ def compile_for_sm90(kernel, types, constexprs):
     triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "enable_fp_fusion": False})
 
-ints = {name: "i32" for name in ("C", "S", "G", "Cg", "num_t", "stream_hi")}
+ints = {name: "i32" for name in ("C", "S", "G", "Cg", "CHUNK", "SPLIT", "num_t", "stream_hi")}
 ints.update({name: "i64" for name in ("x0_bs", "noise_bs", "x_bs", "m_bs", "v_bs", "stream_lo")})
 ints.update(t_ptr="*i64", seeds_ptr="*i64", group_size="fp32", eps="fp32", clip="fp32")
 
@@ -251,12 +362,17 @@ for dtype, cl, s4 in (("fp16", False, True), ("bf16", True, True), ("fp32", True
 compile_for_sm90(step._step_kernel, types("fp32"), dict(
     NOISE=0, HAS_V=False, WRITE_X0=False, THRESHOLD=False, CLIP=False, CHANNELS_LAST=False, S_MULTIPLE_OF_4=True,
     BLOCK=1024, BLOCK_S=32, BLOCK_C=32))
-for dtype, cl in (("bf16", True), ("fp32", False)):
-    flags = dict(HAS_W=True, HAS_BIAS=True, HAS_BIN=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True,
-                 CHANNELS_LAST=cl, TILE=2048, BLOCK_CG=4, BLOCK_S=512)
-    compile_for_sm90(group_norm._forward_kernel, types(dtype), flags)
-    compile_for_sm90(group_norm._backward_kernel, types(dtype), dict(flags, DBIN=True, DSCALE=True, DSHIFT=True,
-                                                                     DW=True, DB=True))
+# group_norm: the fused one-chunk kernels and both kernels of the split path, full and bare options
+for dtype, cl, full in (("bf16", True, True), ("fp32", False, True), ("fp16", False, False)):
+    flags = dict(HAS_W=full, HAS_BIAS=full, HAS_BIN=full, HAS_SCALE=full, HAS_SHIFT=full, SILU=full,
+                 CHANNELS_LAST=cl, TILE=2048, BLOCK_CG=4, BLOCK_S=512, SPLIT_P2=8, BLOCK_CP=4)
+    grads = dict(DBIN=full, DSCALE=full, DSHIFT=full, DW=full, DB=full)
+    for partials in (False, True):
+        compile_for_sm90(group_norm._forward_kernel, types(dtype), dict(flags, PARTIALS=partials))
+        compile_for_sm90(group_norm._backward_kernel, types(dtype), dict(flags, **grads, PARTIALS=partials))
+    compile_for_sm90(group_norm._forward_stats_kernel, types(dtype), {
+        k: flags[k] for k in ("HAS_BIN", "CHANNELS_LAST", "TILE", "BLOCK_CG", "BLOCK_S", "SPLIT_P2", "BLOCK_CP")})
+    compile_for_sm90(group_norm._backward_stats_kernel, types(dtype), flags)
 print("compiled")
 """
 
