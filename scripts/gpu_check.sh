@@ -2,14 +2,17 @@
 # One prepared GPU check (H200 image: torch 2.11+cu130, triton 3.6, nvcc 13.0, Python 3.12), run from the
 # repository root:  scripts/gpu_check.sh
 #   DDPM_CHECK_BUDGET   total seconds (default 350)
-#   DDPM_CHECK_STAGES   the stages after the build (default "gpu-tests op-tests op-bench sampling-bench"),
-#                       e.g. DDPM_CHECK_STAGES=sampling-bench for a second call that runs only that one
+#   DDPM_CHECK_STAGES   the stages after the build (default "gpu-tests op-tests op-bench sampling-bench
+#                       dram-bytes sanitize"), e.g. DDPM_CHECK_STAGES="sampling-bench dram-bytes sanitize"
+#                       for a second call that runs the ones the first had no time for
 #
 #   1. build the extension for sm_90 only (editable, --no-build-isolation, build/gpu), print build_info
 #   2. pytest -m gpu (tests/test_cuda.py and the other GPU tests), then the op tests on cuda and triton
 #   3. benchmarks/table.py --device cuda --record (targets first; stops starting cases at its budget)
 #   4. benchmarks/bench_sampling.py --device cuda --quick --record, when that file exists and time is left
-#   5. copy the JSON records (and the logs) to $OUT when it is set; print a short table last
+#   5. benchmarks/dram_bytes.py: DRAM bytes per target op from ncu (does x reach DRAM once?)
+#   6. compute-sanitizer memcheck over the GPU GroupNorm tests, racecheck over a few (shared-memory reductions)
+#   7. copy the JSON records (and the logs) to $OUT when it is set; print a short table last
 #
 # Every stage runs under `timeout` with what is left of the budget, so the whole script ends within
 # ~6 minutes whatever hangs; a stage that fails or times out is reported and the next one still runs.
@@ -20,7 +23,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 BUDGET=${DDPM_CHECK_BUDGET:-350}
-STAGES=" ${DDPM_CHECK_STAGES:-gpu-tests op-tests op-bench sampling-bench} "
+STAGES=" ${DDPM_CHECK_STAGES:-gpu-tests op-tests op-bench sampling-bench dram-bytes sanitize} "
 START=$(date +%s)
 LOGS=$(mktemp -d)
 declare -a SUMMARY=()
@@ -82,6 +85,15 @@ stage op-tests 20 70 "$PY" -m pytest tests/test_q_sample.py tests/test_step.py t
 stage op-bench 30 110 "$PY" benchmarks/table.py --device cuda --record --max-seconds 80
 if [ -f benchmarks/bench_sampling.py ]; then
   stage sampling-bench 140 200 "$PY" benchmarks/bench_sampling.py --device cuda --quick --record
+fi
+stage dram-bytes 40 90 "$PY" benchmarks/dram_bytes.py --backend cuda
+if command -v compute-sanitizer >/dev/null; then
+  # memcheck: out-of-bounds / misaligned accesses of every GroupNorm path and the noise kernels;
+  # racecheck: the shared-memory reductions (timeout runs commands, not functions: hence bash -c).
+  SANITIZE_TESTS="$PY -m pytest tests/test_cuda.py -x -q --no-header -p no:cacheprovider"
+  stage sanitize 60 150 bash -c "compute-sanitizer --tool memcheck --error-exitcode 9 $SANITIZE_TESTS \
+    -k 'group_norm or noise or timestep' && compute-sanitizer --tool racecheck --error-exitcode 9 \
+    $SANITIZE_TESTS -k 'group_norm_forward_backward and float32'"
 fi
 
 if [ -n "${OUT:-}" ]; then

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -51,13 +52,29 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&v)[N])
   for (int k = 0; k < N; ++k) v[k] = to_float(tmp[k]);
 }
 
+// 32-bit word w of v in storage format (the lower element in the low bits).
+template <typename T, int N>
+__device__ __forceinline__ uint32_t storage_word(const float (&v)[N], int w) {
+  if constexpr (sizeof(T) == 4) {
+    return __float_as_uint(v[w]);
+  } else {
+    const auto bits = [](float f) -> uint32_t {
+      if constexpr (std::is_same_v<T, __half>)
+        return __half_as_ushort(__float2half_rn(f));
+      else
+        return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+    };
+    return bits(v[2 * w]) | (bits(v[2 * w + 1]) << 16);
+  }
+}
+
+// p[k] = v[k], k < N; p 16-byte aligned. One st.global.v4 through __stwb (a plain write-back store):
+// the compiler split a plain uint4 assignment into N scalar stores in the NCHW GroupNorm kernels.
 template <typename T, int N>
 __device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&v)[N]) {
   static_assert(N * sizeof(T) == 16, "one 16-byte access");
-  alignas(16) T tmp[N];
-#pragma unroll
-  for (int k = 0; k < N; ++k) tmp[k] = from_float<T>(v[k]);
-  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(tmp);
+  __stwb(reinterpret_cast<uint4*>(p), make_uint4(storage_word<T>(v, 0), storage_word<T>(v, 1),
+                                                 storage_word<T>(v, 2), storage_word<T>(v, 3)));
 }
 
 template <typename T>
