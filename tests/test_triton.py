@@ -300,8 +300,20 @@ def test_interpreter_runs_one_configuration():
     space = _common.configs([{"BLOCK": 1024}, {"BLOCK": 2048}], {"BLOCK": 8192}, num_warps=(4, 8))
     if _common.INTERPRET:
         assert [c.kwargs for c in space] == [{"BLOCK": 8192}]
-    else:
+    elif _common.AUTOTUNE:
         assert len(space) == 4
+
+
+def test_autotuning_off_takes_the_middle_gpu_configuration(monkeypatch):
+    """DDPM_FAST_TRITON_AUTOTUNE=0 (read at import, patched here): one GPU configuration, nothing to tune."""
+    from ddpm_fast.ops.triton import _common
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setattr(_common, "AUTOTUNE", False)
+    space = _common.configs([{"BLOCK": 1024}, {"BLOCK": 2048}, {"BLOCK": 4096}], {"BLOCK": 8192}, num_warps=(4, 8))
+    assert [(c.kwargs, c.num_warps) for c in space] == [({"BLOCK": 2048}, 4)]
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    assert len(_common.configs([{"BLOCK": 1024}, {"BLOCK": 2048}], {"BLOCK": 8192}, num_warps=(4, 8))) == 4
 
 
 def test_automatic_choice_never_picks_triton_for_cpu_tensors():

@@ -8,7 +8,9 @@ leaving no room for the stream). So the contract's counter ``(j lo, j hi, stream
 
 Blocks: on a GPU each kernel autotunes over a few configurations; under ``TRITON_INTERPRET=1`` (the CPU
 interpreter, used by CI) there is one configuration with large blocks and no benchmarking, because the
-interpreter's cost is per program and per operation, not per element.
+interpreter's cost is per program and per operation, not per element. ``DDPM_FAST_TRITON_AUTOTUNE=0``
+takes the middle GPU configuration without benchmarking: a test run on a fresh GPU would otherwise spend
+minutes tuning every test shape (scripts/gpu_check.sh sets it for its test stages, not its benchmarks).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import triton.language as tl
 # Read when this module is imported: Triton decides between compiling and interpreting when a kernel is
 # defined, which happens at the import of the kernel modules, after this one.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = os.environ.get("DDPM_FAST_TRITON_AUTOTUNE", "1") != "0"
 MAX_ELEMENTS_PER_SAMPLE = 2**31 - 1  # in-sample offsets are int32 (batch offsets are int64)
 # Every launch: no a * b + c -> fma contraction, so each product is rounded as in the reference's separate
 # float32 ops (the kernels are memory-bound: fusion buys no time). Explicit, because Triton 3.9 warns when
@@ -29,9 +32,12 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
 def configs(gpu: list[dict], interpreter: dict, num_warps: tuple[int, ...] = (4,)) -> list[triton.Config]:
-    """The autotuning space: ``gpu`` block settings x ``num_warps`` on a GPU, one ``interpreter`` setting on the CPU."""
+    """The autotuning space: ``gpu`` block settings x ``num_warps`` on a GPU, one ``interpreter`` setting on the CPU,
+    the middle ``gpu`` setting alone when autotuning is off."""
     if INTERPRET:
         return [triton.Config(interpreter, num_warps=1)]
+    if not AUTOTUNE:
+        return [triton.Config(gpu[len(gpu) // 2], num_warps=num_warps[0])]
     return [triton.Config(kw, num_warps=w) for kw in gpu for w in num_warps]
 
 
