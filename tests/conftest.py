@@ -82,3 +82,13 @@ def backend(request) -> Backend:
     on_cuda = name == "cuda" or (name == "triton" and torch.cuda.is_available())
     return Backend(name, torch.device("cuda" if on_cuda else "cpu"),
                    interpreted=name == "triton" and not on_cuda)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: networks at 8x8 take microseconds per op, and on a loaded 2-core
+    machine two OpenMP threads waiting at barriers made the tiny UNet's forward 60x slower (0.6 s, not 10 ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,19 +7,13 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from ddpm_fast import cli
 
 SUBCOMMANDS = ("demo", "train", "sample", "evaluate", "bench", "info")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_evaluate.py
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _one_line_error(capsys, *fragments):

@@ -12,13 +12,7 @@ from ddpm_fast.evaluate import digit_classifier, digit_scores, frechet_distance,
 from ddpm_fast.train import TrainConfig, Trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared 2-core machine, torch's spinning OpenMP threads slow each other badly (see README).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class Oracle(torch.nn.Module):

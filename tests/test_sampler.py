@@ -76,16 +76,6 @@ def _tiny_unet():
 
 
 @pytest.fixture
-def one_thread():
-    """Networks run on one thread here: at 8x8 each op takes microseconds, and on a loaded 2-core machine
-    two OpenMP threads waiting at barriers made the tiny UNet's forward 60x slower (0.6 s, not 10 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def unet(_tiny_unet, one_thread):
     return _tiny_unet
 

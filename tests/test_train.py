@@ -11,12 +11,7 @@ from ddpm_fast.train import (EMA, TrainConfig, Trainer, draw_step, latest_checkp
                              save_checkpoint)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_evaluate.py
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
