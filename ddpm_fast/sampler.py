@@ -34,6 +34,7 @@ from .ops import randn, step
 from .ops.checks import FLOAT_DTYPES
 from .schedule import (PREDICTION_TYPES, TIMESTEP_SPACINGS, NoiseSchedule, StepTable, _check_choice, _check_int,
                        ddim_table, ddpm_table, sampling_timesteps)
+from .weight_casts import WeightCasts
 
 __all__ = ["METHODS", "Sampler", "save_image_grid"]
 
@@ -285,6 +286,7 @@ class Sampler:
         self.timesteps: Tensor = table.timesteps
         self._out_channels_factor = 2 if self.variance_type == "learned_range" else 1
         self._graph: _GraphedStep | None = None  # the captured step of cuda_graph=True
+        self._casts: tuple[tuple, WeightCasts | None] | None = None  # (key, the model's hoisted weight casts)
 
     def __repr__(self) -> str:
         return (f"Sampler(method={self.method!r}, num_steps={self.num_steps}, eta={self.eta}, "
@@ -322,8 +324,11 @@ class Sampler:
             cuda_graph: on CUDA, capture model + step once (per batch shape, dtype, autocast state and
                 model parameters) and replay it for every step; later calls reuse the graph with new seeds.
                 Needs the cuda or triton step kernel; falls back to the eager loop with a warning naming
-                the reason where capture is impossible. Under autocast, the graph recasts the weights each
-                step (autocast's weight cache cannot outlive its region).
+                the reason where capture is impossible.
+
+        Under autocast (entered around this call or inside the model), the weights that autocast casts are
+        cast once per call, not once per step (:mod:`ddpm_fast.weight_casts`): the first call for a batch
+        shape runs the model once more to learn which, and the images are the same, bit for bit.
 
         Returns:
             images: (B, C, H, W) in ``dtype``, clamped to [-1, 1]; with ``return_trajectory``,
@@ -350,26 +355,45 @@ class Sampler:
         step_seeds = seeds if self.table.adds_noise else None  # DDIM with eta = 0 draws nothing
         trajectory = [x] if return_trajectory else None
 
-        graphed = self._graphed_loop(x, ts, step_seeds) if cuda_graph else None
-        if graphed is not None:
-            x = graphed.x  # the graph's own buffer: each replay advances it by one step in place
+        casts = self._weight_casts(x, ts[0])
+        with casts.swapped() if casts is not None else contextlib.nullcontext():
+            graphed = self._graphed_loop(x, ts, step_seeds) if cuda_graph else None
+            if graphed is not None:
+                x = graphed.x  # the graph's own buffer: each replay advances it by one step in place
 
-        bar = _progress_bar(N, progress, f"{self.method.upper()} sampling")
-        try:
-            for i in range(N):
-                if graphed is not None:
-                    graphed.graph.replay()
-                else:
-                    x = self._step(x, ts[i], step_seeds)
-                if trajectory is not None:
-                    trajectory.append(x.clone() if graphed is not None else x)
-                bar.update(1)
-        finally:
-            bar.close()
+            bar = _progress_bar(N, progress, f"{self.method.upper()} sampling")
+            try:
+                for i in range(N):
+                    if graphed is not None:
+                        graphed.graph.replay()
+                    else:
+                        x = self._step(x, ts[i], step_seeds)
+                    if trajectory is not None:
+                        trajectory.append(x.clone() if graphed is not None else x)
+                    bar.update(1)
+            finally:
+                bar.close()
         images = x.clamp(-1.0, 1.0)  # a new tensor: the graph's buffer is never handed out
         if return_trajectory:
             return images, torch.stack(trajectory)
         return images
+
+    def _weight_casts(self, x: Tensor, t: Tensor) -> WeightCasts | None:
+        """The model's weight casts to hoist out of the loop (None: nothing to hoist), recorded by one forward
+        on ``x``, ``t`` the first time this model, batch and autocast state are seen."""
+        model = self.model
+        if not isinstance(model, torch.nn.Module) or hasattr(model, "_orig_mod"):  # not a torch.compile wrapper
+            return None
+        params = list(model.parameters())
+        if not any(p.dtype == torch.float32 for p in params):
+            return None
+        dev = x.device.type
+        key = (id(model), tuple(x.shape), x.dtype, x.device, torch.is_autocast_enabled(dev),
+               torch.get_autocast_dtype(dev), tuple((p.data_ptr(), p.dtype) for p in params))
+        if self._casts is None or self._casts[0] != key:
+            casts = WeightCasts.record(model, lambda: model(x, t))
+            self._casts = key, (casts if casts.plan else None)
+        return self._casts[1]
 
     # ---------------------------------------------------------------------------------------- CUDA graph
 

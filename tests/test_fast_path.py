@@ -220,12 +220,17 @@ def test_tracing_records_the_custom_op():
 
 @needs_cpu_kernels
 def test_sampling_takes_the_fast_path(schedule, calls):
-    """DDIM sampling with the tiny U-Net: every group norm and step runs without the dispatcher."""
+    """DDIM sampling with the tiny U-Net: every group norm and step runs without the dispatcher. (The first
+    call's one recording forward runs under a dispatch mode, so through the dispatcher: see weight_casts.)"""
     from ddpm_fast.sampler import Sampler
     from ddpm_fast.unet import UNet
 
     torch.manual_seed(0)
-    images = Sampler(UNet.preset("tiny").eval(), schedule, method="ddim", num_steps=2).sample(torch.arange(2))
+    sampler = Sampler(UNet.preset("tiny").eval(), schedule, method="ddim", num_steps=2)
+    sampler.sample(torch.arange(2))
+    assert ("custom op", "group_norm_silu") in calls  # the recording forward
+    calls.clear()
+    images = sampler.sample(torch.arange(2))
     assert images.shape == (2, 3, 16, 16)
     assert {route for route, _ in calls} == {"fast"}
     assert {name for _, name in calls} == {"group_norm_silu", "step"}

@@ -1,0 +1,126 @@
+"""The weight casts of a sampling loop, made once per run instead of once per step.
+
+Under autocast every Linear and convolution casts its float32 weight and bias to the autocast dtype. An
+eager loop inside one autocast region casts each weight once (autocast caches the casts while the region
+lasts), but a region entered inside the model (a wrapper calling ``torch.autocast`` per forward) or a
+captured CUDA graph (which must not keep autocast's cache, see the Sampler) casts them again every step:
+156 cast kernels per step for the cifar10 U-Net (its 65 convolutions and 24 attention projections),
+about half as many as all its other kernels at batch 1.
+
+:meth:`WeightCasts.record` runs the model once and notes the parameters of its Linear and convolution
+layers that are cast to one lower precision and used in no other way. :meth:`WeightCasts.swapped` puts
+casts of exactly those in their place for a sampling run (made once, refreshed when a weight has changed
+in place since). Autocast then finds them already in its dtype and casts nothing, so every other kernel
+reads the values it read before: the outputs are the same, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+_LOWER_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class _CastRecorder(TorchDispatchMode):
+    """Notes, per parameter, the dtypes it is cast to and whether any other op reads it."""
+
+    def __init__(self, names: dict[int, str]):
+        super().__init__()
+        self.names = names                      # id(parameter) -> name
+        self.casts: dict[str, set] = {}         # name -> dtypes it was cast to
+        self.read: set[str] = set()             # names some other op read as they are
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        source = args[0] if args else None
+        if func is torch.ops.aten._to_copy.default and id(source) in self.names and _only_dtype(source, kwargs):
+            self.casts.setdefault(self.names[id(source)], set()).add(kwargs["dtype"])
+        else:
+            for value in tree_leaves((args, kwargs)):
+                if isinstance(value, Tensor) and id(value) in self.names:
+                    self.read.add(self.names[id(value)])
+        return func(*args, **kwargs)
+
+
+def _only_dtype(source: Tensor, kwargs: dict) -> bool:
+    """Whether a ``_to_copy`` of ``source`` changes its floating dtype to a lower precision and nothing else."""
+    device = kwargs.get("device")
+    return (source.dtype == torch.float32 and kwargs.get("dtype") in _LOWER_PRECISION
+            and (device is None or torch.device(device) == source.device)
+            and kwargs.get("layout") in (None, torch.strided)
+            and kwargs.get("memory_format") in (None, torch.preserve_format))
+
+
+def _owner(model: nn.Module, name: str) -> nn.Module:
+    """The module that holds parameter ``name`` ("a.b.weight" -> model.a.b)."""
+    return model.get_submodule(name.rpartition(".")[0])
+
+
+class WeightCasts:
+    """Casts of some of ``model``'s parameters, swapped in for the parameters during a sampling run.
+
+    Build with :meth:`record`; ``plan`` maps each hoisted parameter's name to its cast dtype.
+    """
+
+    def __init__(self, model: nn.Module, plan: dict[str, torch.dtype]):
+        self.model, self.plan = model, plan
+        self._casts: dict[str, tuple[int, Tensor]] = {}  # name -> (source version when cast, the cast)
+
+    @classmethod
+    def record(cls, model: nn.Module, run: Callable[[], object]) -> "WeightCasts":
+        """Run ``run()`` (one forward of ``model``) and keep the parameters it only ever casts, each to one dtype.
+
+        The global random state is restored afterwards, so the extra forward leaves a dropout in train mode
+        drawing what it would have drawn.
+        """
+        # Candidates: the parameters of PyTorch's own Linear and convolution layers (subclasses included),
+        # which no kernel outside the dispatcher reads; the recording keeps those that are only cast.
+        layers = {id(m) for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
+        names = {id(p): name for name, p in model.named_parameters()
+                 if id(_owner(model, name)) in layers}
+        recorder = _CastRecorder(names)
+        devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices), recorder:
+            run()
+        plan = {name: next(iter(dtypes)) for name, dtypes in recorder.casts.items()
+                if len(dtypes) == 1 and name not in recorder.read}
+        return cls(model, plan)
+
+    def refresh(self) -> None:
+        """Make the casts, or redo those whose parameter was written in place since (same cast tensor)."""
+        params = dict(self.model.named_parameters())
+        for name, dtype in self.plan.items():
+            source = params[name]
+            made = self._casts.get(name)
+            if made is None:
+                self._casts[name] = (source._version, source.detach().to(dtype))
+            elif made[0] != source._version:
+                made[1].copy_(source.detach())  # in place: a captured graph keeps reading this tensor
+                self._casts[name] = (source._version, made[1])
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """The casts in place of their parameters (every module that shares one) while the block runs."""
+        self.refresh()
+        by_source = {id(p): self._casts[name][1] for name, p in self.model.named_parameters() if name in self.plan}
+        saved = []
+        for module in self.model.modules():
+            for leaf, param in module._parameters.items():
+                if param is not None and id(param) in by_source:
+                    saved.append((module, leaf, param))
+        try:
+            for module, leaf, param in saved:
+                # The parameter's requires_grad, though nothing is recorded under no_grad: matmul picks its
+                # kernels by it (a weight that requires grad folds a 3-d input into one mm), as it does for
+                # autocast's casts of it; another flag would change the bits of an attention projection.
+                module._parameters[leaf] = nn.Parameter(by_source[id(param)], requires_grad=param.requires_grad)
+            yield
+        finally:
+            for module, leaf, param in saved:
+                module._parameters[leaf] = param

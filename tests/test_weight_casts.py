@@ -1,0 +1,198 @@
+"""ddpm_fast.weight_casts: the Sampler's autocast weight casts, made once per run, change no bit of the images.
+
+The truth is the same model behind a plain function (the Sampler hoists casts only for an nn.Module), so
+every step casts its weights as autocast does. CPU autocast in bfloat16; the GPU twin is in test_sampler.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+import ddpm_fast
+from ddpm_fast.sampler import Sampler
+from ddpm_fast.schedule import NoiseSchedule
+from ddpm_fast.weight_casts import WeightCasts, _CastRecorder
+
+pytestmark = [pytest.mark.skipif(ddpm_fast.build_info()["backends"]["cpu"] != "available",
+                                 reason="the C++ extension is not built"),
+              pytest.mark.usefixtures("one_thread")]
+
+SEEDS = [3, 1, 4]
+
+
+class InnerAutocast(nn.Module):
+    """A wrapper that enters autocast on every forward (the benchmarks' form): autocast's cache dies each step."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, x, t):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = self.model(x, t)
+        return (out.sample if hasattr(out, "sample") else out).float()
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return NoiseSchedule(1000)
+
+
+@pytest.fixture
+def unet():
+    torch.manual_seed(0)
+    return ddpm_fast.UNet.preset("tiny").eval()
+
+
+def _per_step_casts(model):
+    """The same model as a plain function: no hoisting, autocast casts every weight at every step."""
+    return lambda x, t: model(x, t)
+
+
+def _sample(model, schedule, ambient: bool, shape, steps: int = 4):
+    region = torch.autocast("cpu", dtype=torch.bfloat16) if ambient else contextlib.nullcontext()
+    with region:
+        return Sampler(model, schedule, num_steps=steps).sample(SEEDS, shape)
+
+
+def _shape(net):
+    return (net.config.in_channels, net.config.sample_size, net.config.sample_size)
+
+
+def _diffusers_unet():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                 attention_head_dim=8).eval()
+
+
+@pytest.mark.parametrize("ambient", [True, False], ids=["autocast-around-sample", "autocast-inside-model"])
+@pytest.mark.parametrize("which", ["ours", "diffusers"])
+def test_images_equal_per_step_casts_bitwise(schedule, unet, ambient, which):
+    net = unet if which == "ours" else _diffusers_unet()
+    model = net if ambient else InnerAutocast(net)
+    params = dict(model.named_parameters())
+    sampler = Sampler(model, schedule, num_steps=4)
+    region = torch.autocast("cpu", dtype=torch.bfloat16) if ambient else contextlib.nullcontext()
+    with region:
+        hoisted = sampler.sample(SEEDS, _shape(net))
+    truth = _sample(_per_step_casts(model), schedule, ambient, _shape(net))
+    assert sampler._casts[1] is not None and sampler._casts[1].plan  # something was hoisted
+    assert torch.equal(hoisted, truth)
+    # The model has its own float32 parameters back, the same objects.
+    assert all(p is params[name] and p.dtype == torch.float32 for name, p in model.named_parameters())
+
+
+def _record(model, x, t):
+    with torch.no_grad():
+        return WeightCasts.record(model, lambda: model(x, t))
+
+
+def _param_casts_in(model, run) -> dict:
+    """{parameter name: dtypes} of the parameter casts ``run()`` makes."""
+    recorder = _CastRecorder({id(p): name for name, p in model.named_parameters()})
+    with torch.no_grad(), recorder:
+        run()
+    return recorder.casts
+
+
+def test_every_weight_cast_is_hoisted_and_none_remains(unet):
+    model = InnerAutocast(unet)
+    x, t = torch.randn(2, *_shape(unet)), torch.tensor([10, 900])
+    casts = _record(model, x, t)
+    per_step = _param_casts_in(model, lambda: model(x, t))  # what each step casts without hoisting
+    convs = {f"model.{name}.weight" for name, module in unet.named_modules() if isinstance(module, nn.Conv2d)}
+    assert convs <= set(per_step) and per_step == {name: {torch.bfloat16} for name in casts.plan}
+    with casts.swapped():
+        assert _param_casts_in(model, lambda: model(x, t)) == {}
+
+
+class _ReadsWeightRaw(nn.Module):
+    """A Linear whose weight also enters a float32 op outside autocast: that weight must stay float32. And a
+    bare parameter under autocast: cast, but not a Linear's or a convolution's (its readers are unknown)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.bare = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = torch.nn.functional.linear(self.lin(x.movedim(1, -1)), self.bare).movedim(-1, 1).float()
+        return y * self.lin.weight.norm()
+
+
+def test_a_weight_read_outside_its_cast_is_not_hoisted(schedule):
+    model = _ReadsWeightRaw()
+    casts = _record(model, torch.randn(2, 4, 3, 3), torch.tensor([5, 5]))
+    assert casts.plan == {"lin.bias": torch.bfloat16}
+    images = Sampler(model, schedule, num_steps=3).sample(SEEDS, (4, 3, 3))
+    assert torch.equal(images, Sampler(_per_step_casts(model), schedule, num_steps=3).sample(SEEDS, (4, 3, 3)))
+
+
+def test_weights_changed_in_place_are_recast(schedule, unet):
+    model = InnerAutocast(unet)
+    sampler = Sampler(model, schedule, num_steps=3)
+    first = sampler.sample(SEEDS)
+    with torch.no_grad():
+        unet.conv_in.weight.mul_(1.5)  # as an optimizer step would: same storage, new version
+    second = sampler.sample(SEEDS)
+    assert not torch.equal(first, second)
+    assert torch.equal(second, Sampler(_per_step_casts(model), schedule, num_steps=3).sample(SEEDS, _shape(unet)))
+
+
+def test_parameters_restored_when_the_model_fails(schedule, unet):
+    model = InnerAutocast(unet)
+    params = dict(model.named_parameters())
+    calls = []
+
+    def fail_on_third_call(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("model failed")
+
+    handle = unet.register_forward_pre_hook(fail_on_third_call)
+    try:
+        with pytest.raises(RuntimeError, match="model failed"):
+            Sampler(model, schedule, num_steps=5).sample(SEEDS)
+    finally:
+        handle.remove()
+    assert all(p is params[name] and p.dtype == torch.float32 for name, p in model.named_parameters())
+
+
+def test_recording_leaves_the_global_random_state_alone(schedule, unet):
+    """The recording forward of a model in train mode (dropout on) must not shift what the loop draws."""
+    model = InnerAutocast(ddpm_fast.UNet.preset("tiny", dropout=0.3)).train()
+    torch.manual_seed(7)
+    hoisted = Sampler(model, schedule, num_steps=3).sample(SEEDS)
+    torch.manual_seed(7)
+    truth = Sampler(_per_step_casts(model), schedule, num_steps=3).sample(SEEDS, _shape(model))
+    assert torch.equal(hoisted, truth)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("ambient", [True, False], ids=["autocast-around-sample", "autocast-inside-model"])
+def test_graph_with_hoisted_casts_equals_per_step_casts_on_gpu(schedule, ambient):
+    """The captured graph reads the casts made once; the eager loop of a plain function casts every step."""
+    torch.manual_seed(0)
+    unet = ddpm_fast.UNet.preset("tiny").cuda().eval()
+    model = unet if ambient else InnerAutocast(unet)
+    sampler = Sampler(model, schedule, num_steps=5)
+    region = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if ambient else contextlib.nullcontext
+    for seeds in ([1, 2, 3], [9, 8, 7]):
+        with region():
+            graphed = sampler.sample(seeds, cuda_graph=True)
+            truth = Sampler(_per_step_casts(model), schedule, num_steps=5).sample(seeds, _shape(unet), device="cuda")
+        assert torch.equal(graphed, truth)
+    with torch.no_grad():
+        unet.conv_in.weight.mul_(1.5)  # the graph's casts are refreshed in place, no recapture
+    graph = sampler._graph
+    with region():
+        graphed = sampler.sample([1, 2, 3], cuda_graph=True)
+        truth = Sampler(_per_step_casts(model), schedule, num_steps=5).sample([1, 2, 3], _shape(unet), device="cuda")
+    assert sampler._graph is graph and torch.equal(graphed, truth)
