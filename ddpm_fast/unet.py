@@ -184,17 +184,30 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
         """x: (B, cin, H, W); temb_act: (B, temb_dim), already through SiLU -> (B, cout, H, W)."""
-        h = self.conv1(self.norm1(x))
-        t = self.time_proj(temb_act)
+        # conv1's bias is a per-channel constant before norm2: it joins norm2's per-(B, C) input term, read
+        # by the norm kernel, instead of costing its own pass over h (PyTorch adds a cuDNN conv's bias in a
+        # second kernel).
+        h = F.conv2d(self.norm1(x), self.conv1.weight, None, padding=1)
         if self.time_embedding == "add":
-            h = self.norm2(h, bias_in=t)
+            h = self.norm2(h, bias_in=time_linear(temb_act, self.time_proj, self.conv1.bias))
         else:
-            scale, shift = t.chunk(2, dim=1)
-            h = self.norm2(h, scale=scale, shift=shift)
+            scale, shift = time_linear(temb_act, self.time_proj).chunk(2, dim=1)
+            h = self.norm2(h, bias_in=self.conv1.bias.expand(h.shape[0], -1), scale=scale, shift=shift)
         h = self.conv2(self.dropout(h))
         skip = x if self.skip is None else self.skip(x)
         out = skip + h
         return out if self.output_scale == 1.0 else out / self.output_scale
+
+
+def time_linear(temb: Tensor, layer: nn.Linear, extra_bias: Tensor | None = None) -> Tensor:
+    """``layer(temb) + extra_bias`` in the parameters' dtype, outside autocast.
+
+    The time path's GEMMs have B rows, so their precision costs nothing, and group_norm_silu takes its
+    per-(B, C) terms in float32: a bf16 result would only be cast back (two extra kernels per ResBlock).
+    """
+    with torch.autocast(temb.device.type, enabled=False):
+        bias = layer.bias if extra_bias is None else layer.bias + extra_bias
+        return F.linear(temb.to(layer.weight.dtype), layer.weight, bias)
 
 
 class AttentionBlock(nn.Module):
@@ -215,15 +228,17 @@ class AttentionBlock(nn.Module):
         """x: (B, C, H, W) -> (B, C, H, W)."""
         B, C, H, W = x.shape
         h = self.norm(x) if self.norm is not None else x
-        # (B, C, H, W) -> (B, HW, C): a free view for channels_last activations, one copy for NCHW.
-        tokens = h.permute(0, 2, 3, 1).reshape(B, H * W, C)
+        # (B, C, H, W) -> (B·HW, C) rows: a free view for channels_last activations, one copy for NCHW. As
+        # 2-d rows each projection is one GEMM with its bias fused; a strided 3-d view would be copied by
+        # every projection and get its bias in a separate kernel.
+        tokens = h.permute(0, 2, 3, 1).reshape(B * H * W, C)
 
-        def heads(p: Tensor) -> Tensor:  # (B, HW, C) -> (B, heads, HW, C / heads)
+        def heads(p: Tensor) -> Tensor:  # (B·HW, C) -> (B, heads, HW, C / heads)
             return p.view(B, H * W, self.heads, C // self.heads).transpose(1, 2)
 
         o = F.scaled_dot_product_attention(heads(self.to_q(tokens)), heads(self.to_k(tokens)),
                                            heads(self.to_v(tokens)))
-        o = self.to_out(o.transpose(1, 2).reshape(B, H * W, C))
+        o = self.to_out(o.transpose(1, 2).reshape(B * H * W, C))
         # Back to (B, C, H, W) with channels_last strides; the residual add follows x's format.
         out = x + o.view(B, H, W, C).permute(0, 3, 1, 2)
         return out if self.output_scale == 1.0 else out / self.output_scale
@@ -293,8 +308,9 @@ class TimeEmbedding(nn.Module):
         self.fc2 = nn.Linear(cfg.temb_dim, cfg.temb_dim)
 
     def forward(self, t: Tensor) -> Tensor:
+        """In the parameters' dtype, outside autocast, as every time-path GEMM (see time_linear)."""
         emb = timestep_embedding(t, self.cfg.base_channels, self.cfg.flip_sin_to_cos, self.cfg.freq_shift)
-        return self.fc2(F.silu(self.fc1(emb.to(self.fc1.weight.dtype))))
+        return time_linear(F.silu(time_linear(emb, self.fc1)), self.fc2)
 
 
 # ------------------------------------------------------------------------------------------------ U-Net

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from _tolerance import assert_matches_reference
+from _tolerance import FLOOR, assert_matches_reference
 
 import ddpm_fast
 from ddpm_fast.unet import (PRESETS, UNet, UNetConfig, config_from_diffusers, diffusers_config,
@@ -265,8 +265,18 @@ def test_gradients_cpu_backend_match_torch_backend(time_embedding):
     # float64 truth: the same weights; GroupNormAct sends float64 to the reference op.
     truth = param_grads(model.double(), x.double(), t, w.double(), "torch")
     assert ours.keys() == truth.keys()
+    # Each gradient against PyTorch's error on the worst-off gradient of the network, relative to size.
+    # PyTorch's error on the same gradient would be a bound that compares two noisy maxima ~100 times:
+    # their ratio reached 1.8-3.0 across 12 seeds (the error norms over all gradients: 0.95-1.06), so a
+    # per-parameter bound of 2x passed by the luck of its seed. This one measured 0.75-1.5 over 32 runs.
+    def relative_error(grads, name):
+        return (grads[name].double() - truth[name]).abs().max().item() / max(1.0, truth[name].abs().max().item())
+
+    worst_torch = max(relative_error(torch32, name) for name in truth)
     for name in ours:
-        assert_matches_reference(ours[name], torch32[name], truth[name], dtype=torch.float32, what=name)
+        bound = 2 * worst_torch + FLOOR[torch.float32]
+        assert relative_error(ours, name) <= bound, (f"grad of {name}: relative error {relative_error(ours, name):.3g}"
+                                                     f" > {bound:.3g} (2 x PyTorch's worst + the float32 floor)")
 
 
 def test_channels_last_matches_contiguous():
@@ -278,3 +288,26 @@ def test_channels_last_matches_contiguous():
         truth = model.double()(x.double(), t)
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert_matches_reference(got, ref, truth, what="channels_last output")
+
+
+@pytest.mark.parametrize("time_embedding", ["add", "scale_shift"])
+def test_torch_compile_fullgraph_under_bf16_autocast(time_embedding):
+    """One graph (no break: the time path's autocast-free region, the fused ops) for forward and backward
+    under bf16 autocast; aot_eager runs the traced ops, so it agrees with eager to bf16 rounding. (aot_eager:
+    Inductor's CPU code generation would cost minutes here; the graph capture is what is under test.)"""
+    model = perturbed(UNet.preset("tiny", time_embedding=time_embedding))
+    x, t = inputs(3)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    outs, grads = [], []
+    for run in (compiled, model):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run(x, t)
+        out.float().square().mean().backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert outs[0].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[0], outs[1])
+    # The gradients pass through bf16 activations, and AOT autograd may order a backward's sums otherwise:
+    # one bf16 rounding at the gradients' scale (measured: 3e-4 and 1.3e-3 of it).
+    assert (grads[0] - grads[1]).abs().max() <= FLOOR[torch.bfloat16] * grads[1].abs().max()
