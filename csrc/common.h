@@ -112,6 +112,39 @@ DDPM_HD constexpr T ceil_div(T a, T b) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Channels-last noise tiles (CPU and CUDA walk the same ones). Logical index i = c * S + s lives at
+// memory offset s * C + c, so the normals of a tile of `ts` pixels x `ct` channels are drawn per
+// channel (a run of logical indices) and transposed into memory order. When ct == C the tile is one
+// contiguous memory range [s0 * C, (s0 + ts) * C).
+// ---------------------------------------------------------------------------------------------
+constexpr int kTileElems = 2048;  // 8 KiB of noise per tile: L1 (CPU) or shared memory (CUDA)
+
+struct TileSpan {
+  int64_t c0, s0, ct, ts;  // channels c0 .. c0 + ct, pixels s0 .. s0 + ts
+};
+
+struct ClTiling {
+  int64_t ct, ts;            // tile size in channels and in pixels
+  int64_t tiles_c, tiles_s;  // tile counts
+  DDPM_HD int64_t count() const { return tiles_c * tiles_s; }
+  // Tile k of a (C, S) sample, cut at the edges.
+  DDPM_HD TileSpan span(int64_t k, int64_t C, int64_t S) const {
+    const int64_t c0 = (k % tiles_c) * ct, s0 = (k / tiles_c) * ts;
+    return {c0, s0, ct < C - c0 ? ct : C - c0, ts < S - s0 ? ts : S - s0};
+  }
+};
+
+// Few channels (images: C = 3, 6): whole pixels, so a tile is contiguous in memory. Many channels:
+// 64 x 32 tiles; 32-element runs per channel keep the partial-group waste <= 1/8.
+inline ClTiling cl_tiling(int64_t C, int64_t S) {
+  const int64_t ct = C <= 64 ? C : 64;
+  int64_t ts = C <= 64 ? kTileElems / C / 4 * 4 : 32;  // >= 32, and ct * ts <= kTileElems
+  ts = ts < S ? ts : S;
+  ts = ts > 1 ? ts : 1;
+  return {ct, ts, ceil_div(C, ct), ceil_div(S, ts)};
+}
+
+// ---------------------------------------------------------------------------------------------
 // Bit casts (host: memcpy, which GCC turns into a register move and vectorizes; device: intrinsics).
 // ---------------------------------------------------------------------------------------------
 DDPM_HD float bits_to_float(uint32_t u) {

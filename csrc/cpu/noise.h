@@ -23,33 +23,6 @@ void normal_groups(PhiloxKey key, uint64_t stream, uint64_t j0, int64_t n, float
 // and any len (a partial group at either end computes its whole group and keeps the lanes it needs).
 void normal_range(PhiloxKey key, uint64_t stream, uint64_t L, int64_t len, float* z);
 
-// Channels-last tiles. Logical index i = c * S + s lives at memory offset s * C + c, so the normals
-// of a tile of `ts` spatial positions x `ct` channels are generated per channel (a contiguous run of
-// logical indices) and transposed into memory order `zm[(s - s0) * ct + (c - c0)]`. When ct == C
-// the tile is one contiguous memory range [s0 * C, (s0 + ts) * C).
-constexpr int64_t kTileElems = 2048;  // 8 KiB of noise per tile: stays in L1 next to the operands
-
-struct ClTiling {
-  int64_t ct, ts;            // tile size in channels and in spatial positions
-  int64_t tiles_c, tiles_s;  // tile counts
-  ClTiling(int64_t C, int64_t S) {
-    // Few channels (images: C = 3, 6): whole pixels, so the tile is contiguous in memory. Many
-    // channels: 64 x 32 tiles; 32-element runs per channel keep the partial-group waste <= 1/8.
-    if (C <= 64) {
-      ct = C;
-      ts = kTileElems / C / 4 * 4;  // >= 32, and ct * ts <= kTileElems
-    } else {
-      ct = 64;
-      ts = 32;
-    }
-    ts = std::max<int64_t>(1, std::min(ts, S));
-    tiles_c = ceil_div(C, ct);
-    tiles_s = ceil_div(S, ts);
-  }
-  int64_t count() const { return tiles_c * tiles_s; }
-  int64_t max_elems() const { return ct * ts; }
-};
-
 // Noise of the tile (channels c0 .. c0 + ct, spatial s0 .. s0 + ts) of a (C, S) sample, in memory
 // order, into zm (ct * ts floats); scratch must hold ct * ts floats too.
 inline void normal_tile_cl(PhiloxKey key, uint64_t stream, int64_t S, int64_t c0, int64_t ct,

@@ -93,9 +93,7 @@ DDPM_TARGET_CLONES void qs_items(const QSampleJob& J, int64_t begin, int64_t end
       }
       qs_elementwise<D>(x0 + p0, z, xt + p0, tgt + p0, len, a, bb, J.v_target);
     } else {
-      const ClTiling& tl = J.tiling;
-      const int64_t c0 = (k % tl.tiles_c) * tl.ct, s0 = (k / tl.tiles_c) * tl.ts;
-      const int64_t ct = std::min(tl.ct, J.C - c0), ts = std::min(tl.ts, J.S - s0);
+      const auto [c0, s0, ct, ts] = J.tiling.span(k, J.C, J.S);
       normal_tile_cl(PhiloxKey(J.seeds[b]), J.stream, J.S, c0, ct, s0, ts, scratch, zbuf);
       if (ct == J.C) {  // whole pixels: one contiguous memory range
         const int64_t p0 = s0 * J.C;
@@ -122,7 +120,7 @@ void q_sample(const void* x0, int64_t x0_bstride, const int64_t* t, const float*
 
   QSampleJob J{x0, x0_bstride, noise, noise_bstride, t, table, seeds, stream, x_t, target,
                target_kind == int(Target::V), C, S, layout == Layout::ChannelsLast, noise == nullptr,
-               ClTiling(C, S), 0};
+               cl_tiling(C, S), 0};
   const int64_t n = C * S;
   J.items_per_sample = (J.draw && J.channels_last) ? J.tiling.count() : ceil_div(n, kChunk);
   // Thread start-up is ~30 us; drawing costs ~2 ns per element per core (64K elements ~ 130 us),

@@ -162,9 +162,7 @@ void step_items(const StepJob& J, int64_t begin, int64_t end) {
       continue;
     }
     // Channels-last tile (noise is never given when tiled; rows with std == 0 draw nothing).
-    const ClTiling& tl = J.tiling;
-    const int64_t c0 = (k % tl.tiles_c) * tl.ct, s0 = (k / tl.tiles_c) * tl.ts;
-    const int64_t ct = std::min(tl.ct, J.C - c0), ts = std::min(tl.ts, J.S - s0);
+    const auto [c0, s0, ct, ts] = J.tiling.span(k, J.C, J.S);
     if (draw) normal_tile_cl(PhiloxKey(J.seeds[b]), stream, J.S, c0, ct, s0, ts, scratch, zbuf);
     if (ct == J.C) {  // whole pixels: one contiguous memory range
       step_segment<D, kThr>(J, b, s0 * J.C, ts * ct, zbuf, noisy, r);
@@ -301,7 +299,7 @@ void step(const void* x, int64_t x_bstride, const void* m, int64_t m_bstride, co
                " adds noise (std = ", table[8 * t[b] + 5], ") but neither noise nor seeds was given");
   }
   StepJob J{x, x_bstride, m, m_bstride, v, v_bstride, t, table, noise, noise_bstride, seeds, prev, x0_out,
-            C, S, layout == Layout::ChannelsLast, clip_range, nullptr, ClTiling(C, S), false, 0};
+            C, S, layout == Layout::ChannelsLast, clip_range, nullptr, cl_tiling(C, S), false, 0};
   DDPM_DISPATCH_DTYPE(dtype, D, run_step<D>(J, B, threshold_ratio, sample_max_value, num_threads));
 }
 

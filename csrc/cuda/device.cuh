@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <mutex>
 #include <type_traits>
 
 #include "kernels.h"
@@ -102,18 +104,34 @@ inline bool vec_ok(const void* p, int64_t batch_stride, int64_t B, size_t elem) 
   return aligned16(p) && (B <= 1 || (batch_stride * int64_t(elem)) % 16 == 0);
 }
 
-inline int sm_count() {
-  int dev = 0, n = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-  return n > 0 ? n : 1;
+// The device properties the launchers read, queried once per device: at batch 1 a launch is a few
+// microseconds, and the queries were seven runtime calls of each.
+struct DeviceProps {
+  int sms = 1, major = 0, smem_per_sm = 0, smem_optin = 0;
+};
+
+inline void query_props(int dev, DeviceProps& p) {
+  cudaDeviceGetAttribute(&p.sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaDeviceGetAttribute(&p.major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&p.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  cudaDeviceGetAttribute(&p.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  p.sms = std::max(p.sms, 1);
 }
 
-inline int compute_major() {
-  int dev = 0, major = 0;
+// The current device's properties.
+inline const DeviceProps& device_props() {
+  constexpr int kCached = 64;
+  static DeviceProps props[kCached];
+  static std::once_flag once[kCached];
+  thread_local DeviceProps beyond;  // device numbers past kCached: queried every time
+  int dev = 0;
   cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  return major;
+  if (dev < 0 || dev >= kCached) {
+    query_props(dev, beyond);
+    return beyond;
+  }
+  std::call_once(once[dev], query_props, dev, std::ref(props[dev]));
+  return props[dev];
 }
 
 constexpr unsigned kMaxGridY = 65535;  // samples beyond it are looped over inside the kernels

@@ -7,7 +7,7 @@
 //    channel's run of logical indices c * S + s0 .. c * S + s0 + ts - 1 into shared memory in memory
 //    order (a run may start or end inside a Philox group: that group is drawn whole and only its
 //    lanes inside the run are kept), then applies the op in memory order. Same tiling as the CPU
-//    kernels (csrc/cpu/noise.h, ClTiling).
+//    kernels (ClTiling, csrc/common.h).
 //
 // An Op provides:
 //   using T;  struct Row;                      storage type, per-sample constants
@@ -74,33 +74,11 @@ __global__ void __launch_bounds__(256) flat_kernel(Op op, int64_t B, int64_t n) 
   }
 }
 
-// Channels-last tiles: same shape rule as the CPU's ClTiling (whole pixels when C <= 64).
-constexpr int kTileElems = 2048;
-
-struct ClTile {
-  int64_t ct, ts, tiles_c, tiles_s;
-  __host__ ClTile(int64_t C, int64_t S) {
-    if (C <= 64) {
-      ct = C;
-      ts = kTileElems / C / 4 * 4;
-    } else {
-      ct = 64;
-      ts = 32;
-    }
-    ts = std::max<int64_t>(1, std::min(ts, S));
-    tiles_c = ceil_div(C, ct);
-    tiles_s = ceil_div(S, ts);
-  }
-  __host__ __device__ int64_t count() const { return tiles_c * tiles_s; }
-};
-
 // One tile of sample b; zs: kTileElems floats of shared memory. Called by every thread of the block.
 template <class Op>
 __device__ __forceinline__ void tile_sample(const Op& op, const typename Op::Row& r, int64_t b, int64_t C,
-                                            int64_t S, const ClTile& tl, int64_t tile, float* zs) {
-  const int64_t c0 = (tile % tl.tiles_c) * tl.ct, s0 = (tile / tl.tiles_c) * tl.ts;
-  const int64_t ct = tl.ct < C - c0 ? tl.ct : C - c0;
-  const int64_t ts = tl.ts < S - s0 ? tl.ts : S - s0;
+                                            int64_t S, const ClTiling& tl, int64_t tile, float* zs) {
+  const auto [c0, s0, ct, ts] = tl.span(tile, C, S);
   const bool draw = op.draws(r);  // the same for the whole block
   if (draw) {
     const uint64_t seed = op.seed(b), stream = op.stream(r);
@@ -130,7 +108,7 @@ __device__ __forceinline__ void tile_sample(const Op& op, const typename Op::Row
 
 // grid (x: tiles of a sample, y: samples, looped past 65535).
 template <class Op>
-__global__ void __launch_bounds__(256) tile_kernel(Op op, int64_t B, int64_t C, int64_t S, ClTile tl) {
+__global__ void __launch_bounds__(256) tile_kernel(Op op, int64_t B, int64_t C, int64_t S, ClTiling tl) {
   __shared__ float zs[kTileElems];
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const typename Op::Row r = op.row(b);
@@ -151,7 +129,7 @@ void launch_flat(const Op& op, int64_t B, int64_t n, cudaStream_t s) {
 
 template <class Op>
 void launch_tiles(const Op& op, int64_t B, int64_t C, int64_t S, cudaStream_t s) {
-  const ClTile tl(C, S);
+  const ClTiling tl = cl_tiling(C, S);
   const unsigned bx = unsigned(std::min<int64_t>(tl.count(), int64_t(1) << 20));
   const unsigned by = unsigned(std::min<int64_t>(B, kMaxGridY));
   tile_kernel<Op><<<dim3(bx, by), 256, 0, s>>>(op, B, C, S, tl);

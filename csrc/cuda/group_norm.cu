@@ -35,6 +35,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <mutex>
+#include <set>
 #include <string>
 #include <utility>
 #include <type_traits>
@@ -682,7 +684,7 @@ bool clusters_available() {
   const int cached = dev < 64 ? known[dev].load(std::memory_order_relaxed) : 0;
   if (cached) return cached == 1;
   cudaFuncAttributes attr{};
-  const bool ok = compute_major() >= 9 &&
+  const bool ok = device_props().major >= 9 &&
                   cudaFuncGetAttributes(&attr, gn_forward_kernel<float, false, 1>) == cudaSuccess &&
                   attr.ptxVersion >= 90;
   if (dev < 64) known[dev].store(ok ? 1 : 2, std::memory_order_relaxed);
@@ -709,7 +711,7 @@ Geo plan(int64_t B, int64_t C, int64_t S, int64_t G, bool cl, int nv, bool align
   // the K just below and just above two blocks per SM, the one whose last wave is fuller (ties: the
   // larger K, smaller regions). Batch 128 x 1 region: K = 2 (256 blocks, one wave), not 3 (1.45 waves).
   int64_t K = 1;
-  const int64_t want = 2 * int64_t(sm_count());
+  const int64_t want = 2 * int64_t(device_props().sms);
   if (regions < want && clusters_available()) {
     const auto fill = [&](int64_t k) {
       const int64_t blocks = regions * k;
@@ -761,26 +763,33 @@ std::pair<Geo, size_t> with_cache(Geo g, bool cl, size_t other) {
     const char* v = std::getenv("DDPM_FAST_GN_CACHE");
     return !(v && std::string(v) == "0");
   }();
-  int dev = 0, per_sm = 0, per_block = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-  cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  const int64_t budget = std::min<int64_t>(per_sm / 2 - 1024, per_block) - int64_t(other) - 16;
+  const DeviceProps& dev = device_props();
+  const int64_t budget = std::min<int64_t>(dev.smem_per_sm / 2 - 1024, dev.smem_optin) - int64_t(other) - 16;
   g.cache_slots = 0;
   if (enabled && budget > 0)
     g.cache_slots = int(std::min<int64_t>(accesses_per_thread(g, cl), budget / int64_t(sizeof(A) * g.threads)));
   return {g, other + cache_bytes<A>(g.cache_slots, g.threads)};
 }
 
+// Lets `kernel` use the device's maximum dynamic shared memory, once per kernel and device (the attribute
+// stays set; one fixed value, as a per-launch size would race other host threads launching it).
+void allow_max_smem(const char* op, const void* kernel) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> done;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (done.count({kernel, dev})) return;
+  check_status(op, int(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            device_props().smem_optin)));
+  done.insert({kernel, dev});
+}
+
 template <class Kernel, class Args>
 void launch(const char* op, Kernel kernel, const Args& args, const Geo& g, size_t smem, cudaStream_t s) {
-  if (smem > 48 * 1024) {  // allow the device's maximum (a per-launch size would race other host threads)
-    int dev = 0, optin = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    check_status(op, int(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              std::max(optin, int(smem)))));
-  }
+  DDPM_CHECK(smem <= size_t(std::max(device_props().smem_optin, 48 * 1024)), op, ": needs ", smem,
+             " bytes of shared memory per block, the device allows ", device_props().smem_optin);
+  if (smem > 48 * 1024) allow_max_smem(op, reinterpret_cast<const void*>(kernel));
   const int64_t blocks = g.B * g.RPS * g.K;
   DDPM_CHECK(blocks <= int64_t(INT32_MAX), op, ": ", blocks, " blocks exceed a CUDA grid");
   cudaLaunchConfig_t cfg = {};

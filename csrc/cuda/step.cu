@@ -215,7 +215,7 @@ __device__ float block_quantile(const StepOp<T>& op, const typename StepOp<T>::R
 // One block per sample: the quantile, then the step over the whole sample.
 template <typename T, int N, bool kVecOk, bool kTiled>
 __global__ void __launch_bounds__(kThrThreads)
-    step_threshold_kernel(StepOp<T> op, int64_t B, int64_t C, int64_t S, ClTile tl, float ratio, float max_value) {
+    step_threshold_kernel(StepOp<T> op, int64_t B, int64_t C, int64_t S, ClTiling tl, float ratio, float max_value) {
   __shared__ SelectShared sh;
   __shared__ float zs[kTiled ? kTileElems : 1];
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
@@ -250,7 +250,7 @@ void run(const StepOp<T>& op, int64_t B, int64_t C, int64_t S, bool channels_las
                    vec_ok(op.noise, op.noise_bs, B, e) && vec_ok(op.prev, n, B, e) && vec_ok(op.x0_out, n, B, e);
   if (threshold_ratio > 0.0f) {
     const unsigned grid = unsigned(std::min<int64_t>(B, int64_t(1) << 20));
-    const ClTile tl(C, S);
+    const ClTiling tl = cl_tiling(C, S);
     constexpr int NV = kVec<T>;
     if (tiled)
       step_threshold_kernel<T, 4, false, true><<<grid, kThrThreads, 0, s>>>(op, B, C, S, tl, threshold_ratio,
