@@ -18,13 +18,15 @@ the full 1000-step DDPM (batch / (1000 x seconds per step)):
 * diffusers compile / compile reduce-overhead: the same loop on ``torch.compile(unet[, mode=...])``;
 * ours eager: ``Sampler(UNet.from_diffusers(unet))``, noise drawn in the step kernel from per-sample seeds;
 * ours graph: the same with ``cuda_graph=True`` (one captured model + step replayed per step; CUDA only);
-* ours graph channels_last (full run only): the model's weights and activations in channels_last.
+* ours graph channels_last (``--quick``: the largest batch only): the model's weights and activations in
+  channels_last.
 
 Precisions: ``bf16`` = float32 weights and samples, the UNet under ``torch.autocast(bfloat16)`` (as the
 H200 anchors in the issue were measured); ``tf32`` = float32 with TF32 matmuls and convolutions (CUDA
 only); ``fp32`` = plain float32 (the CPU's second precision). The training step (batch 128 on CUDA):
 noise a batch (diffusers' ``add_noise`` / our fused ``q_sample``), forward under bf16 autocast, MSE to the
-noise, backward, ``torch.optim.Adam`` (PyTorch's default implementation) step.
+noise, backward, ``torch.optim.Adam`` (PyTorch's default implementation) step; on CUDA ours also with the
+weights (so the activations) in channels_last.
 
 Timing: each measurement times a whole run of ``--steps`` sampling steps (or training steps), back to back
 as a user runs them, with CUDA events on the GPU and the wall clock on the CPU, after warm-up (which
@@ -34,15 +36,16 @@ bf16 drift (``--drift-steps``, 0 to skip): the full 1000-step DDPM from the same
 under bf16 autocast; the distance between the two final image batches (docs/fidelity.md).
 
 ``--quick`` (what fits ~2.5 minutes on an H200, compilation included): batches 1 and 256, bf16 only,
-10 steps per run, compile default at batch 256 and reduce-overhead at batch 1 (the issue's anchors), the
-training step, our bf16 drift. ``--record`` writes benchmarks/results/sampling-<device>-<date>.json with
-the machine, versions, date and git sha.
+10 steps per run, compile default at batch 256 and reduce-overhead at batch 1 (the issue's anchors), ours
+in channels_last at batch 256, the training step, our bf16 drift. ``--record`` writes
+benchmarks/results/sampling-<device>-<date>.json with the machine, versions, date and git sha.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import sys
 import time
@@ -253,9 +256,10 @@ def plan(args, device: torch.device) -> dict:
         precisions = ("bf16",) if quick else ("bf16", "tf32")
     else:
         batches, steps, precisions = (1, 4), 3, ("bf16", "fp32")
+    batches = args.batches or batches
     p = {
         "preset": args.preset or ("cifar10" if cuda else "tiny"),
-        "batches": args.batches or batches,
+        "batches": batches,
         "precisions": precisions,
         "steps": args.steps or steps,
         "reps": 5 if cuda else 3,
@@ -265,7 +269,8 @@ def plan(args, device: torch.device) -> dict:
         "drift_steps": args.drift_steps if args.drift_steps is not None else T if cuda else 20,
         "drift_batch": args.drift_batch or (16 if cuda else 2),
         "drift_diffusers": not quick,
-        "channels_last": cuda and not quick,
+        # channels_last is cuDNN's native layout for bf16 convolutions: the large batch's likely best form
+        "channels_last": set() if not cuda else {max(batches)} if quick else set(batches),
         "deadline": deadline,
     }
     if quick:  # the issue's compile anchors only: default at the largest batch, reduce-overhead at batch 1
@@ -318,7 +323,7 @@ def sampling_rows(p: dict, device: torch.device, theirs, ours, print_row: Callab
                 variants["ours eager"] = lambda: ours_loop(ours, device, batch, p["steps"], dtype, graph=False)
                 if device.type == "cuda":
                     variants["ours graph"] = lambda: ours_loop(ours, device, batch, p["steps"], dtype, graph=True)
-                    if p["channels_last"]:
+                    if batch in p["channels_last"]:
                         def channels_last():
                             model = UNet.from_diffusers(theirs) if theirs is not None else ours
                             model = model.to(device).to(memory_format=torch.channels_last)
@@ -345,13 +350,17 @@ def sampling_rows(p: dict, device: torch.device, theirs, ours, print_row: Callab
 
 def training_rows(p: dict, device: torch.device, theirs, ours, print_row: Callable) -> list[dict]:
     rows = []
-    sides = ([("diffusers", theirs)] if theirs is not None else []) + [("ours", ours)]
-    for name, model in sides:
-        row = dict(kind="training", precision="bf16 autocast", batch=p["train_batch"], variant=f"{name} eager",
+    sides = ([("diffusers eager", lambda: theirs)] if theirs is not None else []) + [("ours eager", lambda: ours)]
+    if device.type == "cuda":  # cuDNN's native layout for bf16 convolutions, forward and backward
+        sides.append(("ours eager channels_last", lambda: copy.deepcopy(ours).to(memory_format=torch.channels_last)))
+    for name, make in sides:
+        row = dict(kind="training", precision="bf16 autocast", batch=p["train_batch"], variant=name,
                    steps=p["train_steps"])
+        model = None
         try:
             _check_time(p)
-            one = train_step(model, device, p["train_batch"], ours=name == "ours")
+            model = make()
+            one = train_step(model, device, p["train_batch"], ours=name.startswith("ours"))
 
             def run():
                 for _ in range(p["train_steps"]):
@@ -362,7 +371,8 @@ def training_rows(p: dict, device: torch.device, theirs, ours, print_row: Callab
         except Exception as error:  # noqa: BLE001
             _failed(row, error)
         finally:
-            model.eval()
+            if model is not None:
+                model.eval()
         _row(rows, print_row, **row)
     return rows
 

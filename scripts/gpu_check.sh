@@ -124,14 +124,18 @@ TARGETS = {  # (op prefix, shape, dtype, layout): target in us
     ("group_norm_silu fwd (", (8, 320, 64, 64), "float32", "NCHW"): 25,
     ("group_norm_silu fwd+bwd", (128, 128, 32, 32), "float32", "NCHW"): 110,
 }
-records = sorted(glob.glob("benchmarks/results/ops-cuda-*.json"), key=os.path.getmtime)
-if not records:
-    raise SystemExit("no op record")
-data = json.load(open(records[-1]))
-print(f"\n{records[-1]}: copy {data['copy_gbs']:.0f} GB/s, {data.get('cases_not_run', 0)} cases not run")
-print(f"{'op':28} {'shape':18} {'dtype':8} {'layout':13} {'cuda us':>8} {'%copy':>6} {'triton us':>9} "
-      f"{'compile us':>10} {'target':>6}  ok")
-for row in data["rows"]:
+def newest(kind):
+    records = sorted(glob.glob(f"benchmarks/results/{kind}-cuda-*.json"), key=os.path.getmtime)
+    return (records[-1], json.load(open(records[-1]))) if records else (None, None)
+
+
+path, data = newest("ops")
+print(f"\n{path}: copy {data['copy_gbs']:.0f} GB/s, {data.get('cases_not_run', 0)} cases not run" if data else
+      "\nno op record")
+if data:
+    print(f"{'op':28} {'shape':18} {'dtype':8} {'layout':13} {'cuda us':>8} {'%copy':>6} {'triton us':>9} "
+          f"{'compile us':>10} {'target':>6}  ok")
+for row in data["rows"] if data else ():
     shape = tuple(row["shape"])
     dtype = row["dtype"].replace("torch.", "")
     target = next((v for (op, s, d, l), v in TARGETS.items()
@@ -141,4 +145,18 @@ for row in data["rows"]:
     print(f"{row['op'][:28]:28} {str(shape):18} {dtype:8} {row['layout']:13} {us('cuda'):8.1f} "
           f"{row.get('cuda_pct_copy', float('nan')):5.0f}% {us('triton'):9.1f} {us('compile'):10.1f} "
           f"{target if target else '':>6}  {ok}")
+
+# The sampling issue's targets (ms, bf16): the best of our variants (eager, graph, channels_last).
+SAMPLING = {("sampling", 256): 13.0, ("sampling", 1): 1.4, ("training", 128): 35.0}
+path, data = newest("sampling")
+print(f"\n{path}" if data else "\nno sampling record")
+for (kind, batch), target in SAMPLING.items() if data else ():
+    timed = [r for r in data["rows"] if r["kind"] == kind and r["batch"] == batch and "ms_per_step" in r
+             and r["precision"].startswith("bf16")]
+    best = {side: min((r for r in timed if r["variant"].startswith(side)),
+                      key=lambda r: r["ms_per_step"]["median"], default=None) for side in ("ours", "diffusers")}
+    ms = {side: r["ms_per_step"]["median"] if r else float("nan") for side, r in best.items()}
+    name = {side: r["variant"] if r else "not run" for side, r in best.items()}
+    print(f"{kind:8} batch {batch:3}: ours {ms['ours']:7.2f} ms ({name['ours']}), best diffusers "
+          f"{ms['diffusers']:7.2f} ms ({name['diffusers']}), target {target}  {'yes' if ms['ours'] <= target else 'NO'}")
 EOF
