@@ -326,9 +326,10 @@ class Sampler:
                 Needs the cuda or triton step kernel; falls back to the eager loop with a warning naming
                 the reason where capture is impossible.
 
-        Under autocast (entered around this call or inside the model), the weights that autocast casts are
-        cast once per call, not once per step (:mod:`ddpm_fast.weight_casts`): the first call for a batch
-        shape runs the model once more to learn which, and the images are the same, bit for bit.
+        Casts of the model's parameters that every step would repeat (autocast's, entered around this
+        call or inside the model; a bfloat16 model's norm weights to float32) are made once per call
+        (:mod:`ddpm_fast.weight_casts`): the first call for a batch shape runs the model once more to
+        learn which, and the images are the same, bit for bit.
 
         Returns:
             images: (B, C, H, W) in ``dtype``, clamped to [-1, 1]; with ``return_trajectory``,
@@ -385,8 +386,6 @@ class Sampler:
         if not isinstance(model, torch.nn.Module) or hasattr(model, "_orig_mod"):  # not a torch.compile wrapper
             return None
         params = list(model.parameters())
-        if not any(p.dtype == torch.float32 for p in params):
-            return None
         dev = x.device.type
         key = (id(model), tuple(x.shape), x.dtype, x.device, torch.is_autocast_enabled(dev),
                torch.get_autocast_dtype(dev), tuple((p.data_ptr(), p.dtype) for p in params))

@@ -200,14 +200,17 @@ class ResBlock(nn.Module):
 
 
 def time_linear(temb: Tensor, layer: nn.Linear, extra_bias: Tensor | None = None) -> Tensor:
-    """``layer(temb) + extra_bias`` in the parameters' dtype, outside autocast.
+    """``layer(temb) + extra_bias`` in float32 (float64 for a float64 model), outside autocast.
 
     The time path's GEMMs have B rows, so their precision costs nothing, and group_norm_silu takes its
-    per-(B, C) terms in float32: a bf16 result would only be cast back (two extra kernels per ResBlock).
+    per-(B, C) terms in float32: a bf16 result would only be cast back (an extra kernel per ResBlock).
+    The parameters' casts of a bf16 model are the Sampler's to hoist out of its loop (weight_casts).
     """
+    dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
     with torch.autocast(temb.device.type, enabled=False):
-        bias = layer.bias if extra_bias is None else layer.bias + extra_bias
-        return F.linear(temb.to(layer.weight.dtype), layer.weight, bias)
+        bias = layer.bias.to(dtype)
+        bias = bias if extra_bias is None else bias + extra_bias.to(dtype)
+        return F.linear(temb.to(dtype), layer.weight.to(dtype), bias)
 
 
 class AttentionBlock(nn.Module):
@@ -308,7 +311,7 @@ class TimeEmbedding(nn.Module):
         self.fc2 = nn.Linear(cfg.temb_dim, cfg.temb_dim)
 
     def forward(self, t: Tensor) -> Tensor:
-        """In the parameters' dtype, outside autocast, as every time-path GEMM (see time_linear)."""
+        """In float32 (float64 for a float64 model), outside autocast, as every time-path GEMM (see time_linear)."""
         emb = timestep_embedding(t, self.cfg.base_channels, self.cfg.flip_sin_to_cos, self.cfg.freq_shift)
         return time_linear(F.silu(time_linear(emb, self.fc1)), self.fc2)
 
