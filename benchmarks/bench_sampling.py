@@ -350,13 +350,14 @@ def sampling_rows(p: dict, device: torch.device, theirs, ours, print_row: Callab
 
 def training_rows(p: dict, device: torch.device, theirs, ours, print_row: Callable) -> list[dict]:
     rows = []
-    sides = ([("diffusers eager", lambda: theirs)] if theirs is not None else []) + [("ours eager", lambda: ours)]
+    # Copies: training changes the weights, and the drift rows (after these) sample the models as made.
+    sides = ([("diffusers eager", lambda: copy.deepcopy(theirs))] if theirs is not None else [])
+    sides.append(("ours eager", lambda: copy.deepcopy(ours)))
     if device.type == "cuda":  # cuDNN's native layout for bf16 convolutions, forward and backward
         sides.append(("ours eager channels_last", lambda: copy.deepcopy(ours).to(memory_format=torch.channels_last)))
     for name, make in sides:
         row = dict(kind="training", precision="bf16 autocast", batch=p["train_batch"], variant=name,
                    steps=p["train_steps"])
-        model = None
         try:
             _check_time(p)
             model = make()
@@ -370,10 +371,10 @@ def training_rows(p: dict, device: torch.device, theirs, ours, print_row: Callab
             row["ms_per_step"] = {k: v / p["train_steps"] for k, v in timing.items()}
         except Exception as error:  # noqa: BLE001
             _failed(row, error)
-        finally:
-            if model is not None:
-                model.eval()
         _row(rows, print_row, **row)
+        model = one = None  # frees the copy and its optimizer state
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -459,8 +460,8 @@ def main(argv=None) -> int:
           f"{'img/s':>8}   first call s")
 
     rows = sampling_rows(p, device, theirs, ours, _print_row)
-    rows += drift_rows(p, device, theirs, ours)  # before training, which changes the weights
-    rows += training_rows(p, device, theirs, ours, _print_row)
+    rows += training_rows(p, device, theirs, ours, _print_row)  # a target row: before the (long) drift runs
+    rows += drift_rows(p, device, theirs, ours)
 
     if args.record:
         plan_json = {k: sorted(v) if isinstance(v, set) else v for k, v in p.items()}
