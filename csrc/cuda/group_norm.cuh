@@ -19,17 +19,23 @@
 // Small batch x groups (batch 1 at 64x64x320): on sm_90 the pixel axis of a region is split over a
 // thread-block cluster of K <= 8 blocks that combine their per-channel partial sums through
 // distributed shared memory, so there are about 2 blocks per SM with no scratch memory and no extra
-// launch. Elsewhere (or when there are enough regions) K = 1. The normalize pass re-reads the
-// region right after the statistics pass; the regions are small (<= 8192 elements NCHW, or a pixel
-// chunk of <= 128 channels; the target shapes keep <= 21 MB in flight per wave) so that re-read
-// should come from L2 and DRAM see x once (scripts/gpu_check.sh's ncu stage measures the DRAM bytes;
-// caching the region in shared memory is the fallback if they show a second read).
+// launch. Elsewhere (or when there are enough regions) K = 1. The normalize pass reads the region again
+// right after the statistics pass: from shared memory, where each thread kept its accesses in its own
+// visiting order (Cache; sized to keep two blocks per SM), and for what did not fit from L2 (the regions
+// are small: <= 8192 elements NCHW, or a pixel chunk of <= 128 channels), so that DRAM sees x once
+// (scripts/gpu_check.sh's ncu stage measures it; DDPM_FAST_GN_CACHE=0 turns the cache off).
 //
 // Backward: per-channel S1 = sum dy1, S2 = sum dy1 * xhat (dy1 = dy * silu'(y1)), combined over the
 // cluster; the rank-0 block writes dshift, dscale and adds sc1 * S2, sc1 * S1 into dweight / dbias
 // with float atomics (zeroed first on the stream): their summation order over samples is not fixed,
 // so dweight / dbias may differ in the last bits between runs (everything else is deterministic).
 // Then dx = rstd * (k * dy1 - m1 - xhat * m2) and dbias_in = sum dx over the region.
+//
+// This header is shared by group_norm_forward.cu and group_norm_backward.cu (two translation units, so
+// that they compile in parallel): the region geometry, the batched walk over a region, the shared-memory
+// cache, the reductions, and the host-side plan and launch.
+#pragma once
+
 #include <cooperative_groups.h>
 
 #include <atomic>
@@ -43,8 +49,8 @@
 
 #include "device.cuh"
 
-namespace ddpm_fast::cuda {
-namespace {
+namespace ddpm_fast::cuda::gn {
+
 
 constexpr int kMaxThreads = 256;  // with 2 blocks per SM: <= 128 registers, no spills (ptxas -v)
 constexpr int kFlush = 16;        // accesses summed in float before flushing into double
@@ -312,372 +318,26 @@ __device__ void region_sums(const Geo& g, const Region& R, const F& f, double* o
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Forward
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-struct FwdArgs {
-  const T* x;                            // (B, C, S) dense in the layout
-  const float *weight, *bias;            // (C,) or null
-  const float *bias_in, *scale, *shift;  // (B, C) or null
-  T* y;                                  // (B, C, S)
-  float *mean, *rstd;                    // (B, G)
-  float eps;
-  bool silu;
-};
-
-// Shared memory of one forward block (cs channels, gs groups, `slots` pairs of reduction scratch).
-struct FwdSmem {
-  double *sum1, *sum2, *red;
-  float *shift, *hb, *mu, *A, *Bc, *gmean, *grstd;
-  static __host__ __device__ size_t bytes(int cs, int gs, int slots) {
-    return sizeof(double) * (2 * size_t(cs) + 2 * size_t(slots)) + sizeof(float) * (5 * size_t(cs) + 2 * size_t(gs));
-  }
-  __device__ FwdSmem(void* base, int cs, int gs, int slots) {
-    double* d = static_cast<double*>(base);
-    sum1 = d;
-    sum2 = d + cs;
-    red = d + 2 * cs;
-    float* f = reinterpret_cast<float*>(red + 2 * slots);
-    shift = f;
-    hb = f + cs;
-    mu = f + 2 * cs;
-    A = f + 3 * cs;
-    Bc = f + 4 * cs;
-    gmean = f + 5 * cs;
-    grstd = gmean + gs;
-  }
-};
-
 // Channel of element k of an access at local channel cl, and the partial sum it adds to (see Partial).
 template <bool kCL>
 __device__ __forceinline__ int channel_of(int cl, int k) { return kCL ? cl + k : cl; }
 template <bool kCL>
 __device__ __forceinline__ int partial_of(int k) { return kCL ? k : 0; }
 
-template <typename T_>
-struct StatsF {  // d = (x + hb) - shift: (sum d, sum d^2)
-  using T = T_;
-  static constexpr int kInputs = 1;
-  const T* xs;
-  const float *hb, *shift;
-  template <int N>
-  __device__ __forceinline__ void load(int64_t off, Access<T, N, 1>& r) const { load_raw(xs + off, r.v[0]); }
-  template <int N, bool kCL>
-  __device__ __forceinline__ void use(int cl, int64_t, const Access<T, N, 1>& r, Partial<kCL ? N : 1>& p) const {
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const int c = channel_of<kCL>(cl, k), q = partial_of<kCL>(k);
-      const float d = (to_float(r.v[0][k]) + hb[c]) - shift[c];
-      p.a[q] += d;
-      p.b[q] += d * d;
-    }
-  }
-};
-
-template <typename T_>
-struct NormF {  // y = act(((x + hb) - mu) * A + Bc)
-  using T = T_;
-  static constexpr int kInputs = 1;
-  const T* xs;
-  T* ys;
-  const float *hb, *mu, *A, *Bc;
-  bool silu;
-  template <int N>
-  __device__ __forceinline__ void load(int64_t off, Access<T, N, 1>& r) const { load_raw(xs + off, r.v[0]); }
-  template <int N, bool kCL>
-  __device__ __forceinline__ void use(int cl, int64_t off, const Access<T, N, 1>& r, Partial<kCL ? N : 1>&) const {
-    float v[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const int c = channel_of<kCL>(cl, k);
-      const float y1 = ((to_float(r.v[0][k]) + hb[c]) - mu[c]) * A[c] + Bc[c];
-      v[k] = silu ? y1 * sigmoid_f(y1) : y1;
-    }
-    store_n<T, N>(ys + off, v);
-  }
-};
-
-template <typename T, bool kCL, int N>
-__global__ void __launch_bounds__(kMaxThreads, 2) gn_forward_kernel(FwdArgs<T> a, Geo g) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  using Acc = Access<T, N, 1>;
-  const Region R = region_of(g);
-  FwdSmem sm(smem_raw + cache_bytes<Acc>(g.cache_slots, blockDim.x), R.cs, g.GS,
-             red_pairs<kCL, N>(R.cs, blockDim.x));
-  Acc* const kept = reinterpret_cast<Acc*>(smem_raw);
-  const int tid = threadIdx.x;
-  const int64_t C = g.C, base = R.b * C * g.S;
-  const T* xs = a.x + base;
-
-  for (int cl = tid; cl < R.cs; cl += blockDim.x) {
-    const int64_t c = R.c0 + cl;
-    const float h = a.bias_in ? a.bias_in[R.b * C + c] : 0.0f;
-    sm.hb[cl] = h;
-    sm.shift[cl] = load1(xs + offset<kCL>(g, c, R.s0)) + h;
-  }
-  __syncthreads();
-
-  StatsF<T> stats{xs, sm.hb, sm.shift};
-  region_sums<kCL, N>(g, R, stats, sm.sum1, sm.sum2, sm.red, Cache<Acc>{kept, g.cache_slots, true});
-
-  // Per channel: mean and M2 over this chunk (replacing the sums).
-  const double np = double(R.s1 - R.s0);
-  for (int cl = tid; cl < R.cs; cl += blockDim.x) {
-    const double s1 = sm.sum1[cl], s2 = sm.sum2[cl];
-    sm.sum1[cl] = double(sm.shift[cl]) + s1 / np;
-    const double m2 = s2 - s1 * s1 / np;
-    sm.sum2[cl] = m2 < 0.0 ? 0.0 : m2;  // NaN stays NaN
-  }
-  __syncthreads();
-  cluster_sync(g.K);
-
-  // Per group: Chan's combine over the chunks (cluster ranks) and channels, in a fixed order.
-  for (int gl = tid; gl < g.GS; gl += blockDim.x) {
-    const double n_total = double(g.Cg) * double(g.S);
-    double tot = 0.0;
-    for (int r = 0; r < g.K; ++r) {
-      const double* mr = cluster_ptr(sm.sum1, g.K, r);
-      const double nr = double(chunk_pixels(g, r));
-      for (int64_t c = gl * g.Cg; c < (gl + 1) * g.Cg; ++c) tot += nr * mr[c];
-    }
-    const double mean = tot / n_total;
-    double m2 = 0.0;
-    for (int r = 0; r < g.K; ++r) {
-      const double* mr = cluster_ptr(sm.sum1, g.K, r);
-      const double* qr = cluster_ptr(sm.sum2, g.K, r);
-      const double nr = double(chunk_pixels(g, r));
-      for (int64_t c = gl * g.Cg; c < (gl + 1) * g.Cg; ++c) {
-        const double d = mr[c] - mean;
-        m2 += qr[c] + nr * d * d;
-      }
-    }
-    const float gm = float(mean), gr = float(1.0 / std::sqrt(m2 / n_total + double(a.eps)));
-    sm.gmean[gl] = gm;
-    sm.grstd[gl] = gr;
-    if (R.rank == 0) {
-      const int64_t gi = R.b * g.G + R.c0 / g.Cg + gl;
-      a.mean[gi] = gm;
-      a.rstd[gi] = gr;
-    }
-  }
-  cluster_sync(g.K);  // the peers' shared memory is read; no block may leave before that
-  __syncthreads();
-
-  for (int cl = tid; cl < R.cs; cl += blockDim.x) {
-    const int64_t c = R.c0 + cl;
-    const int gl = int(cl / g.Cg);
-    const float w = a.weight ? a.weight[c] : 1.0f;
-    const float bi = a.bias ? a.bias[c] : 0.0f;
-    const float sc1 = 1.0f + (a.scale ? a.scale[R.b * C + c] : 0.0f);
-    const float shf = a.shift ? a.shift[R.b * C + c] : 0.0f;
-    sm.mu[cl] = sm.gmean[gl];
-    sm.A[cl] = sm.grstd[gl] * w * sc1;
-    sm.Bc[cl] = bi * sc1 + shf;
-  }
-  __syncthreads();
-
-  NormF<T> norm{xs, a.y + base, sm.hb, sm.mu, sm.A, sm.Bc, a.silu};
-  region_sums<kCL, N>(g, R, norm, nullptr, nullptr, sm.red, Cache<Acc>{kept, g.cache_slots, false});
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backward
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-struct BwdArgs {
-  const T *dy, *x;                       // (B, C, S)
-  const float *weight, *bias;            // (C,) or null
-  const float *bias_in, *scale, *shift;  // (B, C) or null
-  const float *mean, *rstd;              // (B, G)
-  T* dx;                                 // (B, C, S) or null
-  float *dweight, *dbias;                // (C,) or null (zeroed before the launch)
-  float *dbias_in, *dscale, *dshift;     // (B, C) or null
-  bool silu;
-};
-
-struct BwdSmem {
-  double *S1, *S2, *T1, *T2, *red;
-  float *d, *hb, *rs, *W, *B1, *k, *m1, *m2;
-  static __host__ __device__ size_t bytes(int cs, int slots) {
-    return sizeof(double) * (4 * size_t(cs) + 2 * size_t(slots)) + sizeof(float) * 8 * size_t(cs);
-  }
-  __device__ BwdSmem(void* base, int cs, int slots) {
-    double* p = static_cast<double*>(base);
-    S1 = p;
-    S2 = p + cs;
-    T1 = p + 2 * cs;
-    T2 = p + 3 * cs;
-    red = p + 4 * cs;
-    float* f = reinterpret_cast<float*>(red + 2 * slots);
-    d = f;
-    hb = f + cs;
-    rs = f + 2 * cs;
-    W = f + 3 * cs;
-    B1 = f + 4 * cs;
-    k = f + 5 * cs;
-    m1 = f + 6 * cs;
-    m2 = f + 7 * cs;
-  }
-};
-
-// dy1 = dy * silu'(y1) with y1 = xhat * W + B1 (or dy without the activation).
-__device__ __forceinline__ float dy1_of(bool silu, float dy, float xh, float W, float B1) {
-  if (!silu) return dy;
-  const float y1 = xh * W + B1;
-  const float sg = sigmoid_f(y1);
-  return dy * (sg * (1.0f + y1 * (1.0f - sg)));
-}
-
-template <typename T_>
-struct BwdLoad {  // x and dy of an access
-  using T = T_;
-  static constexpr int kInputs = 2;
-  const T *xs, *dys;
-  template <int N>
-  __device__ __forceinline__ void load(int64_t off, Access<T, N, 2>& r) const {
-    load_raw(xs + off, r.v[0]);
-    load_raw(dys + off, r.v[1]);
-  }
-};
-
-template <typename T>
-struct Bwd1F : BwdLoad<T> {  // (sum dy1, sum dy1 * xhat)
-  BwdSmem sm;
-  bool silu;
-  template <int N, bool kCL>
-  __device__ __forceinline__ void use(int cl, int64_t, const Access<T, N, 2>& r, Partial<kCL ? N : 1>& p) const {
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const int c = channel_of<kCL>(cl, k), q = partial_of<kCL>(k);
-      const float xh = ((to_float(r.v[0][k]) + sm.hb[c]) - sm.d[c]) * sm.rs[c];
-      const float g1 = dy1_of(silu, to_float(r.v[1][k]), xh, sm.W[c], sm.B1[c]);
-      p.a[q] += g1;
-      p.b[q] += g1 * xh;
-    }
-  }
-};
-
-template <typename T>
-struct Bwd2F : BwdLoad<T> {  // dh = rstd * (k * dy1 - m1 - xhat * m2) -> dx; (sum dh, 0)
-  T* dxs;
-  BwdSmem sm;
-  bool silu;
-  template <int N, bool kCL>
-  __device__ __forceinline__ void use(int cl, int64_t off, const Access<T, N, 2>& r, Partial<kCL ? N : 1>& p) const {
-    float dh[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const int c = channel_of<kCL>(cl, k), q = partial_of<kCL>(k);
-      const float rs = sm.rs[c];
-      const float xh = ((to_float(r.v[0][k]) + sm.hb[c]) - sm.d[c]) * rs;
-      const float g1 = dy1_of(silu, to_float(r.v[1][k]), xh, sm.W[c], sm.B1[c]);
-      dh[k] = rs * (sm.k[c] * g1 - sm.m1[c] - xh * sm.m2[c]);
-      p.a[q] += dh[k];
-    }
-    if (dxs) store_n<T, N>(dxs + off, dh);
-  }
-};
-
-template <typename T, bool kCL, int N>
-__global__ void __launch_bounds__(kMaxThreads, 2) gn_backward_kernel(BwdArgs<T> a, Geo g) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  using Acc = Access<T, N, 2>;
-  const Region R = region_of(g);
-  BwdSmem sm(smem_raw + cache_bytes<Acc>(g.cache_slots, blockDim.x), R.cs, red_pairs<kCL, N>(R.cs, blockDim.x));
-  Acc* const kept = reinterpret_cast<Acc*>(smem_raw);
-  const int tid = threadIdx.x;
-  const int64_t C = g.C, G = g.G, base = R.b * C * g.S;
-
-  for (int cl = tid; cl < R.cs; cl += blockDim.x) {
-    const int64_t c = R.c0 + cl, gi = R.b * G + c / g.Cg;
-    const float w = a.weight ? a.weight[c] : 1.0f;
-    const float bi = a.bias ? a.bias[c] : 0.0f;
-    const float sc1 = 1.0f + (a.scale ? a.scale[R.b * C + c] : 0.0f);
-    const float shf = a.shift ? a.shift[R.b * C + c] : 0.0f;
-    sm.d[cl] = a.mean[gi];
-    sm.hb[cl] = a.bias_in ? a.bias_in[R.b * C + c] : 0.0f;
-    sm.rs[cl] = a.rstd[gi];
-    sm.W[cl] = w * sc1;
-    sm.B1[cl] = bi * sc1 + shf;
-    sm.k[cl] = sc1 * w;
-  }
-  __syncthreads();
-
-  Bwd1F<T> f1{{a.x + base, a.dy + base}, sm, a.silu};
-  region_sums<kCL, N>(g, R, f1, sm.S1, sm.S2, sm.red, Cache<Acc>{kept, g.cache_slots, true});
-
-  // Totals over the cluster's chunks, in rank order.
-  cluster_sync(g.K);
-  for (int cl = tid; cl < R.cs; cl += blockDim.x) {
-    double t1 = 0.0, t2 = 0.0;
-    for (int r = 0; r < g.K; ++r) {
-      t1 += cluster_ptr(sm.S1, g.K, r)[cl];
-      t2 += cluster_ptr(sm.S2, g.K, r)[cl];
-    }
-    sm.T1[cl] = t1;
-    sm.T2[cl] = t2;
-  }
-  cluster_sync(g.K);  // S1 / S2 are reused below
-  __syncthreads();
-
-  if (R.rank == 0) {
-    for (int cl = tid; cl < R.cs; cl += blockDim.x) {
-      const int64_t c = R.c0 + cl;
-      const double s1 = sm.T1[cl], s2 = sm.T2[cl];
-      const float w = a.weight ? a.weight[c] : 1.0f;
-      const float bi = a.bias ? a.bias[c] : 0.0f;
-      const double sc1 = 1.0 + (a.scale ? double(a.scale[R.b * C + c]) : 0.0);
-      if (a.dshift) a.dshift[R.b * C + c] = float(s1);
-      if (a.dscale) a.dscale[R.b * C + c] = float(double(w) * s2 + double(bi) * s1);  // sum dy1 * y0
-      if (a.dweight) atomicAdd(a.dweight + c, float(sc1 * s2));                     // sum dy0 * xhat
-      if (a.dbias) atomicAdd(a.dbias + c, float(sc1 * s1));                         // sum dy0
-    }
-  }
-  const double inv_n = 1.0 / (double(g.Cg) * double(g.S));
-  for (int gl = tid; gl < g.GS; gl += blockDim.x) {
-    double a1 = 0.0, a2 = 0.0;
-    for (int64_t cl = gl * g.Cg; cl < (gl + 1) * g.Cg; ++cl) {
-      a1 += double(sm.k[cl]) * sm.T1[cl];  // sum dxhat
-      a2 += double(sm.k[cl]) * sm.T2[cl];  // sum dxhat * xhat
-    }
-    for (int64_t cl = gl * g.Cg; cl < (gl + 1) * g.Cg; ++cl) {
-      sm.m1[cl] = float(a1 * inv_n);
-      sm.m2[cl] = float(a2 * inv_n);
-    }
-  }
-  __syncthreads();
-  if (!a.dx && !a.dbias_in) return;
-
-  Bwd2F<T> f2{{a.x + base, a.dy + base}, a.dx ? a.dx + base : nullptr, sm, a.silu};
-  region_sums<kCL, N>(g, R, f2, a.dbias_in ? sm.S1 : nullptr, sm.S2, sm.red, Cache<Acc>{kept, g.cache_slots, false});
-  if (a.dbias_in) {
-    cluster_sync(g.K);
-    if (R.rank == 0) {
-      for (int cl = tid; cl < R.cs; cl += blockDim.x) {
-        double t = 0.0;
-        for (int r = 0; r < g.K; ++r) t += cluster_ptr(sm.S1, g.K, r)[cl];
-        a.dbias_in[R.b * C + R.c0 + cl] = float(t);
-      }
-    }
-    cluster_sync(g.K);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Host: geometry and launch
 // ---------------------------------------------------------------------------------------------
 // Largest divisor of G that is <= limit (>= 1).
-int64_t divisor_at_most(int64_t G, int64_t limit) {
+inline int64_t divisor_at_most(int64_t G, int64_t limit) {
   for (int64_t d = std::max<int64_t>(1, std::min(G, limit)); d > 1; --d)
     if (G % d == 0) return d;
   return 1;
 }
 
-// Whether the kernels of this build can use thread-block clusters on the current device: an sm_90 GPU
-// running code compiled for sm_90 (a build for older architectures runs on an H100 through PTX compiled
-// for them, where the cluster code is compiled out). Cached per device.
-bool clusters_available() {
+// Whether the kernels of this build (`kernel`: any of them) can use thread-block clusters on the current
+// device: an sm_90 GPU running code compiled for sm_90 (a build for older architectures runs on an H100
+// through PTX compiled for them, where the cluster code is compiled out). Cached per device.
+inline bool clusters_available(const void* kernel) {
   static std::atomic<int> known[64];  // 0 unknown, 1 yes, 2 no
   int dev = 0;
   cudaGetDevice(&dev);
@@ -685,7 +345,7 @@ bool clusters_available() {
   if (cached) return cached == 1;
   cudaFuncAttributes attr{};
   const bool ok = device_props().major >= 9 &&
-                  cudaFuncGetAttributes(&attr, gn_forward_kernel<float, false, 1>) == cudaSuccess &&
+                  cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
                   attr.ptxVersion >= 90;
   if (dev < 64) known[dev].store(ok ? 1 : 2, std::memory_order_relaxed);
   return ok;
@@ -693,7 +353,8 @@ bool clusters_available() {
 
 // The 16-byte path needs every access aligned: NCHW, each channel row of the region starts on 16
 // bytes (S % nv == 0); channels_last, each pixel's slice of a region (C % nv == 0, CS % nv == 0).
-Geo plan(int64_t B, int64_t C, int64_t S, int64_t G, bool cl, int nv, bool aligned) {
+inline Geo plan(int64_t B, int64_t C, int64_t S, int64_t G, bool cl, int nv, bool aligned,
+                const void* kernel) {
   Geo g{};
   g.B = B, g.C = C, g.S = S, g.G = G, g.Cg = C / G;
   DDPM_CHECK(g.Cg <= kMaxChannels, "group_norm_silu: at most ", kMaxChannels, " channels per group on CUDA, got ",
@@ -712,7 +373,7 @@ Geo plan(int64_t B, int64_t C, int64_t S, int64_t G, bool cl, int nv, bool align
   // larger K, smaller regions). Batch 128 x 1 region: K = 2 (256 blocks, one wave), not 3 (1.45 waves).
   int64_t K = 1;
   const int64_t want = 2 * int64_t(device_props().sms);
-  if (regions < want && clusters_available()) {
+  if (regions < want && clusters_available(kernel)) {
     const auto fill = [&](int64_t k) {
       const int64_t blocks = regions * k;
       return double(blocks) / double(ceil_div(blocks, want) * want);
@@ -745,7 +406,7 @@ Geo plan(int64_t B, int64_t C, int64_t S, int64_t G, bool cl, int nv, bool align
 }
 
 // Accesses the busiest thread makes over a region (each of the two passes makes the same ones).
-int64_t accesses_per_thread(const Geo& g, bool cl) {
+inline int64_t accesses_per_thread(const Geo& g, bool cl) {
   if (!cl) {
     const int64_t rounds = ceil_div<int64_t>(g.CS, g.threads / g.tpc);
     return rounds * ceil_div<int64_t>(ceil_div<int64_t>(g.chunk, g.n), g.tpc);
@@ -773,7 +434,7 @@ std::pair<Geo, size_t> with_cache(Geo g, bool cl, size_t other) {
 
 // Lets `kernel` use the device's maximum dynamic shared memory, once per kernel and device (the attribute
 // stays set; one fixed value, as a per-launch size would race other host threads launching it).
-void allow_max_smem(const char* op, const void* kernel) {
+inline void allow_max_smem(const char* op, const void* kernel) {
   static std::mutex mutex;
   static std::set<std::pair<const void*, int>> done;
   int dev = 0;
@@ -809,7 +470,7 @@ void launch(const char* op, Kernel kernel, const Args& args, const Geo& g, size_
   check_status(op, int(cudaLaunchKernelEx(&cfg, kernel, args, g)));
 }
 
-bool all_aligned16(std::initializer_list<const void*> ptrs) {
+inline bool all_aligned16(std::initializer_list<const void*> ptrs) {
   for (const void* p : ptrs)
     if (p && !aligned16(p)) return false;
   return true;
@@ -826,64 +487,4 @@ void with_variant(bool cl, const Geo& g, F&& f) {
     g.n > 1 ? f(std::false_type{}, Vec{}) : f(std::false_type{}, One{});
 }
 
-}  // namespace
-
-void group_norm_forward(const void* x, const float* weight, const float* bias, const float* bias_in,
-                        const float* scale, const float* shift, void* y, float* mean, float* rstd, int64_t B,
-                        int64_t C, int64_t S, int64_t G, float eps, Activation act, Layout layout, DType dtype,
-                        uintptr_t cuda_stream) {
-  check_group_norm_args("group_norm_forward", B, C, S, G, act, layout);
-  if (B == 0 || C == 0) return;
-  DDPM_CHECK(S > 0, "group_norm_forward: empty spatial size (S = 0) has no statistics");
-  DDPM_CHECK(x && y && mean && rstd, "group_norm_forward: x, y, mean and rstd must be given");
-  auto s = reinterpret_cast<cudaStream_t>(cuda_stream);
-  const bool cl = layout == Layout::ChannelsLast;
-  DDPM_CUDA_DISPATCH(dtype, T, {
-    const Geo g = plan(B, C, S, G, cl, kVec<T>, all_aligned16({x, y}));
-    const FwdArgs<T> args{static_cast<const T*>(x), weight, bias, bias_in, scale, shift, static_cast<T*>(y),
-                          mean, rstd, eps, act == Activation::SiLU};
-    with_variant<T>(cl, g, [&](auto kcl, auto n) {
-      constexpr bool kCL = decltype(kcl)::value;
-      constexpr int N = decltype(n)::value;
-      const auto [gc, smem] = with_cache<Access<T, N, 1>>(g, cl, FwdSmem::bytes(g.CS, g.GS, red_pairs<kCL, N>(g.CS, g.threads)));
-      launch("group_norm_silu", gn_forward_kernel<T, kCL, N>, args, gc, smem, s);
-    });
-  });
-  check_launch("group_norm_silu");
-}
-
-void group_norm_backward(const void* dy, const void* x, const float* weight, const float* bias,
-                         const float* bias_in, const float* scale, const float* shift, const float* mean,
-                         const float* rstd, void* dx, float* dweight, float* dbias, float* dbias_in, float* dscale,
-                         float* dshift, int64_t B, int64_t C, int64_t S, int64_t G, Activation act, Layout layout,
-                         DType dtype, uintptr_t cuda_stream) {
-  check_group_norm_args("group_norm_backward", B, C, S, G, act, layout);
-  if (C == 0) return;
-  auto s = reinterpret_cast<cudaStream_t>(cuda_stream);
-  const char* op = "group_norm_silu_backward";
-  // dweight / dbias are sums over samples by atomics; empty inputs leave every gradient zero.
-  if (dweight) check_status(op, int(cudaMemsetAsync(dweight, 0, size_t(C) * sizeof(float), s)));
-  if (dbias) check_status(op, int(cudaMemsetAsync(dbias, 0, size_t(C) * sizeof(float), s)));
-  if (B == 0 || S == 0) {
-    for (float* p : {dbias_in, dscale, dshift})
-      if (p) check_status(op, int(cudaMemsetAsync(p, 0, size_t(B * C) * sizeof(float), s)));
-    return;
-  }
-  DDPM_CHECK(dy && x && mean && rstd, "group_norm_backward: dy, x, mean and rstd must be given");
-  const bool cl = layout == Layout::ChannelsLast;
-  DDPM_CUDA_DISPATCH(dtype, T, {
-    const Geo g = plan(B, C, S, G, cl, kVec<T>, all_aligned16({x, dy, dx}));
-    const BwdArgs<T> args{static_cast<const T*>(dy), static_cast<const T*>(x), weight, bias, bias_in, scale, shift,
-                          mean, rstd, static_cast<T*>(dx), dweight, dbias, dbias_in, dscale, dshift,
-                          act == Activation::SiLU};
-    with_variant<T>(cl, g, [&](auto kcl, auto n) {
-      constexpr bool kCL = decltype(kcl)::value;
-      constexpr int N = decltype(n)::value;
-      const auto [gc, smem] = with_cache<Access<T, N, 2>>(g, cl, BwdSmem::bytes(g.CS, red_pairs<kCL, N>(g.CS, g.threads)));
-      launch(op, gn_backward_kernel<T, kCL, N>, args, gc, smem, s);
-    });
-  });
-  check_launch(op);
-}
-
-}  // namespace ddpm_fast::cuda
+}  // namespace ddpm_fast::cuda::gn

@@ -1,0 +1,198 @@
+// GroupNorm + time embedding + SiLU, forward, on the GPU (the design: group_norm.cuh).
+#include "group_norm.cuh"
+
+namespace ddpm_fast::cuda {
+namespace {
+using namespace gn;
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct FwdArgs {
+  const T* x;                            // (B, C, S) dense in the layout
+  const float *weight, *bias;            // (C,) or null
+  const float *bias_in, *scale, *shift;  // (B, C) or null
+  T* y;                                  // (B, C, S)
+  float *mean, *rstd;                    // (B, G)
+  float eps;
+  bool silu;
+};
+
+// Shared memory of one forward block (cs channels, gs groups, `slots` pairs of reduction scratch).
+struct FwdSmem {
+  double *sum1, *sum2, *red;
+  float *shift, *hb, *mu, *A, *Bc, *gmean, *grstd;
+  static __host__ __device__ size_t bytes(int cs, int gs, int slots) {
+    return sizeof(double) * (2 * size_t(cs) + 2 * size_t(slots)) + sizeof(float) * (5 * size_t(cs) + 2 * size_t(gs));
+  }
+  __device__ FwdSmem(void* base, int cs, int gs, int slots) {
+    double* d = static_cast<double*>(base);
+    sum1 = d;
+    sum2 = d + cs;
+    red = d + 2 * cs;
+    float* f = reinterpret_cast<float*>(red + 2 * slots);
+    shift = f;
+    hb = f + cs;
+    mu = f + 2 * cs;
+    A = f + 3 * cs;
+    Bc = f + 4 * cs;
+    gmean = f + 5 * cs;
+    grstd = gmean + gs;
+  }
+};
+
+template <typename T_>
+struct StatsF {  // d = (x + hb) - shift: (sum d, sum d^2)
+  using T = T_;
+  static constexpr int kInputs = 1;
+  const T* xs;
+  const float *hb, *shift;
+  template <int N>
+  __device__ __forceinline__ void load(int64_t off, Access<T, N, 1>& r) const { load_raw(xs + off, r.v[0]); }
+  template <int N, bool kCL>
+  __device__ __forceinline__ void use(int cl, int64_t, const Access<T, N, 1>& r, Partial<kCL ? N : 1>& p) const {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const int c = channel_of<kCL>(cl, k), q = partial_of<kCL>(k);
+      const float d = (to_float(r.v[0][k]) + hb[c]) - shift[c];
+      p.a[q] += d;
+      p.b[q] += d * d;
+    }
+  }
+};
+
+template <typename T_>
+struct NormF {  // y = act(((x + hb) - mu) * A + Bc)
+  using T = T_;
+  static constexpr int kInputs = 1;
+  const T* xs;
+  T* ys;
+  const float *hb, *mu, *A, *Bc;
+  bool silu;
+  template <int N>
+  __device__ __forceinline__ void load(int64_t off, Access<T, N, 1>& r) const { load_raw(xs + off, r.v[0]); }
+  template <int N, bool kCL>
+  __device__ __forceinline__ void use(int cl, int64_t off, const Access<T, N, 1>& r, Partial<kCL ? N : 1>&) const {
+    float v[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const int c = channel_of<kCL>(cl, k);
+      const float y1 = ((to_float(r.v[0][k]) + hb[c]) - mu[c]) * A[c] + Bc[c];
+      v[k] = silu ? y1 * sigmoid_f(y1) : y1;
+    }
+    store_n<T, N>(ys + off, v);
+  }
+};
+
+template <typename T, bool kCL, int N>
+__global__ void __launch_bounds__(kMaxThreads, 2) gn_forward_kernel(FwdArgs<T> a, Geo g) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  using Acc = Access<T, N, 1>;
+  const Region R = region_of(g);
+  FwdSmem sm(smem_raw + cache_bytes<Acc>(g.cache_slots, blockDim.x), R.cs, g.GS,
+             red_pairs<kCL, N>(R.cs, blockDim.x));
+  Acc* const kept = reinterpret_cast<Acc*>(smem_raw);
+  const int tid = threadIdx.x;
+  const int64_t C = g.C, base = R.b * C * g.S;
+  const T* xs = a.x + base;
+
+  for (int cl = tid; cl < R.cs; cl += blockDim.x) {
+    const int64_t c = R.c0 + cl;
+    const float h = a.bias_in ? a.bias_in[R.b * C + c] : 0.0f;
+    sm.hb[cl] = h;
+    sm.shift[cl] = load1(xs + offset<kCL>(g, c, R.s0)) + h;
+  }
+  __syncthreads();
+
+  StatsF<T> stats{xs, sm.hb, sm.shift};
+  region_sums<kCL, N>(g, R, stats, sm.sum1, sm.sum2, sm.red, Cache<Acc>{kept, g.cache_slots, true});
+
+  // Per channel: mean and M2 over this chunk (replacing the sums).
+  const double np = double(R.s1 - R.s0);
+  for (int cl = tid; cl < R.cs; cl += blockDim.x) {
+    const double s1 = sm.sum1[cl], s2 = sm.sum2[cl];
+    sm.sum1[cl] = double(sm.shift[cl]) + s1 / np;
+    const double m2 = s2 - s1 * s1 / np;
+    sm.sum2[cl] = m2 < 0.0 ? 0.0 : m2;  // NaN stays NaN
+  }
+  __syncthreads();
+  cluster_sync(g.K);
+
+  // Per group: Chan's combine over the chunks (cluster ranks) and channels, in a fixed order.
+  for (int gl = tid; gl < g.GS; gl += blockDim.x) {
+    const double n_total = double(g.Cg) * double(g.S);
+    double tot = 0.0;
+    for (int r = 0; r < g.K; ++r) {
+      const double* mr = cluster_ptr(sm.sum1, g.K, r);
+      const double nr = double(chunk_pixels(g, r));
+      for (int64_t c = gl * g.Cg; c < (gl + 1) * g.Cg; ++c) tot += nr * mr[c];
+    }
+    const double mean = tot / n_total;
+    double m2 = 0.0;
+    for (int r = 0; r < g.K; ++r) {
+      const double* mr = cluster_ptr(sm.sum1, g.K, r);
+      const double* qr = cluster_ptr(sm.sum2, g.K, r);
+      const double nr = double(chunk_pixels(g, r));
+      for (int64_t c = gl * g.Cg; c < (gl + 1) * g.Cg; ++c) {
+        const double d = mr[c] - mean;
+        m2 += qr[c] + nr * d * d;
+      }
+    }
+    const float gm = float(mean), gr = float(1.0 / std::sqrt(m2 / n_total + double(a.eps)));
+    sm.gmean[gl] = gm;
+    sm.grstd[gl] = gr;
+    if (R.rank == 0) {
+      const int64_t gi = R.b * g.G + R.c0 / g.Cg + gl;
+      a.mean[gi] = gm;
+      a.rstd[gi] = gr;
+    }
+  }
+  cluster_sync(g.K);  // the peers' shared memory is read; no block may leave before that
+  __syncthreads();
+
+  for (int cl = tid; cl < R.cs; cl += blockDim.x) {
+    const int64_t c = R.c0 + cl;
+    const int gl = int(cl / g.Cg);
+    const float w = a.weight ? a.weight[c] : 1.0f;
+    const float bi = a.bias ? a.bias[c] : 0.0f;
+    const float sc1 = 1.0f + (a.scale ? a.scale[R.b * C + c] : 0.0f);
+    const float shf = a.shift ? a.shift[R.b * C + c] : 0.0f;
+    sm.mu[cl] = sm.gmean[gl];
+    sm.A[cl] = sm.grstd[gl] * w * sc1;
+    sm.Bc[cl] = bi * sc1 + shf;
+  }
+  __syncthreads();
+
+  NormF<T> norm{xs, a.y + base, sm.hb, sm.mu, sm.A, sm.Bc, a.silu};
+  region_sums<kCL, N>(g, R, norm, nullptr, nullptr, sm.red, Cache<Acc>{kept, g.cache_slots, false});
+}
+
+}  // namespace
+
+void group_norm_forward(const void* x, const float* weight, const float* bias, const float* bias_in,
+                        const float* scale, const float* shift, void* y, float* mean, float* rstd, int64_t B,
+                        int64_t C, int64_t S, int64_t G, float eps, Activation act, Layout layout, DType dtype,
+                        uintptr_t cuda_stream) {
+  check_group_norm_args("group_norm_forward", B, C, S, G, act, layout);
+  if (B == 0 || C == 0) return;
+  DDPM_CHECK(S > 0, "group_norm_forward: empty spatial size (S = 0) has no statistics");
+  DDPM_CHECK(x && y && mean && rstd, "group_norm_forward: x, y, mean and rstd must be given");
+  auto s = reinterpret_cast<cudaStream_t>(cuda_stream);
+  const bool cl = layout == Layout::ChannelsLast;
+  DDPM_CUDA_DISPATCH(dtype, T, {
+    const Geo g = plan(B, C, S, G, cl, kVec<T>, all_aligned16({x, y}),
+                       reinterpret_cast<const void*>(gn_forward_kernel<T, false, 1>));
+    const FwdArgs<T> args{static_cast<const T*>(x), weight, bias, bias_in, scale, shift, static_cast<T*>(y),
+                          mean, rstd, eps, act == Activation::SiLU};
+    with_variant<T>(cl, g, [&](auto kcl, auto n) {
+      constexpr bool kCL = decltype(kcl)::value;
+      constexpr int N = decltype(n)::value;
+      const auto [gc, smem] = with_cache<Access<T, N, 1>>(g, cl, FwdSmem::bytes(g.CS, g.GS, red_pairs<kCL, N>(g.CS, g.threads)));
+      launch("group_norm_silu", gn_forward_kernel<T, kCL, N>, args, gc, smem, s);
+    });
+  });
+  check_launch("group_norm_silu");
+}
+
+}  // namespace ddpm_fast::cuda
