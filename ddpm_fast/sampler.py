@@ -34,7 +34,7 @@ from .ops import randn, step
 from .ops.checks import FLOAT_DTYPES
 from .schedule import (PREDICTION_TYPES, TIMESTEP_SPACINGS, NoiseSchedule, StepTable, _check_choice, _check_int,
                        ddim_table, ddpm_table, sampling_timesteps)
-from .weight_casts import WeightCasts
+from .weight_casts import WeightCasts, parameter_slots, storage_key
 
 __all__ = ["METHODS", "Sampler", "save_image_grid"]
 
@@ -356,9 +356,12 @@ class Sampler:
         step_seeds = seeds if self.table.adds_noise else None  # DDIM with eta = 0 draws nothing
         trajectory = [x] if return_trajectory else None
 
-        casts = self._weight_casts(x, ts[0])
-        with casts.swapped() if casts is not None else contextlib.nullcontext():
-            graphed = self._graphed_loop(x, ts, step_seeds) if cuda_graph else None
+        # The model's tensors, found once per call: the keys of the hoisted casts and of the graph read them.
+        slots = parameter_slots(self.model) if isinstance(self.model, torch.nn.Module) else []
+        storage = storage_key(slots)
+        casts = self._weight_casts(x, ts[0], storage)
+        with casts.swapped(slots) if casts is not None else contextlib.nullcontext():
+            graphed = self._graphed_loop(x, ts, step_seeds, (storage, id(casts))) if cuda_graph else None
             if graphed is not None:
                 x = graphed.x  # the graph's own buffer: each replay advances it by one step in place
 
@@ -379,16 +382,15 @@ class Sampler:
             return images, torch.stack(trajectory)
         return images
 
-    def _weight_casts(self, x: Tensor, t: Tensor) -> WeightCasts | None:
+    def _weight_casts(self, x: Tensor, t: Tensor, storage: tuple) -> WeightCasts | None:
         """The model's weight casts to hoist out of the loop (None: nothing to hoist), recorded by one forward
-        on ``x``, ``t`` the first time this model, batch and autocast state are seen."""
+        on ``x``, ``t`` the first time this model (``storage``: its tensors), batch and autocast state are seen."""
         model = self.model
         if not isinstance(model, torch.nn.Module) or hasattr(model, "_orig_mod"):  # not a torch.compile wrapper
             return None
-        params = list(model.parameters())
         dev = x.device.type
         key = (id(model), tuple(x.shape), x.dtype, x.device, torch.is_autocast_enabled(dev),
-               torch.get_autocast_dtype(dev), tuple((p.data_ptr(), p.dtype) for p in params))
+               torch.get_autocast_dtype(dev), storage)
         if self._casts is None or self._casts[0] != key:
             casts = WeightCasts.record(model, lambda: model(x, t))
             self._casts = key, (casts if casts.plan else None)
@@ -396,22 +398,18 @@ class Sampler:
 
     # ---------------------------------------------------------------------------------------- CUDA graph
 
-    def _graph_key(self, x: Tensor, seeded: bool) -> tuple:
+    def _graph_key(self, x: Tensor, seeded: bool, model_key: tuple) -> tuple:
         """What a captured graph bakes in besides the values in its buffers: the batch's shape, dtype and
         device, whether the step draws noise, the step's options and table (kernel arguments), the autocast
-        state, the model and its parameter storage (a graph reads parameters by address, so ``model.half()``
-        or ``model.to(...)`` after a capture needs a new one)."""
+        state, the model and ``model_key``: its tensors' storage (a graph reads parameters by address, so
+        ``model.half()`` or ``model.to(...)`` after a capture needs a new one) and its hoisted casts."""
         dev = x.device.type
         autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        storage = ()
-        if isinstance(self.model, torch.nn.Module):
-            storage = tuple((p.data_ptr(), p.dtype) for p in self.model.parameters())
-            storage += tuple((b.data_ptr(), b.dtype) for b in self.model.buffers())
         options = (self.clip_range, self.thresholding, self.dynamic_thresholding_ratio, self.sample_max_value,
                    id(self.table), self.backend)
-        return (tuple(x.shape), x.dtype, x.device, seeded, options, autocast, id(self.model), storage)
+        return (tuple(x.shape), x.dtype, x.device, seeded, options, autocast, id(self.model), model_key)
 
-    def _graphed_loop(self, x: Tensor, ts: Tensor, seeds: Tensor | None) -> "_GraphedStep | None":
+    def _graphed_loop(self, x: Tensor, ts: Tensor, seeds: Tensor | None, model_key: tuple) -> "_GraphedStep | None":
         """The captured model + step, loaded with this call's x_T, timesteps and seeds; or None after a
         warning naming why the eager loop runs instead.
 
@@ -422,7 +420,7 @@ class Sampler:
         if reason is not None:
             warnings.warn(f"Sampler.sample: {reason}; using the eager loop", RuntimeWarning, stacklevel=3)
             return None
-        key = self._graph_key(x, seeds is not None)
+        key = self._graph_key(x, seeds is not None, model_key)
         if self._graph is None or self._graph.key != key:
             self._graph = None  # free the old graph's memory pool before capturing a new one
             try:

@@ -67,6 +67,34 @@ def _owner(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name.rpartition(".")[0])
 
 
+Slot = tuple[dict, str, Tensor]  # (a module's _parameters or _buffers, the name in it, the tensor there)
+
+
+def parameter_slots(model: nn.Module) -> list[Slot]:
+    """Where each parameter and buffer of ``model`` sits, by one walk over its modules: a plain recursion,
+    ~3x cheaper than ``named_parameters()`` (0.4 ms against 1.1 ms for the cifar10 U-Net here), and a
+    sampler looks at its model's tensors on every call."""
+    slots: list[Slot] = []
+    add = slots.append
+
+    def walk(module: nn.Module) -> None:
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    add((table, name, tensor))
+        for child in module._modules.values():
+            if child is not None:
+                walk(child)
+
+    walk(model)
+    return slots
+
+
+def storage_key(slots: list[Slot]) -> tuple:
+    """What a captured graph or a recorded plan bakes in: every tensor's address and dtype."""
+    return tuple((tensor.data_ptr(), tensor.dtype) for _, _, tensor in slots)
+
+
 class WeightCasts:
     """Casts of some of ``model``'s parameters, swapped in for the parameters during a sampling run.
 
@@ -75,7 +103,10 @@ class WeightCasts:
 
     def __init__(self, model: nn.Module, plan: dict[str, torch.dtype]):
         self.model, self.plan = model, plan
-        self._casts: dict[str, tuple[int, Tensor]] = {}  # name -> (source version when cast, the cast)
+        params = dict(model.named_parameters())
+        self._sources = {id(params[name]): (params[name], dtype) for name, dtype in plan.items()}
+        # id(source) -> (source version when cast, the cast as a Parameter of the source's requires_grad)
+        self._casts: dict[int, tuple[int, nn.Parameter]] = {}
 
     @classmethod
     def record(cls, model: nn.Module, run: Callable[[], object]) -> "WeightCasts":
@@ -98,33 +129,31 @@ class WeightCasts:
 
     def refresh(self) -> None:
         """Make the casts, or redo those whose parameter was written in place since (same cast tensor)."""
-        params = dict(self.model.named_parameters())
-        for name, dtype in self.plan.items():
-            source = params[name]
-            made = self._casts.get(name)
-            if made is None:
-                self._casts[name] = (source._version, source.detach().to(dtype))
-            elif made[0] != source._version:
-                made[1].copy_(source.detach())  # in place: a captured graph keeps reading this tensor
-                self._casts[name] = (source._version, made[1])
-
-    @contextlib.contextmanager
-    def swapped(self) -> Iterator[None]:
-        """The casts in place of their parameters (every module that shares one) while the block runs."""
-        self.refresh()
-        by_source = {id(p): self._casts[name][1] for name, p in self.model.named_parameters() if name in self.plan}
-        saved = []
-        for module in self.model.modules():
-            for leaf, param in module._parameters.items():
-                if param is not None and id(param) in by_source:
-                    saved.append((module, leaf, param))
-        try:
-            for module, leaf, param in saved:
+        casts = self._casts
+        for key, (source, dtype) in self._sources.items():
+            made = casts.get(key)
+            if made is not None and made[0] == source._version and made[1].requires_grad == source.requires_grad:
+                continue  # the common case: nothing changed since the last call
+            if made is None or made[1].requires_grad != source.requires_grad:
                 # The parameter's requires_grad, though nothing is recorded under no_grad: matmul picks its
                 # kernels by it (a weight that requires grad folds a 3-d input into one mm), as it does for
                 # autocast's casts of it; another flag would change the bits of an attention projection.
-                module._parameters[leaf] = nn.Parameter(by_source[id(param)], requires_grad=param.requires_grad)
+                cast = source.detach().to(dtype) if made is None else made[1].data
+                self._casts[key] = (source._version, nn.Parameter(cast, requires_grad=source.requires_grad))
+            elif made[0] != source._version:
+                with torch.no_grad():
+                    made[1].copy_(source)  # in place: a captured graph keeps reading this tensor
+                self._casts[key] = (source._version, made[1])
+
+    @contextlib.contextmanager
+    def swapped(self, slots: list[Slot]) -> Iterator[None]:
+        """The casts in the ``slots`` (from :func:`parameter_slots`) of their parameters while the block runs."""
+        self.refresh()
+        saved = [(table, name, tensor) for table, name, tensor in slots if id(tensor) in self._casts]
+        try:
+            for table, name, tensor in saved:
+                table[name] = self._casts[id(tensor)][1]
             yield
         finally:
-            for module, leaf, param in saved:
-                module._parameters[leaf] = param
+            for table, name, tensor in reversed(saved):
+                table[name] = tensor

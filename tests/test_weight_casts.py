@@ -13,7 +13,7 @@ from torch import nn
 import ddpm_fast
 from ddpm_fast.sampler import Sampler
 from ddpm_fast.schedule import NoiseSchedule
-from ddpm_fast.weight_casts import WeightCasts, _CastRecorder
+from ddpm_fast.weight_casts import WeightCasts, _CastRecorder, parameter_slots
 
 pytestmark = [pytest.mark.skipif(ddpm_fast.build_info()["backends"]["cpu"] != "available",
                                  reason="the C++ extension is not built"),
@@ -110,7 +110,7 @@ def test_every_weight_cast_is_hoisted_and_none_remains(unet):
     per_step = _param_casts_in(model, lambda: model(x, t))  # what each step casts without hoisting
     convs = {f"model.{name}.weight" for name, module in unet.named_modules() if isinstance(module, nn.Conv2d)}
     assert convs <= set(per_step) and per_step == {name: {torch.bfloat16} for name in casts.plan}
-    with casts.swapped():
+    with casts.swapped(parameter_slots(model)):
         assert _param_casts_in(model, lambda: model(x, t)) == {}
 
 
