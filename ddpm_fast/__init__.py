@@ -12,6 +12,7 @@ from .sampler import Sampler, save_image_grid  # noqa: E402
 from .unet import UNet, UNetConfig  # noqa: E402
 from .train import TrainConfig, Trainer, load_model  # noqa: E402
 
-__all__ = ["BACKENDS", "FastDDIMScheduler", "FastDDPMScheduler", "NoiseSchedule", "StepTable", "build_info", "ddim_table", "ddpm_table", "get_backend",
-           "group_norm_silu", "q_sample", "randn", "reference", "Sampler", "sampling_timesteps", "save_image_grid",
-           "set_backend", "step", "TrainConfig", "Trainer", "UNet", "UNetConfig", "load_model", "use_backend"]
+__all__ = ["BACKENDS", "FastDDIMScheduler", "FastDDPMScheduler", "NoiseSchedule", "StepTable", "build_info",
+           "ddim_table", "ddpm_table", "get_backend", "group_norm_silu", "q_sample", "randn", "reference", "Sampler",
+           "sampling_timesteps", "save_image_grid", "set_backend", "step", "TrainConfig", "Trainer", "UNet",
+           "UNetConfig", "load_model", "use_backend"]

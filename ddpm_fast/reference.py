@@ -255,7 +255,8 @@ def _noise_from(noise, seeds, stream, like: torch.Tensor, dtype: torch.dtype) ->
     Returns: like's shape, in `dtype`.
     """
     if (noise is None) == (seeds is None):
-        raise ValueError("exactly one of noise and seeds must be given, got " + ("both" if noise is not None else "neither"))
+        raise ValueError("exactly one of noise and seeds must be given, got "
+                         + ("both" if noise is not None else "neither"))
     if noise is not None:
         _check_float_tensor("noise", noise)
         _check_same_shape("noise", noise, "the sample", like)
