@@ -329,7 +329,8 @@ class Sampler:
         Casts of the model's parameters that every step would repeat (autocast's, entered around this
         call or inside the model; a bfloat16 model's norm weights to float32) are made once per call
         (:mod:`ddpm_fast.weight_casts`): the first call for a batch shape runs the model once more to
-        learn which, and the images are the same, bit for bit.
+        learn which, and the images are the same, bit for bit. During the call the casts sit in the
+        model's parameter slots, so another thread should not use the model meanwhile.
 
         Returns:
             images: (B, C, H, W) in ``dtype``, clamped to [-1, 1]; with ``return_trajectory``,
