@@ -1,7 +1,8 @@
-"""ddpm_fast.weight_casts: the Sampler's autocast weight casts, made once per run, change no bit of the images.
+"""ddpm_fast.weight_casts: the Sampler's parameter casts, made once per call, change no bit of the images.
 
 The truth is the same model behind a plain function (the Sampler hoists casts only for an nn.Module), so
-every step casts its weights as autocast does. CPU autocast in bfloat16; the GPU twin is in test_sampler.
+every step casts its weights as autocast (or a bf16 model's norm) does. CPU autocast in bfloat16; the last
+test is the GPU twin (a captured graph reading the hoisted casts).
 """
 
 import contextlib
