@@ -190,27 +190,38 @@ class ResBlock(nn.Module):
         h = F.conv2d(self.norm1(x), self.conv1.weight, None, padding=1)
         if self.time_embedding == "add":
             h = self.norm2(h, bias_in=time_linear(temb_act, self.time_proj, self.conv1.bias))
-        else:
-            scale, shift = time_linear(temb_act, self.time_proj).chunk(2, dim=1)
-            h = self.norm2(h, bias_in=self.conv1.bias.expand(h.shape[0], -1), scale=scale, shift=shift)
+        else:  # two GEMMs of C rows each: contiguous (B, C) terms, where halves of one would be copied
+            C = h.shape[1]
+            scale = time_linear(temb_act, self.time_proj, rows=slice(0, C))
+            shift = time_linear(temb_act, self.time_proj, rows=slice(C, 2 * C))
+            bias_in = wide(self.conv1.bias).expand(h.shape[0], -1)  # cast before expanding: hoistable
+            h = self.norm2(h, bias_in=bias_in, scale=scale, shift=shift)
         h = self.conv2(self.dropout(h))
         skip = x if self.skip is None else self.skip(x)
         out = skip + h
         return out if self.output_scale == 1.0 else out / self.output_scale
 
 
-def time_linear(temb: Tensor, layer: nn.Linear, extra_bias: Tensor | None = None) -> Tensor:
-    """``layer(temb) + extra_bias`` in float32 (float64 for a float64 model), outside autocast.
+def time_linear(temb: Tensor, layer: nn.Linear, extra_bias: Tensor | None = None, rows: slice | None = None) -> Tensor:
+    """``layer(temb) + extra_bias`` (only the output features ``rows``) in float32 (float64 for a float64
+    model), outside autocast.
 
     The time path's GEMMs have B rows, so their precision costs nothing, and group_norm_silu takes its
     per-(B, C) terms in float32: a bf16 result would only be cast back (an extra kernel per ResBlock).
-    The parameters' casts of a bf16 model are the Sampler's to hoist out of its loop (weight_casts).
+    The parameters are cast whole before slicing, so that the Sampler can hoist a bf16 model's casts out of
+    its loop (weight_casts).
     """
-    dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
     with torch.autocast(temb.device.type, enabled=False):
-        bias = layer.bias.to(dtype)
-        bias = bias if extra_bias is None else bias + extra_bias.to(dtype)
-        return F.linear(temb.to(dtype), layer.weight.to(dtype), bias)
+        weight, bias = wide(layer.weight), wide(layer.bias)
+        if rows is not None:
+            weight, bias = weight[rows], bias[rows]
+        bias = bias if extra_bias is None else bias + wide(extra_bias)
+        return F.linear(temb.to(weight.dtype), weight, bias)
+
+
+def wide(p: Tensor) -> Tensor:
+    """``p`` in float32, or as it is when it is float32 or float64 already."""
+    return p if p.dtype in (torch.float32, torch.float64) else p.float()
 
 
 class AttentionBlock(nn.Module):
