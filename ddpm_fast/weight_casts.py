@@ -9,10 +9,10 @@ about half as many as all its other kernels at batch 1. A model held in bfloat16
 GroupNorm takes its weight and bias in float32 (102 casts per cifar10 step).
 
 :meth:`WeightCasts.record` runs the model once and notes the parameters of its layers that are cast to
-one other dtype and used in no other way. :meth:`WeightCasts.swapped` puts
-casts of exactly those in their place for a sampling run (made once, refreshed when a weight has changed
-in place since). Autocast then finds them already in its dtype and casts nothing, so every other kernel
-reads the values it read before: the outputs are the same, bit for bit.
+one other dtype and used in no other way. :meth:`WeightCasts.swapped` puts casts of exactly those in their
+place for a sampling run (made once, refreshed when a weight has changed in place since). Autocast then
+finds them already in its dtype and casts nothing, so every other kernel reads the values it read before:
+the outputs are the same, bit for bit.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
 
 class _CastRecorder(TorchDispatchMode):
     """Notes, per parameter, the dtypes it is cast to and whether any other op reads it."""
@@ -128,22 +129,25 @@ class WeightCasts:
         return cls(model, plan)
 
     def refresh(self) -> None:
-        """Make the casts, or redo those whose parameter was written in place since (same cast tensor)."""
+        """Make the casts, or redo those whose parameter was written in place since (in place: a captured
+        graph keeps reading the same cast tensor)."""
         casts = self._casts
         for key, (source, dtype) in self._sources.items():
             made = casts.get(key)
-            if made is not None and made[0] == source._version and made[1].requires_grad == source.requires_grad:
-                continue  # the common case: nothing changed since the last call
-            if made is None or made[1].requires_grad != source.requires_grad:
-                # The parameter's requires_grad, though nothing is recorded under no_grad: matmul picks its
-                # kernels by it (a weight that requires grad folds a 3-d input into one mm), as it does for
-                # autocast's casts of it; another flag would change the bits of an attention projection.
-                cast = source.detach().to(dtype) if made is None else made[1].data
-                self._casts[key] = (source._version, nn.Parameter(cast, requires_grad=source.requires_grad))
-            elif made[0] != source._version:
-                with torch.no_grad():
-                    made[1].copy_(source)  # in place: a captured graph keeps reading this tensor
-                self._casts[key] = (source._version, made[1])
+            # Each cast keeps its parameter's requires_grad, though nothing is recorded under no_grad: matmul
+            # picks its kernels by it (a weight that requires grad folds a 3-d input into one mm), as it does
+            # for autocast's casts; another flag would change the bits of an attention projection.
+            if made is None:
+                cast = nn.Parameter(source.detach().to(dtype), requires_grad=source.requires_grad)
+            else:
+                version, cast = made
+                if version == source._version and cast.requires_grad == source.requires_grad:
+                    continue  # the common case: nothing changed since the last call
+                if version != source._version:
+                    with torch.no_grad():
+                        cast.copy_(source)
+                cast.requires_grad_(source.requires_grad)
+            casts[key] = (source._version, cast)
 
     @contextlib.contextmanager
     def swapped(self, slots: list[Slot]) -> Iterator[None]:

@@ -113,6 +113,13 @@ def test_every_weight_cast_is_hoisted_and_none_remains(unet):
     assert convs <= set(per_step) and per_step == {name: {torch.bfloat16} for name in casts.plan}
     with casts.swapped(parameter_slots(model)):
         assert _param_casts_in(model, lambda: model(x, t)) == {}
+    # Each cast carries its parameter's requires_grad: matmul chooses its kernels (fold a 3-d input into one
+    # mm, or not) by that flag, so a different one could change bits where a model feeds a strided 3-d input.
+    for frozen in (False, True):
+        unet.requires_grad_(not frozen)
+        with casts.swapped(parameter_slots(model)):
+            hoisted = [p for name, p in model.named_parameters() if name in casts.plan]
+            assert hoisted and all(p.dtype == torch.bfloat16 and p.requires_grad != frozen for p in hoisted)
 
 
 class _ReadsWeightRaw(nn.Module):
@@ -147,6 +154,13 @@ def test_weights_changed_in_place_are_recast(schedule, unet):
     second = sampler.sample(SEEDS)
     assert not torch.equal(first, second)
     assert torch.equal(second, Sampler(_per_step_casts(model), schedule, num_steps=3).sample(SEEDS, _shape(unet)))
+    # Frozen (requires_grad off, which steers matmul's kernel choice) and changed again: both follow.
+    unet.requires_grad_(False)
+    with torch.no_grad():
+        unet.mid.attn.to_v.weight.mul_(0.5)
+    third = sampler.sample(SEEDS)
+    assert torch.equal(third, Sampler(_per_step_casts(model), schedule, num_steps=3).sample(SEEDS, _shape(unet)))
+    assert not torch.equal(second, third)
 
 
 def test_parameters_restored_when_the_model_fails(schedule, unet):
