@@ -157,6 +157,11 @@ class Autocast(torch.nn.Module):
 PRECISIONS = {"bf16": torch.bfloat16, "tf32": None, "fp32": None}
 
 
+def channels_last_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with its weights (so its activations) in channels_last; ``model`` is left as it is."""
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
 def make_models(preset: str, device: torch.device):
     """(theirs or None, ours): diffusers' UNet2DModel of the preset (random weights, seed 0) and ours loaded
     from it; without diffusers, ours alone from the preset (seed 0)."""
@@ -325,9 +330,7 @@ def sampling_rows(p: dict, device: torch.device, theirs, ours, print_row: Callab
                     variants["ours graph"] = lambda: ours_loop(ours, device, batch, p["steps"], dtype, graph=True)
                     if batch in p["channels_last"]:
                         def channels_last():
-                            model = UNet.from_diffusers(theirs) if theirs is not None else ours
-                            model = model.to(device).to(memory_format=torch.channels_last)
-                            return ours_loop(model, device, batch, p["steps"], dtype, graph=True)
+                            return ours_loop(channels_last_copy(ours), device, batch, p["steps"], dtype, graph=True)
                         variants["ours graph channels_last"] = channels_last
                 for name, make in variants.items():
                     row = dict(kind="sampling", precision=precision, batch=batch, variant=name, steps=p["steps"])
@@ -354,7 +357,7 @@ def training_rows(p: dict, device: torch.device, theirs, ours, print_row: Callab
     sides = ([("diffusers eager", lambda: copy.deepcopy(theirs))] if theirs is not None else [])
     sides.append(("ours eager", lambda: copy.deepcopy(ours)))
     if device.type == "cuda":  # cuDNN's native layout for bf16 convolutions, forward and backward
-        sides.append(("ours eager channels_last", lambda: copy.deepcopy(ours).to(memory_format=torch.channels_last)))
+        sides.append(("ours eager channels_last", lambda: channels_last_copy(ours)))
     for name, make in sides:
         row = dict(kind="training", precision="bf16 autocast", batch=p["train_batch"], variant=name,
                    steps=p["train_steps"])

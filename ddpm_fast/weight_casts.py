@@ -63,11 +63,6 @@ def _known_layer(module: nn.Module) -> bool:
             or type(module).__module__.startswith(("torch.nn.", "ddpm_fast.")))
 
 
-def _owner(model: nn.Module, name: str) -> nn.Module:
-    """The module that holds parameter ``name`` ("a.b.weight" -> model.a.b)."""
-    return model.get_submodule(name.rpartition(".")[0])
-
-
 Slot = tuple[dict, str, Tensor]  # (a module's _parameters or _buffers, the name in it, the tensor there)
 
 
@@ -118,8 +113,8 @@ class WeightCasts:
         """
         # Candidates: parameters of layers known to read them through the dispatcher only (where the
         # recording sees every read); the recording keeps those that are only cast.
-        layers = {id(m) for m in model.modules() if _known_layer(m)}
-        names = {id(p): name for name, p in model.named_parameters() if id(_owner(model, name)) in layers}
+        owned = {id(p) for m in model.modules() if _known_layer(m) for p in m._parameters.values() if p is not None}
+        names = {id(p): name for name, p in model.named_parameters() if id(p) in owned}
         recorder = _CastRecorder(names)
         devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
         with torch.random.fork_rng(devices=devices), recorder:

@@ -448,8 +448,9 @@ inline void allow_max_smem(const char* op, const void* kernel) {
 
 template <class Kernel, class Args>
 void launch(const char* op, Kernel kernel, const Args& args, const Geo& g, size_t smem, cudaStream_t s) {
-  DDPM_CHECK(smem <= size_t(std::max(device_props().smem_optin, 48 * 1024)), op, ": needs ", smem,
-             " bytes of shared memory per block, the device allows ", device_props().smem_optin);
+  const int optin = device_props().smem_optin;
+  DDPM_CHECK(smem <= size_t(std::max(optin, 48 * 1024)), op, ": needs ", smem,
+             " bytes of shared memory per block, the device allows ", optin);
   if (smem > 48 * 1024) allow_max_smem(op, reinterpret_cast<const void*>(kernel));
   const int64_t blocks = g.B * g.RPS * g.K;
   DDPM_CHECK(blocks <= int64_t(INT32_MAX), op, ": ", blocks, " blocks exceed a CUDA grid");
