@@ -3,13 +3,14 @@
 # repository root:  scripts/gpu_check.sh
 #   DDPM_CHECK_BUDGET   total seconds (default 350)
 #   DDPM_CHECK_STAGES   the stages after the build (default "gpu-tests op-tests op-bench sampling-bench
-#                       dram-bytes sanitize"), e.g. DDPM_CHECK_STAGES="sampling-bench dram-bytes sanitize"
-#                       for a second call that runs the ones the first had no time for
+#                       profile dram-bytes sanitize"), e.g. DDPM_CHECK_STAGES="sampling-bench profile
+#                       dram-bytes sanitize" for a second call that runs the ones the first had no time for
 #
 #   1. build the extension for sm_90 only (editable, --no-build-isolation, build/gpu), print build_info
 #   2. pytest -m gpu (tests/test_cuda.py and the other GPU tests), then the op tests on cuda and triton
 #   3. benchmarks/table.py --device cuda --record (targets first; stops starting cases at its budget)
-#   4. benchmarks/bench_sampling.py --device cuda --quick --record, when that file exists and time is left
+#   4. benchmarks/bench_sampling.py --device cuda --quick --record, when that file exists and time is left;
+#      benchmarks/profile_sampling.py --record: where the time of those workloads goes, by kernel kind
 #   5. benchmarks/dram_bytes.py: DRAM bytes per target op from ncu (does x reach DRAM once?)
 #   6. compute-sanitizer memcheck over the GPU GroupNorm tests, racecheck over a few (shared-memory reductions)
 #   7. copy the JSON records (and the logs) to $OUT when it is set; print a short table last
@@ -23,7 +24,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 BUDGET=${DDPM_CHECK_BUDGET:-350}
-STAGES=" ${DDPM_CHECK_STAGES:-gpu-tests op-tests op-bench sampling-bench dram-bytes sanitize} "
+STAGES=" ${DDPM_CHECK_STAGES:-gpu-tests op-tests op-bench sampling-bench profile dram-bytes sanitize} "
 START=$(date +%s)
 LOGS=$(mktemp -d)
 declare -a SUMMARY=()
@@ -91,6 +92,9 @@ if [ -f benchmarks/bench_sampling.py ]; then
   stage sampling-bench 140 200 "$PY" benchmarks/bench_sampling.py --device cuda --quick --record \
     --max-seconds $((SAMPLING_MAX - 30))
 fi
+# Each workload takes a few seconds; it stops starting them 25 s before the stage's timeout.
+PROFILE_MAX=$(($(left) < 90 ? $(left) : 90))
+stage profile 40 90 "$PY" benchmarks/profile_sampling.py --device cuda --record --max-seconds $((PROFILE_MAX - 25))
 stage dram-bytes 40 90 "$PY" benchmarks/dram_bytes.py --backend cuda
 if command -v compute-sanitizer >/dev/null; then
   # memcheck: out-of-bounds / misaligned accesses of every GroupNorm path and the noise kernels;
@@ -103,7 +107,7 @@ fi
 
 if [ -n "${OUT:-}" ]; then
   # The newest record of each kind (at most 8 files come back), then the logs in one file.
-  for kind in ops sampling; do
+  for kind in ops sampling profile; do
     newest=$(ls -t benchmarks/results/"$kind"-cuda-*.json 2>/dev/null | head -1)
     [ -n "$newest" ] && cp "$newest" "$OUT/"
   done
@@ -162,4 +166,16 @@ for (kind, batch), target in SAMPLING.items() if data else ():
     name = {side: r["variant"] if r else "not run" for side, r in best.items()}
     print(f"{kind:8} batch {batch:3}: ours {ms['ours']:7.2f} ms ({name['ours']}), best diffusers "
           f"{ms['diffusers']:7.2f} ms ({name['diffusers']}), target {target}  {'yes' if ms['ours'] <= target else 'NO'}")
+
+# Where the time goes (kernel time per step under the profiler; span - busy: the GPU waiting for the host).
+path, data = newest("profile")
+print(f"\n{path}" if data else "\nno profile record")
+for row in data["rows"] if data else ():
+    p = row.get("profile")
+    head = f"{row['kind']:8} batch {row['batch']:3} {row['variant'][:26]:26}"
+    if not p:
+        print(f"{head} {row.get('error') or row.get('skipped')}")
+        continue
+    kinds = ", ".join(f"{k} {e['pct']:.0f}%" for k, e in list(p["kinds"].items())[:4])
+    print(f"{head} busy {p['busy_ms']:7.2f} of {p['span_ms']:7.2f} ms, {p['launches']:4.0f} kernels: {kinds}")
 EOF

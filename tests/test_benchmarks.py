@@ -1,6 +1,8 @@
-"""benchmarks/bench_sampling.py end to end on the CPU with tiny settings: a GPU session has minutes, and
-must not spend them on an error in the script (its CUDA-only rows are the GPU check's to run)."""
+"""benchmarks/bench_sampling.py and profile_sampling.py end to end on the CPU with tiny settings: a GPU
+session has minutes, and must not spend them on an error in a script (their CUDA-only rows are the GPU
+check's to run)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -25,3 +27,68 @@ def test_bench_sampling_runs_every_row(capsys):
     for row in ("sampling  bf16", "sampling  fp32", "bf16 drift, ours", "training  bf16 autocast"):
         assert row in out
     assert "ours eager" in out
+
+
+# Kernel names as the CUDA profiler reports them (H200, torch 2.11), each with the kind it must land in:
+# the kinds share words ("xmma", "cudnn", "copy", "gemm"), so their order is what is under test.
+KERNELS = {
+    "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>, "
+    "std::array<char*, 3ul> >(int, at::native::CUDAFunctor_add<c10::BFloat16>, std::array<char*, 3ul>)": "elementwise",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::silu_kernel("
+    "at::TensorIteratorBase&)::{lambda()#1}::operator()() const::{lambda(c10::BFloat16)#1}>": "elementwise",
+    "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1"
+    "_execute_segment_k_off_kernel__5x_cudnn": "convolution",
+    "sm90_xmma_wgrad_implicit_gemm_indexed_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolution",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off"
+    "_kernel__5x_cublas": "gemm",
+    "nvjet_tst_192x128_64x4_2x1_v_bz_coopB_TNT": "gemm",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4, false, false, "
+    "cutlass::bfloat16_t>, false, false, false>(pytorch_flash::Flash_fwd_params)": "attention",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0": "attention",
+    "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>(long, float, "
+    "c10::BFloat16 const*, float*, float*)": "group norm",
+    "void ddpm_fast::cuda::(anonymous namespace)::gn_forward_kernel<__nv_bfloat16>(ddpm_fast::cuda::gn::"
+    "FwdArgs<__nv_bfloat16>, ddpm_fast::cuda::gn::Geo)": "group norm",
+    "_backward_stats_kernel": "group norm",
+    "void ddpm_fast::cuda::flat_kernel<ddpm_fast::cuda::(anonymous namespace)::StepOp<float> >("
+    "ddpm_fast::cuda::(anonymous namespace)::StepOp<float>, long, long)": "step, q_sample, noise",
+    "_q_sample_kernel": "step, q_sample, noise",
+    "void at::native::(anonymous namespace)::distribution_elementwise_grid_stride_kernel<float, 4>":
+    "step, q_sample, noise",
+    "void at::native::(anonymous namespace)::CatArrayBatchedCopy_contig<at::native::(anonymous namespace)::"
+    "OpaqueType<2u>, unsigned int, 4, 64, 64>": "concat",
+    "void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native::"
+    "direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda(float)#1}> >(int, ...)": "copy, cast",
+    "void at::native::(anonymous namespace)::upsample_nearest2d_nhwc_out_frame<c10::BFloat16>": "upsample, pad",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<float, "
+    "at::native::sum_functor<float, float, float>::operator()>, unsigned int, float, 4, 4> >": "reduction",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+    "TensorListMetadata<4>, at::native::(anonymous namespace)::BinaryOpListAlphaFunctor<float, 4, 2, 0>>":
+    "optimizer",
+    "some_kernel_nobody_named": "other",
+}
+
+
+def test_profile_kinds_of_cuda_kernel_names():
+    import profile_sampling
+
+    assert {name: profile_sampling.kind_of(name) for name in KERNELS} == KERNELS
+
+
+def test_profile_sampling_runs_every_workload(capsys, tmp_path, monkeypatch):
+    import bench_sampling
+    import profile_sampling
+
+    monkeypatch.setattr(profile_sampling.harness, "RESULTS", tmp_path)
+    assert profile_sampling.main(["--device", "cpu", "--steps", "1", "--record"]) == 0
+    rows = json.loads(next(tmp_path.glob("profile-cpu-*.json")).read_text())["rows"]
+    sides = ("ours eager", "diffusers eager") if bench_sampling.diffusers is not None else ("ours eager",)
+    assert [(r["kind"], r["batch"], r["variant"]) for r in rows] == [
+        (kind, batch, side) for kind, batch in (("sampling", 4), ("sampling", 1), ("training", 4)) for side in sides]
+    for row in rows:
+        p = row["profile"]
+        # One thread: the ops' self times and the untraced rest add up to the wall time, convolutions lead.
+        assert sum(e["ms"] for e in p["kinds"].values()) == pytest.approx(max(p["span_ms"], p["device_ms"]))
+        assert p["launches"] > 50 and p["kinds"]["convolution"]["ms"] > 0
+        assert ("optimizer" in p["kinds"]) == (row["kind"] == "training")
+    assert "ms per step" in capsys.readouterr().out
