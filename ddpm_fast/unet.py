@@ -182,41 +182,58 @@ class ResBlock(nn.Module):
         # A 1x1 conv only where the channel count changes (diffusers' conv_shortcut, the paper's NIN).
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
-        """x: (B, cin, H, W); temb_act: (B, temb_dim), already through SiLU -> (B, cout, H, W)."""
+    def forward(self, x: Tensor, time_terms: tuple[Tensor, ...]) -> Tensor:
+        """x: (B, cin, H, W); time_terms: this block's (B, cout) terms from :func:`resblock_time_terms`, i.e.
+        (bias_in,) for "add" (the time projection plus conv1's bias) or (scale, shift) -> (B, cout, H, W)."""
         # conv1's bias is a per-channel constant before norm2: it joins norm2's per-(B, C) input term, read
         # by the norm kernel, instead of costing its own pass over h (PyTorch adds a cuDNN conv's bias in a
         # second kernel).
         h = F.conv2d(self.norm1(x), self.conv1.weight, None, padding=1)
         if self.time_embedding == "add":
-            h = self.norm2(h, bias_in=time_linear(temb_act, self.time_proj, self.conv1.bias))
-        else:  # two GEMMs of C rows each: contiguous (B, C) terms, where halves of one would be copied
-            C = h.shape[1]
-            scale = time_linear(temb_act, self.time_proj, rows=slice(0, C))
-            shift = time_linear(temb_act, self.time_proj, rows=slice(C, 2 * C))
+            h = self.norm2(h, bias_in=time_terms[0])
+        else:
             bias_in = wide(self.conv1.bias).expand(h.shape[0], -1)  # cast before expanding: hoistable
-            h = self.norm2(h, bias_in=bias_in, scale=scale, shift=shift)
+            h = self.norm2(h, bias_in=bias_in, scale=time_terms[0], shift=time_terms[1])
         h = self.conv2(self.dropout(h))
         skip = x if self.skip is None else self.skip(x)
         out = skip + h
         return out if self.output_scale == 1.0 else out / self.output_scale
 
 
-def time_linear(temb: Tensor, layer: nn.Linear, extra_bias: Tensor | None = None, rows: slice | None = None) -> Tensor:
-    """``layer(temb) + extra_bias`` (only the output features ``rows``) in float32 (float64 for a float64
-    model), outside autocast.
+def time_linear(temb: Tensor, weights: list[Tensor], *bias_lists: list[Tensor]) -> Tensor:
+    """``temb @ cat(weights).T + cat(biases) + ...`` (one list of biases per bias term) in float32 (float64
+    for a float64 model), outside autocast: several Linear layers on the same input as one GEMM.
 
     The time path's GEMMs have B rows, so their precision costs nothing, and group_norm_silu takes its
     per-(B, C) terms in float32: a bf16 result would only be cast back (an extra kernel per ResBlock).
-    The parameters are cast whole before slicing, so that the Sampler can hoist a bf16 model's casts out of
-    its loop (weight_casts).
+    The parameters are cast whole before they are joined, so that the Sampler can hoist a bf16 model's
+    casts out of its loop (weight_casts).
     """
+    def join(tensors: list[Tensor]) -> Tensor:
+        tensors = [wide(p) for p in tensors]
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
     with torch.autocast(temb.device.type, enabled=False):
-        weight, bias = wide(layer.weight), wide(layer.bias)
-        if rows is not None:
-            weight, bias = weight[rows], bias[rows]
-        bias = bias if extra_bias is None else bias + wide(extra_bias)
+        weight, bias = join(weights), join(bias_lists[0])
+        for more in bias_lists[1:]:
+            bias = bias + join(more)
         return F.linear(temb.to(weight.dtype), weight, bias)
+
+
+def resblock_time_terms(blocks: list[ResBlock], temb_act: Tensor) -> list[tuple[Tensor, ...]]:
+    """Each ResBlock's per-(B, C) time terms ((bias_in,) or (scale, shift)) from one GEMM over all blocks.
+
+    One projection per block would cost each block its own GEMM (at batch 1 also a copy of the bias into
+    the output) and, for "add", a bias sum: ~3 small kernels per block and step where the batch-1 sampling
+    step is bound by kernel count. The columns come back as views (``split``, whose backward is one cat):
+    contiguous at batch 1, as the norm kernel reads them; at larger batches the op copies each view (one
+    small copy where a GEMM was).
+    """
+    add = blocks[0].time_embedding == "add"
+    weights = [b.time_proj.weight for b in blocks]
+    biases = [[b.time_proj.bias for b in blocks]] + ([[b.conv1.bias for b in blocks]] if add else [])
+    terms = time_linear(temb_act, weights, *biases).split([b.time_proj.out_features for b in blocks], dim=1)
+    return [(term,) if add else term.chunk(2, dim=1) for term in terms]
 
 
 def wide(p: Tensor) -> Tensor:
@@ -305,11 +322,11 @@ class MidBlock(nn.Module):
                      if cfg.mid_attention else None)
         self.res2 = ResBlock(channels, channels, cfg.temb_dim, cfg, output_scale=s)
 
-    def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
-        x = self.res1(x, temb_act)
+    def forward(self, x: Tensor, terms1: tuple[Tensor, ...], terms2: tuple[Tensor, ...]) -> Tensor:
+        x = self.res1(x, terms1)
         if self.attn is not None:
             x = self.attn(x)
-        return self.res2(x, temb_act)
+        return self.res2(x, terms2)
 
 
 class TimeEmbedding(nn.Module):
@@ -324,7 +341,8 @@ class TimeEmbedding(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         """In float32 (float64 for a float64 model), outside autocast, as every time-path GEMM (see time_linear)."""
         emb = timestep_embedding(t, self.cfg.base_channels, self.cfg.flip_sin_to_cos, self.cfg.freq_shift)
-        return time_linear(F.silu(time_linear(emb, self.fc1)), self.fc2)
+        h = F.silu(time_linear(emb, [self.fc1.weight], [self.fc1.bias]))
+        return time_linear(h, [self.fc2.weight], [self.fc2.bias])
 
 
 # ------------------------------------------------------------------------------------------------ U-Net
@@ -406,6 +424,12 @@ class UNet(nn.Module):
         model.load_state_dict(state_dict_from_diffusers(state, model), strict=True)
         return model.eval()
 
+    def resblocks(self) -> list[ResBlock]:
+        """The ResBlocks in the order forward runs them (looked up each call, not cached, so that copies and
+        DataParallel replicas use their own)."""
+        return ([res for level in self.down for res in level.res] + [self.mid.res1, self.mid.res2] +
+                [res for level in self.up for res in level.res])
+
     def forward(self, x: Tensor, t: int | Tensor) -> Tensor:
         """x: (B, in_channels, H, W); t: an int, a 0-d or a (B,) tensor -> (B, out_channels, H, W)."""
         B = x.shape[0]
@@ -417,14 +441,15 @@ class UNet(nn.Module):
             t = torch.full((B,), t, device=x.device)
         if self.config.center_input_sample:
             x = 2 * x - 1.0
-        # Every ResBlock applies SiLU to the embedding before its projection: do it once here.
-        temb_act = F.silu(self.time_embed(t))
+        # Every ResBlock applies SiLU to the embedding before its projection: once here, and all the
+        # projections in one GEMM; the blocks take their terms in the order they run.
+        terms = iter(resblock_time_terms(self.resblocks(), F.silu(self.time_embed(t))))
 
         h = self.conv_in(x)
         skips = [h]
         for level in self.down:
             for j, res in enumerate(level.res):
-                h = res(h, temb_act)
+                h = res(h, next(terms))
                 if len(level.attn):
                     h = level.attn[j](h)
                 skips.append(h)
@@ -432,11 +457,11 @@ class UNet(nn.Module):
                 h = level.resample(h)
                 skips.append(h)
 
-        h = self.mid(h, temb_act)
+        h = self.mid(h, next(terms), next(terms))
 
         for level in self.up:
             for j, res in enumerate(level.res):
-                h = res(torch.cat([h, skips.pop()], dim=1), temb_act)
+                h = res(torch.cat([h, skips.pop()], dim=1), next(terms))
                 if len(level.attn):
                     h = level.attn[j](h)
             if level.resample is not None:

@@ -10,10 +10,11 @@ import json
 import pytest
 import torch
 from _tolerance import FLOOR, assert_matches_reference
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ddpm_fast
-from ddpm_fast.unet import (PRESETS, UNet, UNetConfig, config_from_diffusers, diffusers_config,
-                            state_dict_from_diffusers, timestep_embedding)
+from ddpm_fast.unet import (PRESETS, AttentionBlock, ResBlock, UNet, UNetConfig, config_from_diffusers,
+                            diffusers_config, state_dict_from_diffusers, timestep_embedding)
 
 diffusers = pytest.importorskip("diffusers")
 UNet2DModel = diffusers.UNet2DModel
@@ -288,6 +289,32 @@ def test_channels_last_matches_contiguous():
         truth = model.double()(x.double(), t)
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert_matches_reference(got, ref, truth, what="channels_last output")
+
+
+@pytest.mark.parametrize("time_embedding", ["add", "scale_shift"])
+def test_every_resblock_time_projection_in_one_gemm(time_embedding):
+    """The time path is three GEMMs (the embedding's two, one for every ResBlock's projection), whatever
+    the number of ResBlocks, and each block gets its own terms: resblocks() lists them in the order forward
+    runs them (the joint projection's columns are handed out in that order)."""
+    model = perturbed(UNet.preset("tiny", time_embedding=time_embedding)).eval()
+    called = []
+    for block in model.modules():
+        if isinstance(block, ResBlock):
+            block.register_forward_pre_hook(lambda module, args: called.append(module))
+
+    class CountGemms(TorchDispatchMode):
+        gemms = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountGemms.gemms += func in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
+            return func(*args, **(kwargs or {}))
+
+    x, t = inputs(3)
+    with torch.no_grad(), CountGemms():
+        model(x, t)
+    attention = sum(isinstance(m, AttentionBlock) for m in model.modules())
+    assert CountGemms.gemms == 3 + 4 * attention  # + q, k, v, out per attention block
+    assert called == model.resblocks() and len(called) == len(set(called)) == 8  # 2 down, 2 mid, 4 up
 
 
 @pytest.mark.parametrize("time_embedding", ["add", "scale_shift"])
