@@ -387,14 +387,17 @@ class Sampler:
         """The model's weight casts to hoist out of the loop (None: nothing to hoist), recorded by one forward
         on ``x``, ``t`` the first time this model (``storage``: its tensors), batch and autocast state are seen."""
         model = self.model
-        if not isinstance(model, torch.nn.Module) or hasattr(model, "_orig_mod"):  # not a torch.compile wrapper
+        if not isinstance(model, torch.nn.Module):
             return None
         dev = x.device.type
         key = (id(model), tuple(x.shape), x.dtype, x.device, torch.is_autocast_enabled(dev),
                torch.get_autocast_dtype(dev), storage)
         if self._casts is None or self._casts[0] != key:
-            casts = WeightCasts.record(model, lambda: model(x, t))
-            self._casts = key, (casts if casts.plan else None)
+            # A compiled model, or one holding a compiled module, makes its casts inside its own graph (Inductor
+            # fuses them into the kernels that read them). Recording it under a dispatch mode would make dynamo
+            # compile frame by frame, and swapped parameters would fail its guards: it is left alone.
+            casts = None if _holds_compiled(model) else WeightCasts.record(model, lambda: model(x, t))
+            self._casts = key, (casts if casts is not None and casts.plan else None)
         return self._casts[1]
 
     # ---------------------------------------------------------------------------------------- CUDA graph
@@ -474,6 +477,12 @@ class _GraphedStep:
         self.index.zero_()
         if seeds is not None:
             self.seeds.copy_(seeds)
+
+
+def _holds_compiled(model: torch.nn.Module) -> bool:
+    """Whether ``model`` or one of its modules is ``torch.compile``d (a wrapper, or ``Module.compile()``)."""
+    return any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None
+               for m in model.modules())
 
 
 def _graph_unavailable_reason(device: torch.device, backend: str | None) -> str | None:

@@ -6,6 +6,7 @@ test is the GPU twin (a captured graph reading the hoisted casts).
 """
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -190,6 +191,26 @@ def test_recording_leaves_the_global_random_state_alone(schedule, unet):
     torch.manual_seed(7)
     truth = Sampler(_per_step_casts(model), schedule, num_steps=3).sample(SEEDS, _shape(model))
     assert torch.equal(hoisted, truth)
+
+
+@pytest.mark.parametrize("how", ["wrapper", "Module.compile"])
+def test_a_compiled_model_is_left_to_its_compiler(schedule, unet, how):
+    """A model holding a compiled module casts inside its graph: no recording (under a dispatch mode dynamo
+    compiled the ops' Python frames one by one, with graph breaks), no swap (its guards would fail)."""
+    torch._dynamo.reset()
+    truth = Sampler(InnerAutocast(unet), schedule, num_steps=3).sample(SEEDS)
+    if how == "wrapper":
+        compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)
+    else:
+        compiled = copy.deepcopy(unet)
+        compiled.compile(backend="aot_eager", fullgraph=True)
+    sampler = Sampler(InnerAutocast(compiled), schedule, num_steps=3)
+    torch._dynamo.utils.counters.clear()
+    images = sampler.sample(SEEDS)
+    assert sampler._casts is not None and sampler._casts[1] is None  # looked at, nothing hoisted
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph of the U-Net, reused per step
+    torch.testing.assert_close(images, truth)  # aot_eager runs the same ops; bf16 autocast in both
 
 
 @pytest.mark.gpu
