@@ -20,6 +20,8 @@ the full 1000-step DDPM (batch / (1000 x seconds per step)):
 * ours graph: the same with ``cuda_graph=True`` (one captured model + step replayed per step; CUDA only);
 * ours graph channels_last (``--quick``: the largest batch only): the model's weights and activations in
   channels_last.
+* ours compile graph channels_last (the largest batch, when ``--compile`` and time is left, after the
+  training rows): the same under ``torch.compile`` (Inductor fuses the elementwise work around our kernels).
 
 Precisions: ``bf16`` = float32 weights and samples, the UNet under ``torch.autocast(bfloat16)`` (as the
 H200 anchors in the issue were measured); ``tf32`` = float32 with TF32 matmuls and convolutions (CUDA
@@ -269,6 +271,7 @@ def plan(args, device: torch.device) -> dict:
         "steps": args.steps or steps,
         "reps": 5 if cuda else 3,
         "compile": cuda if args.compile is None else args.compile,
+        "compile_backend": args.compile_backend,
         "train_batch": 128 if cuda else 4,
         "train_steps": (args.steps or steps) if cuda else 1,
         "drift_steps": args.drift_steps if args.drift_steps is not None else T if cuda else 20,
@@ -307,6 +310,53 @@ def _row(rows: list, print_row: Callable, **row) -> None:
     print_row(row)
 
 
+def _time_sampling(p: dict, device: torch.device, precision: str, batch: int, variants: dict[str, Callable],
+                   print_row: Callable) -> list[dict]:
+    """One row per variant: ``make()`` gives the run of ``p["steps"]`` sampling steps to warm up and time."""
+    rows = []
+    for name, make in variants.items():
+        row = dict(kind="sampling", precision=precision, batch=batch, variant=name, steps=p["steps"])
+        run = None
+        try:
+            _check_time(p)
+            run = make()
+            row["first_call_s"] = warm_up(run, device)
+            timing = time_runs(run, device, p["reps"])
+            row["ms_per_step"] = {k: v / p["steps"] for k, v in timing.items()}
+            row["images_per_s"] = batch / (T * row["ms_per_step"]["median"] * 1e-3)
+        except Exception as error:  # noqa: BLE001 - report and go on: a GPU run is one shot
+            _failed(row, error)
+        _row(rows, print_row, **row)
+        run = None  # frees this variant's buffers and CUDA graph before the next one
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def compile_model(model, p: dict, mode: str = "default"):
+    """``torch.compile(model)`` in ``mode`` with the plan's backend (another backend than Inductor takes no
+    mode: --compile-backend eager checks these paths in seconds on the CPU)."""
+    if p["compile_backend"] != "inductor":
+        return torch.compile(model, dynamic=False, backend=p["compile_backend"])
+    return torch.compile(model, dynamic=False, **({} if mode == "default" else {"mode": mode}))
+
+
+def compiled_rows(p: dict, device: torch.device, ours, print_row: Callable) -> list[dict]:
+    """Ours under torch.compile (Inductor fuses the bias adds, residual adds and casts around our kernels)
+    at the largest batch, bf16: after the target rows, as it only runs when time is left (a compile costs
+    about a minute). On CUDA in channels_last and captured with the step (``cuda_graph=True``)."""
+    if not p["compile"] or "bf16" not in p["precisions"]:
+        return []
+    cuda = device.type == "cuda"
+    batch = max(p["batches"])
+    name = "ours compile graph channels_last" if cuda else "ours compile"
+
+    def make():
+        model = compile_model(channels_last_copy(ours) if cuda else ours, p)
+        return ours_loop(model, device, batch, p["steps"], torch.bfloat16, graph=cuda)
+    return _time_sampling(p, device, "bf16", batch, {name: make}, print_row)
+
+
 def sampling_rows(p: dict, device: torch.device, theirs, ours, print_row: Callable) -> list[dict]:
     rows = []
     compiled = {}
@@ -321,8 +371,7 @@ def sampling_rows(p: dict, device: torch.device, theirs, ours, print_row: Callab
                         if p["compile"] and (mode, batch) in p["compile_cases"] and precision == "bf16":
                             def make(mode=mode):
                                 if mode not in compiled:
-                                    compiled[mode] = torch.compile(
-                                        theirs, dynamic=False, **({} if mode == "default" else {"mode": mode}))
+                                    compiled[mode] = compile_model(theirs, p, mode)
                                 return diffusers_loop(compiled[mode], device, batch, p["steps"], dtype)
                             variants[f"diffusers compile {mode}"] = make
                 variants["ours eager"] = lambda: ours_loop(ours, device, batch, p["steps"], dtype, graph=False)
@@ -332,22 +381,7 @@ def sampling_rows(p: dict, device: torch.device, theirs, ours, print_row: Callab
                         def channels_last():
                             return ours_loop(channels_last_copy(ours), device, batch, p["steps"], dtype, graph=True)
                         variants["ours graph channels_last"] = channels_last
-                for name, make in variants.items():
-                    row = dict(kind="sampling", precision=precision, batch=batch, variant=name, steps=p["steps"])
-                    run = None
-                    try:
-                        _check_time(p)
-                        run = make()
-                        row["first_call_s"] = warm_up(run, device)
-                        timing = time_runs(run, device, p["reps"])
-                        row["ms_per_step"] = {k: v / p["steps"] for k, v in timing.items()}
-                        row["images_per_s"] = batch / (T * row["ms_per_step"]["median"] * 1e-3)
-                    except Exception as error:  # noqa: BLE001 - report and go on: a GPU run is one shot
-                        _failed(row, error)
-                    _row(rows, print_row, **row)
-                    run = None  # frees this variant's buffers and CUDA graph before the next one
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                rows += _time_sampling(p, device, precision, batch, variants, print_row)
     return rows
 
 
@@ -438,6 +472,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="time torch.compile baselines (default on CUDA only)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend (default inductor; another one ignores the modes)")
     parser.add_argument("--drift-steps", type=int, help="steps of the bf16 drift runs over the 1000-step schedule "
                         "(default: 1000 on CUDA, 20 on the CPU; 0 skips the measurement)")
     parser.add_argument("--drift-batch", type=int, help="images in the bf16 drift runs (default: 16 CUDA, 2 CPU)")
@@ -464,6 +500,7 @@ def main(argv=None) -> int:
 
     rows = sampling_rows(p, device, theirs, ours, _print_row)
     rows += training_rows(p, device, theirs, ours, _print_row)  # a target row: before the (long) drift runs
+    rows += compiled_rows(p, device, ours, _print_row)
     rows += drift_rows(p, device, theirs, ours)
 
     if args.record:
