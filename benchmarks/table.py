@@ -1,12 +1,20 @@
 """Print the fused ops against the eager reference and torch.compile of it, on this machine.
 
     python benchmarks/table.py [--device cpu|cuda] [--no-compile] [--targets-only] [--max-seconds S] [--record]
+                               [--warm-only --shard K/N]
 
 Columns: median ms (p20-p80) of each of our kernel backends ("cuda" and "triton" on a GPU, "cpu" on the
 CPU) in GB/s and % of the copy bandwidth measured in the same run, then each baseline's median ms and the
 fastest native backend's speed-up over it. The issue's target shapes run first, the extra shapes after
 them; --max-seconds stops starting new cases after that long (the record says so). --record writes the
-JSON record under benchmarks/results/ (machine, versions, date, git sha).
+JSON record under benchmarks/results/ (machine, versions, date, git sha). An implementation that fails is
+reported with its error in its row; the other columns and cases still run.
+
+--warm-only --shard K/N calls each implementation of every N-th case (from the K-th) once and times
+nothing: N such processes side by side compile the Triton kernels (each autotuning configuration) and the
+torch.compile baselines into the on-disk caches, so that the timed run that follows, alone on the GPU,
+finds them compiled. On a fresh machine compiling is most of an op benchmark's time, and one process
+compiles one kernel at a time.
 """
 
 from __future__ import annotations
@@ -34,6 +42,42 @@ def _cases(device: torch.device, targets_only: bool):
     return targets if targets_only else targets + [case for case in cases if not case.target]
 
 
+def _time_case(impls: dict, device: torch.device) -> tuple[dict, dict]:
+    """(times, errors): :func:`time_all`, and where an implementation fails, its error instead of its time
+    (a GPU run is one shot: one failing kernel must not cost the whole table)."""
+    try:
+        return time_all(impls, device), {}
+    except Exception:  # noqa: BLE001 - find which one, time the others alone
+        pass
+    times, errors = {}, {}
+    for name, fn in impls.items():
+        try:
+            times.update(time_all({name: fn}, device))
+        except Exception as error:  # noqa: BLE001
+            errors[name] = f"{type(error).__name__}: {error}"[:300]
+    return times, errors
+
+
+def warm(cases: list, device: torch.device, shard: tuple[int, int], skip: set) -> int:
+    """Call each implementation (but ``skip``) of this shard's cases once, compiling what it compiles."""
+    k, n = shard
+    for case in cases[k::n]:
+        for name, fn in case.impls.items():
+            if name in skip:
+                continue
+            begin = time.monotonic()
+            try:
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                status = "ok"
+            except Exception as error:  # noqa: BLE001 - the timed run reports it
+                status = f"{type(error).__name__}: {str(error)[:120]}"
+            print(f"warm {k}/{n} {case.op} {case.shape} {str(case.dtype)[6:]} {case.layout} {name}: {status} "
+                  f"({time.monotonic() - begin:.1f} s)", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -41,9 +85,15 @@ def main(argv=None) -> int:
     parser.add_argument("--targets-only", action="store_true", help="only the issue's target shapes")
     parser.add_argument("--max-seconds", type=float, default=None, help="start no new case after this long")
     parser.add_argument("--record", action="store_true", help="write a JSON record under benchmarks/results/")
+    parser.add_argument("--warm-only", action="store_true", help="compile into the caches, time nothing")
+    parser.add_argument("--shard", default="0/1", help="K/N: with --warm-only, every N-th case from the K-th")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     start = time.monotonic()
+    skip = {"compile"} if args.no_compile else set()
+    if args.warm_only:
+        k, n = (int(v) for v in args.shard.split("/"))
+        return warm(list(_cases(device, args.targets_only)), device, (k, n), skip)
 
     copy = copy_bandwidth_gbs(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -57,8 +107,8 @@ def main(argv=None) -> int:
             skipped = len(cases) - n
             print(f"\n--max-seconds {args.max_seconds:g} reached: {skipped} cases not run")
             break
-        impls = {k: v for k, v in case.impls.items() if not (args.no_compile and k == "compile")}
-        times = time_all(impls, device)
+        impls = {k: v for k, v in case.impls.items() if k not in skip}
+        times, errors = _time_case(impls, device)
         ours = {k: times[k][0] for k in NATIVE if k in times}
         gbs = {k: case.bytes / (ms * 1e-3) / 1e9 for k, ms in ours.items()}
         best = min(ours.values()) if ours else None
@@ -66,9 +116,10 @@ def main(argv=None) -> int:
         line += " ".join(f"{k} {ms:.3f} {gbs[k]:.1f} {100 * gbs[k] / copy:.0f}%" for k, ms in ours.items())
         line += "  | " + " | ".join(f"{name} {ms:.3f}" + (f" ({ms / best:.1f}x)" if best else "")
                                      for name, (ms, _, _) in times.items() if name not in ours)
+        line += "".join(f"  | {name} FAILED: {error}" for name, error in errors.items())
         print(line, flush=True)
         rows.append({"op": case.op, "shape": case.shape, "dtype": str(case.dtype), "layout": case.layout,
-                     "bytes": case.bytes, "note": case.note, "target": case.target,
+                     "bytes": case.bytes, "note": case.note, "target": case.target, "errors": errors,
                      **{f"{k}_gbs": v for k, v in gbs.items()},
                      **{f"{k}_pct_copy": 100 * v / copy for k, v in gbs.items()},
                      **{f"{k}_ms": {"median": v[0], "p20": v[1], "p80": v[2]} for k, v in times.items()}})

@@ -2,13 +2,18 @@
 # One prepared GPU check (H200 image: torch 2.11+cu130, triton 3.6, nvcc 13.0, Python 3.12), run from the
 # repository root:  scripts/gpu_check.sh
 #   DDPM_CHECK_BUDGET   total seconds (default 350)
-#   DDPM_CHECK_STAGES   the stages after the build (default "gpu-tests op-tests op-bench sampling-bench
+#   DDPM_CHECK_STAGES   the stages after the build (default "gpu-tests op-tests warm op-bench sampling-bench
 #                       profile dram-bytes sanitize"), e.g. DDPM_CHECK_STAGES="sampling-bench profile
 #                       dram-bytes sanitize" for a second call that runs the ones the first had no time for
+#   DDPM_CHECK_WORKERS  processes that compile side by side (pytest-xdist workers, warm shards; default 8)
 #
 #   1. build the extension for sm_90 only (editable, --no-build-isolation, build/gpu), print build_info
-#   2. pytest -m gpu (tests/test_cuda.py and the other GPU tests), then the op tests on cuda and triton
-#   3. benchmarks/table.py --device cuda --record (targets first; stops starting cases at its budget)
+#   2. pytest -m gpu (tests/test_cuda.py and the other GPU tests), then the op tests on cuda and triton, in
+#      DDPM_CHECK_WORKERS processes when pytest-xdist is there (the H200 image has it): Triton compiles each
+#      kernel specialization on first use, one at a time per process, and the op tests need 200+ of them
+#   3. warm: the op benchmarks' kernels and torch.compile baselines compiled by DDPM_CHECK_WORKERS processes
+#      side by side into the on-disk caches (table.py --warm-only), then benchmarks/table.py --device cuda
+#      --record alone on the GPU (targets first; stops starting cases at its budget)
 #   4. benchmarks/bench_sampling.py --device cuda --quick --record, when that file exists and time is left;
 #      benchmarks/profile_sampling.py --record: where the time of those workloads goes, by kernel kind
 #   5. benchmarks/dram_bytes.py: DRAM bytes per target op from ncu (does x reach DRAM once?)
@@ -24,7 +29,8 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 BUDGET=${DDPM_CHECK_BUDGET:-350}
-STAGES=" ${DDPM_CHECK_STAGES:-gpu-tests op-tests op-bench sampling-bench profile dram-bytes sanitize} "
+STAGES=" ${DDPM_CHECK_STAGES:-gpu-tests op-tests warm op-bench sampling-bench profile dram-bytes sanitize} "
+WORKERS=${DDPM_CHECK_WORKERS:-8}
 START=$(date +%s)
 LOGS=$(mktemp -d)
 declare -a SUMMARY=()
@@ -82,9 +88,16 @@ fi
 
 # Tests check results, not speed: one Triton configuration per kernel instead of tuning every test shape.
 TESTS_ENV=(env DDPM_FAST_TRITON_AUTOTUNE=0)
-stage gpu-tests 20 80 "${TESTS_ENV[@]}" "$PY" -m pytest -m gpu tests -q --no-header -p no:cacheprovider
-stage op-tests 20 70 "${TESTS_ENV[@]}" "$PY" -m pytest tests/test_q_sample.py tests/test_step.py tests/test_group_norm.py \
-  tests/test_ops.py -k "cuda or triton" -q --no-header -p no:cacheprovider
+PARALLEL=()
+"$PY" -c "import xdist" 2>/dev/null && PARALLEL=(-n "$WORKERS")
+stage gpu-tests 20 80 "${TESTS_ENV[@]}" "$PY" -m pytest -m gpu tests -q --no-header -p no:cacheprovider "${PARALLEL[@]}"
+stage op-tests 20 80 "${TESTS_ENV[@]}" "$PY" -m pytest tests/test_q_sample.py tests/test_step.py tests/test_group_norm.py \
+  tests/test_ops.py -k "cuda or triton" -q --no-header -p no:cacheprovider "${PARALLEL[@]}"
+# (timeout runs commands, not functions: hence bash -c; wait returns when every shard has ended)
+stage warm 20 60 bash -c "for k in \$(seq 0 $((WORKERS - 1))); do
+  $PY benchmarks/table.py --device cuda --warm-only --shard \$k/$WORKERS \
+    > $LOGS/warm-\$k.out 2>&1 & done; wait
+  cat $LOGS/warm-*.out | grep -v ': ok (' | tail -20; echo \$(cat $LOGS/warm-*.out | grep -c ': ok (') calls ran"
 stage op-bench 30 110 "$PY" benchmarks/table.py --device cuda --record --max-seconds 80
 if [ -f benchmarks/bench_sampling.py ]; then
   # It stops starting measurements 30 s before its stage's timeout, so that its record is still written.

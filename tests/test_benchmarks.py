@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import ddpm_fast
 
@@ -97,3 +98,29 @@ def test_profile_sampling_runs_every_workload(capsys, tmp_path, monkeypatch):
         assert p["launches"] > 50 and p["kinds"]["convolution"]["ms"] > 0
         assert ("optimizer" in p["kinds"]) == (row["kind"] == "training")
     assert "ms per step" in capsys.readouterr().out
+
+
+def test_op_table_reports_a_failing_implementation_and_times_the_rest():
+    """A GPU run is one shot: one kernel that fails must cost its own column, not the whole table."""
+    import table
+
+    x = torch.randn(1000)
+
+    def broken():
+        raise RuntimeError("no kernel image for this device")
+    times, errors = table._time_case({"cpu": lambda: x * 2, "triton": broken, "eager": lambda: x + 1},
+                                     torch.device("cpu"))
+    assert set(times) == {"cpu", "eager"} and all(len(t) == 3 and t[0] > 0 for t in times.values())
+    assert errors == {"triton": "RuntimeError: no kernel image for this device"}
+
+
+def test_op_table_warm_shards_cover_every_case_once(capsys):
+    import table
+
+    assert all(table.main(["--device", "cpu", "--no-compile", "--warm-only", "--shard", f"{k}/3"]) == 0
+               for k in range(3))
+    calls = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warm ")]
+    cases = list(table._cases(torch.device("cpu"), False))
+    expected = sum(len([n for n in c.impls if n != "compile"]) for c in cases)
+    assert len(calls) == expected and all(": ok (" in line for line in calls)
+    assert len({line.split(":")[0].split(" ", 2)[2] for line in calls}) == expected  # each call once
