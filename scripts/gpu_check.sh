@@ -192,3 +192,6 @@ for row in data["rows"] if data else ():
     kinds = ", ".join(f"{k} {e['pct']:.0f}%" for k, e in list(p["kinds"].items())[:4])
     print(f"{head} busy {p['busy_ms']:7.2f} of {p['span_ms']:7.2f} ms, {p['launches']:4.0f} kernels: {kinds}")
 EOF
+# The per-op backend order the op record supports (paste into ddpm_fast/ops/backend.py), and Triton's
+# worst case against the CUDA kernel (the Triton issue's 1.15x).
+"$PY" benchmarks/preference.py || true

@@ -124,3 +124,32 @@ def test_op_table_warm_shards_cover_every_case_once(capsys):
     expected = sum(len([n for n in c.impls if n != "compile"]) for c in cases)
     assert len(calls) == expected and all(": ok (" in line for line in calls)
     assert len({line.split(":")[0].split(" ", 2)[2] for line in calls}) == expected  # each call once
+
+
+def test_preference_orders_each_op_by_the_geometric_mean_of_its_cases(tmp_path, capsys):
+    import preference
+
+    def row(op, shape, cuda_us, triton_us=None):
+        r = {"op": op, "shape": list(shape), "dtype": "torch.float32", "layout": "NCHW",
+             "cuda_ms": {"median": cuda_us / 1e3}}
+        if triton_us is not None:
+            r["triton_ms"] = {"median": triton_us / 1e3}
+        return r
+    rows = [row("q_sample (noise drawn)", (256, 3, 32, 32), 5.0, 4.0),
+            row("q_sample (noise drawn)", (128, 3, 256, 256), 80.0, 72.0),
+            row("DDPM step (eps, clip, fixed_small)", (256, 3, 32, 32), 5.0, 6.0),
+            row("DDPM step (eps, clip, fixed_small)", (128, 3, 256, 256), 80.0, 80.0),
+            row("group_norm_silu fwd (scale/shift)", (128, 128, 32, 32), 30.0)]  # no triton time: no verdict
+    prefs = preference.preference(rows)
+    assert set(prefs) == {"q_sample", "step"}
+    assert prefs["q_sample"]["order"] == ("triton", "cuda") and prefs["q_sample"]["geomean"] == pytest.approx(
+        (0.8 * 0.9) ** 0.5)
+    assert prefs["step"]["order"] == ("cuda", "triton") and prefs["step"]["worst"] == pytest.approx(1.2)
+    assert "(256, 3, 32, 32)" in prefs["step"]["worst_case"]
+
+    path = tmp_path / "ops-cuda-x.json"
+    path.write_text(json.dumps({"rows": rows}))
+    assert preference.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "worst 1.20 OVER" in out and "worst 0.90 ok" in out
+    assert "CUDA_PREFERENCE = {\"q_sample\": ('triton', 'cuda'), \"step\": ('cuda', 'triton')}" in out

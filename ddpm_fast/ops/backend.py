@@ -23,8 +23,9 @@ BACKENDS = ("cuda", "triton", "cpu", "torch")
 
 # Per op, the order in which CUDA tensors try the two GPU backends: the faster first, by the median times
 # of the op's benchmark cases in the newest GPU record of benchmarks/results/ (`python benchmarks/table.py
-# --device cuda --record`). No GPU record compares them yet, so the compiled kernels lead everywhere; a GPU
-# session that records both updates this table (and the README's backend section) from its numbers.
+# --device cuda --record`; `python benchmarks/preference.py` prints this table from it). No GPU record
+# compares them yet, so the compiled kernels lead everywhere; a GPU session that records both updates this
+# table (and the README's backend section) from its numbers.
 CUDA_PREFERENCE = {
     "q_sample": ("cuda", "triton"),
     "step": ("cuda", "triton"),
