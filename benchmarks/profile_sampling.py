@@ -119,7 +119,7 @@ def profile_run(run: Callable[[], object], calls: int, steps: int, device: torch
 
 
 def workloads(device: torch.device, theirs, ours, steps: int, big: int, train_batch: int):
-    """(kind, batch, variant, make): make() -> (run, calls, steps); the targets' best forms, ours first."""
+    """(kind, batch, variant, make): make() -> (run, calls of it to profile); the targets' best forms, ours first."""
     bf16 = torch.bfloat16
     cuda = device.type == "cuda"
     ours_cl = bench.channels_last_copy(ours) if cuda else ours

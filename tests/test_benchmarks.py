@@ -81,6 +81,14 @@ def test_profile_kinds_of_cuda_kernel_names():
     assert {name: profile_sampling.kind_of(name) for name in KERNELS} == KERNELS
 
 
+def test_profile_busy_time_is_the_union_of_kernel_intervals():
+    """GPU busy time (what span minus busy calls the host's share) counts overlapping kernels once."""
+    import profile_sampling
+
+    assert profile_sampling._busy_us([(0, 10), (5, 12), (20, 25), (21, 22), (30, 30)]) == 17
+    assert profile_sampling._busy_us([]) == 0
+
+
 def test_profile_sampling_runs_every_workload(capsys, tmp_path, monkeypatch):
     import bench_sampling
     import profile_sampling
