@@ -42,20 +42,22 @@ def _cases(device: torch.device, targets_only: bool):
     return targets if targets_only else targets + [case for case in cases if not case.target]
 
 
-def _time_case(impls: dict, device: torch.device) -> tuple[dict, dict]:
-    """(times, errors): :func:`time_all`, and where an implementation fails, its error instead of its time
-    (a GPU run is one shot: one failing kernel must not cost the whole table)."""
+def _call_once(fn, device: torch.device) -> str | None:
+    """Run ``fn`` once (to its end on the device); its error as one line, or None."""
     try:
-        return time_all(impls, device), {}
-    except Exception:  # noqa: BLE001 - find which one, time the others alone
-        pass
-    times, errors = {}, {}
-    for name, fn in impls.items():
-        try:
-            times.update(time_all({name: fn}, device))
-        except Exception as error:  # noqa: BLE001
-            errors[name] = f"{type(error).__name__}: {error}"[:300]
-    return times, errors
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as error:  # noqa: BLE001 - reported, not raised: a GPU run is one shot
+        return f"{type(error).__name__}: {error}"[:300]
+    return None
+
+
+def _time_case(impls: dict, device: torch.device) -> tuple[dict, dict]:
+    """(times, errors): each implementation is called once first, and one that fails gets its error instead
+    of a time, so that one failing kernel does not cost the whole table; the others are timed together."""
+    errors = {name: error for name, fn in impls.items() if (error := _call_once(fn, device)) is not None}
+    return time_all({name: fn for name, fn in impls.items() if name not in errors}, device), errors
 
 
 def warm(cases: list, device: torch.device, shard: tuple[int, int], skip: set) -> int:
@@ -66,15 +68,9 @@ def warm(cases: list, device: torch.device, shard: tuple[int, int], skip: set) -
             if name in skip:
                 continue
             begin = time.monotonic()
-            try:
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                status = "ok"
-            except Exception as error:  # noqa: BLE001 - the timed run reports it
-                status = f"{type(error).__name__}: {str(error)[:120]}"
-            print(f"warm {k}/{n} {case.op} {case.shape} {str(case.dtype)[6:]} {case.layout} {name}: {status} "
-                  f"({time.monotonic() - begin:.1f} s)", flush=True)
+            error = _call_once(fn, device)
+            print(f"warm {k}/{n} {case.op} {case.shape} {str(case.dtype)[6:]} {case.layout} {name}: "
+                  f"{error[:120] if error else 'ok'} ({time.monotonic() - begin:.1f} s)", flush=True)
     return 0
 
 

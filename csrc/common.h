@@ -106,6 +106,16 @@ inline void check_group_norm_args(const char* op, int64_t B, int64_t C, int64_t 
   DDPM_CHECK(layout == Layout::Contiguous || layout == Layout::ChannelsLast, op, ": bad layout ", int(layout));
 }
 
+// group_norm_forward's checks, shared by the CPU and CUDA entry points; false when there is nothing to do.
+inline bool group_norm_forward_has_work(const void* x, const void* y, const float* mean, const float* rstd,
+                                        int64_t B, int64_t C, int64_t S, int64_t G, Activation act, Layout layout) {
+  check_group_norm_args("group_norm_forward", B, C, S, G, act, layout);
+  if (B == 0 || C == 0) return false;
+  DDPM_CHECK(S > 0, "group_norm_forward: empty spatial size (S = 0) has no statistics");
+  DDPM_CHECK(x && y && mean && rstd, "group_norm_forward: x, y, mean and rstd must be given");
+  return true;
+}
+
 template <class T>
 DDPM_HD constexpr T ceil_div(T a, T b) {
   return (a + b - 1) / b;

@@ -174,10 +174,7 @@ void group_norm_forward(const void* x, const float* weight, const float* bias, c
                         const float* scale, const float* shift, void* y, float* mean, float* rstd, int64_t B,
                         int64_t C, int64_t S, int64_t G, float eps, Activation act, Layout layout, DType dtype,
                         uintptr_t cuda_stream) {
-  check_group_norm_args("group_norm_forward", B, C, S, G, act, layout);
-  if (B == 0 || C == 0) return;
-  DDPM_CHECK(S > 0, "group_norm_forward: empty spatial size (S = 0) has no statistics");
-  DDPM_CHECK(x && y && mean && rstd, "group_norm_forward: x, y, mean and rstd must be given");
+  if (!group_norm_forward_has_work(x, y, mean, rstd, B, C, S, G, act, layout)) return;
   auto s = reinterpret_cast<cudaStream_t>(cuda_stream);
   const bool cl = layout == Layout::ChannelsLast;
   DDPM_CUDA_DISPATCH(dtype, T, {
