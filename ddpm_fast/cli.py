@@ -98,8 +98,7 @@ def cmd_train(args) -> int:
     from . import distributed
     from .train import TrainConfig, Trainer
     _set_threads(args.threads)
-    created = distributed.init_from_env()
-    try:
+    with distributed.process_group():
         config = TrainConfig(
             data=args.data, image_size=args.image_size, preset=args.preset, prediction_type=args.prediction_type,
             min_snr_gamma=args.min_snr_gamma, num_train_timesteps=args.timesteps, beta_schedule=args.beta_schedule,
@@ -115,9 +114,6 @@ def cmd_train(args) -> int:
         if losses:
             _say(f"step {trainer.step}: loss {losses[-1]:.4f}; {len(losses)} steps in "
                  f"{time.perf_counter() - start:.0f} s; checkpoints in {Path(args.out) / 'checkpoints'}")
-    finally:
-        if created:
-            distributed.shutdown()
     return 0
 
 
@@ -126,8 +122,7 @@ def cmd_sample(args) -> int:
     from . import distributed
     from .sampler import Sampler
     _set_threads(args.threads)
-    created = distributed.init_from_env()
-    try:
+    with distributed.process_group():
         model, schedule, options = _load_sampling_model(args.model)
         if args.method != "ddpm":
             options.pop("variance_type", None)
@@ -141,9 +136,6 @@ def cmd_sample(args) -> int:
         if images is not None:
             png, npz = _save_samples(images, seeds.tolist(), Path(args.out))
             _say(f"wrote {png} and {npz} ({args.num_samples} samples, {sampler.method} {sampler.num_steps} steps)")
-    finally:
-        if created:
-            distributed.shutdown()
     return 0
 
 

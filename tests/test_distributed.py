@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_fast import Sampler
+from ddpm_fast import Sampler, distributed
 from ddpm_fast.data import load_digits
 from ddpm_fast.train import TrainConfig, Trainer, load_model
 
@@ -23,9 +23,9 @@ import sys
 from ddpm_fast import cli, distributed
 # Both commands in one launch and one process group (a torchrun start costs three torch imports).
 train_args, sample_args = sys.argv[1:sys.argv.index("--then")], sys.argv[sys.argv.index("--then") + 1:]
-assert distributed.init_from_env()
-status = cli.main(train_args) or cli.main(sample_args)
-distributed.shutdown()
+with distributed.process_group():
+    assert distributed.is_distributed()
+    status = cli.main(train_args) or cli.main(sample_args)
 sys.exit(status)
 """
 
@@ -72,3 +72,21 @@ def test_two_gloo_processes_train_and_sample(tmp_path):
     expected = Sampler(ema, schedule, method="ddim", num_steps=3).sample(seeds, (1, 16, 16))
     # Each image is a function of its seed; only the model's batch-size-dependent rounding differs.
     torch.testing.assert_close(gathered, expected, rtol=0, atol=1e-4)
+
+
+def test_process_group_leaves_with_peers_on_success_and_at_exit_on_error(monkeypatch):
+    """A body that raises must not reach shutdown's barrier: its peers may be blocked in a collective it
+    will never join, and the barrier would hold this rank for the group's whole timeout."""
+    left = []
+    monkeypatch.setattr(distributed, "init_from_env", lambda: True)
+    monkeypatch.setattr(distributed, "shutdown", lambda: left.append("shutdown"))
+    with distributed.process_group():
+        pass
+    assert left == ["shutdown"]
+    with pytest.raises(KeyError, match="boom"), distributed.process_group():
+        raise KeyError("boom")
+    assert left == ["shutdown"]
+    monkeypatch.setattr(distributed, "init_from_env", lambda: False)  # a caller's group, or none
+    with distributed.process_group():
+        pass
+    assert left == ["shutdown"]
