@@ -64,7 +64,7 @@ def shutdown() -> None:
     tensors after the caller has moved on, and dropping the last reference to a tensor that Python has let
     go of takes the GIL. A rank that reaches interpreter exit first (rank 1 returns from the gather while
     rank 0 still writes the images) aborts that thread mid-destructor: "terminate called without an active
-    exception", SIGABRT, seen in ~1 of 25 two-process runs. Waiting in the barrier releases the GIL, and
+    exception", SIGABRT, in 1 of 28 looped two-process runs. Waiting in the barrier releases the GIL, and
     the worker thread finishes while this rank waits for the slowest one.
     """
     if is_distributed():
