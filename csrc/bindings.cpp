@@ -5,20 +5,18 @@
 #include <cstdint>
 #include <string>
 
+#include "bind_ops.h"
 #include "cpu/kernels.h"
 #ifdef DDPM_FAST_WITH_CUDA
 #include <cuda_runtime_api.h>
 
-#include "cuda/kernels.h"
+#include "cuda/bind.h"
 #endif
 
 namespace py = pybind11;
 using namespace ddpm_fast;
 
 namespace {
-
-template <typename T>
-T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 std::string compiler() {
 #if defined(__clang__)
@@ -48,72 +46,6 @@ py::dict build_info() {
   return info;
 }
 
-// The launchers of one backend. The CPU and CUDA kernels take the same arguments but the last: the CPU
-// thread count (int) or the caller's CUDA stream handle (uintptr_t), so one definition binds both.
-template <typename Last>
-void def_ops(py::module_& m,
-             void (*q_sample)(const void*, int64_t, const int64_t*, const float*, int64_t, const void*, int64_t,
-                              const int64_t*, uint64_t, void*, void*, int, int64_t, int64_t, int64_t, Layout,
-                              DType, Last),
-             void (*step)(const void*, int64_t, const void*, int64_t, const void*, int64_t, const int64_t*,
-                          const float*, int64_t, const void*, int64_t, const int64_t*, void*, void*, int64_t,
-                          int64_t, int64_t, Layout, DType, float, float, float, Last),
-             void (*gn_forward)(const void*, const float*, const float*, const float*, const float*, const float*,
-                                void*, float*, float*, int64_t, int64_t, int64_t, int64_t, float, Activation,
-                                Layout, DType, Last),
-             void (*gn_backward)(const void*, const void*, const float*, const float*, const float*, const float*,
-                                 const float*, const float*, const float*, void*, float*, float*, float*, float*,
-                                 float*, int64_t, int64_t, int64_t, int64_t, Activation, Layout, DType, Last),
-             void (*normal)(const int64_t*, uint64_t, void*, int64_t, int64_t, DType, Last)) {
-  auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("q_sample",
-        [q_sample](uintptr_t x0, int64_t x0_bs, uintptr_t t, uintptr_t table, int64_t num_t, uintptr_t noise,
-                   int64_t noise_bs, uintptr_t seeds, uint64_t stream, uintptr_t x_t, uintptr_t target,
-                   int target_kind, int64_t B, int64_t C, int64_t S, int layout, int dtype, Last last) {
-          q_sample(ptr<const void>(x0), x0_bs, ptr<const int64_t>(t), ptr<const float>(table), num_t,
-                   ptr<const void>(noise), noise_bs, ptr<const int64_t>(seeds), stream, ptr<void>(x_t),
-                   ptr<void>(target), target_kind, B, C, S, Layout(layout), DType(dtype), last);
-        },
-        nogil);
-  m.def("step",
-        [step](uintptr_t x, int64_t x_bs, uintptr_t mo, int64_t m_bs, uintptr_t v, int64_t v_bs, uintptr_t t,
-               uintptr_t table, int64_t num_t, uintptr_t noise, int64_t noise_bs, uintptr_t seeds, uintptr_t prev,
-               uintptr_t x0_out, int64_t B, int64_t C, int64_t S, int layout, int dtype, float clip_range,
-               float threshold_ratio, float sample_max_value, Last last) {
-          step(ptr<const void>(x), x_bs, ptr<const void>(mo), m_bs, ptr<const void>(v), v_bs, ptr<const int64_t>(t),
-               ptr<const float>(table), num_t, ptr<const void>(noise), noise_bs, ptr<const int64_t>(seeds),
-               ptr<void>(prev), ptr<void>(x0_out), B, C, S, Layout(layout), DType(dtype), clip_range,
-               threshold_ratio, sample_max_value, last);
-        },
-        nogil);
-  m.def("group_norm_forward",
-        [gn_forward](uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t bias_in, uintptr_t scale, uintptr_t shift,
-                     uintptr_t y, uintptr_t mean, uintptr_t rstd, int64_t B, int64_t C, int64_t S, int64_t G,
-                     float eps, int act, int layout, int dtype, Last last) {
-          gn_forward(ptr<const void>(x), ptr<const float>(w), ptr<const float>(b), ptr<const float>(bias_in),
-                     ptr<const float>(scale), ptr<const float>(shift), ptr<void>(y), ptr<float>(mean),
-                     ptr<float>(rstd), B, C, S, G, eps, Activation(act), Layout(layout), DType(dtype), last);
-        },
-        nogil);
-  m.def("group_norm_backward",
-        [gn_backward](uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t bias_in, uintptr_t scale,
-                      uintptr_t shift, uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dw, uintptr_t db,
-                      uintptr_t dbias_in, uintptr_t dscale, uintptr_t dshift, int64_t B, int64_t C, int64_t S,
-                      int64_t G, int act, int layout, int dtype, Last last) {
-          gn_backward(ptr<const void>(dy), ptr<const void>(x), ptr<const float>(w), ptr<const float>(b),
-                      ptr<const float>(bias_in), ptr<const float>(scale), ptr<const float>(shift),
-                      ptr<const float>(mean), ptr<const float>(rstd), ptr<void>(dx), ptr<float>(dw), ptr<float>(db),
-                      ptr<float>(dbias_in), ptr<float>(dscale), ptr<float>(dshift), B, C, S, G, Activation(act),
-                      Layout(layout), DType(dtype), last);
-        },
-        nogil);
-  m.def("normal",
-        [normal](uintptr_t seeds, uint64_t stream, uintptr_t out, int64_t B, int64_t N, int dtype, Last last) {
-          normal(ptr<const int64_t>(seeds), stream, ptr<void>(out), B, N, DType(dtype), last);
-        },
-        nogil);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -121,20 +53,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "How this module was built: version, compiler, CUDA version and archs");
 
   auto cpu = m.def_submodule("cpu", "C++ CPU kernels");
-  def_ops(cpu, &cpu::q_sample, &cpu::step, &cpu::group_norm_forward, &cpu::group_norm_backward, &cpu::normal);
+  bind::def_ops(cpu, &cpu::q_sample, &cpu::step, &cpu::group_norm_forward, &cpu::group_norm_backward, &cpu::normal);
 
 #ifdef DDPM_FAST_WITH_CUDA
   auto cuda = m.def_submodule("cuda", "CUDA kernels (launched on the caller's stream)");
-  cuda.def("runtime_info", [] {
-    auto info = cuda::runtime_info();
-    py::dict d;
-    d["runtime_version"] = info.runtime_version;
-    d["driver_version"] = info.driver_version;
-    d["device_count"] = info.device_count;
-    d["error"] = info.error;
-    return d;
-  });
-  def_ops(cuda, &cuda::q_sample, &cuda::step, &cuda::group_norm_forward, &cuda::group_norm_backward,
-          &cuda::normal);
+  bind::def_cuda(cuda);
 #endif
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 try:
@@ -12,6 +13,31 @@ except ImportError as error:  # a source checkout that was never built, or a bro
     _IMPORT_ERROR: str | None = f"ddpm_fast._C could not be imported ({error}); build it with `pip install .`"
 else:
     _IMPORT_ERROR = None
+
+# The CUDA kernels' sources compiled for the host and run by an emulator of CUDA's execution model
+# (csrc/cuda_emulator): a test vehicle that development builds carry. With DDPM_FAST_EMULATE_CUDA=1 the
+# cuda backend takes CPU tensors through it, when asked for (never by automatic choice).
+# DDPM_FAST_CUDA_EMULATOR_MODULE names another build of it to load instead (scripts/emulator_memcheck.sh
+# loads one built with AddressSanitizer).
+
+
+def _load_cuda_emulator():
+    path = os.environ.get("DDPM_FAST_CUDA_EMULATOR_MODULE")
+    if path:
+        spec = importlib.util.spec_from_file_location(f"{__package__}._cuda_emulator", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    try:
+        from . import _cuda_emulator
+    except ImportError:
+        return None
+    return _cuda_emulator
+
+
+_cuda_emulator = _load_cuda_emulator()
+
+EMULATE_CUDA_ENV = "DDPM_FAST_EMULATE_CUDA"
 
 
 def cpu_kernels():
@@ -24,17 +50,32 @@ def cuda_kernels():
     return getattr(_C, "cuda", None)
 
 
-def native_kernels(backend: str):
-    """The launchers of the compiled ``cpu`` or ``cuda`` backend (``_C.cpu`` / ``_C.cuda``)."""
-    return cpu_kernels() if backend == "cpu" else cuda_kernels()
+def native_kernels(backend: str, device):
+    """The launchers of the compiled ``cpu`` or ``cuda`` backend for tensors on ``device`` (``_C.cpu`` /
+    ``_C.cuda``; the CUDA kernels' emulator for CPU tensors on the ``cuda`` backend)."""
+    if backend == "cpu":
+        return cpu_kernels()
+    return _cuda_emulator if device.type == "cpu" else cuda_kernels()
 
 
 def launch_context(backend: str, device) -> int:
     """The last argument of every native launcher: the thread count on the CPU, the current stream's handle
-    on CUDA (kernels run on the caller's stream)."""
+    on CUDA (kernels run on the caller's stream; the emulator takes none)."""
     import torch
 
-    return torch.get_num_threads() if backend == "cpu" else torch.cuda.current_stream(device).cuda_stream
+    if backend == "cpu":
+        return torch.get_num_threads()
+    return 0 if device.type == "cpu" else torch.cuda.current_stream(device).cuda_stream
+
+
+def cuda_emulator_missing_reason() -> str | None:
+    """Why the cuda backend cannot take CPU tensors through the emulator now, or None when it can."""
+    if _cuda_emulator is None:
+        return ("the CUDA kernels' emulator is not built (editable builds with the CUDA headers build it; "
+                "DDPM_FAST_CUDA_EMULATOR=ON forces it)")
+    if os.environ.get(EMULATE_CUDA_ENV) != "1":
+        return f"set {EMULATE_CUDA_ENV}=1 to run the CUDA kernels on the CPU emulator"
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,4 +136,5 @@ def build_info() -> dict:
             info["cuda_runtime"] = runtime
     info["backends"] = {name: backend_missing_reason(name) or "available"
                         for name in ("cuda", "triton", "cpu", "torch")}
+    info["cuda_emulator"] = cuda_emulator_missing_reason() or "available"
     return info

@@ -3,10 +3,12 @@
 * ``cpu``: the C++ kernels (skipped when the extension is not built);
 * ``triton``: natively on a CUDA device, otherwise on Triton's CPU interpreter (``TRITON_INTERPRET=1``,
   set below before any kernel module is imported, because Triton reads it when a kernel is defined);
-* ``cuda``: the CUDA kernels (skipped, with the reason, without a CUDA device and a CUDA build).
+* ``cuda``: the CUDA kernels on a CUDA device; without one, the same kernel sources on the CPU through the
+  emulator of CUDA's execution model that development builds carry (``ddpm_fast._cuda_emulator``,
+  ``DDPM_FAST_EMULATE_CUDA=1`` set below); skipped, with the reason, when neither is there.
 
 The interpreter costs ~10-50 ms per program, so under it the heaviest parametrizations keep to a
-representative subset (``backend.subset(keep)``); on a GPU every case runs.
+representative subset (``backend.subset(keep)``); on a GPU (and on the emulator) every case runs.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-    os.environ["TRITON_INTERPRET"] = "1"
+if not torch.cuda.is_available():
+    os.environ["DDPM_FAST_EMULATE_CUDA"] = "1"
+    if importlib.util.find_spec("triton") is not None:
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def _patch_triton_interpreter_index() -> None:
@@ -47,6 +51,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         _patch_triton_interpreter_index()
 
 import ddpm_fast  # noqa: E402  (after TRITON_INTERPRET is set)
+from ddpm_fast._native import cuda_emulator_missing_reason  # noqa: E402
 
 BACKENDS = ("cpu", "triton", "cuda")
 
@@ -70,6 +75,9 @@ class Backend:
 
 def _unavailable(name: str) -> str | None:
     reason = ddpm_fast.build_info()["backends"][name]
+    if reason != "available" and name == "cuda" and not torch.cuda.is_available():
+        emulator = cuda_emulator_missing_reason()
+        return None if emulator is None else f"{reason}; {emulator}"
     return None if reason == "available" else reason
 
 
@@ -79,9 +87,21 @@ def backend(request) -> Backend:
     reason = _unavailable(name)
     if reason is not None:
         pytest.skip(f"{name} backend: {reason}")
-    on_cuda = name == "cuda" or (name == "triton" and torch.cuda.is_available())
-    return Backend(name, torch.device("cuda" if on_cuda else "cpu"),
-                   interpreted=name == "triton" and not on_cuda)
+    on_cuda = name in ("cuda", "triton") and torch.cuda.is_available()
+    return Backend(name, torch.device("cuda" if on_cuda else "cpu"), interpreted=name == "triton" and not on_cuda)
+
+
+@pytest.fixture
+def backend_on_cpu():
+    """``backend_on_cpu(name)`` skips the test unless backend ``name`` takes CPU tensors here: ``cpu`` the C++
+    kernels; ``cuda`` the CUDA kernels' emulator (where there is no GPU)."""
+    def require(name: str) -> None:
+        reason = _unavailable(name)
+        if name == "cuda" and torch.cuda.is_available():
+            reason = "a CUDA device is present (the emulator runs the CUDA kernels only where there is none)"
+        if reason is not None:
+            pytest.skip(f"{name} backend on CPU tensors: {reason}")
+    return require
 
 
 @pytest.fixture

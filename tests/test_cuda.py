@@ -3,8 +3,10 @@ backend) do not reach: CUDA-graph capture, the 16-byte and the scalar paths (mis
 sizes), the channels-last noise tiles, the cluster split of small batch x groups and groups wider than one
 block, the device-side timestep guard, the launch-error path, and the noise against the CPU kernels'.
 
-Every test needs a CUDA device and the cuda backend (an extension built with DDPM_FAST_CUDA=ON); without
-them the whole module skips and says which is missing.
+Every test runs the cuda backend: on a CUDA device (an extension built with DDPM_FAST_CUDA=ON), or
+without one on the CPU through the emulator of the CUDA kernels that development builds carry
+(``ddpm_fast._cuda_emulator``, tests/test_cuda_emulator.py), except CUDA-graph capture, which needs the
+device. Without either the whole module skips and says which is missing.
 """
 
 import pytest
@@ -14,17 +16,21 @@ from test_step import _magnitudes  # the per-element size of the terms a step's 
 
 import ddpm_fast
 from ddpm_fast import reference
+from ddpm_fast._native import cuda_emulator_missing_reason
 from ddpm_fast.schedule import NoiseSchedule, ddim_table, ddpm_table, sampling_timesteps
 
 
 def _cuda_missing() -> str | None:
     if not torch.cuda.is_available():
-        return "needs a CUDA device"
+        emulator = cuda_emulator_missing_reason()
+        return None if emulator is None else f"needs a CUDA device or the CUDA kernels' emulator ({emulator})"
     reason = ddpm_fast.build_info()["backends"]["cuda"]
     return None if reason == "available" else f"cuda backend: {reason}"
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_cuda_missing() is not None, reason=str(_cuda_missing()))]
+# The kernels' device: the GPU, or the CPU through the emulator.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # One float32 ulp of |z| <= 6 per log / sin / cos rounding (test_ops.py's randn bound).
@@ -70,6 +76,7 @@ def _misaligned(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA device")
 def test_graph_capture_of_a_ten_step_loop_replays_with_new_seeds(schedule):
     """q_sample + step, 10 steps in one captured graph: the seeds and timesteps are read on the device, so
     writing new seeds into the captured tensor draws new noise and the same seeds reproduce bit for bit."""
@@ -129,12 +136,21 @@ def test_q_sample_noise_equals_cpu_kernel(schedule, shape, channels_last):
         x0 = x0.contiguous(memory_format=torch.channels_last)
     t, seeds = torch.tensor([3, 500, 999])[: shape[0]], _seeds(shape[0], 5)
     _, cpu = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, stream=11, backend="cpu")
-    _, gpu = ddpm_fast.q_sample(x0.cuda(), t.cuda(), schedule, seeds=seeds.cuda(), stream=11, backend="cuda")
+    _, gpu = ddpm_fast.q_sample(x0.to(DEVICE), t.to(DEVICE), schedule, seeds=seeds.to(DEVICE), stream=11,
+                                backend="cuda")
     assert gpu.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=NOISE_ATOL)
     # And the contract itself, in logical NCHW order whatever the layout.
     ref = reference.philox_normal(seeds, 11, x0[0].numel()).reshape(shape)
     torch.testing.assert_close(gpu.cpu().contiguous(), ref, rtol=0, atol=NOISE_ATOL)
+
+
+@needs_cpu_kernels
+def test_randn_equals_cpu_kernel():
+    seeds = _seeds(5, 0)
+    cpu = ddpm_fast.randn(seeds, (3, 17, 9), backend="cpu")
+    ours = ddpm_fast.randn(seeds.to(DEVICE), (3, 17, 9), backend="cuda")
+    torch.testing.assert_close(ours.cpu(), cpu, rtol=0, atol=NOISE_ATOL)
 
 
 @needs_cpu_kernels
@@ -154,7 +170,7 @@ def test_step_noise_equals_cpu_kernel(schedule, channels_last, learned):
         x, mo = (v.contiguous(memory_format=torch.channels_last) for v in (x, mo))
     t, seeds = torch.tensor([999, 421, 0]), _seeds(3, 9)
     cpu, _ = ddpm_fast.step(mo, t, x, table, seeds=seeds, backend="cpu")
-    gpu, _ = ddpm_fast.step(mo.cuda(), t.cuda(), x.cuda(), table, seeds=seeds.cuda(), backend="cuda")
+    gpu, _ = ddpm_fast.step(mo.to(DEVICE), t.to(DEVICE), x.to(DEVICE), table, seeds=seeds.to(DEVICE), backend="cuda")
     std = table.coef[t, 5].float().reshape(3, 1, 1, 1)
     sigma_max = torch.exp(0.5 * table.coef[t, 6:8].abs().max(dim=1).values).float().reshape(3, 1, 1, 1)
     bound = std * (sigma_max if learned else 1.0) * NOISE_ATOL + 2**-21 * (1 + cpu.abs())
@@ -173,8 +189,8 @@ def test_step_noise_equals_cpu_kernel(schedule, channels_last, learned):
 def test_q_sample_misaligned_equals_aligned(schedule, dtype, shape):
     """Storage offset 1 takes the scalar path; it computes what the 16-byte path does (n = 192 divides into
     vectors, 315 and 13 leave tails)."""
-    x0, noise = _randn(shape, 10, dtype).cuda(), _randn(shape, 11, dtype).cuda()
-    t, seeds = torch.randint(0, 1000, (shape[0],), generator=_gen(12)).cuda(), _seeds(shape[0], 13).cuda()
+    x0, noise = _randn(shape, 10, dtype).to(DEVICE), _randn(shape, 11, dtype).to(DEVICE)
+    t, seeds = torch.randint(0, 1000, (shape[0],), generator=_gen(12)).to(DEVICE), _seeds(shape[0], 13).to(DEVICE)
     for kwargs in ({"seeds": seeds}, {"noise": noise}):
         aligned = ddpm_fast.q_sample(x0, t, schedule, target="v_prediction", backend="cuda", **kwargs)
         moved = {k: _misaligned(v) if k == "noise" else v for k, v in kwargs.items()}
@@ -195,9 +211,9 @@ def test_step_misaligned_and_channels_last_agree(schedule, dtype, post):
     tile) give the same step; with thresholding each sample's quantile comes from one block."""
     table = ddpm_table(schedule, variance_type="learned_range")
     shape = (3, 5, 9, 7)
-    x = _randn(shape, 14, dtype).cuda()
-    mo = torch.cat([_randn(shape, 15), torch.rand(shape, generator=_gen(16)) * 2 - 1], dim=1).to(dtype).cuda()
-    t, seeds = torch.tensor([999, 500, 3]).cuda(), _seeds(3, 17).cuda()
+    x = _randn(shape, 14, dtype).to(DEVICE)
+    mo = torch.cat([_randn(shape, 15), torch.rand(shape, generator=_gen(16)) * 2 - 1], dim=1).to(dtype).to(DEVICE)
+    t, seeds = torch.tensor([999, 500, 3]).to(DEVICE), _seeds(3, 17).to(DEVICE)
     prev, x0 = ddpm_fast.step(mo, t, x, table, seeds=seeds, backend="cuda", **post)
     prev_s, x0_s = ddpm_fast.step(_misaligned(mo), t, _misaligned(x), table, seeds=seeds, backend="cuda", **post)
     cl = lambda v: v.contiguous(memory_format=torch.channels_last)  # noqa: E731
@@ -226,10 +242,10 @@ def test_threshold_quantile_with_ties_and_nan(schedule):
     as torch.quantile does."""
     table = ddim_table(schedule, sampling_timesteps(1000, 50, "leading", steps_offset=1), prediction_type="sample")
     shape = (4, 3, 16, 16)
-    x = _randn(shape, 18).cuda()
-    mo = (torch.randint(-40, 41, shape, generator=_gen(19)) / 10.0).cuda()  # x0 = mo (prediction "sample")
+    x = _randn(shape, 18).to(DEVICE)
+    mo = (torch.randint(-40, 41, shape, generator=_gen(19)) / 10.0).to(DEVICE)  # x0 = mo (prediction "sample")
     mo[3, 1, 2, 3] = float("nan")
-    t = torch.tensor([981, 501, 21, 1]).cuda()
+    t = torch.tensor([981, 501, 21, 1]).to(DEVICE)
     for ratio in (0.5, 0.9, 0.995, 1.0):
         prev, x0 = ddpm_fast.step(mo, t, x, table, thresholding=True, dynamic_thresholding_ratio=ratio,
                                   sample_max_value=3.5, backend="cuda")
@@ -250,25 +266,27 @@ def test_timesteps_out_of_range_give_nan_not_out_of_bounds_reads(schedule):
     its sample and never indexes the table; the other samples are untouched."""
     table = ddpm_table(schedule)
     shape = (4, 3, 6, 6)
-    x, mo = _randn(shape, 20).cuda(), _randn(shape, 21).cuda()
-    t = torch.tensor([10, 1000, -1, 2**40]).cuda()
-    seeds = _seeds(4, 22).cuda()
+    x, mo = _randn(shape, 20).to(DEVICE), _randn(shape, 21).to(DEVICE)
+    t = torch.tensor([10, 1000, -1, 2**40]).to(DEVICE)
+    seeds = _seeds(4, 22).to(DEVICE)
     x_t, eps = ddpm_fast.q_sample(x, t, schedule, seeds=seeds, backend="cuda")
     prev, x0 = ddpm_fast.step(mo, t, x, table, seeds=seeds, backend="cuda")
     prev_thr, _ = ddpm_fast.step(mo, t, x, table, seeds=seeds, thresholding=True, backend="cuda")
     for out in (x_t, eps, prev, x0, prev_thr):
         assert torch.isfinite(out[0]).all()
         assert torch.isnan(out[1:]).all()
-    torch.cuda.synchronize()  # no illegal address was raised by the kernels
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()  # no illegal address was raised by the kernels
     good, _ = ddpm_fast.q_sample(x[:1], t[:1], schedule, seeds=seeds[:1], backend="cuda")
     assert torch.equal(good, x_t[:1])
 
 
 def test_launch_failure_raises_naming_the_op():
-    """A region too wide for shared memory (one group of 4096 channels: the backward needs 260 KB, more than
-    any GPU gives a block) fails at launch: a Python RuntimeError that names the op, and later launches work."""
-    x = _randn((1, 4096, 2, 2), 23).cuda().requires_grad_()
-    with pytest.raises(RuntimeError, match=r"ddpm_fast\.group_norm_silu(_backward)?: CUDA"):
+    """A region too wide for shared memory (one group of 4096 channels: the backward needs 256 KB, more than
+    any GPU gives a block) fails at launch, refused by the launcher before CUDA would: a Python RuntimeError
+    that names the op and the sizes, and later launches work."""
+    x = _randn((1, 4096, 2, 2), 23).to(DEVICE).requires_grad_()
+    with pytest.raises(RuntimeError, match=r"group_norm_silu(_backward)?: needs \d+ bytes of shared memory"):
         y = ddpm_fast.group_norm_silu(x, None, None, 1, backend="cuda")  # 148 KB: fits on Hopper, not on Ampere
         y.sum().backward()
     ok = ddpm_fast.group_norm_silu(x.detach()[:, :8], None, None, 2, backend="cuda")
@@ -321,8 +339,8 @@ GN_CASES = [
 def test_group_norm_forward_backward_against_reference(shape, groups, form, dtype, channels_last):
     x, w, b, extra = _gn_inputs(shape, dtype, 24, channels_last, form)
     dy = torch.randn(shape, generator=_gen(25))
-    dev = {k: v.cuda() for k, v in extra.items()}
-    y, grads = _gn_run(ddpm_fast.group_norm_silu, x.cuda(), w.cuda(), b.cuda(), dev, groups, dy.cuda(),
+    dev = {k: v.to(DEVICE) for k, v in extra.items()}
+    y, grads = _gn_run(ddpm_fast.group_norm_silu, x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), dev, groups, dy.to(DEVICE),
                        backend="cuda")
     ref_y, ref_grads = _gn_run(reference.group_norm_silu, x, w, b, extra, groups, dy)
     ref64 = {k: v.double() for k, v in extra.items()}
@@ -347,8 +365,8 @@ def test_group_norm_misaligned_equals_aligned(shape, dtype, channels_last):
     channels per pixel). The paths sum in different orders: the statistics agree to float32 rounding, so a
     half-precision output may round one ulp apart."""
     x, w, b, extra = _gn_inputs(shape, dtype, 26, channels_last, "both")
-    x, w, b = x.cuda(), w.cuda(), b.cuda()
-    extra = {k: v.cuda() for k, v in extra.items()}
+    x, w, b = x.to(DEVICE), w.to(DEVICE), b.to(DEVICE)
+    extra = {k: v.to(DEVICE) for k, v in extra.items()}
     y = ddpm_fast.group_norm_silu(x, w, b, 4, backend="cuda", **extra)
     y_s = ddpm_fast.group_norm_silu(_misaligned(x), w, b, 4, backend="cuda", **extra)
     ulp = torch.finfo(dtype).eps if dtype != torch.float32 else 0.0
@@ -359,8 +377,8 @@ def test_group_norm_is_deterministic_except_parameter_sums():
     """The forward and dx come out bit-identical run to run (fixed reduction order); dweight / dbias are
     atomics over samples and agree to rounding."""
     x, w, b, extra = _gn_inputs((8, 64, 16, 16), torch.float32, 27, False, "scale_shift")
-    dy = torch.randn(x.shape, generator=_gen(28)).cuda()
-    args = (x.cuda(), w.cuda(), b.cuda(), {k: v.cuda() for k, v in extra.items()}, 8, dy)
+    dy = torch.randn(x.shape, generator=_gen(28)).to(DEVICE)
+    args = (x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), {k: v.to(DEVICE) for k, v in extra.items()}, 8, dy)
     y1, g1 = _gn_run(ddpm_fast.group_norm_silu, *args, backend="cuda")
     y2, g2 = _gn_run(ddpm_fast.group_norm_silu, *args, backend="cuda")
     assert torch.equal(y1, y2) and torch.equal(g1[0], g2[0])
@@ -375,21 +393,21 @@ def test_group_norm_is_deterministic_except_parameter_sums():
 
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
 def test_opcheck_on_cuda(schedule):
-    x0, noise = _randn((2, 3, 5, 7), 29).cuda(), _randn((2, 3, 5, 7), 30).cuda()
-    t, seeds = torch.tensor([10, 900]).cuda(), torch.tensor([3, -7]).cuda()
+    x0, noise = _randn((2, 3, 5, 7), 29).to(DEVICE), _randn((2, 3, 5, 7), 30).to(DEVICE)
+    t, seeds = torch.tensor([10, 900]).to(DEVICE), torch.tensor([3, -7]).to(DEVICE)
     table = ddpm_table(schedule, variance_type="learned_range")
-    mo, var = _randn((2, 3, 5, 7), 31).cuda(), (torch.rand(2, 3, 5, 7) * 2 - 1).cuda()
-    x = _randn((2, 8, 4, 4), 32).cuda().requires_grad_()
-    w, b = _randn((8,), 33).cuda().requires_grad_(), _randn((8,), 34).cuda()
-    sc, sh = _randn((2, 8), 35).cuda().requires_grad_(), _randn((2, 8), 36).cuda()
+    mo, var = _randn((2, 3, 5, 7), 31).to(DEVICE), (torch.rand(2, 3, 5, 7) * 2 - 1).to(DEVICE)
+    x = _randn((2, 8, 4, 4), 32).to(DEVICE).requires_grad_()
+    w, b = _randn((8,), 33).to(DEVICE).requires_grad_(), _randn((8,), 34).to(DEVICE)
+    sc, sh = _randn((2, 8), 35).to(DEVICE).requires_grad_(), _randn((2, 8), 36).to(DEVICE)
     cl = x0.contiguous(memory_format=torch.channels_last)
     cases = [
-        (torch.ops.ddpm_fast.q_sample.default, (x0, t, schedule.q_table("cuda"), None, seeds, 3, 1, "cuda")),
-        (torch.ops.ddpm_fast.q_sample.default, (cl, t, schedule.q_table("cuda"), noise, None, 0, 0, "cuda")),
+        (torch.ops.ddpm_fast.q_sample.default, (x0, t, schedule.q_table(DEVICE), None, seeds, 3, 1, "cuda")),
+        (torch.ops.ddpm_fast.q_sample.default, (cl, t, schedule.q_table(DEVICE), noise, None, 0, 0, "cuda")),
         (torch.ops.ddpm_fast.step.default,
-         (x0, mo, var, t, table.table("cuda"), None, seeds, 1.0, 0.0, 1.0, True, "cuda")),
+         (x0, mo, var, t, table.table(DEVICE), None, seeds, 1.0, 0.0, 1.0, True, "cuda")),
         (torch.ops.ddpm_fast.step.default,
-         (cl, mo, var, t, table.table("cuda"), noise, None, 0.0, 0.995, 2.0, False, "cuda")),
+         (cl, mo, var, t, table.table(DEVICE), noise, None, 0.0, 0.995, 2.0, False, "cuda")),
         (torch.ops.ddpm_fast.group_norm_silu.default, (x, w, b, None, sc, sh, 4, 1e-5, 1, "cuda")),
     ]
     for op, args in cases:
@@ -405,9 +423,9 @@ def test_torch_compile_fullgraph_on_cuda(schedule):
         h = ddpm_fast.group_norm_silu(x, w, b, 4, scale=scale, shift=shift, backend="cuda")
         return prev, h
 
-    args = (_randn((2, 3, 8, 8), 37).cuda(), torch.tensor([5, 700]).cuda(), torch.tensor([1, 2]).cuda(),
-            _randn((2, 8, 4, 4), 38).cuda().requires_grad_(), _randn((8,), 39).cuda().requires_grad_(),
-            _randn((8,), 40).cuda(), _randn((2, 8), 41).cuda().requires_grad_(), _randn((2, 8), 42).cuda())
+    args = (_randn((2, 3, 8, 8), 37).to(DEVICE), torch.tensor([5, 700]).to(DEVICE), torch.tensor([1, 2]).to(DEVICE),
+            _randn((2, 8, 4, 4), 38).to(DEVICE).requires_grad_(), _randn((8,), 39).to(DEVICE).requires_grad_(),
+            _randn((8,), 40).to(DEVICE), _randn((2, 8), 41).to(DEVICE).requires_grad_(), _randn((2, 8), 42).to(DEVICE))
     prev, h = torch.compile(train_and_sample, fullgraph=True)(*args)
     prev_eager, h_eager = train_and_sample(*args)
     assert torch.equal(prev, prev_eager)

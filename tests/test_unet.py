@@ -255,13 +255,15 @@ def param_grads(model, x, t, w, backend):
 
 
 @pytest.mark.parametrize("time_embedding", ["add", "scale_shift"])
-def test_gradients_cpu_backend_match_torch_backend(time_embedding):
-    if ddpm_fast.build_info()["backends"]["cpu"] != "available":
-        pytest.skip(f"cpu backend: {ddpm_fast.build_info()['backends']['cpu']}")
+@pytest.mark.parametrize("kernels", ["cpu", "cuda"])
+def test_gradients_of_the_kernel_backends_match_torch_backend(kernels, time_embedding, backend_on_cpu):
+    """The whole tiny U-Net's parameter gradients through the C++ CPU kernels, and through the CUDA kernels
+    (on the CPU, the emulator runs them where there is no GPU)."""
+    backend_on_cpu(kernels)
     model = perturbed(UNet.preset("tiny", time_embedding=time_embedding))
     x, t = inputs(3)
     w = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    ours = param_grads(model, x, t, w, "cpu")
+    ours = param_grads(model, x, t, w, kernels)
     torch32 = param_grads(model, x, t, w, "torch")
     # float64 truth: the same weights; GroupNormAct sends float64 to the reference op.
     truth = param_grads(model.double(), x.double(), t, w.double(), "torch")

@@ -14,6 +14,19 @@
 
 #include "kernels.h"
 
+// Launch syntax, dynamic shared memory and whether cluster code is compiled, as macros that the host
+// emulator of the kernels (csrc/cuda_emulator, a test vehicle) defines its own way before this point.
+#ifndef DDPM_LAUNCH
+// kernel<<<grid, block, smem, stream>>>(args) is DDPM_LAUNCH(grid, block, smem, stream, kernel)(args).
+#define DDPM_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define DDPM_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define DDPM_CLUSTERS 1  // thread-block clusters: sm_90 device code
+#else
+#define DDPM_CLUSTERS 0
+#endif
+#endif
+
 namespace ddpm_fast::cuda {
 
 // CUDA's accurate logf / sqrtf / sincosf (not the __ intrinsics): the CPU kernels and the reference

@@ -124,7 +124,7 @@ void launch_flat(const Op& op, int64_t B, int64_t n, cudaStream_t s) {
   const int64_t units = ceil_div<int64_t>(n, N);
   const unsigned bx = unsigned(std::min<int64_t>(ceil_div<int64_t>(units, kThreads), int64_t(1) << 20));
   const unsigned by = unsigned(std::min<int64_t>(B, kMaxGridY));
-  flat_kernel<N, kVecOk, Op><<<dim3(bx, by), kThreads, 0, s>>>(op, B, n);
+  DDPM_LAUNCH(dim3(bx, by), kThreads, 0, s, flat_kernel<N, kVecOk, Op>)(op, B, n);
 }
 
 template <class Op>
@@ -132,7 +132,7 @@ void launch_tiles(const Op& op, int64_t B, int64_t C, int64_t S, cudaStream_t s)
   const ClTiling tl = cl_tiling(C, S);
   const unsigned bx = unsigned(std::min<int64_t>(tl.count(), int64_t(1) << 20));
   const unsigned by = unsigned(std::min<int64_t>(B, kMaxGridY));
-  tile_kernel<Op><<<dim3(bx, by), 256, 0, s>>>(op, B, C, S, tl);
+  DDPM_LAUNCH(dim3(bx, by), 256, 0, s, tile_kernel<Op>)(op, B, C, S, tl);
 }
 
 }  // namespace ddpm_fast::cuda

@@ -100,7 +100,7 @@ __device__ __forceinline__ int64_t chunk_pixels(const Geo& g, int rank) {
 }
 
 __device__ __forceinline__ void cluster_sync(int K) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if DDPM_CLUSTERS
   if (K > 1) cooperative_groups::this_cluster().sync();
 #else
   (void)K;
@@ -110,7 +110,7 @@ __device__ __forceinline__ void cluster_sync(int K) {
 // p in the shared memory of block `rank` of this cluster (p itself when K == 1).
 template <class P>
 __device__ __forceinline__ P* cluster_ptr(P* p, int K, int rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if DDPM_CLUSTERS
   if (K > 1) return cooperative_groups::this_cluster().map_shared_rank(p, rank);
 #else
   (void)K, (void)rank;
@@ -449,11 +449,12 @@ inline void allow_max_smem(const char* op, const void* kernel) {
 template <class Kernel, class Args>
 void launch(const char* op, Kernel kernel, const Args& args, const Geo& g, size_t smem, cudaStream_t s) {
   const int optin = device_props().smem_optin;
-  DDPM_CHECK(smem <= size_t(std::max(optin, 48 * 1024)), op, ": needs ", smem,
-             " bytes of shared memory per block, the device allows ", optin);
+  // A device limit, not bad input: RuntimeError, as a launch the device refuses.
+  DDPM_CHECK_RT(smem <= size_t(std::max(optin, 48 * 1024)), op, ": needs ", smem,
+                " bytes of shared memory per block, the device allows ", optin);
   if (smem > 48 * 1024) allow_max_smem(op, reinterpret_cast<const void*>(kernel));
   const int64_t blocks = g.B * g.RPS * g.K;
-  DDPM_CHECK(blocks <= int64_t(INT32_MAX), op, ": ", blocks, " blocks exceed a CUDA grid");
+  DDPM_CHECK_RT(blocks <= int64_t(INT32_MAX), op, ": ", blocks, " blocks exceed a CUDA grid");
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(blocks));
   cfg.blockDim = dim3(unsigned(g.threads));

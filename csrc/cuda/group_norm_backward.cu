@@ -105,7 +105,7 @@ struct Bwd2F : BwdLoad<T> {  // dh = rstd * (k * dy1 - m1 - xhat * m2) -> dx; (s
 
 template <typename T, bool kCL, int N>
 __global__ void __launch_bounds__(kMaxThreads, 2) gn_backward_kernel(BwdArgs<T> a, Geo g) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DDPM_DYNAMIC_SHARED(smem_raw);
   using Acc = Access<T, N, 2>;
   const Region R = region_of(g);
   BwdSmem sm(smem_raw + cache_bytes<Acc>(g.cache_slots, blockDim.x), R.cs, red_pairs<kCL, N>(R.cs, blockDim.x));

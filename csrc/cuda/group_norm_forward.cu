@@ -87,7 +87,7 @@ struct NormF {  // y = act(((x + hb) - mu) * A + Bc)
 
 template <typename T, bool kCL, int N>
 __global__ void __launch_bounds__(kMaxThreads, 2) gn_forward_kernel(FwdArgs<T> a, Geo g) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DDPM_DYNAMIC_SHARED(smem_raw);
   using Acc = Access<T, N, 1>;
   const Region R = region_of(g);
   FwdSmem sm(smem_raw + cache_bytes<Acc>(g.cache_slots, blockDim.x), R.cs, g.GS,

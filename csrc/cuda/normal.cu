@@ -30,7 +30,7 @@ void launch(const int64_t* seeds, uint64_t stream, void* out, int64_t B, int64_t
   const int64_t groups = (N + 3) / 4;
   const unsigned blocks_x = unsigned(std::min<int64_t>(ceil_div<int64_t>(groups, kThreads), 65535));
   DDPM_CHECK(B <= 65535, "randn: at most 65535 samples per call on CUDA, got ", B);
-  normal_kernel<T><<<dim3(blocks_x, unsigned(B)), kThreads, 0, s>>>(seeds, stream, static_cast<T*>(out), N);
+  DDPM_LAUNCH(dim3(blocks_x, unsigned(B)), kThreads, 0, s, normal_kernel<T>)(seeds, stream, static_cast<T*>(out), N);
 }
 
 }  // namespace

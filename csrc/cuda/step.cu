@@ -252,15 +252,15 @@ void run(const StepOp<T>& op, int64_t B, int64_t C, int64_t S, bool channels_las
     const unsigned grid = unsigned(std::min<int64_t>(B, int64_t(1) << 20));
     const ClTiling tl = cl_tiling(C, S);
     constexpr int NV = kVec<T>;
+    const auto launch = [&](auto kernel) {
+      DDPM_LAUNCH(grid, kThrThreads, 0, s, kernel)(op, B, C, S, tl, threshold_ratio, sample_max_value);
+    };
     if (tiled)
-      step_threshold_kernel<T, 4, false, true><<<grid, kThrThreads, 0, s>>>(op, B, C, S, tl, threshold_ratio,
-                                                                            sample_max_value);
+      launch(step_threshold_kernel<T, 4, false, true>);
     else if (vec)
-      step_threshold_kernel<T, NV, true, false><<<grid, kThrThreads, 0, s>>>(op, B, C, S, tl, threshold_ratio,
-                                                                             sample_max_value);
+      launch(step_threshold_kernel<T, NV, true, false>);
     else
-      step_threshold_kernel<T, 4, false, false><<<grid, kThrThreads, 0, s>>>(op, B, C, S, tl, threshold_ratio,
-                                                                             sample_max_value);
+      launch(step_threshold_kernel<T, 4, false, false>);
     return;
   }
   if (tiled)

@@ -6,7 +6,8 @@ inputs: CUDA tensors take the faster of ``cuda`` and ``triton`` for that op (:da
 then the other (``triton`` is what runs when the extension was built without CUDA); CPU tensors take
 ``cpu`` (never ``triton``: on the CPU it is the interpreter, a test vehicle, so only on request);
 ``torch`` (the pure-PyTorch reference) is the fallback everywhere. An explicit request that cannot run
-raises and says why.
+raises and says why. ``cuda`` takes CPU tensors only under ``DDPM_FAST_EMULATE_CUDA=1``, through the
+emulator of the CUDA kernels that development builds carry (a test vehicle, like Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 
 import torch
 
-from .._native import backend_missing_reason
+from .._native import backend_missing_reason, cuda_emulator_missing_reason
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 
@@ -77,6 +78,9 @@ def _runs_on(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot take tensors on ``device``, or None."""
     if backend == "cpu" and device.type != "cpu":
         return f"the cpu backend takes CPU tensors, got tensors on {device}"
+    if backend == "cuda" and device.type == "cpu":
+        reason = cuda_emulator_missing_reason()
+        return None if reason is None else f"the cuda backend takes CUDA tensors, got CPU tensors ({reason})"
     if backend == "cuda" and device.type != "cuda":
         return f"the cuda backend takes CUDA tensors, got tensors on {device}"
     if backend == "triton" and device.type != "cuda" and (device.type != "cpu"

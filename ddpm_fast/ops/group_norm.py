@@ -29,7 +29,7 @@ def _ptr(x: Tensor | None) -> int:
 
 def _forward_native(backend, x, weight, bias, bias_in, scale, shift, y, mean, rstd, G, eps, act, layout):
     B, C, S = bcs(x)
-    native_kernels(backend).group_norm_forward(
+    native_kernels(backend, x.device).group_norm_forward(
         x.data_ptr(), _ptr(weight), _ptr(bias), _ptr(bias_in), _ptr(scale), _ptr(shift), y.data_ptr(),
         mean.data_ptr(), rstd.data_ptr(), B, C, S, G, eps, act, layout, DTYPE_CODE[x.dtype],
         launch_context(backend, x.device))
@@ -37,7 +37,7 @@ def _forward_native(backend, x, weight, bias, bias_in, scale, shift, y, mean, rs
 
 def _backward_native(backend, dy, x, weight, bias, bias_in, scale, shift, mean, rstd, dx, grads, G, act, layout):
     B, C, S = bcs(x)
-    native_kernels(backend).group_norm_backward(
+    native_kernels(backend, x.device).group_norm_backward(
         dy.data_ptr(), x.data_ptr(), _ptr(weight), _ptr(bias), _ptr(bias_in), _ptr(scale), _ptr(shift),
         mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), *(_ptr(g) for g in grads), B, C, S, G, act, layout,
         DTYPE_CODE[x.dtype], launch_context(backend, x.device))

@@ -21,8 +21,8 @@ OP = "randn"
 
 
 def _launch_native(backend, seeds, stream, out):
-    native_kernels(backend).normal(seeds.data_ptr(), stream, out.data_ptr(), out.shape[0], out.shape[1],
-                                   DTYPE_CODE[out.dtype], launch_context(backend, out.device))
+    native_kernels(backend, out.device).normal(seeds.data_ptr(), stream, out.data_ptr(), out.shape[0],
+                                               out.shape[1], DTYPE_CODE[out.dtype], launch_context(backend, out.device))
 
 
 _LAUNCHERS = {"cpu": partial(_launch_native, "cpu"), "cuda": partial(_launch_native, "cuda")}

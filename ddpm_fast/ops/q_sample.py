@@ -29,7 +29,7 @@ def _launch_native(backend, x0, t, table, noise, seeds, stream, target, x_t, out
     if backend == "cpu":  # the CUDA kernels check t on the device: a check here would sync
         check_t_range(OP, t, table.shape[0])
     B, C, S = bcs(x0)
-    native_kernels(backend).q_sample(
+    native_kernels(backend, x0.device).q_sample(
         x0.data_ptr(), batch_stride(x0), t.data_ptr(), table.data_ptr(), table.shape[0],
         0 if noise is None else noise.data_ptr(), 0 if noise is None else batch_stride(noise),
         0 if seeds is None else seeds.data_ptr(), stream, x_t.data_ptr(), out_target.data_ptr(),

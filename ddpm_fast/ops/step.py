@@ -28,7 +28,7 @@ def _launch_native(backend, sample, model_output, variance, t, table, noise, see
     if backend == "cpu":  # the CUDA kernels check t on the device: a check here would sync
         check_t_range(OP, t, table.shape[0])
     B, C, S = bcs(sample)
-    native_kernels(backend).step(
+    native_kernels(backend, sample.device).step(
         sample.data_ptr(), batch_stride(sample), model_output.data_ptr(), batch_stride(model_output),
         0 if variance is None else variance.data_ptr(), 0 if variance is None else batch_stride(variance),
         t.data_ptr(), table.data_ptr(), table.shape[0],

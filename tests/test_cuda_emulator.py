@@ -1,0 +1,145 @@
+"""The emulator of the CUDA kernels (csrc/cuda_emulator), on which the cuda backend's tests run where there
+is no GPU. It must catch what a GPU would refuse, hang on or get wrong, or a green run of the kernels on it
+would mean nothing (its small faulty kernels: selftest.cpp); and the kernels' results must not depend on
+what it emulates: the order in which threads run between barriers, or the device (an H200 splits small
+batch x groups over thread-block clusters, an A100 cannot).
+"""
+
+import pytest
+import torch
+from _tolerance import assert_matches_reference
+
+import ddpm_fast
+from ddpm_fast import _native, reference
+from ddpm_fast.schedule import NoiseSchedule, ddpm_table
+
+emulator = _native._cuda_emulator
+pytestmark = pytest.mark.skipif(emulator is None or torch.cuda.is_available(),
+                                reason="the CUDA kernels' emulator is not built" if emulator is None
+                                else "a CUDA device is present: the cuda backend runs there")
+
+FORWARD, REVERSE, RANDOM = 0, 1, 2
+H200, A100 = 0, 1
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """The emulator for this test, back to its defaults (H200, forward order) after it."""
+    monkeypatch.setenv(_native.EMULATE_CUDA_ENV, "1")
+    emulator.take_stats()
+    yield emulator
+    emulator.set_schedule(FORWARD)
+    emulator.set_device(H200)
+
+
+# --------------------------------------------------------------------------------------------------
+# it catches what a GPU would not let pass
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel, error", [
+    ("partial_shuffle", r"deadlock: of 32 threads, 0 wait at __syncthreads, 16 at a warp shuffle"),
+    ("misaligned_vector_load", r"misaligned load \(thread \d+ of block 0,0\)"),
+    ("too_many_threads", r"launch refused: cudaErrorInvalidConfiguration"),
+    ("shared_over_48k_without_attribute", r"launch refused: cudaErrorInvalidValue"),
+])
+def test_faults_a_gpu_would_raise_become_errors(emulated, kernel, error):
+    with pytest.raises(RuntimeError, match=error):
+        emulated.selftest(kernel)
+
+
+@pytest.mark.parametrize("kernel", ["unwritten_shared", "peer_read_after_exit"])
+def test_shared_memory_nobody_wrote_or_whose_block_left_reads_as_nan(emulated, kernel):
+    out = torch.tensor(emulated.selftest(kernel))
+    assert torch.isnan(out[:32]).all() and (out[32:] == 0).all()
+
+
+def test_a_missing_barrier_makes_the_result_depend_on_the_thread_order(emulated):
+    """Each thread reads its neighbour's shared slot with no barrier after the writes: which value it sees
+    depends on who ran first. A correct kernel (a warp's butterfly sum) gives the same in every order."""
+    results = {}
+    for order in (FORWARD, REVERSE):
+        emulated.set_schedule(order)
+        results[order] = torch.tensor(emulated.selftest("missing_barrier"))
+        assert emulated.selftest("warp_sum")[:32] == [496.0] * 32
+    assert not torch.equal(results[FORWARD], results[REVERSE])
+
+
+def test_launches_on_the_emulator_fail_with_the_ops_error(emulated):
+    """The same launch-error path as on a GPU: a region wider than shared memory is refused, naming the op."""
+    x = torch.randn(1, 4096, 2, 2, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"group_norm_silu_backward: needs \d+ bytes of shared memory"):
+        ddpm_fast.group_norm_silu(x, None, None, 1, backend="cuda").sum().backward()
+
+
+# --------------------------------------------------------------------------------------------------
+# the kernels do not depend on what is emulated
+# --------------------------------------------------------------------------------------------------
+
+
+def _gn_forward_backward(x, w, b, scale, shift, groups, dy):
+    leaves = [v.detach().clone().requires_grad_() for v in (x, w, b, scale, shift)]
+    y = ddpm_fast.group_norm_silu(*leaves[:3], groups, scale=leaves[3], shift=leaves[4], backend="cuda")
+    return (y, *torch.autograd.grad(y, leaves, dy))
+
+
+def _gn_inputs(shape, channels_last, seed):
+    g = torch.Generator().manual_seed(seed)
+    B, C = shape[:2]
+    x = torch.randn(shape, generator=g) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return (x, torch.randn(C, generator=g), torch.randn(C, generator=g), torch.randn(B, C, generator=g) * 0.5,
+            torch.randn(B, C, generator=g), torch.randn(shape, generator=g))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_is_the_same_in_every_thread_order(emulated, channels_last):
+    """Batch 1 splits each region over a cluster of 8 blocks: forward, reverse and shuffled thread and
+    block orders give the same outputs bit for bit, except dweight / dbias, whose atomics add in the order
+    the blocks finish (as on a GPU)."""
+    x, w, b, scale, shift, dy = _gn_inputs((1, 64, 16, 16), channels_last, 1)
+    runs = []
+    for order, seed in ((FORWARD, 0), (REVERSE, 0), (RANDOM, 1), (RANDOM, 2)):
+        emulated.set_schedule(order, seed)
+        runs.append(_gn_forward_backward(x, w, b, scale, shift, 8, dy))
+        assert emulated.take_stats()["max_cluster"] == 8, "the case must reach the cluster split"
+    for other in runs[1:]:
+        for i, (a, c) in enumerate(zip(runs[0], other)):
+            if i in (2, 3):  # dweight, dbias
+                torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(a, c), f"output {i} depends on the thread order"
+
+
+def test_step_and_noise_are_the_same_in_every_thread_order(emulated):
+    """The thresholding step (a block-wide radix select per sample) and the channels-last noise tiles."""
+    schedule = NoiseSchedule(1000, "linear")
+    table = ddpm_table(schedule)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 9, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    mo = torch.randn(2, 5, 9, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    t, seeds = torch.tensor([700, 20]), torch.tensor([11, -4])
+    runs = []
+    for order, seed in ((FORWARD, 0), (REVERSE, 0), (RANDOM, 5)):
+        emulated.set_schedule(order, seed)
+        runs.append((*ddpm_fast.step(mo, t, x, table, seeds=seeds, thresholding=True, backend="cuda"),
+                     ddpm_fast.q_sample(x, t, schedule, seeds=seeds, backend="cuda")[1]))
+    for other in runs[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(runs[0], other))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_an_a100_without_clusters_computes_the_same_group_norm(emulated, channels_last):
+    """On an emulated A100 the kernels run one block per region (no clusters); both devices match the
+    reference (the split changes only the order of the sums)."""
+    inputs = _gn_inputs((1, 64, 16, 16), channels_last, 4)
+    x, w, b, scale, shift, dy = inputs
+    truth = reference.group_norm_silu(x.double(), w.double(), b.double(), 8, scale=scale.double(),
+                                      shift=shift.double())
+    ref = reference.group_norm_silu(x, w, b, 8, scale=scale, shift=shift)
+    for device, clusters in ((H200, 8), (A100, 1)):
+        emulated.set_device(device)
+        y = _gn_forward_backward(*inputs[:5], 8, dy)[0]
+        assert emulated.take_stats()["max_cluster"] == clusters
+        assert_matches_reference(y, ref, truth, what=f"y on emulated device {device}")
