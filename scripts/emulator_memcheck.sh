@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The cuda backend's tests on the CUDA kernels' emulator built with AddressSanitizer: a kernel that reads or
 # writes outside its tensors ends the run with a report naming the kernel's source line (the host's
-# analog of compute-sanitizer's memcheck; the kernels' own checks of barriers and alignment run too).
+# analog of compute-sanitizer's memcheck), with threads and blocks in a random order between barriers (a
+# missing barrier shows up in some orders); the emulator's own checks of barriers and alignment run too.
 #   scripts/emulator_memcheck.sh [pytest args]    (default: every cuda-backend test)
 # Needs the package installed in the venv (scripts/run builds it) and g++'s AddressSanitizer runtime.
 set -euo pipefail
@@ -22,5 +23,9 @@ if [ $# -eq 0 ]; then
   set -- tests/test_q_sample.py tests/test_step.py tests/test_group_norm.py tests/test_ops.py \
     tests/test_bad_input.py tests/test_fast_path.py tests/test_cuda.py tests/test_cuda_emulator.py -k "cuda or emulator"
 fi
+# Threads and blocks run in a random order (tests/conftest.py), where the plain test run keeps the forward
+# one; the seed is printed, so that a failure can be rerun with DDPM_FAST_EMULATOR_SCHEDULE set to it.
+export DDPM_FAST_EMULATOR_SCHEDULE=${DDPM_FAST_EMULATOR_SCHEDULE:-random:$RANDOM}
+echo "emulator thread order: DDPM_FAST_EMULATOR_SCHEDULE=$DDPM_FAST_EMULATOR_SCHEDULE"
 ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$preload" DDPM_FAST_CUDA_EMULATOR_MODULE="$module" \
   "$py" -m pytest -q -p no:cacheprovider --capture=sys "$@"  # sys: a report written at abort reaches the log

@@ -53,6 +53,14 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import ddpm_fast  # noqa: E402  (after TRITON_INTERPRET is set)
 from ddpm_fast._native import cuda_emulator_missing_reason  # noqa: E402
 
+# DDPM_FAST_EMULATOR_SCHEDULE=forward|reverse|random[:seed]: the order in which the CUDA kernels' emulator
+# runs threads and blocks between barriers, for the whole session (a missing barrier shows up in some
+# orders and not others; scripts/emulator_memcheck.sh runs a random one).
+_SCHEDULES = {"forward": 0, "reverse": 1, "random": 2}
+if os.environ.get("DDPM_FAST_EMULATOR_SCHEDULE") and ddpm_fast._native._cuda_emulator is not None:
+    _order, _, _seed = os.environ["DDPM_FAST_EMULATOR_SCHEDULE"].partition(":")
+    ddpm_fast._native._cuda_emulator.set_schedule(_SCHEDULES[_order], int(_seed or 0))
+
 BACKENDS = ("cpu", "triton", "cuda")
 
 

@@ -24,11 +24,12 @@ H200, A100 = 0, 1
 
 @pytest.fixture
 def emulated(monkeypatch):
-    """The emulator for this test, back to its defaults (H200, forward order) after it."""
+    """The emulator for this test, back to the session's thread order and the H200 after it."""
     monkeypatch.setenv(_native.EMULATE_CUDA_ENV, "1")
+    schedule = emulator.get_schedule()
     emulator.take_stats()
     yield emulator
-    emulator.set_schedule(FORWARD)
+    emulator.set_schedule(*schedule)
     emulator.set_device(H200)
 
 

@@ -474,6 +474,8 @@ void set_device(int device) {
   current_device = device;
 }
 
+std::pair<int, uint64_t> get_schedule() { return {schedule_order.load(), schedule_seed.load()}; }
+
 void set_schedule(int order, uint64_t seed) {
   if (order < 0 || order > 2) {
     throw std::invalid_argument("ddpm_fast CUDA emulator: order must be 0 (forward), 1 (reverse) or 2 (random), got " +

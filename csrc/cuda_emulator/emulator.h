@@ -111,6 +111,7 @@ LaunchStats take_stats();
 // Python-facing controls (ddpm_fast._cuda_emulator).
 void set_device(int device);         // the calling OS thread's emulated device (0: H200, 1: A100)
 void set_schedule(int order, uint64_t seed);  // 0 forward, 1 reverse, 2 random (seeded)
+std::pair<int, uint64_t> get_schedule();
 
 }  // namespace ddpm_fast::emulator
 

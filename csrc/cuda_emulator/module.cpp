@@ -23,6 +23,7 @@ PYBIND11_MODULE(_cuda_emulator, m) {
         "The calling thread's emulated device: 0 an H200 (sm_90, clusters), 1 an A100 (sm_80)");
   m.def("set_schedule", &emu::set_schedule, py::arg("order"), py::arg("seed") = 0,
         "The order in which threads run between barriers: 0 forward, 1 reverse, 2 random (seeded)");
+  m.def("get_schedule", &emu::get_schedule, "The (order, seed) set_schedule set last");
   m.def("take_stats", [] {
     const emu::LaunchStats s = emu::take_stats();
     py::dict d;
