@@ -100,7 +100,7 @@ struct Stacks {  // fiber stacks, kept between launches of one OS thread (pages 
 };
 thread_local Stacks stacks;
 
-// One cluster of one launch, run to completion.
+// A launch, run one cluster at a time (run_cluster resets the per-cluster state).
 struct ClusterRun {
   const void* kernel;
   LaunchShape shape;
@@ -110,7 +110,7 @@ struct ClusterRun {
   const std::function<void()>* body;
 
   std::vector<Fiber> fibers;
-  std::vector<std::vector<uint64_t>> shared;  // per block, 16-byte aligned (uint64_t x 2)
+  std::vector<std::vector<uint4>> shared;  // per block: 16-byte aligned, as __align__(16) promises
   std::vector<Barrier> block_barriers, warp_barriers;
   Barrier cluster_barrier;
   std::vector<unsigned> live_in_block;
@@ -370,7 +370,7 @@ cudaError_t run(const void* kernel, const char* signature, dim3 grid, dim3 block
   state.threads_per_block = unsigned(threads);
   state.warps_per_block = unsigned((threads + 31) / 32);
   state.body = &body;
-  state.shared.assign(cluster, std::vector<uint64_t>((smem + 15) / 16 * 2 + 2));
+  state.shared.assign(cluster, std::vector<uint4>((smem + 15) / 16 + 1));
   std::mt19937_64 rng(schedule_seed.load());
   active = &state;
   struct Reset {
