@@ -102,7 +102,6 @@ thread_local Stacks stacks;
 
 // A launch, run one cluster at a time (run_cluster resets the per-cluster state).
 struct ClusterRun {
-  const void* kernel;
   LaunchShape shape;
   unsigned cluster;
   size_t smem;
@@ -363,7 +362,6 @@ cudaError_t run(const void* kernel, const char* signature, dim3 grid, dim3 block
   stats.max_cluster = std::max(stats.max_cluster, cluster);
 
   ClusterRun state;
-  state.kernel = kernel;
   state.shape = {grid, block};
   state.cluster = cluster;
   state.smem = smem;
