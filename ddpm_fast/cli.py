@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "sample", "v_prediction"))
     train.add_argument("--min-snr-gamma", type=_positive(float), default=None, help="min-SNR weighting, e.g. 5")
     train.add_argument("--timesteps", type=_positive(int), default=1000, help="diffusion steps T")
-    train.add_argument("--beta-schedule", default="linear", choices=("linear", "scaled_linear", "cosine", "sigmoid"))
+    train.add_argument("--beta-schedule", default="linear",
+                       choices=("linear", "scaled_linear", "cosine", "sigmoid", "laplace"))
     train.add_argument("--batch-size", type=_positive(int), default=64, help="global batch (split across ranks)")
     train.add_argument("--steps", type=_positive(int), default=10_000)
     train.add_argument("--time-limit", type=_positive(float), default=None, help="stop after this many seconds")

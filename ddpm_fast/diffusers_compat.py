@@ -22,10 +22,10 @@ Usage with a pipeline::
     pipe.scheduler = FastDDIMScheduler.from_config(pipe.scheduler.config)
 
 Deliberate differences from diffusers (each raises a clear error instead of returning NaN/garbage):
-variance types "learned" and "fixed_large_log" (see `schedule._REFUSED_VARIANCE_TYPES`), the
-"laplace" beta schedule, a "leading" steps_offset that pushes a timestep past T - 1, and model_output /
-sample of different dtypes. For the (T, N) where diffusers' "trailing" spacing yields N + 1 timesteps
-ending in -1, we return the first N (`schedule.sampling_timesteps`).
+variance types "learned" and "fixed_large_log" (see `schedule._REFUSED_VARIANCE_TYPES`), a "leading"
+steps_offset that pushes a timestep past T - 1, and model_output / sample of different dtypes. For the
+(T, N) where diffusers' "trailing" spacing yields N + 1 timesteps ending in -1, we return the first N
+(`schedule.sampling_timesteps`).
 """
 
 from __future__ import annotations

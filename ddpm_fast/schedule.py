@@ -142,11 +142,29 @@ def _cosine_alpha_bar(s: float) -> float:
     return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
 
-def _cosine_betas(T: int, beta_start: float, beta_end: float, max_beta: float = 0.999) -> torch.Tensor:
-    del beta_start, beta_end  # the cosine schedule has no endpoints
-    # Clipping at 0.999 keeps the last steps from having beta == 1 (alpha_bar(1) ~ 1e-33).
-    betas = [min(1.0 - _cosine_alpha_bar((i + 1) / T) / _cosine_alpha_bar(i / T), max_beta) for i in range(T)]
+def _laplace_alpha_bar(s: float) -> float:
+    """diffusers' "laplace" schedule: log-SNR l = -0.5 sign(0.5 - s) log(1 - 2 |0.5 - s| + 1e-6), and
+    alpha_bar = sqrt(sigmoid(l)), with the square root, exactly as diffusers defines it."""
+    log_snr = -0.5 * math.copysign(1.0, 0.5 - s) * math.log(1.0 - 2.0 * abs(0.5 - s) + 1e-6)
+    snr = math.exp(log_snr)
+    return math.sqrt(snr / (1.0 + snr))
+
+
+def _alpha_bar_betas(alpha_bar: Callable[[float], float], T: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Betas that discretize a continuous alpha_bar(s), s in [0, 1]. Clipping at 0.999 keeps the cosine
+    schedule's last steps from having beta == 1 (alpha_bar(1) ~ 1e-33)."""
+    betas = [min(1.0 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta) for i in range(T)]
     return torch.tensor(betas, dtype=_F64)
+
+
+def _cosine_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    del beta_start, beta_end  # the cosine schedule has no endpoints
+    return _alpha_bar_betas(_cosine_alpha_bar, T)
+
+
+def _laplace_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    del beta_start, beta_end  # no endpoints either
+    return _alpha_bar_betas(_laplace_alpha_bar, T)
 
 
 def _sigmoid_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -162,10 +180,11 @@ BETA_SCHEDULES: dict[str, Callable[[int, float, float], torch.Tensor]] = {
     "cosine": _cosine_betas,
     "squaredcos_cap_v2": _cosine_betas,
     "sigmoid": _sigmoid_betas,
+    "laplace": _laplace_betas,
 }
 
 # Schedules whose shape ignores beta_start / beta_end (those are then not validated).
-_ENDPOINT_FREE = ("cosine", "squaredcos_cap_v2")
+_ENDPOINT_FREE = ("cosine", "squaredcos_cap_v2", "laplace")
 
 
 def make_betas(

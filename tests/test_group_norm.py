@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _fuzz import random_spatial, run_cases, storage_kinds, storage_variant
 from _tolerance import assert_matches_reference
 
 import ddpm_fast
@@ -38,17 +39,17 @@ def _inputs(shape, form, dtype, seed, channels_last=False, affine=True):
     return x, p
 
 
-def _group_norm(backend, x, p, groups, act="silu"):
+def _group_norm(backend, x, p, groups, act="silu", eps=1e-5):
     """ddpm_fast.group_norm_silu on ``backend`` (inputs moved to its device), the output back on the CPU."""
     x, *small = backend.to(x, *(p.get(k) for k in ("weight", "bias", "bias_in", "scale", "shift")))
     weight, bias, bias_in, scale, shift = small
-    return ddpm_fast.group_norm_silu(x, weight, bias, groups, bias_in=bias_in, scale=scale, shift=shift, act=act,
-                                     backend=backend.name).cpu()
+    return ddpm_fast.group_norm_silu(x, weight, bias, groups, eps, bias_in=bias_in, scale=scale, shift=shift,
+                                     act=act, backend=backend.name).cpu()
 
 
-def _reference(x, groups, p, act, dtype=None):
+def _reference(x, groups, p, act, dtype=None, eps=1e-5):
     cast = (lambda v: None if v is None else v.to(dtype)) if dtype else (lambda v: v)
-    return reference.group_norm_silu(cast(x), cast(p["weight"]), cast(p["bias"]), groups,
+    return reference.group_norm_silu(cast(x), cast(p["weight"]), cast(p["bias"]), groups, eps,
                                      bias_in=cast(p.get("bias_in")), scale=cast(p.get("scale")),
                                      shift=cast(p.get("shift")), act=act)
 
@@ -73,7 +74,7 @@ def test_channels_last(backend, shape, groups, dtype):
     assert_matches_reference(y, _reference(x, groups, p, "silu"), _reference(x, groups, p, "silu", torch.float64))
 
 
-def _grads(x, p, groups, act, backend, dtype=None, seed=0):
+def _grads(x, p, groups, act, backend, dtype=None, seed=0, eps=1e-5):
     """Gradients of sum(out * w) for a random w, through ``backend`` (a conftest Backend, or "reference" in
     ``dtype``), on the CPU."""
     device = "cpu" if backend == "reference" else backend.device
@@ -82,36 +83,71 @@ def _grads(x, p, groups, act, backend, dtype=None, seed=0):
     xx = x.detach().to(device=device, dtype=dtype or x.dtype).requires_grad_()
     kwargs = {k: leaves.get(k) for k in ("bias_in", "scale", "shift")}
     if backend == "reference":
-        y = reference.group_norm_silu(xx, leaves.get("weight"), leaves.get("bias"), groups, act=act, **kwargs)
+        y = reference.group_norm_silu(xx, leaves.get("weight"), leaves.get("bias"), groups, eps, act=act, **kwargs)
     else:
-        y = ddpm_fast.group_norm_silu(xx, leaves.get("weight"), leaves.get("bias"), groups, act=act,
+        y = ddpm_fast.group_norm_silu(xx, leaves.get("weight"), leaves.get("bias"), groups, eps, act=act,
                                       backend=backend.name, **kwargs)
     w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=y.dtype)
     (y * w).sum().backward()
     return {"x": xx.grad.cpu(), **{k: v.grad.cpu() for k, v in leaves.items()}}
 
 
-def _cancelling_terms(x, p, groups):
+def _cancelling_terms(x, p, groups, eps=1e-5):
     """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) subtracts terms of size rstd * |dxhat|;
     with few elements per group they cancel almost exactly, so rounding scales with them, not with dx.
     |dxhat| <= |upstream| * max silu' (1.1) * |weight| * |1 + scale|, the upstream gradient N(0, 1), |.| < 5 here."""
     B, C = x.shape[:2]
     h = x.double() + (p["bias_in"].double().reshape(B, C, *[1] * (x.dim() - 2)) if "bias_in" in p else 0)
-    rstd = h.reshape(B, groups, -1).var(dim=2, unbiased=False).add(1e-5).rsqrt().max().item()
+    rstd = h.reshape(B, groups, -1).var(dim=2, unbiased=False).add(eps).rsqrt().max().item()
     weight = p["weight"].abs().max().item() if p["weight"] is not None else 1.0
     scale = 1 + p["scale"].double().abs().max().item() if "scale" in p else 1.0
     return rstd * 5.0 * 1.1 * weight * scale
 
 
-def assert_grads_match(ours: dict, same: dict, truth: dict, x, p: dict, groups: int) -> None:
+def _summed_terms(x, p, groups, act, eps, seed=0):
+    """For each (B, C) or (C,) input's gradient, per element, the sum of |terms| it reduces over the batch
+    and positions (float64): the kernels sum in float32, so their rounding scales with it, not with the result
+    (the terms of dshift = sum(dy1) cancel)."""
+    B, C = x.shape[:2]
+    per_bc = (B, C, *[1] * (x.dim() - 2))
+    get = lambda name, default: p[name].double().reshape(per_bc) if p.get(name) is not None else default  # noqa: E731
+    h = x.double() + get("bias_in", 0.0)
+    grouped = h.reshape(B, groups, -1)
+    xhat = ((grouped - grouped.mean(2, keepdim=True)) * grouped.var(2, unbiased=False, keepdim=True).add(eps).rsqrt())
+    xhat = xhat.reshape(x.shape)
+    weight = p["weight"].double().reshape(1, C, *[1] * (x.dim() - 2)) if p["weight"] is not None else 1.0
+    bias = p["bias"].double().reshape(1, C, *[1] * (x.dim() - 2)) if p["bias"] is not None else 0.0
+    y0 = xhat * weight + bias
+    scale1 = 1 + get("scale", 0.0)
+    y1 = y0 * scale1 + get("shift", 0.0)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).double()
+    if act == "silu":
+        sigmoid = torch.sigmoid(y1)
+        dy = dy * sigmoid * (1 + y1 * (1 - sigmoid))
+    spatial = tuple(range(2, x.dim()))
+    dy0 = dy * scale1
+    # dbias_in sums dh = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over a channel's positions
+    dxhat = (dy0 * weight).reshape(B, groups, -1)
+    rstd = grouped.var(2, unbiased=False, keepdim=True).add(eps).rsqrt()
+    xhat_g = xhat.reshape(B, groups, -1)
+    dh_terms = rstd * (dxhat.abs() + dxhat.mean(2, keepdim=True).abs()
+                       + xhat_g.abs() * (dxhat * xhat_g).mean(2, keepdim=True).abs())
+    return {"weight": (dy0 * xhat).abs().sum((0, *spatial)), "bias": dy0.abs().sum((0, *spatial)),
+            "scale": (dy * y0).abs().sum(spatial), "shift": dy.abs().sum(spatial),
+            "bias_in": dh_terms.reshape(x.shape).sum(spatial)}
+
+
+def assert_grads_match(ours: dict, same: dict, truth: dict, x, p: dict, groups: int, eps=1e-5,
+                       act="silu") -> None:
     """Every gradient (by input name) within the reference's own rounding of the float64 truth; dx and
-    dbias_in scale with the group's cancelling terms."""
+    dbias_in scale with the group's cancelling terms, the parameters' gradients with the terms they sum."""
     assert set(ours) == set(truth)
+    summed = _summed_terms(x, p, groups, act, eps)
     for name in truth:
         assert ours[name].dtype == (x if name == "x" else p[name]).dtype
-        magnitude = _cancelling_terms(x, p, groups) if name in ("x", "bias_in") else None
+        magnitude = _cancelling_terms(x, p, groups, eps) if name in ("x", "bias_in") else None
         assert_matches_reference(ours[name], same[name], truth[name], dtype=x.dtype, what=f"grad of {name}",
-                                 magnitude=magnitude)
+                                 magnitude=magnitude, float32_terms=summed.get(name))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -143,3 +179,55 @@ def test_bf16_activations_with_float32_parameters(backend):
     assert y.dtype == torch.bfloat16
     truth = _reference(x.double(), 4, {k: v.double() for k, v in p.items()}, "silu")
     assert_matches_reference(y, _reference(x, 4, p, "silu"), truth)
+
+
+def _random_case(rng, small: bool) -> dict:
+    """A configuration drawn at random; ``small`` keeps it to a few programs for Triton's interpreter."""
+    groups = rng.choice([1, 2, 3, 4, 8, 32] if not small else [1, 2, 3])
+    per_group = rng.choice([1, 2, 3, 4, 5, 8, 16, 40])
+    batch = rng.choice([1, 1, 2, 3, 4])
+    budget = (2**17 if not small else 2**12) // (batch * groups * per_group)
+    spatial = random_spatial(rng, rng.choice([1, 2, 2, 2, 3]), max(1, budget))
+    return dict(shape=(batch, groups * per_group, *spatial), groups=groups, dtype=rng.choice(DTYPES),
+                affine=rng.choice(["both", "both", "none", "weight", "bias"]),
+                time=[k for k in ("bias_in", "scale", "shift") if rng.random() < 0.5],
+                param_dtype=rng.choice(["x", "float32"]), storage=storage_kinds(rng, 1)[0],
+                param_storage=rng.choice(["contiguous", "misaligned", "strided"]),
+                x_scale=rng.choice([0.1, 1.0, 3.0]), x_offset=rng.choice([0.0, 0.7, -2.0]),
+                constant_group=rng.random() < 0.1, eps=rng.choice([1e-5, 1e-6, 1e-3]),
+                act=rng.choice(["silu", "none"]), backward=rng.random() < 0.5)
+
+
+def _check_random_case(backend, case):
+    B, C = case["shape"][:2]
+    dtype, groups, eps, act = case["dtype"], case["groups"], case["eps"], case["act"]
+    # The offset is relative to the spread: float32 statistics lose |mean| / std ulps of every xhat, for
+    # PyTorch and us alike, and then a one-sample estimate of PyTorch's error says little about ours.
+    x = (torch.randn(case["shape"]) + case["x_offset"]) * case["x_scale"]
+    if case["constant_group"]:  # zero variance: rstd = 1 / sqrt(eps)
+        x[-1, -(C // groups):] = 1.5
+    x = storage_variant(x.to(dtype), case["storage"], backend.device)
+    param_dtype = dtype if case["param_dtype"] == "x" else torch.float32
+    p = {"weight": torch.randn(C) if case["affine"] in ("both", "weight") else None,
+         "bias": torch.randn(C) if case["affine"] in ("both", "bias") else None,
+         **{k: torch.randn(B, C) * (0.5 if k == "scale" else 1.0) for k in case["time"]}}
+    p = {k: None if v is None else v.to(param_dtype) for k, v in p.items()}
+    on_device = {k: None if v is None else storage_variant(v, case["param_storage"], backend.device)
+                 for k, v in p.items()}
+    x_cpu = x.cpu()
+    if not case["backward"]:
+        y = _group_norm(backend, x, on_device, groups, act, eps)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert_matches_reference(y, _reference(x_cpu, groups, p, act, eps=eps),
+                                 _reference(x_cpu, groups, p, act, torch.float64, eps=eps))
+        return
+    ours = _grads(x, on_device, groups, act, backend, eps=eps)
+    same = _grads(x_cpu, p, groups, act, "reference", eps=eps)
+    truth = _grads(x_cpu, p, groups, act, "reference", dtype=torch.float64, eps=eps)
+    assert_grads_match(ours, same, truth, x_cpu, p, groups, eps, act)
+
+
+def test_random_cases(backend):
+    """Fresh random configurations each run (tests/_fuzz.py), forward or backward, against the reference."""
+    run_cases(lambda rng: _random_case(rng, backend.interpreted), lambda case: _check_random_case(backend, case),
+              cases=10 if backend.interpreted else 40)  # the interpreter pays ~50 ms per program

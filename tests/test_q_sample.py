@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from _fuzz import random_spatial, run_cases, storage_kinds, storage_variant
 from _tolerance import FLOOR, assert_matches_reference
 
 import ddpm_fast
 from ddpm_fast import reference
-from ddpm_fast.schedule import NoiseSchedule
+from ddpm_fast.schedule import BETA_SCHEDULES, NoiseSchedule
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [
@@ -146,3 +147,52 @@ def test_torch_backend_is_the_reference(schedule):
     ref_x_t, eps = reference.q_sample(x0, t, schedule, seeds=seeds)
     assert torch.equal(x_t, ref_x_t)
     assert torch.equal(v, reference.training_target(x0, eps, t, schedule, "v_prediction"))
+
+
+def _random_case(rng, small: bool) -> dict:
+    """A configuration drawn at random; ``small`` keeps it to a few programs for Triton's interpreter."""
+    batch, channels = rng.choice([1, 1, 2, 3, 5]), rng.choice([1, 2, 3, 4, 5, 8])
+    spatial = random_spatial(rng, rng.choice([0, 1, 2, 2, 2, 3]), (2**14 if not small else 2**10) // (batch * channels))
+    return dict(T=rng.choice([1000, 1000, 50, 10]), beta_schedule=rng.choice(list(BETA_SCHEDULES)),
+                shape=(batch, channels, *spatial), dtype=rng.choice(DTYPES), storage=storage_kinds(rng, 2),
+                noise=rng.choice(["given", "seeds", "seeds"]),
+                stream=rng.choice([0, 7, 2**32 - 1, rng.randrange(2**32)]),
+                target=rng.choice(["epsilon", "v_prediction", "sample"]), scalar_t=rng.random() < 0.2)
+
+
+def _check_random_case(backend, case):
+    schedule = NoiseSchedule(case["T"], case["beta_schedule"])
+    shape, dtype = case["shape"], case["dtype"]
+    x0, noise = (storage_variant(v.to(dtype), kind, backend.device)
+                 for v, kind in zip((torch.rand(shape) * 2 - 1, torch.randn(shape)), case["storage"]))
+    t = torch.randint(0, case["T"], (shape[0],))
+    seeds = torch.randint(-2**62, 2**62, (shape[0],))
+    drawn = case["noise"] == "seeds"
+    x_t, out = ddpm_fast.q_sample(x0, int(t[0]) if case["scalar_t"] else t.to(backend.device), schedule,
+                                  None if drawn else noise, seeds=seeds.to(backend.device) if drawn else None,
+                                  stream=case["stream"], target=case["target"], backend=backend.name)
+    x0, noise, out = x0.cpu(), noise.cpu(), out.cpu()
+    t = t[:1].expand(shape[0]) if case["scalar_t"] else t
+    assert x_t.dtype == dtype and x_t.shape == shape and out.shape == shape
+    # Drawn noise: the same uint32 stream, but log / sin / cos may round differently by a few float32 ulp
+    # of |z| <= 6; x_t and v weigh the noise by at most 1.
+    drawn_error = 8 * 6 * 2**-23 if drawn else 0.0
+    eps = reference.philox_normal(seeds, case["stream"], x0[0].numel()).reshape(shape) if drawn else noise
+    ref_x_t, _ = reference.q_sample(x0, t, schedule, noise=eps.to(dtype))
+    ref64_x_t, _ = reference.q_sample(x0.double(), t, schedule, noise=eps.double())
+    assert_matches_reference(x_t.cpu(), ref_x_t, ref64_x_t, what="x_t", known_input_error=drawn_error)
+    if case["target"] == "epsilon":
+        torch.testing.assert_close(out, eps.to(dtype), rtol=0, atol=drawn_error + (FLOOR[dtype] * 6 if drawn else 0))
+    elif case["target"] == "sample":
+        assert torch.equal(out, x0)
+    else:
+        ref_v = reference.training_target(x0, eps.to(dtype), t, schedule, "v_prediction")
+        ref64_v = reference.training_target(x0.double(), eps.double(), t, schedule, "v_prediction")
+        assert_matches_reference(out, ref_v, ref64_v, what="v", known_input_error=drawn_error)
+
+
+def test_random_cases(backend):
+    """Fresh random configurations each run (tests/_fuzz.py): schedule, shape, dtype, storage of each input,
+    timesteps, given or drawn noise, stream and target, against the reference."""
+    run_cases(lambda rng: _random_case(rng, backend.interpreted), lambda case: _check_random_case(backend, case),
+              cases=10 if backend.interpreted else 40)  # the interpreter pays ~50 ms per program

@@ -22,7 +22,7 @@ from ddpm_fast.schedule import (
 EPS32 = torch.finfo(torch.float32).eps
 COL = {name: k for k, name in enumerate(COEF_COLUMNS)}
 
-DIFFUSERS_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "trained"]
+DIFFUSERS_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "trained"]
 
 
 def _trained_betas(T=1000):
@@ -295,7 +295,7 @@ def test_epsilon_at_zero_snr_unscheduled_row_is_the_only_non_finite_one():
     "kwargs, match",
     [
         (dict(num_train_timesteps=0), r"num_train_timesteps must be in \[1, inf\], got 0"),
-        (dict(beta_schedule="laplace"), r"beta_schedule must be one of .*'linear'.*'sigmoid'.*got 'laplace'"),
+        (dict(beta_schedule="laplacian"), r"beta_schedule must be one of .*'linear'.*'sigmoid'.*got 'laplacian'"),
         (dict(beta_start=0.0), r"beta_start must be in \(0, 1\], got 0.0"),
         (dict(beta_end=1.5), r"beta_end must be in \(0, 1\], got 1.5"),
         (dict(num_train_timesteps=3, trained_betas=[0.1, 0.0, 0.2]), r"trained_betas must all be in \(0, 1\], got trained_betas\[1\] = 0.0"),
