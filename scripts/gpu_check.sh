@@ -87,8 +87,9 @@ if ! stage build 60 200 "$PY" -m pip install --no-build-isolation --no-deps -q -
 fi
 "$PY" -c "import json, ddpm_fast; print(json.dumps(ddpm_fast.build_info(), indent=1))"
 
-# Tests check results, not speed: one Triton configuration per kernel instead of tuning every test shape.
-TESTS_ENV=(env DDPM_FAST_TRITON_AUTOTUNE=0)
+# Tests check results, not speed: one Triton configuration per kernel instead of tuning every test shape,
+# and 8 random cases per op test (tests/_fuzz.py; each may be a new Triton specialization to compile).
+TESTS_ENV=(env DDPM_FAST_TRITON_AUTOTUNE=0 DDPM_FAST_FUZZ_CASES=8)
 PARALLEL=()
 "$PY" -c "import xdist" 2>/dev/null && PARALLEL=(-n "$WORKERS")
 stage gpu-tests 20 80 "${TESTS_ENV[@]}" "$PY" -m pytest -m gpu tests -q --no-header -p no:cacheprovider "${PARALLEL[@]}"

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from _fuzz import run_cases
 from _tolerance import FLOOR, assert_matches_reference
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -340,3 +341,62 @@ def test_torch_compile_fullgraph_under_bf16_autocast(time_embedding):
     # The gradients pass through bf16 activations, and AOT autograd may order a backward's sums otherwise:
     # one bf16 rounding at the gradients' scale (measured: 3e-4 and 1.3e-3 of it).
     assert (grads[0] - grads[1]).abs().max() <= FLOOR[torch.bfloat16] * grads[1].abs().max()
+
+
+# Fields of UNet2DModel this U-Net does not model, with a value of each that diffusers builds.
+_UNSUPPORTED = {"act_fn": "mish", "downsample_type": "resnet", "upsample_type": "resnet",
+                "time_embedding_type": "fourier", "num_class_embeds": 10, "class_embed_type": "timestep"}
+
+
+def _random_unet2d_case(rng) -> dict:
+    """A small random UNet2DModel configuration; sometimes with one field this U-Net does not model."""
+    levels = rng.choice([1, 2, 3])
+    base = rng.choice([8, 16, 24])
+    chans = [base] + [base * rng.choice([1, 2, 3]) for _ in range(levels - 1)]
+    groups = rng.choice([g for g in (1, 2, 4, 8) if base % g == 0])
+    attn = [rng.random() < 0.4 for _ in range(levels)]
+    scale_shift = rng.random() < 0.5
+    config = dict(
+        sample_size=16, in_channels=rng.choice([1, 3, 4]), out_channels=rng.choice([1, 3, 6]),
+        block_out_channels=tuple(chans), layers_per_block=rng.choice([1, 2]),
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        attention_head_dim=rng.choice([None, 4, 8]), norm_num_groups=groups, norm_eps=rng.choice([1e-5, 1e-6]),
+        resnet_time_scale_shift="scale_shift" if scale_shift else "default",
+        attn_norm_num_groups=groups if scale_shift and rng.random() < 0.5 else None,
+        flip_sin_to_cos=rng.random() < 0.5, freq_shift=rng.choice([0, 1]), add_attention=rng.random() < 0.7,
+        downsample_padding=rng.choice([0, 1]), center_input_sample=rng.random() < 0.3,
+        mid_block_scale_factor=rng.choice([1, 1.4]), time_embedding_dim=rng.choice([None, 40]),
+        dropout=rng.choice([0.0, 0.1]))
+    unsupported = rng.choice(sorted(_UNSUPPORTED)) if rng.random() < 0.2 else None
+    if unsupported:
+        config[unsupported] = _UNSUPPORTED[unsupported]
+    # Sizes divisible by every level's stride, non-square, and >= 64 outputs per channel: PyTorch's own
+    # error, the yardstick, is a max over the outputs, and a handful of them gives a noisy one.
+    return dict(config=config, unsupported=unsupported, batch=rng.choice([1, 2]),
+                size=(rng.choice([8, 12, 16]), rng.choice([8, 12, 16])))
+
+
+def _check_random_unet2d_case(case):
+    config, unsupported = case["config"], case["unsupported"]
+    theirs = UNet2DModel(**config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():  # GroupNorm's 1 / 0 at init would hide two norms swapped
+            p.add_(0.1 * torch.randn_like(p))
+    if unsupported:
+        with pytest.raises(ValueError, match=f"UNet.from_diffusers: unsupported {unsupported}="):
+            UNet.from_diffusers(theirs)
+        return
+    ours = UNet.from_diffusers(theirs)
+    x = torch.randn(case["batch"], config["in_channels"], *case["size"])
+    t = torch.randint(0, 1000, (case["batch"],))
+    with torch.no_grad():
+        got, ref32 = ours(x, t), theirs(x, t).sample
+        ref64 = theirs.double()(x.double(), t).sample
+    assert_matches_reference(got, ref32, ref64, what="UNet vs UNet2DModel")
+
+
+def test_random_diffusers_configs_load_and_match(one_thread):
+    """Fresh random UNet2DModel configurations each run (tests/_fuzz.py): ours loads every one it models and
+    matches diffusers' forward on random non-square inputs; one it does not model is refused by name."""
+    run_cases(_random_unet2d_case, _check_random_unet2d_case, cases=12)
