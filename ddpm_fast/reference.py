@@ -417,7 +417,8 @@ def step(
         x0c  = threshold(x0) if thresholding else clamp(x0, +-clip_range) if clip_range else x0
         mean = p0 * x0c + p1 * x + p2 * m
         prev = mean + std * sigma * z,  sigma = exp(0.5 * (f * max_log + (1 - f) * min_log)), f = (v + 1) / 2
-               for learned_range (v: the model's variance channels), else sigma = 1
+               for learned_range (v: the model's variance channels), else sigma = 1; where std == 0 (DDPM
+               at t = 0) no noise term at all, as diffusers: a NaN in v or z does not reach prev there
 
     Args:
         model_output: (B, C, ...), or (B, 2C, ...) for learned_range (m, v split on dim 1).
@@ -468,12 +469,10 @@ def step(
     if noise is not None or seeds is not None or bool((table.coef[t, _STD] != 0).any()):
         stream = STEP_STREAM_BASE + t.to(sample.device)
         z = _noise_from(noise, seeds, stream, sample, dtype)
-        if v is None:
-            prev = prev + std * z
-        else:
+        if v is not None:
             f = (v.to(dtype) + 1.0) * 0.5
-            sigma = torch.exp(0.5 * (f * max_log + (1.0 - f) * min_log))
-            prev = prev + std * sigma * z
+            z = torch.exp(0.5 * (f * max_log + (1.0 - f) * min_log)) * z
+        prev = prev + torch.where(std != 0, std * z, 0.0)
     return _like(prev, sample), _like(x0c, sample)
 
 

@@ -55,6 +55,12 @@ def storage_kinds(rng: random.Random, count: int) -> list[str]:
     return [first if rng.random() < 0.7 else rng.choice(STORAGE_KINDS) for _ in range(count)]
 
 
+def poison(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with one element, drawn at random, set to NaN (as a diverged model's output would have)."""
+    x.view(-1)[torch.randint(0, x.numel(), ())] = float("nan")
+    return x
+
+
 def random_spatial(rng: random.Random, dims: int, max_elements: int) -> tuple[int, ...]:
     """Spatial sizes, odd and even, that multiply to at most ``max_elements``."""
     sizes = []

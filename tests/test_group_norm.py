@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _fuzz import random_spatial, run_cases, storage_kinds, storage_variant
+from _fuzz import poison, random_spatial, run_cases, storage_kinds, storage_variant
 from _tolerance import assert_matches_reference
 
 import ddpm_fast
@@ -200,7 +200,7 @@ def _random_case(rng, small: bool) -> dict:
                 param_dtype=rng.choice(["x", "float32"]), storage=storage_kinds(rng, 1)[0],
                 param_storage=rng.choice(["contiguous", "misaligned", "strided"]),
                 x_scale=rng.choice([0.1, 1.0, 3.0]), x_offset=rng.choice([0.0, 0.7, -2.0, 20.0]),
-                constant_group=rng.random() < 0.1, eps=rng.choice([1e-5, 1e-6, 1e-3]),
+                constant_group=rng.random() < 0.1, nan=rng.random() < 0.1, eps=rng.choice([1e-5, 1e-6, 1e-3]),
                 act=rng.choice(["silu", "none"]), backward=rng.random() < 0.5)
 
 
@@ -210,6 +210,8 @@ def _check_random_case(backend, case):
     x = (torch.randn(case["shape"]) + case["x_offset"]) * case["x_scale"]  # offset 20: |mean| / std ~ 20
     if case["constant_group"]:  # zero variance: rstd = 1 / sqrt(eps)
         x[-1, -(C // groups):] = 1.5
+    if case["nan"]:  # its group's outputs and gradients are NaN, as in the reference
+        poison(x)
     x = storage_variant(x.to(dtype), case["storage"], backend.device)
     param_dtype = dtype if case["param_dtype"] == "x" else torch.float32
     p = {"weight": torch.randn(C) if case["affine"] in ("both", "weight") else None,

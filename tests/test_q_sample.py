@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _fuzz import random_spatial, run_cases, storage_kinds, storage_variant
+from _fuzz import poison, random_spatial, run_cases, storage_kinds, storage_variant
 from _tolerance import FLOOR, assert_matches_reference
 
 import ddpm_fast
@@ -157,14 +157,18 @@ def _random_case(rng, small: bool) -> dict:
                 shape=(batch, channels, *spatial), dtype=rng.choice(DTYPES), storage=storage_kinds(rng, 2),
                 noise=rng.choice(["given", "seeds", "seeds"]),
                 stream=rng.choice([0, 7, 2**32 - 1, rng.randrange(2**32)]),
-                target=rng.choice(["epsilon", "v_prediction", "sample"]), scalar_t=rng.random() < 0.2)
+                target=rng.choice(["epsilon", "v_prediction", "sample"]), scalar_t=rng.random() < 0.2,
+                nan=rng.random() < 0.1)
 
 
 def _check_random_case(backend, case):
     schedule = NoiseSchedule(case["T"], case["beta_schedule"])
     shape, dtype = case["shape"], case["dtype"]
+    x0 = torch.rand(shape) * 2 - 1
+    if case["nan"]:  # NaN in, NaN out at that element, nowhere else
+        poison(x0)
     x0, noise = (storage_variant(v.to(dtype), kind, backend.device)
-                 for v, kind in zip((torch.rand(shape) * 2 - 1, torch.randn(shape)), case["storage"]))
+                 for v, kind in zip((x0, torch.randn(shape)), case["storage"]))
     t = torch.randint(0, case["T"], (shape[0],))
     seeds = torch.randint(-2**62, 2**62, (shape[0],))
     drawn = case["noise"] == "seeds"
@@ -184,7 +188,7 @@ def _check_random_case(backend, case):
     if case["target"] == "epsilon":
         torch.testing.assert_close(out, eps.to(dtype), rtol=0, atol=drawn_error + (FLOOR[dtype] * 6 if drawn else 0))
     elif case["target"] == "sample":
-        assert torch.equal(out, x0)
+        torch.testing.assert_close(out, x0, rtol=0, atol=0, equal_nan=True)
     else:
         ref_v = reference.training_target(x0, eps.to(dtype), t, schedule, "v_prediction")
         ref64_v = reference.training_target(x0.double(), eps.double(), t, schedule, "v_prediction")

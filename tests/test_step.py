@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 import torch
-from _fuzz import random_spatial, run_cases, storage_kinds, storage_variant
+from _fuzz import poison, random_spatial, run_cases, storage_kinds, storage_variant
 from _tolerance import assert_matches_reference
 
 import ddpm_fast
@@ -59,7 +59,8 @@ def _magnitudes(table, t, sample, model_output, noise):
         f = (model_output[:, C:].double() + 1) / 2
         sigma = torch.exp(0.5 * (f * max_log + (1 - f) * min_log))
     z = 0.0 if noise is None else noise.double().abs()
-    prev_terms = p0.abs() * x0_terms + (p1 * x).abs() + (p2 * m).abs() + (std * sigma * z).abs()
+    noise_terms = torch.where(std != 0, (std * sigma * z).abs(), 0.0)  # none at all where std == 0
+    prev_terms = p0.abs() * x0_terms + (p1 * x).abs() + (p2 * m).abs() + noise_terms
     return x0_terms, prev_terms
 
 
@@ -178,6 +179,18 @@ def test_skip_pred_original(backend, schedule):
     assert torch.equal(prev, _step(backend, model_output, t, sample, table, noise)[0])
 
 
+def test_no_noise_term_where_std_is_zero(backend, schedule):
+    """DDPM at t = 0 adds no noise term at all, as diffusers: a NaN in the predicted variance or in the noise
+    does not reach prev_sample there (0 * sigma * z would carry it)."""
+    table = ddpm_table(schedule, variance_type="learned_range")
+    sample, model_output, noise, _, _ = _inputs(table, (2, 3, 4, 4), torch.float32, seed=6)
+    clean, _ = _step(backend, model_output, 0, sample, table, noise)
+    model_output[:, 3:], noise[:] = float("nan"), float("nan")
+    prev, _ = _step(backend, model_output, 0, sample, table, noise)
+    ref, _ = reference.step(model_output, torch.zeros(2, dtype=torch.int64), sample, table, noise=noise)
+    assert torch.equal(prev, clean) and torch.isfinite(ref).all()
+
+
 @pytest.mark.parametrize("post", [POST[0], POST[1], POST[3]])
 def test_nan_propagates_like_the_reference(backend, schedule, post):
     """A NaN from a diverged model must surface, not be clamped into a plausible pixel."""
@@ -213,7 +226,8 @@ def _random_case(rng, small: bool) -> dict:
                 storage=storage_kinds(rng, 3), noise=rng.choice(["given", "seeds", "seeds"]),
                 scalar_t=rng.random() < 0.2, post=rng.choice([None, "clip", "clip", "threshold"]),
                 clip_range=rng.choice([0.5, 1.0, 1.5, 3.0]), ratio=rng.choice([0.9, 0.995, 1.0]),
-                sample_max_value=rng.choice([1.0, 1.5, 3.0]), return_pred_original=rng.random() < 0.8)
+                sample_max_value=rng.choice([1.0, 1.5, 3.0]), return_pred_original=rng.random() < 0.8,
+                nan=rng.choice([None] * 8 + ["sample", "model_output"]))
 
 
 def _check_random_case(backend, case):
@@ -224,6 +238,8 @@ def _check_random_case(backend, case):
     if table.variance_type == "learned_range":  # the variance half is a fraction in [-1, 1]
         model_output[:, C:] = torch.rand((B, C, *shape[2:])) * 2 - 1
     noise = torch.randn(shape)
+    if case["nan"]:  # a diverged model: NaN must surface (over the whole sample when thresholding), not be clamped
+        poison(sample if case["nan"] == "sample" else model_output)
     sample, model_output, noise = (storage_variant(v.to(dtype), kind, backend.device)
                                    for v, kind in zip((sample, model_output, noise), case["storage"]))
     t = table.timesteps[torch.randint(0, len(table.timesteps), (B,))].to(backend.device)

@@ -388,11 +388,19 @@ def _check_random_unet2d_case(case):
             UNet.from_diffusers(theirs)
         return
     ours = UNet.from_diffusers(theirs)
-    x = torch.randn(case["batch"], config["in_channels"], *case["size"])
-    t = torch.randint(0, 1000, (case["batch"],))
+    B = case["batch"]
+    x, t = torch.randn(B, config["in_channels"], *case["size"]), torch.randint(0, 1000, (B,))
     with torch.no_grad():
-        got, ref32 = ours(x, t), theirs(x, t).sample
+        got = ours(x, t)
+        # The yardstick, PyTorch's own float32 error, as the worst of three evaluations that round differently
+        # (contiguous, channels_last, a doubled batch): over a whole network one of them alone is a noisy
+        # sample of it (2x one sample failed 1 in 1500 random networks; ours and theirs are equally accurate).
+        refs = [theirs(x, t).sample]
+        theirs.to(memory_format=torch.channels_last)
+        refs.append(theirs(x.contiguous(memory_format=torch.channels_last), t).sample)
+        refs.append(theirs(torch.cat([x, x]), torch.cat([t, t])).sample[:B])
         ref64 = theirs.double()(x.double(), t).sample
+    ref32 = max(refs, key=lambda ref: (ref.double() - ref64).abs().max().item())
     assert_matches_reference(got, ref32, ref64, what="UNet vs UNet2DModel")
 
 
