@@ -28,6 +28,13 @@ def run_cases(draw, check, cases: int) -> None:
                                  f"DDPM_FAST_FUZZ_CASES=1\n{error}") from None
 
 
+def run_backend_cases(backend, draw, check) -> None:
+    """run_cases for an op test on a conftest ``backend``: ``draw(rng, small)``, ``check(backend, case)``;
+    40 cases, or 10 on Triton's interpreter (~50 ms a program), with ``small`` keeping them to a few programs."""
+    run_cases(lambda rng: draw(rng, backend.interpreted), lambda case: check(backend, case),
+              cases=10 if backend.interpreted else 40)
+
+
 def storage_variant(x: torch.Tensor, kind: str, device: torch.device) -> torch.Tensor:
     """``x``'s values on ``device`` in a storage the ops must handle. ``kind`` is one of STORAGE_KINDS:
     "contiguous"; "misaligned" (one element past a 16-byte boundary); "batch_strided" (every other sample
@@ -59,6 +66,13 @@ def poison(x: torch.Tensor) -> torch.Tensor:
     """``x`` with one element, drawn at random, set to NaN (as a diverged model's output would have)."""
     x.view(-1)[torch.randint(0, x.numel(), ())] = float("nan")
     return x
+
+
+def random_shape(rng: random.Random, small: bool) -> tuple[int, ...]:
+    """(B, C, *spatial) with 0-3 spatial dims, odd and even sizes; ``small``: at most 2**10 elements, else 2**14."""
+    batch, channels = rng.choice([1, 1, 2, 3, 5]), rng.choice([1, 2, 3, 4, 5, 8])
+    budget = (2**14 if not small else 2**10) // (batch * channels)
+    return (batch, channels, *random_spatial(rng, rng.choice([0, 1, 2, 2, 2, 3]), budget))
 
 
 def random_spatial(rng: random.Random, dims: int, max_elements: int) -> tuple[int, ...]:

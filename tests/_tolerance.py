@@ -8,6 +8,9 @@ import torch
 
 # One rounding of the result's magnitude in each storage dtype: what any kernel may differ by.
 FLOOR = {torch.float32: 2**-22, torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float64: 2**-50}
+# Noise drawn in a kernel: the same uint32 stream as the reference's, but each backend's log / sin / cos may
+# round differently by a few float32 ulp of |z| <= 6.
+NOISE_ROUNDING = 8 * 6 * 2**-23
 
 
 def assert_matches_reference(ours, same_dtype_reference, float64_reference, dtype=None, what="output",

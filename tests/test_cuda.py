@@ -11,7 +11,7 @@ device. Without either the whole module skips and says which is missing.
 
 import pytest
 import torch
-from _tolerance import FLOOR, assert_matches_reference
+from _tolerance import FLOOR, NOISE_ROUNDING, assert_matches_reference
 from test_step import _magnitudes  # the per-element size of the terms a step's rounding scales with
 
 import ddpm_fast
@@ -33,8 +33,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_cuda_missing() is not None, r
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# One float32 ulp of |z| <= 6 per log / sin / cos rounding (test_ops.py's randn bound).
-NOISE_ATOL = 8 * 6 * 2**-23
 CPU_HAS_KERNELS = ddpm_fast.build_info()["backends"]["cpu"] == "available"
 needs_cpu_kernels = pytest.mark.skipif(not CPU_HAS_KERNELS, reason="the C++ CPU extension is not built")
 
@@ -139,10 +137,10 @@ def test_q_sample_noise_equals_cpu_kernel(schedule, shape, channels_last):
     _, gpu = ddpm_fast.q_sample(x0.to(DEVICE), t.to(DEVICE), schedule, seeds=seeds.to(DEVICE), stream=11,
                                 backend="cuda")
     assert gpu.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=NOISE_ATOL)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=NOISE_ROUNDING)
     # And the contract itself, in logical NCHW order whatever the layout.
     ref = reference.philox_normal(seeds, 11, x0[0].numel()).reshape(shape)
-    torch.testing.assert_close(gpu.cpu().contiguous(), ref, rtol=0, atol=NOISE_ATOL)
+    torch.testing.assert_close(gpu.cpu().contiguous(), ref, rtol=0, atol=NOISE_ROUNDING)
 
 
 @needs_cpu_kernels
@@ -150,7 +148,7 @@ def test_randn_equals_cpu_kernel():
     seeds = _seeds(5, 0)
     cpu = ddpm_fast.randn(seeds, (3, 17, 9), backend="cpu")
     ours = ddpm_fast.randn(seeds.to(DEVICE), (3, 17, 9), backend="cuda")
-    torch.testing.assert_close(ours.cpu(), cpu, rtol=0, atol=NOISE_ATOL)
+    torch.testing.assert_close(ours.cpu(), cpu, rtol=0, atol=NOISE_ROUNDING)
 
 
 @needs_cpu_kernels
@@ -173,7 +171,7 @@ def test_step_noise_equals_cpu_kernel(schedule, channels_last, learned):
     gpu, _ = ddpm_fast.step(mo.to(DEVICE), t.to(DEVICE), x.to(DEVICE), table, seeds=seeds.to(DEVICE), backend="cuda")
     std = table.coef[t, 5].float().reshape(3, 1, 1, 1)
     sigma_max = torch.exp(0.5 * table.coef[t, 6:8].abs().max(dim=1).values).float().reshape(3, 1, 1, 1)
-    bound = std * (sigma_max if learned else 1.0) * NOISE_ATOL + 2**-21 * (1 + cpu.abs())
+    bound = std * (sigma_max if learned else 1.0) * NOISE_ROUNDING + 2**-21 * (1 + cpu.abs())
     assert ((gpu.cpu() - cpu).abs() <= bound).all()
     # The last sample sits at t = 0 (no noise): there the two kernels do the same float math.
     torch.testing.assert_close(gpu.cpu()[2], cpu[2], rtol=2**-21, atol=2**-22)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _fuzz import poison, random_spatial, run_cases, storage_kinds, storage_variant
+from _fuzz import poison, random_spatial, run_backend_cases, storage_kinds, storage_variant
 from _tolerance import assert_matches_reference
 
 import ddpm_fast
@@ -236,5 +236,4 @@ def _check_random_case(backend, case):
 
 def test_random_cases(backend):
     """Fresh random configurations each run (tests/_fuzz.py), forward or backward, against the reference."""
-    run_cases(lambda rng: _random_case(rng, backend.interpreted), lambda case: _check_random_case(backend, case),
-              cases=10 if backend.interpreted else 40)  # the interpreter pays ~50 ms per program
+    run_backend_cases(backend, _random_case, _check_random_case)

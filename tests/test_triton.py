@@ -6,7 +6,7 @@ On a machine without a CUDA device these run on Triton's CPU interpreter (confte
 
 import pytest
 import torch
-from _tolerance import assert_matches_reference
+from _tolerance import NOISE_ROUNDING, assert_matches_reference
 
 import ddpm_fast
 from ddpm_fast import reference
@@ -81,7 +81,7 @@ def test_multi_tile_samples_match_the_reference(schedule, shape, channels_last):
     x_t, eps = ddpm_fast.q_sample(x0.contiguous(memory_format=fmt).to(DEVICE), t.to(DEVICE), schedule,
                                   seeds=seeds.to(DEVICE), stream=7, backend="triton")
     ref_eps = reference.philox_normal(seeds, 7, x0[0].numel()).reshape(shape)
-    torch.testing.assert_close(eps.cpu(), ref_eps, rtol=0, atol=8 * 6 * 2**-23)
+    torch.testing.assert_close(eps.cpu(), ref_eps, rtol=0, atol=NOISE_ROUNDING)
     ref, _ = reference.q_sample(x0, t, schedule, noise=eps.cpu())
     assert_matches_reference(x_t.cpu(), ref, reference.q_sample(x0.double(), t, schedule, noise=eps.cpu().double())[0])
 

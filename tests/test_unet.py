@@ -63,15 +63,20 @@ SMALL = {
 }
 
 
-def random_diffusers(name: str, seed: int = 0):
-    """A small UNet2DModel with every parameter perturbed: GroupNorm weights 1 and biases 0 at init would
-    hide a mapping that swaps two norms."""
-    torch.manual_seed(seed)
-    model = UNet2DModel(**SMALL[name]).eval()
+def perturbed_diffusers(config: dict):
+    """A UNet2DModel with every parameter perturbed: GroupNorm weights 1 and biases 0 at init would hide a
+    mapping that swaps two norms."""
+    model = UNet2DModel(**config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def random_diffusers(name: str, seed: int = 0):
+    """A small perturbed UNet2DModel of SMALL[name]."""
+    torch.manual_seed(seed)
+    return perturbed_diffusers(SMALL[name])
 
 
 def inputs(cfg_in: int, batch: int = 2, size: int = 16, dtype=torch.float32):
@@ -379,10 +384,7 @@ def _random_unet2d_case(rng) -> dict:
 
 def _check_random_unet2d_case(case):
     config, unsupported = case["config"], case["unsupported"]
-    theirs = UNet2DModel(**config).eval()
-    with torch.no_grad():
-        for p in theirs.parameters():  # GroupNorm's 1 / 0 at init would hide two norms swapped
-            p.add_(0.1 * torch.randn_like(p))
+    theirs = perturbed_diffusers(config)
     if unsupported:
         with pytest.raises(ValueError, match=f"UNet.from_diffusers: unsupported {unsupported}="):
             UNet.from_diffusers(theirs)
