@@ -9,14 +9,18 @@ without one on the CPU through the emulator of the CUDA kernels that development
 device. Without either the whole module skips and says which is missing.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from _tolerance import FLOOR, NOISE_ROUNDING, assert_matches_reference
+from test_group_norm import _grads as _gn_grads, _inputs as _gn_test_inputs, assert_grads_match
 from test_step import _magnitudes  # the per-element size of the terms a step's rounding scales with
 
 import ddpm_fast
 from ddpm_fast import reference
 from ddpm_fast._native import cuda_emulator_missing_reason
+from ddpm_fast.ops import backend as backend_choice, group_norm as group_norm_module
 from ddpm_fast.schedule import NoiseSchedule, ddim_table, ddpm_table, sampling_timesteps
 
 
@@ -289,6 +293,31 @@ def test_launch_failure_raises_naming_the_op():
         y.sum().backward()
     ok = ddpm_fast.group_norm_silu(x.detach()[:, :8], None, None, 2, backend="cuda")
     assert torch.isfinite(ok).all()
+
+
+def test_automatic_choice_moves_past_a_group_too_wide_for_the_cuda_kernels(monkeypatch):
+    """One group of 4096 channels: the CUDA forward takes it, the backward's shared memory cannot (64 bytes a
+    channel; an H200 gives a block 227 KB). The automatic choice asks the launcher first: inference runs the
+    cuda forward; training runs forward and backward on the next backend, with the gradients right, instead
+    of failing in its backward. (An explicit backend="cuda" raises there: the test above.)"""
+    # cuda first, whatever CUDA_PREFERENCE says; on the CPU the emulated H200 takes part as a GPU would
+    monkeypatch.setattr(backend_choice, "_auto_order", lambda op, device_type: ("cuda", "triton", "torch"))
+    ran = []
+    for table, direction in ((group_norm_module._FORWARD, "forward"), (group_norm_module._BACKWARD, "backward")):
+        for name, launcher in list(table.items()):
+            monkeypatch.setitem(table, name, lambda *args, _launch=launcher, _ran=(direction, name):
+                                (ran.append(_ran), _launch(*args))[1])
+    x, p = _gn_test_inputs((2, 4096, 2, 2), "scale_shift", torch.float32, seed=31)
+    with torch.no_grad():
+        ddpm_fast.group_norm_silu(*(v.to(DEVICE) for v in (x, p["weight"], p["bias"])), 1)
+    assert ran == [("forward", "cuda")]
+    ran.clear()
+    automatic = SimpleNamespace(name=None, device=DEVICE)
+    ours = _gn_grads(x, p, 1, "silu", automatic)
+    assert ran and ("forward", "cuda") not in ran and ("backward", "cuda") not in ran, ran
+    same = _gn_grads(x, p, 1, "silu", "reference")
+    truth = _gn_grads(x, p, 1, "silu", "reference", dtype=torch.float64)
+    assert_grads_match(ours, same, truth, x, p, 1)
 
 
 # --------------------------------------------------------------------------------------------------

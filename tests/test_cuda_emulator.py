@@ -5,12 +5,15 @@ what it emulates: the order in which threads run between barriers, or the device
 batch x groups over thread-block clusters, an A100 cannot).
 """
 
+import itertools
+
 import pytest
 import torch
 from _tolerance import assert_matches_reference
 
 import ddpm_fast
 from ddpm_fast import _native, reference
+from ddpm_fast.ops.group_norm import _CUDA_FITS_EVERYWHERE
 from ddpm_fast.schedule import NoiseSchedule, ddpm_table
 
 emulator = _native._cuda_emulator
@@ -19,7 +22,7 @@ pytestmark = pytest.mark.skipif(emulator is None or torch.cuda.is_available(),
                                 else "a CUDA device is present: the cuda backend runs there")
 
 FORWARD, REVERSE, RANDOM = 0, 1, 2
-H200, A100 = 0, 1
+H200, A100, L4 = 0, 1, 2
 
 
 @pytest.fixture
@@ -144,3 +147,57 @@ def test_an_a100_without_clusters_computes_the_same_group_norm(emulated, channel
         y = _gn_forward_backward(*inputs[:5], 8, dy)[0]
         assert emulated.take_stats()["max_cluster"] == clusters
         assert_matches_reference(y, ref, truth, what=f"y on emulated device {device}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the launchers' limits, as the automatic backend choice asks them (group_norm_refusal)
+# --------------------------------------------------------------------------------------------------
+
+
+def _widest_group(emulated, backward):
+    """The most channels of one group that group_norm_refusal accepts on the current device (float32, NCHW)."""
+    lo, hi = 1, 8192  # accepted, refused
+    assert emulated.group_norm_refusal(1, lo, 4, 1, 0, 0, backward) == ""
+    assert emulated.group_norm_refusal(1, hi, 4, 1, 0, 0, backward) != ""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if emulated.group_norm_refusal(1, mid, 4, 1, 0, 0, backward) == "" else (lo, mid)
+    return lo
+
+
+@pytest.mark.parametrize("device, widest_forward, widest_backward", [
+    (H200, 4096, 3632), (A100, 4096, 2608), (L4, 2815, 1584)])
+def test_group_norm_refusal_is_what_the_launchers_raise(emulated, device, widest_forward, widest_backward):
+    """At the widest group it accepts, forward and backward run; one channel wider, the launch raises the very
+    message it gave (a group past kMaxChannels, or a block past the device's shared memory)."""
+    emulated.set_device(device)
+    for backward, widest in ((False, widest_forward), (True, widest_backward)):
+        assert _widest_group(emulated, backward) == widest
+        for channels in (widest, widest + 1):
+            x = torch.randn(1, channels, 2, 2, requires_grad=backward)
+            why = emulated.group_norm_refusal(1, channels, 4, 1, 0, 0, backward)
+
+            def run():
+                y = ddpm_fast.group_norm_silu(x, None, None, 1, backend="cuda")
+                assert torch.isfinite(y).all()
+                if backward:
+                    y.sum().backward()
+                    assert torch.isfinite(x.grad).all()
+
+            if channels == widest:
+                run()
+            else:
+                with pytest.raises((ValueError, RuntimeError)) as error:
+                    run()
+                assert why and why in str(error.value)
+
+
+def test_groups_the_choice_does_not_ask_about_fit_on_every_target(emulated):
+    """group_norm_silu asks the launcher only about groups wider than _CUDA_FITS_EVERYWHERE channels: narrower
+    ones must fit, forward and backward, every layout, dtype and size, on the target GPU with the least shared
+    memory (99 KB a block: sm_86, sm_89, sm_120; the emulated L4)."""
+    emulated.set_device(L4)
+    for per_group in range(1, _CUDA_FITS_EVERYWHERE + 1):
+        for S, groups, layout, dtype in itertools.product((1, 7, 64, 4096), (1, 8), (0, 1), (0, 2)):
+            why = emulated.group_norm_refusal(2, per_group * groups, S, groups, layout, dtype, True)
+            assert why == "", (per_group, S, groups, layout, dtype, why)

@@ -17,6 +17,12 @@ inline void def_cuda(py::module_& m) {
     d["error"] = info.error;
     return d;
   });
+  m.def("group_norm_refusal",
+        [](int64_t B, int64_t C, int64_t S, int64_t G, int layout, int dtype, bool backward) {
+          return cuda::group_norm_refusal(B, C, S, G, Layout(layout), DType(dtype), backward);
+        },
+        "Why group_norm_silu's kernels (forward, and backward when asked) would refuse this shape on the "
+        "current device, whatever the alignment; empty when they take it");
   def_ops(m, &cuda::q_sample, &cuda::step, &cuda::group_norm_forward, &cuda::group_norm_backward, &cuda::normal);
 }
 

@@ -43,6 +43,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <set>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <type_traits>
@@ -58,7 +59,8 @@ constexpr int kFlush = 16;        // accesses summed in float before flushing in
 constexpr int kBytesInFlight = 64;
 constexpr int kMaxCluster = 8;    // portable cluster size
 // Channels of one group: a region's per-channel shared-memory arrays grow with it, and the launch raises
-// where they do not fit (the backward's reach ~3500 channels on an H200, ~2500 on an A100).
+// where they do not fit (the backward's reach 3632 channels on an H200, 2608 on an A100, 1584 on an L4);
+// group_norm_refusal tells the automatic backend choice beforehand.
 constexpr int kMaxChannels = 4096;
 
 struct Geo {
@@ -351,14 +353,35 @@ inline bool clusters_available(const void* kernel) {
   return ok;
 }
 
+// The launchers' refusals as the messages they raise ("" when there is none): a group wider than
+// kMaxChannels (bad input: ValueError), a block needing more shared memory than the current device gives
+// one (a device limit: RuntimeError). group_norm_refusal asks them before a launch.
+inline std::string channels_refusal(int64_t Cg) {
+  if (Cg <= kMaxChannels) return "";
+  std::ostringstream os;
+  detail::stream_all(os, "group_norm_silu: at most ", kMaxChannels, " channels per group on CUDA, got ", Cg);
+  return os.str();
+}
+
+inline std::string smem_refusal(const char* op, size_t smem) {
+  const int optin = device_props().smem_optin;
+  if (smem <= size_t(std::max(optin, 48 * 1024))) return "";
+  std::ostringstream os;
+  detail::stream_all(os, op, ": needs ", smem, " bytes of shared memory per block, the device allows ", optin);
+  return os.str();
+}
+
+// group_norm_backward's refusal for either alignment (group_norm_backward.cu).
+std::string backward_refusal(int64_t B, int64_t C, int64_t S, int64_t G, bool cl, DType dtype);
+
 // The 16-byte path needs every access aligned: NCHW, each channel row of the region starts on 16
 // bytes (S % nv == 0); channels_last, each pixel's slice of a region (C % nv == 0, CS % nv == 0).
 inline Geo plan(int64_t B, int64_t C, int64_t S, int64_t G, bool cl, int nv, bool aligned,
                 const void* kernel) {
   Geo g{};
   g.B = B, g.C = C, g.S = S, g.G = G, g.Cg = C / G;
-  DDPM_CHECK(g.Cg <= kMaxChannels, "group_norm_silu: at most ", kMaxChannels, " channels per group on CUDA, got ",
-             g.Cg);
+  const std::string too_wide = channels_refusal(g.Cg);
+  DDPM_CHECK(too_wide.empty(), too_wide);
   // Regions: channels_last takes up to 128 channels of whole groups (a pixel's slice is contiguous);
   // NCHW groups are contiguous, so several small groups share a block (<= 8192 elements).
   const int64_t gs = cl ? divisor_at_most(G, std::max<int64_t>(1, 128 / g.Cg))
@@ -448,10 +471,9 @@ inline void allow_max_smem(const char* op, const void* kernel) {
 
 template <class Kernel, class Args>
 void launch(const char* op, Kernel kernel, const Args& args, const Geo& g, size_t smem, cudaStream_t s) {
-  const int optin = device_props().smem_optin;
   // A device limit, not bad input: RuntimeError, as a launch the device refuses.
-  DDPM_CHECK_RT(smem <= size_t(std::max(optin, 48 * 1024)), op, ": needs ", smem,
-                " bytes of shared memory per block, the device allows ", optin);
+  const std::string refusal = smem_refusal(op, smem);
+  DDPM_CHECK_RT(refusal.empty(), refusal);
   if (smem > 48 * 1024) allow_max_smem(op, reinterpret_cast<const void*>(kernel));
   const int64_t blocks = g.B * g.RPS * g.K;
   DDPM_CHECK_RT(blocks <= int64_t(INT32_MAX), op, ": ", blocks, " blocks exceed a CUDA grid");
@@ -487,6 +509,34 @@ void with_variant(bool cl, const Geo& g, F&& f) {
     g.n > 1 ? f(std::true_type{}, Vec{}) : f(std::true_type{}, One{});
   else
     g.n > 1 ? f(std::false_type{}, Vec{}) : f(std::false_type{}, One{});
+}
+
+// Calls f(kernel, geometry with its cache, shared memory) for the launch a call makes: the launcher's plan,
+// and group_norm_refusal's. kernel_of(kCL, N) is the kernel of a variant, smem_of(g, red_pairs) its shared
+// memory besides the cache; kStreams, the tensors it reads per access.
+template <typename T, int kStreams, class KernelOf, class SmemOf, class F>
+void with_launch(int64_t B, int64_t C, int64_t S, int64_t G, bool cl, bool aligned, KernelOf kernel_of,
+                 SmemOf smem_of, F&& f) {
+  const auto any_variant = kernel_of(std::false_type{}, std::integral_constant<int, 1>{});
+  const Geo g = plan(B, C, S, G, cl, kVec<T>, aligned, reinterpret_cast<const void*>(any_variant));
+  with_variant<T>(cl, g, [&](auto kcl, auto n) {
+    constexpr bool kCL = decltype(kcl)::value;
+    constexpr int N = decltype(n)::value;
+    const auto [gc, smem] = with_cache<Access<T, N, kStreams>>(g, cl, smem_of(g, red_pairs<kCL, N>(g.CS, g.threads)));
+    f(kernel_of(kcl, n), gc, smem);
+  });
+}
+
+// The launcher's refusal of a call whatever the alignment of its pointers ("" when none): plan(aligned, f)
+// calls f as with_launch does.
+template <class Plan>
+std::string refusal_at_any_alignment(const char* op, Plan plan) {
+  std::string why;
+  for (const bool aligned : {false, true})
+    plan(aligned, [&](auto, const Geo&, size_t smem) {
+      if (why.empty()) why = smem_refusal(op, smem);
+    });
+  return why;
 }
 
 }  // namespace ddpm_fast::cuda::gn

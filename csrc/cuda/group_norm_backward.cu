@@ -188,7 +188,26 @@ __global__ void __launch_bounds__(kMaxThreads, 2) gn_backward_kernel(BwdArgs<T> 
   }
 }
 
+// with_launch for the backward kernels.
+template <typename T, class F>
+void with_backward_launch(int64_t B, int64_t C, int64_t S, int64_t G, bool cl, bool aligned, F&& f) {
+  with_launch<T, 2>(
+      B, C, S, G, cl, aligned,
+      [](auto kcl, auto n) { return gn_backward_kernel<T, decltype(kcl)::value, decltype(n)::value>; },
+      [](const Geo& g, int pairs) { return BwdSmem::bytes(g.CS, pairs); }, f);
+}
+
 }  // namespace
+
+std::string gn::backward_refusal(int64_t B, int64_t C, int64_t S, int64_t G, bool cl, DType dtype) {
+  std::string why;
+  DDPM_CUDA_DISPATCH(dtype, T, {
+    why = refusal_at_any_alignment("group_norm_silu_backward", [&](bool aligned, auto&& f) {
+      with_backward_launch<T>(B, C, S, G, cl, aligned, f);
+    });
+  });
+  return why;
+}
 
 void group_norm_backward(const void* dy, const void* x, const float* weight, const float* bias,
                          const float* bias_in, const float* scale, const float* shift, const float* mean,
@@ -210,16 +229,11 @@ void group_norm_backward(const void* dy, const void* x, const float* weight, con
   DDPM_CHECK(dy && x && mean && rstd, "group_norm_backward: dy, x, mean and rstd must be given");
   const bool cl = layout == Layout::ChannelsLast;
   DDPM_CUDA_DISPATCH(dtype, T, {
-    const Geo g = plan(B, C, S, G, cl, kVec<T>, all_aligned16({x, dy, dx}),
-                       reinterpret_cast<const void*>(gn_backward_kernel<T, false, 1>));
     const BwdArgs<T> args{static_cast<const T*>(dy), static_cast<const T*>(x), weight, bias, bias_in, scale, shift,
                           mean, rstd, static_cast<T*>(dx), dweight, dbias, dbias_in, dscale, dshift,
                           act == Activation::SiLU};
-    with_variant<T>(cl, g, [&](auto kcl, auto n) {
-      constexpr bool kCL = decltype(kcl)::value;
-      constexpr int N = decltype(n)::value;
-      const auto [gc, smem] = with_cache<Access<T, N, 2>>(g, cl, BwdSmem::bytes(g.CS, red_pairs<kCL, N>(g.CS, g.threads)));
-      launch(op, gn_backward_kernel<T, kCL, N>, args, gc, smem, s);
+    with_backward_launch<T>(B, C, S, G, cl, all_aligned16({x, dy, dx}), [&](auto kernel, const Geo& g, size_t smem) {
+      launch(op, kernel, args, g, smem, s);
     });
   });
   check_launch(op);

@@ -168,7 +168,30 @@ __global__ void __launch_bounds__(kMaxThreads, 2) gn_forward_kernel(FwdArgs<T> a
   region_sums<kCL, N>(g, R, norm, nullptr, nullptr, sm.red, Cache<Acc>{kept, g.cache_slots, false});
 }
 
+// with_launch for the forward kernels.
+template <typename T, class F>
+void with_forward_launch(int64_t B, int64_t C, int64_t S, int64_t G, bool cl, bool aligned, F&& f) {
+  with_launch<T, 1>(
+      B, C, S, G, cl, aligned,
+      [](auto kcl, auto n) { return gn_forward_kernel<T, decltype(kcl)::value, decltype(n)::value>; },
+      [](const Geo& g, int pairs) { return FwdSmem::bytes(g.CS, g.GS, pairs); }, f);
+}
+
 }  // namespace
+
+std::string group_norm_refusal(int64_t B, int64_t C, int64_t S, int64_t G, Layout layout, DType dtype,
+                               bool backward) {
+  check_group_norm_args("group_norm_refusal", B, C, S, G, Activation::SiLU, layout);
+  std::string why = channels_refusal(C / G);
+  if (!why.empty() || B == 0 || C == 0 || S == 0) return why;
+  const bool cl = layout == Layout::ChannelsLast;
+  DDPM_CUDA_DISPATCH(dtype, T, {
+    why = refusal_at_any_alignment("group_norm_silu", [&](bool aligned, auto&& f) {
+      with_forward_launch<T>(B, C, S, G, cl, aligned, f);
+    });
+  });
+  return why.empty() && backward ? gn::backward_refusal(B, C, S, G, cl, dtype) : why;
+}
 
 void group_norm_forward(const void* x, const float* weight, const float* bias, const float* bias_in,
                         const float* scale, const float* shift, void* y, float* mean, float* rstd, int64_t B,
@@ -178,15 +201,10 @@ void group_norm_forward(const void* x, const float* weight, const float* bias, c
   auto s = reinterpret_cast<cudaStream_t>(cuda_stream);
   const bool cl = layout == Layout::ChannelsLast;
   DDPM_CUDA_DISPATCH(dtype, T, {
-    const Geo g = plan(B, C, S, G, cl, kVec<T>, all_aligned16({x, y}),
-                       reinterpret_cast<const void*>(gn_forward_kernel<T, false, 1>));
     const FwdArgs<T> args{static_cast<const T*>(x), weight, bias, bias_in, scale, shift, static_cast<T*>(y),
                           mean, rstd, eps, act == Activation::SiLU};
-    with_variant<T>(cl, g, [&](auto kcl, auto n) {
-      constexpr bool kCL = decltype(kcl)::value;
-      constexpr int N = decltype(n)::value;
-      const auto [gc, smem] = with_cache<Access<T, N, 1>>(g, cl, FwdSmem::bytes(g.CS, g.GS, red_pairs<kCL, N>(g.CS, g.threads)));
-      launch("group_norm_silu", gn_forward_kernel<T, kCL, N>, args, gc, smem, s);
+    with_forward_launch<T>(B, C, S, G, cl, all_aligned16({x, y}), [&](auto kernel, const Geo& g, size_t smem) {
+      launch("group_norm_silu", kernel, args, g, smem, s);
     });
   });
   check_launch("group_norm_silu");

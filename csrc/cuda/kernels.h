@@ -81,4 +81,9 @@ void group_norm_backward(const void* dy, const void* x,        // (B, C, S) dtyp
                          int64_t B, int64_t C, int64_t S, int64_t G, Activation act,
                          Layout layout, DType dtype, uintptr_t cuda_stream);
 
+// Why the group_norm launchers (forward, and backward when asked) would refuse this shape on the current
+// device, whatever the pointers' alignment, as the message they would raise; "" when they take it. The
+// automatic backend choice asks it before it picks cuda for a wide group (ddpm_fast/ops/group_norm.py).
+std::string group_norm_refusal(int64_t B, int64_t C, int64_t S, int64_t G, Layout layout, DType dtype, bool backward);
+
 }  // namespace ddpm_fast::cuda

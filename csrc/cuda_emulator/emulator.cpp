@@ -30,6 +30,7 @@ struct Device {
 constexpr Device kDevices[] = {
     {"H200 (emulated)", 9, 0, 132, 233472, 232448, 65535},
     {"A100 (emulated)", 8, 0, 108, 167936, 166912, 65535},
+    {"L4 (emulated)", 8, 9, 58, 102400, 101376, 65535},  // sm_89: the least shared memory of the targets
 };
 constexpr int kDeviceCount = int(sizeof(kDevices) / sizeof(kDevices[0]));
 constexpr size_t kStaticSmemLimit = 48 * 1024;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
@@ -466,7 +467,7 @@ LaunchStats take_stats() { return std::exchange(stats, LaunchStats{}); }
 
 void set_device(int device) {
   if (device_or_null(device) == nullptr) {
-    throw std::invalid_argument("ddpm_fast CUDA emulator: device must be 0 (H200) or 1 (A100), got " +
+    throw std::invalid_argument("ddpm_fast CUDA emulator: device must be 0 (H200), 1 (A100) or 2 (L4), got " +
                                 std::to_string(device));
   }
   current_device = device;

@@ -16,8 +16,9 @@
 // an error naming the kernel). A __syncthreads counts the threads still running, as the hardware does.
 //
 // Not covered: timing, the memory model between blocks (they run one after another), registers, and
-// __launch_bounds__ (not checked). Two emulated devices: 0 an H200 (sm_90, 132 SMs, clusters), 1 an
-// A100 (sm_80, 108 SMs, no clusters).
+// __launch_bounds__ (not checked). Three emulated devices: 0 an H200 (sm_90, 132 SMs, clusters), 1 an
+// A100 (sm_80, 108 SMs, no clusters), 2 an L4 (sm_89, 58 SMs, 99 KB of shared memory a block: the least of
+// the architectures a wheel targets).
 //
 // Included first by the shadow headers cuda_runtime.h and cooperative_groups.h of this folder, which the
 // emulator build puts ahead of the CUDA toolkit's on the include path; the toolkit's own headers still
@@ -109,7 +110,7 @@ struct LaunchStats {
 LaunchStats take_stats();
 
 // Python-facing controls (ddpm_fast._cuda_emulator).
-void set_device(int device);         // the calling OS thread's emulated device (0: H200, 1: A100)
+void set_device(int device);         // the calling OS thread's emulated device (0: H200, 1: A100, 2: L4)
 void set_schedule(int order, uint64_t seed);  // 0 forward, 1 reverse, 2 random (seeded)
 std::pair<int, uint64_t> get_schedule();
 

@@ -20,7 +20,8 @@ PYBIND11_MODULE(_cuda_emulator, m) {
   m.doc() = "ddpm_fast's CUDA kernels run on the CPU by an emulator of CUDA's execution model (tests only)";
   ddpm_fast::bind::def_cuda(m);
   m.def("set_device", &emu::set_device, py::arg("device"),
-        "The calling thread's emulated device: 0 an H200 (sm_90, clusters), 1 an A100 (sm_80)");
+        "The calling thread's emulated device: 0 an H200 (sm_90, clusters), 1 an A100 (sm_80), 2 an L4 "
+        "(sm_89, 99 KB of shared memory a block)");
   m.def("set_schedule", &emu::set_schedule, py::arg("order"), py::arg("seed") = 0,
         "The order in which threads run between barriers: 0 forward, 1 reverse, 2 random (seeded)");
   m.def("get_schedule", &emu::get_schedule, "The (order, seed) set_schedule set last");

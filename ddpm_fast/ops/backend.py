@@ -6,8 +6,10 @@ inputs: CUDA tensors take the faster of ``cuda`` and ``triton`` for that op (:da
 then the other (``triton`` is what runs when the extension was built without CUDA); CPU tensors take
 ``cpu`` (never ``triton``: on the CPU it is the interpreter, a test vehicle, so only on request);
 ``torch`` (the pure-PyTorch reference) is the fallback everywhere. An explicit request that cannot run
-raises and says why. ``cuda`` takes CPU tensors only under ``DDPM_FAST_EMULATE_CUDA=1``, through the
-emulator of the CUDA kernels that development builds carry (a test vehicle, like Triton's interpreter).
+raises and says why. A call past a kernel's shape limit (a GroupNorm group too wide for the CUDA kernels'
+shared memory) skips that backend in the automatic choice. ``cuda`` takes CPU tensors only under
+``DDPM_FAST_EMULATE_CUDA=1``, through the emulator of the CUDA kernels that development builds carry (a test
+vehicle, like Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from typing import Callable
 
 import torch
 
@@ -97,8 +100,13 @@ def _auto_order(op: str, device_type: str) -> tuple[str, ...]:
     return ("torch",)
 
 
-def resolve(op: str, native: tuple[str, ...], device: torch.device, backend: str | None) -> str:
-    """The backend that runs ``op`` on ``device``; ``native`` lists the backends with kernels for it."""
+def resolve(op: str, native: tuple[str, ...], device: torch.device, backend: str | None,
+            refuses: Callable[[str], str | None] | None = None) -> str:
+    """The backend that runs ``op`` on ``device``; ``native`` lists the backends with kernels for it.
+
+    ``refuses(candidate)``, when given, says why a candidate's kernels cannot take this call (a shape past a
+    device limit): the automatic choice moves on to the next; an explicit request runs and raises there.
+    """
     _check_name(backend, f"{op}: backend")
     requested = backend or get_backend()
     if requested is not None:
@@ -109,6 +117,7 @@ def resolve(op: str, native: tuple[str, ...], device: torch.device, backend: str
             raise RuntimeError(f"{op}: backend {requested!r} is not available: {reason}")
         return requested
     for candidate in _auto_order(op, device.type):
-        if candidate == "torch" or (candidate in native and _runs_on(candidate, device) is None):
+        if candidate == "torch" or (candidate in native and _runs_on(candidate, device) is None
+                                    and (refuses is None or refuses(candidate) is None)):
             return candidate
     return "torch"

@@ -6,6 +6,7 @@ Both U-Net forms of the time embedding (docs/contracts.md): ``bias_in`` added pe
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Optional
 
@@ -124,6 +125,29 @@ def _backward(ctx, dy, _dmean, _drstd):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The CUDA kernels hold a region's per-channel sums in shared memory. Groups of up to this many channels fit
+# on every GPU they target, in either direction, layout and dtype (tests/test_cuda_emulator.py, on the one
+# with the least: 99 KB a block); only a wider group asks the launcher whether this GPU has room for it.
+_CUDA_FITS_EVERYWHERE = 1024
+
+
+def _cuda_refusal(x: Tensor, num_groups: int, params: tuple, candidate: str) -> str | None:
+    """Why the cuda kernels cannot take this call, or None: a group too wide for this GPU's shared memory, in
+    the forward or (when autograd will run it) the backward. The automatic choice then takes the next
+    backend, so that a training step cannot fail in its backward after a forward that ran."""
+    if candidate != "cuda":
+        return None
+    backward = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, *params))
+    return _launcher_refusal(x.device, *bcs(x), num_groups, layout_of(x), DTYPE_CODE[x.dtype], backward) or None
+
+
+@torch.compiler.assume_constant_result  # a shape's answer: torch.compile asks once, while it traces
+def _launcher_refusal(device: torch.device, B: int, C: int, S: int, G: int, layout: int, dtype: int,
+                      backward: bool) -> str:
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return native_kernels("cuda", device).group_norm_refusal(B, C, S, G, layout, dtype, backward)
+
+
 def _per_sample_channel(name: str, value, x: Tensor) -> Tensor | None:
     """(B, C) or (B, C, 1, ..., 1) -> (B, C); None stays None."""
     if value is None:
@@ -173,10 +197,12 @@ def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_g
     bias_in, scale, shift = (_per_sample_channel(n, v, x)
                              for n, v in (("bias_in", bias_in), ("scale", scale), ("shift", shift)))
 
-    chosen = resolve(OP, tuple(_FORWARD), x.device, backend)
+    params = (weight, bias, bias_in, scale, shift)
+    refuses = None if C // num_groups <= _CUDA_FITS_EVERYWHERE else partial(_cuda_refusal, x, num_groups, params)
+    chosen = resolve(OP, tuple(_FORWARD), x.device, backend, refuses)
     if chosen == "torch":
         return reference.group_norm_silu(x, weight, bias, num_groups, eps, bias_in=bias_in, scale=scale,
                                          shift=shift, act=act)
-    small = (_float32(v) for v in (weight, bias, bias_in, scale, shift))
+    small = (_float32(v) for v in params)
     y, _, _ = call(_forward_op, x, *small, num_groups, float(eps), ACTIVATIONS[act], chosen)
     return y
