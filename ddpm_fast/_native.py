@@ -84,6 +84,11 @@ def _cuda_runtime() -> dict | None:
     return None if kernels is None else kernels.runtime_info()
 
 
+def _cuda_version(version: int) -> str:
+    """CUDA's integer versions as text: 12040 -> "12.4"."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
 def _triton_missing_reason() -> str | None:
     try:
         import triton  # noqa: F401
@@ -107,6 +112,11 @@ def backend_missing_reason(backend: str) -> str | None:
             return f"the extension was built without CUDA ({_C.build_info()['cuda_missing_reason']})"
         runtime = _cuda_runtime()
         if runtime["device_count"] == 0:
+            driver, built = runtime["driver_version"], runtime["runtime_version"]
+            if 0 < driver < built // 1000 * 1000:  # the same major version runs (CUDA's minor-version compatibility)
+                return (f"the NVIDIA driver supports CUDA up to {_cuda_version(driver)}, and this extension was built "
+                        f"with CUDA {_cuda_version(built)}: update the driver, or build with a CUDA toolkit the driver "
+                        f"supports ({runtime['error']})")
             return f"no CUDA device ({runtime['error']})"
         if not torch.cuda.is_available():
             return "torch.cuda.is_available() is False (a CPU build of PyTorch?)"

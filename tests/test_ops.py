@@ -1,5 +1,7 @@
 """The op layer: custom-op registration (opcheck), torch.compile, backend choice, build_info, randn."""
 
+import re
+
 import pytest
 import torch
 from _tolerance import NOISE_ROUNDING
@@ -32,6 +34,24 @@ def test_build_info_reports_every_backend():
         assert info["cuda_archs"] and info["cuda_version"]
     else:
         assert info["cuda_missing_reason"]
+
+
+@pytest.mark.parametrize("driver, expected", [
+    (12080, r"the NVIDIA driver supports CUDA up to 12\.8, and this extension was built with CUDA 13\.0: update "
+            r".* \(cudaErrorInsufficientDriver: .*\)"),
+    (0, r"no CUDA device \(cudaErrorInsufficientDriver: .*\)"),  # no driver at all (this machine)
+    (13000, r"no CUDA device \(cudaErrorInsufficientDriver: .*\)"),  # a driver of the same major version: not it
+])
+def test_cuda_reason_names_a_driver_older_than_the_build(monkeypatch, driver, expected):
+    """A wheel's statically linked CUDA runtime needs a driver of its major version; with an older one the
+    runtime reports no device, and the reason says which versions meet, not just the runtime's error."""
+    from ddpm_fast import _native
+    monkeypatch.setattr(_native, "_C", _native._C or object())
+    monkeypatch.setattr(_native, "cuda_kernels", lambda: object())
+    monkeypatch.setattr(_native, "_cuda_runtime", lambda: {
+        "device_count": 0, "driver_version": driver, "runtime_version": 13000,
+        "error": "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version"})
+    assert re.fullmatch(expected, _native.backend_missing_reason("cuda"))
 
 
 def _opcheck_cases(schedule, backend):

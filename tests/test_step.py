@@ -75,6 +75,14 @@ def _step(backend, model_output, t, sample, table, noise=None, seeds=None, **kwa
 def _check(backend, table, sample, model_output, noise, t, seeds=None, return_pred_original=True, **post):
     prev, x0 = _step(backend, model_output, t, sample, table, noise, seeds=seeds,
                      return_pred_original=return_pred_original, **post)
+    assert (x0 is not None) == return_pred_original
+    assert_step_matches(prev, x0, table, sample, model_output, noise, t, seeds, **post)
+    return prev, x0
+
+
+def assert_step_matches(prev, x0, table, sample, model_output, noise, t, seeds=None, **post):
+    """``prev`` (and ``x0`` unless None), a step of ``sample`` by ``model_output`` at ``t`` with the given noise or
+    the noise drawn from ``seeds``, against the reference step in the same dtype and in float64."""
     sample, model_output, noise, seeds = (None if v is None else v.cpu() for v in (sample, model_output, noise, seeds))
     t = t.cpu() if isinstance(t, torch.Tensor) else torch.full((sample.shape[0],), t)
     if seeds is not None:  # the kernel drew the contract's noise: give the reference the same values
@@ -84,15 +92,12 @@ def _check(backend, table, sample, model_output, noise, t, seeds=None, return_pr
     ref64_prev, ref64_x0 = reference.step(model_output.double(), t, sample.double(), table, noise=noise64, **post)
     assert prev.dtype == sample.dtype and prev.shape == sample.shape
     x0_terms, prev_terms = _magnitudes(table, t, sample, model_output, noise)
-    if return_pred_original:
+    if x0 is not None:
         assert_matches_reference(x0, ref_x0, ref64_x0, what="pred_original_sample", magnitude=x0_terms)
-    else:
-        assert x0 is None
     # drawn noise may differ from the reference's by NOISE_ROUNDING, weighted by std
     drawn_error = NOISE_ROUNDING * table.coef[t, 5].abs().max().item() if seeds is not None else 0.0
     assert_matches_reference(prev, ref_prev, ref64_prev, what="prev_sample", magnitude=prev_terms,
                              known_input_error=drawn_error)
-    return prev, x0
 
 
 def _drawn(t, seeds, sample):
