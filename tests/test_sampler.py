@@ -165,7 +165,8 @@ def _check_random_sampler_case(case):
     x_T = reference.philox_normal(seeds, reference.INITIAL_NOISE_STREAM, math.prod(shape)).reshape(-1, *shape)
     assert_matches_reference(trajectory[0], x_T.to(dtype), x_T.double(), what="x_T", known_input_error=NOISE_ROUNDING)
     post = dict(clip_range=sampler.clip_range, thresholding=sampler.thresholding,
-                dynamic_thresholding_ratio=sampler.dynamic_thresholding_ratio, sample_max_value=sampler.sample_max_value)
+                dynamic_thresholding_ratio=sampler.dynamic_thresholding_ratio,
+                sample_max_value=sampler.sample_max_value)
     for i, t in enumerate(sampler.timesteps.tolist()):
         x, ts = trajectory[i], torch.full((len(seeds),), t)
         assert_step_matches(trajectory[i + 1], None, sampler.table, x, model(x, ts), None, ts,
