@@ -47,13 +47,17 @@ void stream_all(std::ostringstream& os, const T& v, const Rest&... rest) {
   stream_all(os, rest...);
 }
 
+// The arguments streamed into one string: concat("got ", n, " channels").
+template <class... Args>
+std::string concat(const Args&... args) {
+  std::ostringstream os;
+  stream_all(os, args...);
+  return os.str();
+}
+
 template <class E, class... Args>
 [[noreturn]] void fail(const char* file, int line, const char* cond, const Args&... args) {
-  std::ostringstream os;
-  os << "ddpm_fast: ";
-  stream_all(os, args...);
-  os << " [check `" << cond << "` failed at " << file << ":" << line << "]";
-  throw E(os.str());
+  throw E(concat("ddpm_fast: ", args..., " [check `", cond, "` failed at ", file, ":", line, "]"));
 }
 
 }  // namespace detail

@@ -24,8 +24,7 @@ from PIL import Image
 import ddpm_fast
 from ddpm_fast import _native, reference
 from ddpm_fast import sampler as sampler_module
-from ddpm_fast.sampler import Sampler, save_image_grid
-from ddpm_fast.sampler import METHODS
+from ddpm_fast.sampler import METHODS, Sampler, save_image_grid
 from ddpm_fast.schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, VARIANCE_TYPES,
                                 NoiseSchedule)
 
@@ -124,6 +123,11 @@ def test_matches_reference_loop(schedule, method, prediction_type, options, shap
     assert_matches_reference(ours, ref32, ref64, what=f"{method} {prediction_type} images")
 
 
+# The kernel backends a CPU sampler can run on here: the C++ kernels, and the CUDA kernels on their emulator.
+SAMPLER_BACKENDS = ["cpu"] + (["cuda"] if _native.cuda_emulator_missing_reason() is None
+                              and not torch.cuda.is_available() else [])
+
+
 def _random_sampler_case(rng) -> dict:
     """A sampler configuration drawn at random: every option that changes the numbers, the schedule, the
     per-sample shape, the batch and its seeds, and the kernel backend."""
@@ -174,11 +178,6 @@ def _check_random_sampler_case(case):
     assert torch.equal(images, trajectory[-1].clamp(-1, 1))
     last = len(seeds) - 1  # a sample's trajectory is its seed's alone, whatever else is in the batch
     assert torch.equal(sampler.sample(seeds[last:], shape, dtype=dtype), images[last:])
-
-
-# The kernel backends a CPU sampler can run on here: the C++ kernels, and the CUDA kernels on their emulator.
-SAMPLER_BACKENDS = ["cpu"] + (["cuda"] if _native.cuda_emulator_missing_reason() is None
-                              and not torch.cuda.is_available() else [])
 
 
 def test_random_configs_match_reference_loop():

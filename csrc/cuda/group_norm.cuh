@@ -43,7 +43,6 @@
 #include <cstdlib>
 #include <mutex>
 #include <set>
-#include <sstream>
 #include <string>
 #include <utility>
 #include <type_traits>
@@ -358,17 +357,13 @@ inline bool clusters_available(const void* kernel) {
 // one (a device limit: RuntimeError). group_norm_refusal asks them before a launch.
 inline std::string channels_refusal(int64_t Cg) {
   if (Cg <= kMaxChannels) return "";
-  std::ostringstream os;
-  detail::stream_all(os, "group_norm_silu: at most ", kMaxChannels, " channels per group on CUDA, got ", Cg);
-  return os.str();
+  return detail::concat("group_norm_silu: at most ", kMaxChannels, " channels per group on CUDA, got ", Cg);
 }
 
 inline std::string smem_refusal(const char* op, size_t smem) {
   const int optin = device_props().smem_optin;
   if (smem <= size_t(std::max(optin, 48 * 1024))) return "";
-  std::ostringstream os;
-  detail::stream_all(os, op, ": needs ", smem, " bytes of shared memory per block, the device allows ", optin);
-  return os.str();
+  return detail::concat(op, ": needs ", smem, " bytes of shared memory per block, the device allows ", optin);
 }
 
 // group_norm_backward's refusal for either alignment (group_norm_backward.cu).
@@ -527,13 +522,13 @@ void with_launch(int64_t B, int64_t C, int64_t S, int64_t G, bool cl, bool align
   });
 }
 
-// The launcher's refusal of a call whatever the alignment of its pointers ("" when none): plan(aligned, f)
-// calls f as with_launch does.
-template <class Plan>
-std::string refusal_at_any_alignment(const char* op, Plan plan) {
+// The launcher's refusal of a call whatever the alignment of its pointers ("" when none):
+// with_aligned(aligned, f) calls f as with_launch does.
+template <class WithAligned>
+std::string refusal_at_any_alignment(const char* op, WithAligned with_aligned) {
   std::string why;
   for (const bool aligned : {false, true})
-    plan(aligned, [&](auto, const Geo&, size_t smem) {
+    with_aligned(aligned, [&](auto, const Geo&, size_t smem) {
       if (why.empty()) why = smem_refusal(op, smem);
     });
   return why;

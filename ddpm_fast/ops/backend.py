@@ -71,10 +71,11 @@ def use_backend(backend: str | None):
         set_backend(previous)
 
 
-def on_device(tensor: torch.Tensor):
-    """Launch on ``tensor``'s GPU, whichever is current: native and Triton kernels launch on the current
-    device (a no-op context on the CPU)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+def on_device(where: torch.Tensor | torch.device):
+    """Launch on the GPU of ``where`` (a tensor or a device), whichever is current: native and Triton kernels
+    launch on the current device (a no-op context on the CPU)."""
+    device = where.device if isinstance(where, torch.Tensor) else where
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _runs_on(backend: str, device: torch.device) -> str | None:

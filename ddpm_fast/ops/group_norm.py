@@ -6,7 +6,6 @@ Both U-Net forms of the time embedding (docs/contracts.md): ``bias_in`` added pe
 
 from __future__ import annotations
 
-import contextlib
 from functools import partial
 from typing import Optional
 
@@ -144,7 +143,7 @@ def _cuda_refusal(x: Tensor, num_groups: int, params: tuple, candidate: str) -> 
 @torch.compiler.assume_constant_result  # a shape's answer: torch.compile asks once, while it traces
 def _launcher_refusal(device: torch.device, B: int, C: int, S: int, G: int, layout: int, dtype: int,
                       backward: bool) -> str:
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with on_device(device):
         return native_kernels("cuda", device).group_norm_refusal(B, C, S, G, layout, dtype, backward)
 
 
