@@ -82,3 +82,12 @@ def random_spatial(rng: random.Random, dims: int, max_elements: int) -> tuple[in
         room = max(1, max_elements // max(1, torch.Size(sizes).numel()))
         sizes.append(rng.choice([n for n in (1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 31, 32, 64) if n <= room]))
     return tuple(sizes)
+
+
+def random_steps_offset(rng: random.Random, T: int, steps: int | None, spacing: str) -> int:
+    """A steps_offset for a schedule of T train steps sampled in ``steps`` with ``spacing``: 0 or 1 where it
+    shifts timesteps ("leading") and the shifted first one stays below T (a larger one is refused, tested in
+    test_schedule.py / test_diffusers_compat.py); otherwise 0."""
+    if spacing == "leading" and steps and (T // steps) * (steps - 1) + 1 < T:
+        return rng.choice([0, 1])
+    return 0

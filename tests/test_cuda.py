@@ -286,27 +286,51 @@ def test_timesteps_out_of_range_give_nan_not_out_of_bounds_reads(schedule):
 def test_launch_failure_raises_naming_the_op():
     """A region too wide for shared memory (one group of 4096 channels: the backward needs 256 KB, more than
     any GPU gives a block) fails at launch, refused by the launcher before CUDA would: a Python RuntimeError
-    that names the op and the sizes, and later launches work."""
-    x = _randn((1, 4096, 2, 2), 23).to(DEVICE).requires_grad_()
+    that names the op and the sizes, and later launches work. The ops are called below the public function,
+    whose backend choice would refuse the call before any launch (the tests below)."""
+    x = _randn((1, 4096, 2, 2), 23).to(DEVICE)
     with pytest.raises(RuntimeError, match=r"group_norm_silu(_backward)?: needs \d+ bytes of shared memory"):
-        y = ddpm_fast.group_norm_silu(x, None, None, 1, backend="cuda")  # 148 KB: fits on Hopper, not on Ampere
-        y.sum().backward()
-    ok = ddpm_fast.group_norm_silu(x.detach()[:, :8], None, None, 2, backend="cuda")
+        # the forward needs 148 KB: it fits on Hopper, not on Ampere
+        y, mean, rstd = torch.ops.ddpm_fast.group_norm_silu(x, None, None, None, None, None, 1, 1e-5, 1, "cuda")
+        torch.ops.ddpm_fast.group_norm_silu_backward(y, x, None, None, None, None, None, mean, rstd, 1, 1, "cuda")
+    ok = ddpm_fast.group_norm_silu(x[:, :8], None, None, 2, backend="cuda")
     assert torch.isfinite(ok).all()
+
+
+def _record_launches(monkeypatch) -> list:
+    """The (direction, backend) of every GroupNorm launch from now on, in order."""
+    ran = []
+    for table, direction in ((group_norm_module._FORWARD, "forward"), (group_norm_module._BACKWARD, "backward")):
+        for name, launcher in list(table.items()):
+            monkeypatch.setitem(table, name, lambda *args, _launch=launcher, _ran=(direction, name):
+                                (ran.append(_ran), _launch(*args))[1])
+    return ran
+
+
+def test_explicit_cuda_refuses_a_group_too_wide_before_running(monkeypatch):
+    """backend="cuda" on one group of 4096 channels: inference runs; under autograd, whose backward would
+    not fit, the call raises before its forward launches (not in loss.backward() after it), naming the
+    backend, the sizes and the way out."""
+    ran = _record_launches(monkeypatch)
+    x = _randn((1, 4096, 2, 2), 24).to(DEVICE)
+    with torch.no_grad():
+        ddpm_fast.group_norm_silu(x, None, None, 1, backend="cuda")
+    assert ran == [("forward", "cuda")]
+    ran.clear()
+    with pytest.raises(RuntimeError, match=r"group_norm_silu: backend 'cuda' cannot take this call: "
+                                           r"group_norm_silu_backward: needs \d+ bytes.*backend=None"):
+        ddpm_fast.group_norm_silu(x.requires_grad_(), None, None, 1, backend="cuda")
+    assert ran == []
 
 
 def test_automatic_choice_moves_past_a_group_too_wide_for_the_cuda_kernels(monkeypatch):
     """One group of 4096 channels: the CUDA forward takes it, the backward's shared memory cannot (64 bytes a
     channel; an H200 gives a block 227 KB). The automatic choice asks the launcher first: inference runs the
     cuda forward; training runs forward and backward on the next backend, with the gradients right, instead
-    of failing in its backward. (An explicit backend="cuda" raises there: the test above.)"""
+    of failing in its backward. (An explicit backend="cuda" raises before it runs: the test above.)"""
     # cuda first, whatever CUDA_PREFERENCE says; on the CPU the emulated H200 takes part as a GPU would
     monkeypatch.setattr(backend_choice, "_auto_order", lambda op, device_type: ("cuda", "triton", "torch"))
-    ran = []
-    for table, direction in ((group_norm_module._FORWARD, "forward"), (group_norm_module._BACKWARD, "backward")):
-        for name, launcher in list(table.items()):
-            monkeypatch.setitem(table, name, lambda *args, _launch=launcher, _ran=(direction, name):
-                                (ran.append(_ran), _launch(*args))[1])
+    ran = _record_launches(monkeypatch)
     x, p = _gn_test_inputs((2, 4096, 2, 2), "scale_shift", torch.float32, seed=31)
     with torch.no_grad():
         ddpm_fast.group_norm_silu(*(v.to(DEVICE) for v in (x, p["weight"], p["bias"])), 1)

@@ -25,7 +25,7 @@ from diffusers.pipelines.ddim import pipeline_ddim
 from diffusers.pipelines.ddpm import pipeline_ddpm
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
 
-from _fuzz import run_cases
+from _fuzz import random_steps_offset, run_cases
 from _tolerance import assert_matches_reference
 from ddpm_fast.diffusers_compat import FastDDIMScheduler, FastDDPMScheduler, FastSchedulerOutput, SchedulerConfig
 
@@ -186,8 +186,7 @@ def _random_scheduler_case(rng) -> dict:
     else:
         config["set_alpha_to_one"] = rng.random() < 0.5
     steps = None if kind == "ddpm" and rng.random() < 0.2 else rng.randint(1, T)
-    if steps and config["timestep_spacing"] == "leading" and (T // steps) * (steps - 1) + 1 < T:
-        config["steps_offset"] = rng.choice([0, 1])  # (an offset past T - 1 is refused, tested below)
+    config["steps_offset"] = random_steps_offset(rng, T, steps, config["timestep_spacing"])
     # eta = 1 at zero terminal SNR: the DDIM direction is sqrt(1 - ap - sigma^2) of an exact 0 at t = T - 1,
     # which the float64 twin rounds below 0 (NaN) about half the time (ours clamps it, as float32 diffusers
     # happens to): no truth to compare with there.

@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from _fuzz import run_cases
+from _fuzz import random_steps_offset, run_cases
 from _tolerance import NOISE_ROUNDING, assert_matches_reference
 from test_step import assert_step_matches
 from PIL import Image
@@ -139,8 +139,7 @@ def _random_sampler_case(rng) -> dict:
                    timestep_spacing=rng.choice(TIMESTEP_SPACINGS),
                    clip_range=rng.choice([0.5, 1.0, 2.5]) if post == "clip" else None, thresholding=post == "threshold",
                    dynamic_thresholding_ratio=rng.choice([0.9, 0.995]), sample_max_value=rng.choice([1.0, 1.5, 4.0]))
-    if options["timestep_spacing"] == "leading" and steps and (T // steps) * (steps - 1) + 1 < T:
-        options["steps_offset"] = rng.choice([0, 1])  # (an offset past T - 1 is refused)
+    options["steps_offset"] = random_steps_offset(rng, T, steps, options["timestep_spacing"])
     # zero terminal SNR leaves x0 undefined for epsilon models at t = T - 1 (refused: test_schedule.py); at
     # eta = 1 the float64 truth is NaN there (test_diffusers_compat.py's random configs say why)
     zero_snr = prediction != "epsilon" and rng.random() < 0.3

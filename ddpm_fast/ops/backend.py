@@ -7,7 +7,8 @@ then the other (``triton`` is what runs when the extension was built without CUD
 ``cpu`` (never ``triton``: on the CPU it is the interpreter, a test vehicle, so only on request);
 ``torch`` (the pure-PyTorch reference) is the fallback everywhere. An explicit request that cannot run
 raises and says why. A call past a kernel's shape limit (a GroupNorm group too wide for the CUDA kernels'
-shared memory) skips that backend in the automatic choice. ``cuda`` takes CPU tensors only under
+shared memory) skips that backend in the automatic choice, and an explicit request for it raises before
+anything runs. ``cuda`` takes CPU tensors only under
 ``DDPM_FAST_EMULATE_CUDA=1``, through the emulator of the CUDA kernels that development builds carry (a test
 vehicle, like Triton's interpreter).
 """
@@ -106,7 +107,8 @@ def resolve(op: str, native: tuple[str, ...], device: torch.device, backend: str
     """The backend that runs ``op`` on ``device``; ``native`` lists the backends with kernels for it.
 
     ``refuses(candidate)``, when given, says why a candidate's kernels cannot take this call (a shape past a
-    device limit): the automatic choice moves on to the next; an explicit request runs and raises there.
+    device limit): the automatic choice moves on to the next; an explicit request raises before anything
+    runs (so a training step cannot fail in its backward after a forward that ran).
     """
     _check_name(backend, f"{op}: backend")
     requested = backend or get_backend()
@@ -116,6 +118,10 @@ def resolve(op: str, native: tuple[str, ...], device: torch.device, backend: str
         reason = _runs_on(requested, device)
         if reason is not None:
             raise RuntimeError(f"{op}: backend {requested!r} is not available: {reason}")
+        reason = refuses(requested) if refuses is not None else None
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend {requested!r} cannot take this call: {reason} "
+                               f"(backend=None chooses one that can)")
         return requested
     for candidate in _auto_order(op, device.type):
         if candidate == "torch" or (candidate in native and _runs_on(candidate, device) is None

@@ -133,7 +133,8 @@ _CUDA_FITS_EVERYWHERE = 1024
 def _cuda_refusal(x: Tensor, num_groups: int, params: tuple, candidate: str) -> str | None:
     """Why the cuda kernels cannot take this call, or None: a group too wide for this GPU's shared memory, in
     the forward or (when autograd will run it) the backward. The automatic choice then takes the next
-    backend, so that a training step cannot fail in its backward after a forward that ran."""
+    backend and an explicit request raises, before the forward runs: a training step cannot fail in its
+    backward after a forward that ran."""
     if candidate != "cuda":
         return None
     backward = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, *params))
