@@ -3,7 +3,10 @@
 `FastDDPMScheduler` and `FastDDIMScheduler` take the same config fields (and defaults) as diffusers'
 schedulers, read and write the same `scheduler_config.json`, and expose what diffusers' pipelines and
 typical user code touch (`config`, `timesteps`, `set_timesteps`, `step`, `add_noise`, `init_noise_sigma`,
-`scale_model_input`, `order`, ...). diffusers is never imported here.
+`scale_model_input`, `order`, ...). Where diffusers is installed they subclass its `SchedulerMixin`, the
+one thing taken from it: its pipelines accept a scheduler in `from_pretrained(..., scheduler=...)`, save it
+with the pipeline and load it back only then. Without diffusers they stand alone (diffusers is no runtime
+dependency), and `import ddpm_fast` imports this module (and so diffusers) only when they are first used.
 
 What differs inside:
 
@@ -48,6 +51,19 @@ from .schedule import (_REFUSED_VARIANCE_TYPES, PREDICTION_TYPES, TIMESTEP_SPACI
 __all__ = ["FastDDIMScheduler", "FastDDPMScheduler", "FastSchedulerOutput", "SchedulerConfig"]
 
 CONFIG_NAME = "scheduler_config.json"
+
+
+def _diffusers_scheduler_base() -> type:
+    try:
+        from diffusers.schedulers.scheduling_utils import SchedulerMixin as base
+    except Exception:  # not installed (or an install that does not import): no pipeline to take part in
+        return object
+    return base
+
+
+# Also the name under which diffusers' pipeline loader looks up, in a saved component's module, the base
+# class that tells it how to load the component (here: from_pretrained).
+SchedulerMixin = _diffusers_scheduler_base()
 # How many step tables a scheduler keeps (one per (timesteps, eta, use_clipped_model_output)).
 _TABLE_CACHE_SIZE = 8
 
@@ -183,8 +199,9 @@ def _check_float(name: str, value) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-class _FastScheduler:
-    """Config handling, timesteps, add_noise and the table cache shared by the two schedulers."""
+class _FastScheduler(SchedulerMixin):
+    """Config handling, timesteps, add_noise and the table cache shared by the two schedulers (SchedulerMixin
+    only marks them as schedulers for diffusers' pipelines: each method it has, they define)."""
 
     # field -> default, in diffusers' order; subclasses set it.
     _DEFAULTS: dict[str, Any] = {}

@@ -16,6 +16,9 @@ noise itself is identical is asserted separately: both generators end in the sam
 """
 
 import copy
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -483,6 +486,54 @@ def test_pipeline_swap_gives_diffusers_images(kind):
     assert images_truth.dtype == np.float64
     assert_matches_reference(torch.from_numpy(images_ours), torch.from_numpy(images_theirs),
                              torch.from_numpy(images_truth), dtype=torch.float32, what=f"{kind} pipeline images")
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_pipeline_loads_saves_and_reloads_our_scheduler(kind, tmp_path):
+    """The diffusers ways to put a scheduler into a saved pipeline and keep it there: `from_pretrained(path,
+    scheduler=ours)` (diffusers checks that it is a SchedulerMixin) and `save_pretrained`, whose directory
+    names our class and loads back with our scheduler and its config, giving the same images for the same
+    generator. (DDIMPipeline turns any scheduler into a DDIMScheduler of its config when it is built.)"""
+    Pipe, Theirs, Ours = ((DDPMPipeline, DDPMScheduler, FastDDPMScheduler) if kind == "ddpm" else
+                          (DDIMPipeline, DDIMScheduler, FastDDIMScheduler))
+    Pipe(unet=_tiny_unet(), scheduler=Theirs()).save_pretrained(tmp_path / "theirs")
+    ours = Ours(clip_sample=False, beta_schedule="squaredcos_cap_v2")
+    pipe = Pipe.from_pretrained(tmp_path / "theirs", scheduler=ours)
+    pipe.scheduler = ours
+    pipe.save_pretrained(tmp_path / "ours")
+    index = json.loads((tmp_path / "ours" / "model_index.json").read_text())
+    assert index["scheduler"] == ["ddpm_fast.diffusers_compat", Ours.__name__]
+    again = Pipe.from_pretrained(tmp_path / "ours")
+    assert type(again.scheduler) is (Ours if kind == "ddpm" else Theirs)
+    assert _fields(again.scheduler.config, Ours) == dict(ours.config)
+    again.scheduler = Ours.from_config(again.scheduler.config)
+    run = dict(batch_size=2, num_inference_steps=4, output_type="np")
+    for p in (pipe, again):
+        p.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(again(generator=_gen(5), **run).images, pipe(generator=_gen(5), **run).images)
+
+
+def test_schedulers_import_diffusers_only_when_used_and_stand_alone_without_it():
+    """`import ddpm_fast` does not import diffusers (~3 s); the schedulers do, for its SchedulerMixin; where
+    diffusers cannot be imported they work without that base."""
+    script = """
+import sys
+import torch
+import ddpm_fast
+assert "diffusers" not in sys.modules
+if sys.argv[1] == "blocked":
+    sys.modules["diffusers"] = None  # what an absent package gives: ImportError
+from ddpm_fast import FastDDPMScheduler
+bases = [c.__name__ for c in FastDDPMScheduler.__mro__]
+assert ("SchedulerMixin" in bases) == (sys.argv[1] == "installed"), bases
+sched = FastDDPMScheduler()
+sched.set_timesteps(3)
+x = torch.randn(1, 3, 4, 4)
+assert sched.step(torch.randn_like(x), 666, x, generator=torch.Generator().manual_seed(0)).prev_sample.isfinite().all()
+"""
+    for case in ("installed", "blocked"):
+        result = subprocess.run([sys.executable, "-c", script, case], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{case}: {result.stderr[-2000:]}"
 
 
 # ------------------------------------------------------------------------------------------------
