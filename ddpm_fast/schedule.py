@@ -11,6 +11,8 @@ extension.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -244,7 +246,12 @@ def _cached_on(cache: dict, source: torch.Tensor, device) -> torch.Tensor:
     """source: float64 CPU table -> a contiguous float32 copy on `device`, made once per device."""
     key = _device_key(device)
     if key not in cache:
-        cache[key] = source.to(device=key, dtype=torch.float32).contiguous()
+        # Made outside any torch.func transform the call may be in: inside one, the copy would be the
+        # transform's wrapper, and every later call would read it after the transform has ended. (Checked
+        # after is_compiling: dynamo traces neither call.)
+        in_transform = not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+        with torch._C._DisableFuncTorch() if in_transform else contextlib.nullcontext():
+            cache[key] = source.to(device=key, dtype=torch.float32).contiguous()
     return cache[key]
 
 

@@ -161,3 +161,102 @@ def test_randn_matches_reference(dtype):
     atol = NOISE_ROUNDING + {torch.float32: 0, torch.float16: 6 * 2**-10, torch.bfloat16: 6 * 2**-7}[dtype]
     torch.testing.assert_close(ours.float(), ref.to(dtype).float(), rtol=0, atol=atol)
     torch.testing.assert_close(ddpm_fast.randn(seeds, (3, 5, 7), stream=9, backend="torch"), ref.reshape(4, 3, 5, 7))
+
+
+# --------------------------------------------------------------------------------------------------
+# derivatives: the kernels give group_norm_silu's backward; every other derivative is the reference's
+# --------------------------------------------------------------------------------------------------
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# torch's forward-mode AD scripts its decompositions on first use, and torch 2.13 deprecates torch.jit.script
+forward_ad_warning = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+def _derivative_cases(schedule, device):
+    """(name, f, primals): each op as a function of its differentiable float inputs."""
+    table, t, n = ddpm_table(schedule), torch.tensor([3, 700], device=device), _rand(2, 3, 4, 4, seed=9).to(device)
+    seeds = torch.tensor([4, 5], device=device)
+    return [
+        ("q_sample", lambda x0, noise: torch.cat(ddpm_fast.q_sample(x0, t, schedule, noise)),
+         (_rand(2, 3, 4, 4, seed=1), n)),
+        ("step", lambda out, x: torch.cat(ddpm_fast.step(out, t, x, table, seeds=seeds, clip_range=1.0)),
+         (_rand(2, 3, 4, 4, seed=2), _rand(2, 3, 4, 4, seed=3))),
+        ("group_norm_silu", lambda x, w, shift: ddpm_fast.group_norm_silu(x, w, None, 4, shift=shift),
+         (_rand(2, 8, 4, 4, seed=4), _rand(8, seed=5), _rand(2, 8, seed=6))),
+    ]
+
+
+@forward_ad_warning
+@pytest.mark.parametrize("op", ["q_sample", "step", "group_norm_silu"])
+def test_derivatives_the_kernels_lack_are_the_reference_s(schedule, op):
+    """Autograd through q_sample and step (no backward kernels), and for every op torch.func.grad / jvp and
+    forward-mode dual tensors (which a custom op would answer with a zero tangent, silently): the automatic
+    choice computes them with the reference, so they equal its own, to the bit."""
+    _, f, primals = next(c for c in _derivative_cases(schedule, DEVICE) if c[0] == op)
+    primals = tuple(p.to(DEVICE) for p in primals)
+    tangents = tuple(torch.randn_like(p) for p in primals)
+    ref = _with_backend(f, "torch")
+
+    if op != "group_norm_silu":  # (whose backward is the kernels': tests/test_group_norm.py)
+        leaves = [p.clone().requires_grad_() for p in primals]
+        ours_grads = torch.autograd.grad(f(*leaves).square().sum(), leaves)
+        ref_leaves = [p.clone().requires_grad_() for p in primals]
+        for a, b in zip(ours_grads, torch.autograd.grad(ref(*ref_leaves).square().sum(), ref_leaves)):
+            assert torch.equal(a, b) and a.abs().sum() > 0
+
+    argnums = tuple(range(len(primals)))
+    for a, b in zip(torch.func.grad(lambda *p: f(*p).square().sum(), argnums)(*primals),
+                    torch.func.grad(lambda *p: ref(*p).square().sum(), argnums)(*primals)):
+        assert torch.equal(a, b)
+    (y, jvp), (y_ref, jvp_ref) = torch.func.jvp(f, primals, tangents), torch.func.jvp(ref, primals, tangents)
+    assert torch.equal(y, y_ref) and torch.equal(jvp, jvp_ref) and jvp.abs().sum() > 0
+
+    with torch.autograd.forward_ad.dual_level():
+        out = f(*(torch.autograd.forward_ad.make_dual(p, d) for p, d in zip(primals, tangents)))
+        assert torch.equal(torch.autograd.forward_ad.unpack_dual(out).tangent, jvp_ref)
+
+
+@forward_ad_warning
+@pytest.mark.parametrize("op", ["q_sample", "step", "group_norm_silu"])
+def test_explicit_backend_refuses_a_derivative_its_kernels_lack(schedule, backend, op):
+    """backend=<native> on such a call raises before it runs, naming the derivative: not a missing autograd
+    formula at loss.backward(), nor a zero tangent."""
+    _, f, primals = next(c for c in _derivative_cases(schedule, backend.device) if c[0] == op)
+    primals = backend.to(*primals)
+    explicit = _with_backend(f, backend.name)
+    match = f"{op}: backend '{backend.name}' cannot take this call: its kernels have no "
+    if op != "group_norm_silu":
+        with pytest.raises(RuntimeError, match=match + "backward"):
+            explicit(*(p.clone().requires_grad_() for p in primals))
+    with pytest.raises(RuntimeError, match=match + r"torch\.func derivative"):
+        torch.func.jvp(explicit, primals, tuple(torch.randn_like(p) for p in primals))
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match=match + "forward-mode"):
+        explicit(*(torch.autograd.forward_ad.make_dual(p, torch.randn_like(p)) for p in primals))
+    assert torch.isfinite(explicit(*primals)).all()  # without a derivative, the kernels run
+
+
+def _with_backend(f, name):
+    def run(*args):
+        with ddpm_fast.use_backend(name):
+            return f(*args)
+    return run
+
+
+@forward_ad_warning
+@needs_cpu_kernels
+def test_table_copies_made_inside_a_transform_serve_later_calls():
+    """The float32 tables are copied to a device once, on first use. A first use inside torch.func.jvp (the op
+    on tensors the transform does not track, so the kernels run) must not keep the transform's wrapper, which
+    every later call would find dead."""
+    schedule = NoiseSchedule(1000, "linear")
+    table = ddpm_table(schedule)
+    x, seeds = _rand(2, 3, 4, 4, seed=7), torch.tensor([1, 2])
+
+    def f(a):
+        x_t, _ = ddpm_fast.q_sample(x, 10, schedule, seeds=seeds, backend="cpu")
+        prev, _ = ddpm_fast.step(x, 500, x, table, seeds=seeds, backend="cpu")
+        return a * x_t + prev
+
+    torch.func.jvp(f, (x,), (x,))
+    assert torch.isfinite(ddpm_fast.q_sample(x, 10, schedule, seeds=seeds, backend="cpu")[0]).all()
+    assert torch.isfinite(ddpm_fast.step(x, 500, x, table, seeds=seeds, backend="cpu")[0]).all()

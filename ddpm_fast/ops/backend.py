@@ -7,8 +7,8 @@ then the other (``triton`` is what runs when the extension was built without CUD
 ``cpu`` (never ``triton``: on the CPU it is the interpreter, a test vehicle, so only on request);
 ``torch`` (the pure-PyTorch reference) is the fallback everywhere. An explicit request that cannot run
 raises and says why. A call past a kernel's shape limit (a GroupNorm group too wide for the CUDA kernels'
-shared memory) skips that backend in the automatic choice, and an explicit request for it raises before
-anything runs. ``cuda`` takes CPU tensors only under
+shared memory), or one that needs a derivative the kernels do not give (:func:`derivative_refusal`), skips
+that backend in the automatic choice, and an explicit request for it raises before anything runs. ``cuda`` takes CPU tensors only under
 ``DDPM_FAST_EMULATE_CUDA=1``, through the emulator of the CUDA kernels that development builds carry (a test
 vehicle, like Triton's interpreter).
 """
@@ -21,6 +21,8 @@ import threading
 from typing import Callable
 
 import torch
+from torch._C._functorch import is_gradtrackingtensor
+from torch.autograd import forward_ad
 
 from .._native import backend_missing_reason, cuda_emulator_missing_reason
 
@@ -79,6 +81,24 @@ def on_device(where: torch.Tensor | torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def derivative_refusal(tensors, has_backward: bool) -> Callable[[str], str] | None:
+    """A ``refuses`` for :func:`resolve` when the call needs a derivative that the native kernels do not
+    give (the reference gives them all), else None: a backward (an input that requires grad, for an op
+    without one), or a derivative of torch.func's (grad, jvp, ...) or of forward-mode AD (dual tensors),
+    which would otherwise come back as zero without an error."""
+    tensors = [t for t in tensors if t is not None]
+    why = None
+    if not has_backward and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        why = "its kernels have no backward, and an input requires grad (detach it, or run without grad)"
+    elif torch.compiler.is_compiling():
+        pass  # the transforms below wrap a compiled function from outside; dynamo would not trace the checks
+    elif torch._C._are_functorch_transforms_active() and any(is_gradtrackingtensor(t) for t in tensors):
+        why = "its kernels have no torch.func derivative (grad, jvp, ...)"
+    elif forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        why = "its kernels have no forward-mode derivative (a dual tensor is an input)"
+    return None if why is None else (lambda candidate: why)
+
+
 def _runs_on(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot take tensors on ``device``, or None."""
     if backend == "cpu" and device.type != "cpu":
@@ -118,7 +138,7 @@ def resolve(op: str, native: tuple[str, ...], device: torch.device, backend: str
         reason = _runs_on(requested, device)
         if reason is not None:
             raise RuntimeError(f"{op}: backend {requested!r} is not available: {reason}")
-        reason = refuses(requested) if refuses is not None else None
+        reason = refuses(requested) if refuses is not None and requested != "torch" else None
         if reason is not None:
             raise RuntimeError(f"{op}: backend {requested!r} cannot take this call: {reason} "
                                f"(backend=None chooses one that can)")

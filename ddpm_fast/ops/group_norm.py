@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import reference
 from .._native import launch_context, native_kernels
-from .backend import on_device, resolve
+from .backend import derivative_refusal, on_device, resolve
 from .dispatch import call, custom_op
 from .triton import launcher as triton_launcher
 from .checks import DTYPE_CODE, bcs, check_tensor, layout_of, memory_format
@@ -198,7 +198,9 @@ def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_g
                              for n, v in (("bias_in", bias_in), ("scale", scale), ("shift", shift)))
 
     params = (weight, bias, bias_in, scale, shift)
-    refuses = None if C // num_groups <= _CUDA_FITS_EVERYWHERE else partial(_cuda_refusal, x, num_groups, params)
+    refuses = derivative_refusal((x, *params), has_backward=True)
+    if refuses is None and C // num_groups > _CUDA_FITS_EVERYWHERE:
+        refuses = partial(_cuda_refusal, x, num_groups, params)
     chosen = resolve(OP, tuple(_FORWARD), x.device, backend, refuses)
     if chosen == "torch":
         return reference.group_norm_silu(x, weight, bias, num_groups, eps, bias_in=bias_in, scale=scale,

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import reference
 from .._native import launch_context, native_kernels
-from .backend import on_device, resolve
+from .backend import derivative_refusal, on_device, resolve
 from .dispatch import call, custom_op
 from .triton import launcher as triton_launcher
 from .checks import (DTYPE_CODE, batch_stride, bcs, check_t_range, check_tensor, dense, layout_of,
@@ -92,7 +92,7 @@ def q_sample(x0: Tensor, t, schedule, noise: Tensor | None = None, *, seeds: Ten
         raise ValueError(f"{OP}: stream must be an int in [0, 2**32), got {stream!r}")
     t = timesteps(OP, t, x0.shape[0], x0.device)
 
-    chosen = resolve(OP, tuple(_LAUNCHERS), x0.device, backend)
+    chosen = resolve(OP, tuple(_LAUNCHERS), x0.device, backend, derivative_refusal((x0, noise), has_backward=False))
     if chosen == "torch":
         x_t, eps = reference.q_sample(x0, t, schedule, noise=noise, seeds=seeds, stream=stream)
         if target == "epsilon":

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import reference
 from .._native import launch_context, native_kernels
-from .backend import on_device, resolve
+from .backend import derivative_refusal, on_device, resolve
 from .dispatch import call, custom_op
 from .triton import launcher as triton_launcher
 from .checks import (DTYPE_CODE, batch_stride, bcs, check_t_range, check_tensor, dense, layout_of,
@@ -111,7 +111,8 @@ def step(model_output: Tensor, t, sample: Tensor, table, noise: Tensor | None = 
         raise ValueError(f"{OP}: {error}") from None
     t = timesteps(OP, t, sample.shape[0], sample.device)
 
-    chosen = resolve(OP, tuple(_LAUNCHERS), sample.device, backend)
+    chosen = resolve(OP, tuple(_LAUNCHERS), sample.device, backend,
+                     derivative_refusal((model_output, sample, noise), has_backward=False))
     if chosen == "torch":
         prev, x0 = reference.step(model_output, t, sample, table, noise=noise, seeds=seeds, clip_range=clip_range,
                                   thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
