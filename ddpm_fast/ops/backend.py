@@ -8,9 +8,9 @@ then the other (``triton`` is what runs when the extension was built without CUD
 ``torch`` (the pure-PyTorch reference) is the fallback everywhere. An explicit request that cannot run
 raises and says why. A call past a kernel's shape limit (a GroupNorm group too wide for the CUDA kernels'
 shared memory), or one that needs a derivative the kernels do not give (:func:`derivative_refusal`), skips
-that backend in the automatic choice, and an explicit request for it raises before anything runs. ``cuda`` takes CPU tensors only under
-``DDPM_FAST_EMULATE_CUDA=1``, through the emulator of the CUDA kernels that development builds carry (a test
-vehicle, like Triton's interpreter).
+that backend in the automatic choice, and an explicit request for it raises before anything runs. ``cuda``
+takes CPU tensors only under ``DDPM_FAST_EMULATE_CUDA=1``, through the emulator of the CUDA kernels that
+development builds carry (a test vehicle, like Triton's interpreter).
 """
 
 from __future__ import annotations
