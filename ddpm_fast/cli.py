@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -40,18 +41,33 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _positive(kind):
+def _positive(kind, least=None):
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"must be > 0{' and finite' if kind is float else ''}, got {text!r}")
+        if least is not None and value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {text!r}")
         return value
     parse.__name__ = kind.__name__
     return parse
+
+
+def _device(text: str | None):
+    """The --device to run on, checked before the work: torch's own error for a missing CUDA is an assert."""
+    import torch
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise UsageError(f"--device: {error}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise UsageError(f"--device {text}: this machine has {found} (torch {torch.__version__})")
+    return device
 
 
 def _load_sampling_model(path: str):
@@ -82,13 +98,30 @@ def _load_sampling_model(path: str):
     return model, schedule, {"prediction_type": config["prediction_type"]}
 
 
-def _save_samples(images, seeds, out: Path) -> tuple[Path, Path]:
-    import numpy as np
-    from .train import write_sample_grid
+def _check_output(out: Path) -> None:
+    """Before the work: ``out`` is a .png that can be written (the images go beside it as .npz)."""
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out names the PNG grid and must end in .png (the images go beside it as .npz), "
+                         f"got {str(out)!r}")
+    for path in (out, out.with_suffix(".npz")):
+        if path.is_dir():
+            raise UsageError(f"--out: {str(path)!r} is a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"--out: cannot write into {str(out.parent)!r}")
+
+
+def _save_samples(images, seeds, out: Path) -> tuple[Path, Path]:
+    import io
+
+    import numpy as np
+
+    from .sampler import write_atomically
+    from .train import write_sample_grid
     write_sample_grid(images, out)
-    npz = out.with_suffix(".npz")
-    np.savez(npz, images=images.float().numpy(), seeds=np.asarray(seeds, dtype=np.int64))
+    npz, buffer = out.with_suffix(".npz"), io.BytesIO()
+    np.savez(buffer, images=images.float().numpy(), seeds=np.asarray(seeds, dtype=np.int64))
+    write_atomically(npz, buffer.getvalue())
     return out, npz
 
 
@@ -109,6 +142,8 @@ def cmd_train(args) -> int:
         trainer = Trainer(config, args.out, progress=True)
         if not args.no_resume and trainer.resume():
             _say(f"resumed from step {trainer.step} ({args.out})")
+            if trainer.step >= args.steps:
+                _say(f"nothing to train: the checkpoint is at step {trainer.step} and --steps is {args.steps}")
         start = time.perf_counter()
         losses = trainer.train(time_limit=args.time_limit)
         if losses:
@@ -122,11 +157,14 @@ def cmd_sample(args) -> int:
     from . import distributed
     from .sampler import Sampler
     _set_threads(args.threads)
+    _check_output(Path(args.out))
+    if not -2**63 <= args.seed <= 2**63 - args.num_samples:
+        raise UsageError(f"--seed: the seeds SEED .. SEED + {args.num_samples - 1} must be int64, got {args.seed}")
     with distributed.process_group():
         model, schedule, options = _load_sampling_model(args.model)
         if args.method != "ddpm":
             options.pop("variance_type", None)
-        device = distributed.default_device() if args.device is None else torch.device(args.device)
+        device = distributed.default_device() if args.device is None else _device(args.device)
         model = model.to(device)
         sampler = Sampler(model, schedule, method=args.method, num_steps=args.steps, backend=args.backend, **options)
         seeds = torch.arange(args.seed, args.seed + args.num_samples, dtype=torch.int64)
@@ -146,12 +184,15 @@ def cmd_evaluate(args) -> int:
     from .train import load_model
     _set_threads(args.threads)
     model, schedule, config = load_model(args.checkpoint)
-    data = config["train"]["data"]
-    real = load_digits("test") if data == "digits" else load_dataset(data, config["train"]["image_size"])
+    train = config.get("train") or {}
+    if "data" not in train:
+        raise UsageError(f"{args.checkpoint!r}: its config.json does not name the data it was trained on")
+    data, size = train["data"], model.config.sample_size
+    real = load_digits("test", size) if data == "digits" else load_dataset(data, train.get("image_size"))
     x0 = real.images[:args.num_images]
     result = {}
     bound = _timed(lambda: _bpd(model, x0, schedule, config["prediction_type"], args.bpd_timesteps), result, "bpd")
-    if data == "digits":
+    if data == "digits" and size == 16:  # the digit scorer reads 16x16 digits
         sampler = Sampler(model, schedule, method="ddim", num_steps=args.sample_steps,
                           prediction_type=config["prediction_type"])
         samples = sampler.sample(torch.arange(args.num_samples), progress=True)
@@ -333,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-steps", type=_positive(int), default=20_000, help="training step cap")
     demo.add_argument("--batch-size", type=_positive(int), default=32)
     demo.add_argument("--lr", type=_positive(float), default=1e-3)
-    demo.add_argument("--samples", type=_positive(int), default=256, help="images to sample and score")
+    demo.add_argument("--samples", type=_positive(int, least=2), default=256, help="images to sample and score")
     demo.add_argument("--sample-steps", type=_positive(int), default=30, help="DDIM steps")
     demo.add_argument("--bpd-timesteps", type=_positive(int), default=30,
                       help="strata of the variational-bound estimate (999: the exact sum)")
@@ -369,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0: never)")
     train.add_argument("--num-samples", type=_positive(int), default=64)
     train.add_argument("--sample-steps", type=_positive(int), default=50)
-    train.add_argument("--no-resume", action="store_true", help="start from scratch even if OUT has checkpoints")
+    train.add_argument("--no-resume", action="store_true",
+                       help="start from scratch; OUT must hold no checkpoints (an earlier run's are never deleted)")
     train.set_defaults(func=cmd_train)
 
     sample = add("sample", "Sample a trained model (our checkpoint or a diffusers UNet2DModel folder) to PNG + .npz.")
@@ -389,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", help="a checkpoint or run folder")
     evaluate.add_argument("--num-images", type=_positive(int), default=300, help="held-out images for the bound")
     evaluate.add_argument("--bpd-timesteps", type=_positive(int), default=100, help="999: the exact sum")
-    evaluate.add_argument("--num-samples", type=_positive(int), default=256)
+    evaluate.add_argument("--num-samples", type=_positive(int, least=2), default=256, help="samples to score (digits)")
     evaluate.add_argument("--sample-steps", type=_positive(int), default=50)
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -225,7 +225,8 @@ class Sampler:
         thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding (takes precedence
             over clipping, as in diffusers).
         set_alpha_to_one, use_clipped_model_output: DDIM's options (diffusers' meaning).
-        backend: force the ops' backend ("cpu", "torch", ...); None chooses by device.
+        backend: force the ops' backend ("cpu", "torch", ...; "triton" for the steps, x_T by device); None
+            chooses by device.
 
     Attributes:
         table: the :class:`~ddpm_fast.schedule.StepTable`, built once here.
@@ -351,7 +352,9 @@ class Sampler:
             empty = torch.empty((0, *shape), dtype=dtype, device=seeds.device)
             return (empty, empty.new_empty((N + 1, 0, *shape))) if return_trajectory else empty
 
-        x = randn(seeds, shape, reference.INITIAL_NOISE_STREAM, dtype, backend=self.backend)
+        # randn has no Triton kernel: under backend="triton" x_T takes the automatic choice (the same normals)
+        x = randn(seeds, shape, reference.INITIAL_NOISE_STREAM, dtype,
+                  backend=None if self.backend == "triton" else self.backend)
         # Every step's (B,) timesteps, made once: row i is a contiguous device tensor, read without a sync.
         ts = self.timesteps.to(seeds.device)[:, None].expand(N, B).contiguous()
         step_seeds = seeds if self.table.adds_noise else None  # DDIM with eta = 0 draws nothing
@@ -599,12 +602,16 @@ def save_image_grid(images: Tensor, path, nrow: int | None = None, *, padding: i
         r, c = divmod(b, nrow)
         y, x = padding + r * (H + padding), padding + c * (W + padding)
         grid[y:y + H, x:x + W] = pixels[b].permute(1, 2, 0)
-    data = _encode_png(grid)
+    write_atomically(path, _encode_png(grid))
 
+
+def write_atomically(path, data: bytes) -> None:
+    """``path`` holds ``data`` or, after any failure, what it held before: a temporary file in the same
+    folder, synced, then os.replace."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; an image is meant to be read by others
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; an output is meant to be read by others
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -53,6 +53,8 @@ __all__ = ["CHECKPOINT_FORMAT", "TrainConfig", "Trainer", "latest_checkpoint", "
 
 CHECKPOINT_FORMAT = "ddpm_fast-checkpoint-1"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+# What loading a model (and resuming, also ema_updates) reads from a checkpoint's config.json.
+_MODEL_KEYS = ("step", "unet", "schedule", "prediction_type")
 _MASK63 = (1 << 63) - 1
 
 
@@ -113,6 +115,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             raise ValueError(f"TrainConfig: min_snr_gamma must be > 0 or None, got {self.min_snr_gamma!r}")
+        if self.sample_every and self.sample_steps > self.num_train_timesteps:  # found now, not at the first grid
+            raise ValueError(f"TrainConfig: sample_steps={self.sample_steps} must be at most num_train_timesteps="
+                             f"{self.num_train_timesteps} when sample_every > 0")
 
 
 # ------------------------------------------------------------------------------------------- randomness
@@ -217,7 +222,23 @@ def _write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
-    return load_file(path)
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors' own error type for a truncated or foreign file, OSError, ...
+        raise ValueError(f"unreadable checkpoint file {str(path)!r} ({' '.join(str(error).split())}); "
+                         "delete its step folder to use the one before") from None
+
+
+def _read_weights(path: Path, model: nn.Module) -> dict[str, Tensor]:
+    """A state dict of ``model``'s keys and shapes from ``path``; ValueError (one line) if it is not one."""
+    state, expected = _read_safetensors(path), model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        raise ValueError(f"{str(path)!r} does not hold the weights of the U-Net its config.json describes: "
+                         f"{len(missing)} missing {missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, "
+                         f"{len(reshaped)} of another shape {reshaped[:2]}")
+    return state
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
@@ -251,8 +272,7 @@ def save_checkpoint(folder, step: int, config: dict, tensors: dict[str, dict[str
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".tmp-step_*"):  # what an earlier crash left behind
-        shutil.rmtree(stale, ignore_errors=True)
+    _clean_up_after_crashes(folder)
     final = folder / f"step_{step:08d}"
     tmp = folder / f".tmp-step_{step:08d}-{os.getpid()}"
     tmp.mkdir()
@@ -262,11 +282,17 @@ def save_checkpoint(folder, step: int, config: dict, tensors: dict[str, dict[str
         _write_bytes(tmp / "config.json",
                      json.dumps({"format": CHECKPOINT_FORMAT, "step": step, **config}, indent=2).encode())
         _fsync_dir(tmp)
-        if final.exists():  # re-saving a step (e.g. after resuming at it): move the old one aside first
-            old = folder / f".tmp-step_{step:08d}-old-{os.getpid()}"
-            os.replace(final, old)
+        if final.exists():  # re-saving a step (e.g. after resuming at it): a directory cannot be replaced
+            old = folder / f".old-step_{step:08d}-{os.getpid()}"
+            os.replace(final, old)  # so the old one steps aside, and leaves only once the new one is in
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
             shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
+        else:
+            os.replace(tmp, final)
         _fsync_dir(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -276,12 +302,29 @@ def save_checkpoint(folder, step: int, config: dict, tensors: dict[str, dict[str
     return final
 
 
+def _clean_up_after_crashes(folder: Path) -> None:
+    """Remove what a save killed midway left: a half-written ``.tmp-step_*``; a ``.old-step_*`` (a step a
+    re-save had moved aside) goes back into place if its new copy never arrived."""
+    for stale in folder.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for aside in folder.glob(".old-step_*"):
+        home = folder / aside.name[len(".old-"):].split("-")[0]
+        if home.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, home)
+
+
 def _checkpoint_dirs(folder: Path) -> list[Path]:
     """Complete checkpoint folders under ``folder``, oldest first."""
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / "config.json").is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=_step_of)
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(_STEP_DIR.match(checkpoint.name).group(1))
 
 
 def latest_checkpoint(path) -> Path | None:
@@ -305,16 +348,21 @@ def resolve_checkpoint(path) -> Path:
     return found
 
 
-def load_checkpoint(path) -> tuple[dict, Path]:
-    """(config.json's content, the checkpoint folder); ValueError for a folder that is not ours."""
+def load_checkpoint(path, needs: tuple[str, ...] = ()) -> tuple[dict, Path]:
+    """(config.json's content, the checkpoint folder); ValueError for a folder that is not ours or whose
+    config lacks a key of ``needs``."""
     folder = resolve_checkpoint(path)
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"unreadable checkpoint config {str(folder / 'config.json')!r}: {error}") from None
-    if config.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(folder)!r} is not a ddpm_fast checkpoint (format {config.get('format')!r}, "
+    found = config.get("format") if isinstance(config, dict) else type(config).__name__
+    if found != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(folder)!r} is not a ddpm_fast checkpoint (format {found!r}, "
                          f"expected {CHECKPOINT_FORMAT!r})")
+    missing = [key for key in needs if key not in config]
+    if missing:
+        raise ValueError(f"checkpoint config {str(folder / 'config.json')!r} lacks {missing}")
     return config, folder
 
 
@@ -322,9 +370,9 @@ def load_model(path, weights: str = "ema") -> tuple[UNet, NoiseSchedule, dict]:
     """A trained U-Net (eval mode, float32, CPU) with its schedule and config from a checkpoint."""
     if weights not in ("ema", "model"):
         raise ValueError(f"load_model: weights must be 'ema' or 'model', got {weights!r}")
-    config, folder = load_checkpoint(path)
+    config, folder = load_checkpoint(path, _MODEL_KEYS)
     model = UNet(UNetConfig(**config["unet"]))
-    model.load_state_dict(_read_safetensors(folder / f"{weights}.safetensors"), strict=True)
+    model.load_state_dict(_read_weights(folder / f"{weights}.safetensors", model), strict=True)
     return model.eval(), NoiseSchedule(**config["schedule"]), config
 
 
@@ -417,6 +465,12 @@ class Trainer:
         Checkpoints every ``checkpoint_every`` steps and at the end; grids every ``sample_every`` steps.
         """
         steps = self.config.steps if steps is None else steps
+        newest = latest_checkpoint(self.out_dir) if self.out_dir is not None else None
+        if newest is not None and _step_of(newest) > self.step:
+            # keeping the newest checkpoints would delete each of this run's as soon as it is written
+            raise ValueError(f"{str(newest.parent)!r} holds a checkpoint of step {_step_of(newest)}, past this "
+                             f"run's step {self.step}: resume it (the CLI does, unless --no-resume), or train into "
+                             "another folder")
         losses, start = [], time.perf_counter()
         # A time budget shows seconds (the step count it allows is unknown), else steps.
         bar = (_bar(math.ceil(time_limit), 0, self.progress, "s") if time_limit is not None
@@ -476,14 +530,44 @@ class Trainer:
         source = path if path is not None else self.out_dir
         if source is None or (path is None and latest_checkpoint(source) is None):
             return False
-        config, folder = load_checkpoint(source)
+        config, folder = load_checkpoint(source, _MODEL_KEYS + ("ema_updates",))
         if UNetConfig(**config["unet"]) != self.unet_config:
             raise ValueError(f"cannot resume from {str(folder)!r}: its U-Net configuration differs from this run's")
-        self.model.load_state_dict(_read_safetensors(folder / "model.safetensors"), strict=True)
-        self.ema.load(self.model, _read_safetensors(folder / "ema.safetensors"), config["ema_updates"])
-        _load_optimizer(self.optimizer, _read_safetensors(folder / "optimizer.safetensors"))
+        # What the weights mean: a different schedule or target would train them towards another model.
+        ours = self.checkpoint_config()
+        differs = [f"{key} {config[key]} -> {ours[key]}" for key in ("schedule", "prediction_type")
+                   if config[key] != ours[key]]
+        if differs:
+            raise ValueError(f"cannot resume from {str(folder)!r}: it was trained with another {'; '.join(differs)}")
+        # every file read and checked before any state changes
+        model_state, ema_state = (_read_weights(folder / f"{n}.safetensors", self.model) for n in ("model", "ema"))
+        optimizer_state = _read_safetensors(folder / "optimizer.safetensors")
+        self.model.load_state_dict(model_state, strict=True)
+        self.ema.load(self.model, ema_state, config["ema_updates"])
+        _load_optimizer(self.optimizer, optimizer_state)
         self.step = int(config["step"])
+        self._forget_log_after(self.step)
         return True
+
+    def _forget_log_after(self, step: int) -> None:
+        """Drop log.jsonl's records of the steps after ``step`` (run again from here), so that each step has
+        one record, and a line a kill cut short; the file is replaced atomically."""
+        log = None if self.out_dir is None else self.out_dir / "log.jsonl"
+        if self.rank != 0 or log is None or not log.is_file():
+            return
+
+        def keep(line: str) -> bool:
+            try:
+                return line.endswith("\n") and json.loads(line)["step"] <= step
+            except (ValueError, TypeError, KeyError):
+                return False
+
+        lines = log.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if keep(line)]
+        if len(kept) < len(lines):
+            tmp = log.with_name(f".{log.name}.tmp-{os.getpid()}")
+            _write_bytes(tmp, "".join(kept).encode())
+            os.replace(tmp, log)
 
     # ------------------------------------------------------------------------------------------- samples
 

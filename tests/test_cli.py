@@ -1,5 +1,6 @@
 """The ddpm-fast command line: --help everywhere, one-line errors (exit 2), train -> sample, bench dispatch, demo."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from ddpm_fast import cli
 
@@ -135,3 +137,78 @@ def test_demo_end_to_end_small(tmp_path, capsys):
         assert key in summary
     assert summary["steps"] <= 2 and os.path.exists(summary["grid"])
     assert "sampling throughput" in capsys.readouterr().out
+
+
+def test_sample_output_and_device_are_checked_before_sampling(tmp_path, capsys, monkeypatch):
+    """--out must be a writable .png (an .npz --out was overwritten by its own images' .npz, losing the PNG),
+    --device must exist (torch's error is an assert), the seeds int64: all before any model is read."""
+    monkeypatch.setattr(cli, "_load_sampling_model", lambda path: pytest.fail("checked too late"))
+    for out, fragment in (("x.npz", "must end in .png"), ("x", "must end in .png")):
+        assert cli.main(["sample", "m", "--out", str(tmp_path / out)]) == 2
+        _one_line_error(capsys, "--out", fragment)
+    (tmp_path / "dir.png").mkdir()
+    assert cli.main(["sample", "m", "--out", str(tmp_path / "dir.png")]) == 2
+    _one_line_error(capsys, "is a directory")
+    assert cli.main(["sample", "m", "--out", str(tmp_path / "g.png"), "--seed", str(2**63 - 2)]) == 2
+    _one_line_error(capsys, "--seed", "int64")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--out", str(tmp_path / "t"), "--time-limit", "inf"])
+    _one_line_error(capsys, "--time-limit", "must be > 0 and finite")
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--samples", "1"])
+    _one_line_error(capsys, "--samples", "must be >= 2")
+
+
+def test_missing_cuda_device_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(cli.UsageError, match="--device cuda:1: this machine has no CUDA device"):
+        cli._device("cuda:1")
+    assert cli._device("cpu") == torch.device("cpu")
+
+
+def test_a_failed_write_keeps_the_previous_samples(tmp_path, monkeypatch):
+    """Both outputs are written atomically: a failure writing the .npz leaves the earlier one whole."""
+    images, out = torch.rand(2, 1, 4, 4) * 2 - 1, tmp_path / "g.png"
+    cli._save_samples(images, [0, 1], out)
+    before = out.with_suffix(".npz").read_bytes()
+    real_replace = os.replace
+
+    def fail_for_npz(src, dst):
+        if str(dst).endswith(".npz"):
+            raise OSError("disk full")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", fail_for_npz)
+    with pytest.raises(OSError, match="disk full"):
+        cli._save_samples(-images, [5, 6], out)
+    assert out.with_suffix(".npz").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npz", "g.png"]  # no temporary file left
+
+
+def test_no_resume_refuses_a_folder_with_checkpoints(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), "--steps", "2", "--batch-size", "4", "--checkpoint-every", "1"]) == 0
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(run), "--steps", "2", "--batch-size", "4", "--no-resume"]) == 2
+    _one_line_error(capsys, "holds a checkpoint of step 2", "--no-resume")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == kept
+    assert cli.main(["train", "--out", str(run), "--steps", "2", "--batch-size", "4"]) == 0
+    assert "nothing to train: the checkpoint is at step 2 and --steps is 2" in capsys.readouterr().out
+
+
+def test_evaluate_a_digits_model_of_another_size(monkeypatch, capsys):
+    """The bound is computed on held-out digits at the model's size (a digits model trained at 8x8 here); the
+    digit scorer reads 16x16 digits only, so it is left out."""
+    from ddpm_fast import train
+    from ddpm_fast.schedule import NoiseSchedule
+    from ddpm_fast.unet import PRESETS, UNet
+    torch.manual_seed(0)
+    model = UNet(dataclasses.replace(PRESETS["tiny"], sample_size=8, in_channels=1, out_channels=1,
+                                     attention_resolutions=())).eval()
+    config = {"train": {"data": "digits", "image_size": 8}, "prediction_type": "epsilon"}
+    monkeypatch.setattr(train, "load_model", lambda path: (model, NoiseSchedule(), config))
+    shapes, bpd = [], cli._bpd
+    monkeypatch.setattr(cli, "_bpd", lambda m, x0, *args: (shapes.append(tuple(x0.shape)), bpd(m, x0, *args))[1])
+    assert cli.main(["evaluate", "run", "--num-images", "2", "--bpd-timesteps", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert shapes == [(2, 1, 8, 8)] and result["bpd"] > 0 and "confidence" not in result

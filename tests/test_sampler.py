@@ -187,6 +187,20 @@ def test_random_configs_match_reference_loop():
     run_cases(_random_sampler_case, _check_random_sampler_case, cases=25)
 
 
+def test_triton_backend_steps_on_triton_and_draws_x_T_by_device(schedule, monkeypatch):
+    """randn has no Triton kernel: backend="triton" runs every step on Triton and x_T takes the automatic
+    choice (it used to fail in randn, whatever the device); each step within the derived tolerance."""
+    if ddpm_fast.build_info()["backends"]["triton"] != "available":
+        pytest.skip(f"triton: {ddpm_fast.build_info()['backends']['triton']}")
+    launched = []
+    real_step = sampler_module.step
+    monkeypatch.setattr(sampler_module, "step", lambda *a, **k: (launched.append(k["backend"]), real_step(*a, **k))[1])
+    case = dict(schedule=dict(num_train_timesteps=1000), seeds=[3, -4], shape=SHAPE, dtype=torch.float32,
+                backend="triton", options=dict(method="ddpm", num_steps=3, clip_range=1.0))
+    _check_random_sampler_case(case)
+    assert launched and set(launched) == {"triton"}
+
+
 def test_torch_backend_equals_reference_loop_bitwise(schedule, unet):
     """With the reference ops forced, the sampler is the hand-written loop op for op: equal to the bit,
     with the tiny UNet driving it (which also checks the timestep and stream bookkeeping end to end)."""

@@ -1,6 +1,7 @@
 """Training: exact resume, crash-safe checkpoints, randomness as a function of (seed, step), EMA warm-up."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -136,3 +137,92 @@ def test_bf16_autocast_step_and_config_errors(digits):
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="ema_decay"):
         TrainConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="sample_steps=60 must be at most num_train_timesteps=50"):
+        TrainConfig(num_train_timesteps=50, sample_every=5, sample_steps=60)  # refused before any step
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_never_deletes_a_newer_run_s_checkpoints(tmp_path, digits):
+    """A fresh run in a folder holding a later step of another run (the CLI's --no-resume) would write step 3,
+    and keeping the two newest would delete it at once: it is refused before its first step, and the older
+    run's checkpoints stay as they were."""
+    Trainer(_config(), tmp_path, dataset=digits).train()
+    before = _files(tmp_path / "checkpoints")
+    fresh = Trainer(_config(seed=8), tmp_path, dataset=digits)
+    with pytest.raises(ValueError, match="holds a checkpoint of step 6, past this run's step 0"):
+        fresh.train()
+    assert fresh.step == 0 and _files(tmp_path / "checkpoints") == before
+
+
+def test_resaving_a_step_keeps_the_old_copy_until_the_new_one_is_in(tmp_path, monkeypatch):
+    """Re-saving a step moves the old copy aside and deletes it only once the new one is in place: a failure
+    of that rename puts the old one back, and a kill between the two renames is mended by the next save."""
+    save_checkpoint(tmp_path, 2, {"run": "old"}, {"ema": {"w": torch.randn(3)}})
+    before = _files(tmp_path)
+    real_replace = train_mod.os.replace
+
+    def fail_into_place(src, dst):
+        if str(src).startswith(str(tmp_path / ".tmp-step")):
+            raise OSError("simulated failure")
+        real_replace(src, dst)
+    monkeypatch.setattr(train_mod.os, "replace", fail_into_place)
+    with pytest.raises(OSError, match="simulated failure"):
+        save_checkpoint(tmp_path, 2, {"run": "new"}, {"ema": {"w": torch.randn(3)}})
+    monkeypatch.setattr(train_mod.os, "replace", real_replace)
+    assert _files(tmp_path) == before
+
+    (tmp_path / "step_00000002").rename(tmp_path / ".old-step_00000002-12345")  # killed between the renames
+    save_checkpoint(tmp_path, 3, {"run": "next"}, {"ema": {"w": torch.randn(3)}})
+    assert {p.name for p in tmp_path.iterdir()} == {"step_00000002", "step_00000003"}
+    assert load_checkpoint(tmp_path / "step_00000002")[0]["run"] == "old"
+
+
+def test_resume_refuses_another_schedule_or_prediction_type(tmp_path, digits):
+    Trainer(_config(steps=2), tmp_path, dataset=digits).train()
+    with pytest.raises(ValueError, match="trained with another prediction_type v_prediction -> epsilon"):
+        Trainer(_config(prediction_type="epsilon"), tmp_path, dataset=digits).resume()
+    with pytest.raises(ValueError, match="trained with another schedule .*'linear'.*'cosine'"):
+        Trainer(_config(beta_schedule="cosine"), tmp_path, dataset=digits).resume()
+    resumed = Trainer(_config(lr=3e-4, batch_size=4), tmp_path, dataset=digits)  # training settings may change
+    assert resumed.resume() and resumed.step == 2
+
+
+def test_damaged_checkpoints_are_named_not_tracebacks(tmp_path, digits):
+    Trainer(_config(steps=2), tmp_path, dataset=digits).train()
+    folder = latest_checkpoint(tmp_path)
+    ema = folder / "ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"unreadable checkpoint file .*ema\.safetensors"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match=r"unreadable checkpoint file .*ema\.safetensors"):
+        Trainer(_config(), tmp_path, dataset=digits).resume()
+    # weights of another U-Net under this config: one line naming the file and what differs
+    save_checkpoint(tmp_path / "checkpoints", 2, json.loads((folder / "config.json").read_text()),
+                    {"ema": {"w": torch.randn(3)}, "model": {}, "optimizer": {}})
+    with pytest.raises(ValueError, match=r"ema\.safetensors' does not hold the weights .* 1 unexpected \['w'\]"):
+        load_model(tmp_path)
+    config = folder / "config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "unet"}))
+    with pytest.raises(ValueError, match=r"lacks \['unet'\]"):
+        load_model(tmp_path)
+    config.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a ddpm_fast checkpoint"):
+        load_model(tmp_path)
+
+
+def test_resume_forgets_the_log_of_the_steps_it_runs_again(tmp_path, digits):
+    """A run killed after step 3, with its last checkpoint at step 2, logged step 3 (and maybe half a line):
+    resumed at 2, it runs step 3 again, and the log ends with one record per step."""
+    trainer = Trainer(_config(checkpoint_every=2), tmp_path, dataset=digits)
+    trainer.train(steps=3)
+    shutil.rmtree(latest_checkpoint(tmp_path))  # the end-of-run save at step 3 never happened
+    with open(tmp_path / "log.jsonl", "a") as log:
+        log.write('{"step": 4, "lo')
+    resumed = Trainer(_config(checkpoint_every=2), tmp_path, dataset=digits)
+    assert resumed.resume() and resumed.step == 2
+    resumed.train(steps=4)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
