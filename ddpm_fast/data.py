@@ -6,8 +6,10 @@
   U-Net's two levels and 8x8 attention work at. A fixed permutation (seed 0) splits 1,497 training
   and 300 held-out images; the held-out ones are what :mod:`ddpm_fast.evaluate` scores samples against.
   Digits are never flipped by default (a mirrored 2, 3, 4, 5, 6, 7 or 9 is not that digit).
-* a folder of PNG / JPEG images (searched recursively): each is converted to RGB (or L with
-  ``channels=1``), its shorter side resized to ``size`` (bicubic), then center-cropped to size x size.
+* a folder of PNG / JPEG images (searched recursively): each is turned upright by its EXIF orientation,
+  converted to RGB (or L with ``channels=1``), its shorter side resized to ``size`` (bicubic), then
+  center-cropped to size x size; 8-bit values x map to x / 255 * 2 - 1. 16-bit grayscale maps by
+  x / 65535 * 2 - 1 (resized in float); 16-bit color PNGs arrive from Pillow already reduced to 8 bits.
 * a CIFAR-10 "python version" directory (``data_batch_1`` .. ``data_batch_5``, or ``test_batch`` with
   ``split="test"``): 32x32 RGB. The pickles are read with an unpickler that only builds numpy arrays, so a
   tampered file cannot run code.
@@ -101,6 +103,32 @@ def _resize_center_crop(image, size: int):
     return image.crop((left, top, left + size, top + size))
 
 
+# Modes Pillow's PNG / JPEG readers give 8-bit samples in, which convert("L" / "RGB") maps exactly (16-bit color
+# PNGs open as RGB / RGBA, already reduced to their high bytes).
+_EIGHT_BIT_MODES = frozenset({"1", "L", "P", "LA", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+# 16-bit grayscale (older Pillow opens such a PNG as "I"): convert() clips these at 255, so mid-grey 32768 came
+# out white; they are scaled by 65535 in float instead.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def _image_pixels(image, size: int, channels: int) -> np.ndarray:
+    """An opened PIL image -> (size, size, channels) float32 in [0, 1] (bicubic overshoot left to the caller)."""
+    from PIL import Image, ImageOps
+    image = ImageOps.exif_transpose(image)  # the orientation every viewer shows, before any resize or crop
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float32)
+        if values.min() < 0 or values.max() > 65535:  # "I" is also a 32-bit TIFF named .png
+            raise ValueError(f"mode {image.mode!r} with values {values.min():.0f}..{values.max():.0f} is not "
+                             "a 16-bit image (expected 0..65535)")
+        grey = np.asarray(_resize_center_crop(Image.fromarray(values), size), dtype=np.float32) / 65535.0
+        return np.repeat(grey[:, :, None], channels, axis=2)
+    if image.mode not in _EIGHT_BIT_MODES:
+        raise ValueError(f"mode {image.mode!r} is not supported (expected 8-bit L / RGB / RGBA / P / CMYK, or "
+                         "16-bit grayscale)")
+    pixels = np.asarray(_resize_center_crop(image.convert("L" if channels == 1 else "RGB"), size), dtype=np.uint8)
+    return (pixels[:, :, None] if channels == 1 else pixels).astype(np.float32) / 255.0
+
+
 def load_image_folder(path, size: int = 32, channels: int = 3) -> ImageDataset:
     """Every PNG / JPEG under ``path`` (sorted, recursive) as (N, channels, size, size) in [-1, 1]."""
     try:
@@ -109,6 +137,9 @@ def load_image_folder(path, size: int = 32, channels: int = 3) -> ImageDataset:
         raise DatasetError("reading an image folder needs Pillow (pip install pillow)") from error
     if channels not in (1, 3):
         raise ValueError(f"load_image_folder: channels must be 1 or 3, got {channels!r}")
+    # Checked here: a size of 0 or below used to fail inside the first image's resize, blaming that file.
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"load_image_folder: size must be an int >= 1, got {size!r}")
     root = Path(path)
     if not root.exists():
         raise DatasetError(f"dataset folder {str(root)!r} does not exist")
@@ -117,16 +148,14 @@ def load_image_folder(path, size: int = 32, channels: int = 3) -> ImageDataset:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DatasetError(f"dataset folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    mode = "L" if channels == 1 else "RGB"
     arrays = []
     for file in files:
         try:
             with Image.open(file) as image:
-                arrays.append(np.asarray(_resize_center_crop(image.convert(mode), size), dtype=np.uint8))
+                arrays.append(_image_pixels(image, size, channels))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise DatasetError(f"cannot read image {str(file)!r}: {error}") from None
-    pixels = torch.from_numpy(np.stack(arrays)).float().div_(255.0)
-    pixels = pixels[:, None] if channels == 1 else pixels.permute(0, 3, 1, 2)
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return ImageDataset(root.name or str(root), _to_unit_range(pixels), None, flip=True)
 
 

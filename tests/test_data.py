@@ -1,6 +1,8 @@
 """Datasets: the bundled digits' scaling and split, image folders, CIFAR-10 pickles, and clear errors."""
 
 import pickle
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -61,6 +63,77 @@ def test_image_folder_errors(tmp_path):
         load_image_folder(tmp_path)
     with pytest.raises(DatasetError, match="does not exist"):
         load_dataset(str(tmp_path / "nowhere"))
+
+
+def _png16_rgb(path, pixels):
+    """A 16-bit RGB PNG, written by hand: Pillow has no mode to save one from. pixels: (H, W, 3) uint16."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    h, w, _ = pixels.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)  # filter type 0 on every row
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_image_folder_16_bit(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "grey").mkdir()
+    grey16 = rng.integers(0, 65536, size=(8, 8), dtype=np.uint16)
+    PIL.fromarray(grey16).save(tmp_path / "grey" / "a.png")  # mode I;16: convert("L") clipped it all to white
+    expected = torch.from_numpy(grey16.astype(np.float32)) / 65535 * 2 - 1
+    grey = load_image_folder(tmp_path / "grey", size=8, channels=1)
+    torch.testing.assert_close(grey.images[0, 0], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(load_image_folder(tmp_path / "grey", size=8).images[0], expected.expand(3, 8, 8),
+                               rtol=0, atol=1e-6)
+    # Resized (in float), it matches the picture rounded to 8 bits and resized by the 8-bit path: half a level of
+    # rounding in, up to ~1.5x through bicubic's negative lobes in 2-D, half a level out; 2 levels in all. The
+    # values keep to the middle half so no overshoot reaches 0 or 255, which the 8-bit path clips between its
+    # horizontal and vertical passes.
+    mid16 = rng.integers(16384, 49152, size=(8, 8), dtype=np.uint16)
+    for name, pixels in (("mid16", mid16), ("mid8", np.round(mid16 / 257).astype(np.uint8))):
+        (tmp_path / name).mkdir()
+        PIL.fromarray(pixels).save(tmp_path / name / "a.png")
+    small16, small8 = (load_image_folder(tmp_path / name, size=5, channels=1).images for name in ("mid16", "mid8"))
+    torch.testing.assert_close(small16, small8, rtol=0, atol=2 * 2 / 255)
+    # A 32-bit integer TIFF named .png opens as mode "I" (as 16-bit PNGs did in older Pillow): 0..65535 scales
+    # the same; wider values, or float ("F"), cannot be mapped and say so.
+    (tmp_path / "int").mkdir()
+    PIL.fromarray(grey16.astype(np.int32)).save(tmp_path / "int" / "a.png", format="TIFF")
+    torch.testing.assert_close(load_image_folder(tmp_path / "int", size=8, channels=1).images[0, 0], expected,
+                               rtol=0, atol=1e-6)
+    PIL.fromarray(grey16.astype(np.int32) * 4).save(tmp_path / "int" / "a.png", format="TIFF")
+    with pytest.raises(DatasetError, match=r"cannot read image .*a\.png.*mode 'I' with values .* not a 16-bit"):
+        load_image_folder(tmp_path / "int", size=8)
+    PIL.fromarray(grey16.astype(np.float32) / 65535).save(tmp_path / "int" / "a.png", format="TIFF")
+    with pytest.raises(DatasetError, match=r"cannot read image .*a\.png.*mode 'F' is not supported"):
+        load_image_folder(tmp_path / "int", size=8)
+    # 16-bit color: Pillow opens it as RGB already reduced to the high bytes, within 1/257 of x / 65535.
+    (tmp_path / "rgb").mkdir()
+    rgb16 = rng.integers(0, 65536, size=(6, 6, 3), dtype=np.uint16)
+    _png16_rgb(tmp_path / "rgb" / "a.png", rgb16)
+    expected = torch.from_numpy(rgb16.astype(np.float32)).permute(2, 0, 1) / 65535 * 2 - 1
+    torch.testing.assert_close(load_image_folder(tmp_path / "rgb", size=6).images[0], expected,
+                               rtol=0, atol=2 / 257 + 1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_image_folder_exif_orientation(tmp_path, suffix):
+    stored = np.random.default_rng(1).integers(0, 256, size=(8, 12, 3), dtype=np.uint8)
+    exif = PIL.Exif()
+    exif[0x0112] = 6  # orientation 6: shown rotated 90 degrees clockwise
+    PIL.fromarray(stored).save(tmp_path / f"a{suffix}", exif=exif, **({"quality": 95} if suffix == ".jpg" else {}))
+    with PIL.open(tmp_path / f"a{suffix}") as image:  # the decoded pixels, as stored (JPEG is lossy)
+        stored = np.asarray(image.convert("RGB"))
+    upright = np.rot90(stored, k=-1)  # (12, 8, 3); size 8 leaves it unresized, then crops rows 2..9
+    expected = torch.from_numpy(upright[2:10].astype(np.float32)).permute(2, 0, 1) / 255 * 2 - 1
+    torch.testing.assert_close(load_image_folder(tmp_path, size=8).images[0], expected, rtol=0, atol=1e-6)
+
+
+def test_image_folder_size_is_checked(tmp_path):
+    PIL.fromarray(np.random.default_rng(2).integers(0, 256, size=(4, 4, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    for size in (0, -3, 2.0, True):  # 0 and -3 used to fail in the resize, blaming a.png
+        with pytest.raises(ValueError, match=f"size must be an int >= 1, got {size!r}"):
+            load_image_folder(tmp_path, size=size)
 
 
 def _write_cifar(folder, names, per_batch=3, seed=0):
