@@ -14,6 +14,8 @@ What differs inside:
   rounded once from it (`schedule.ddpm_table` / `ddim_table`, cached per (timesteps, eta, ...)), so
   `step` is one fused kernel (`ddpm_fast.step`) instead of ~15 elementwise torch ops; results agree with
   diffusers' up to diffusers' own float32 rounding (its cumulative product drifts by ~1e-6 relative);
+* float64 tensors (a float64 reference run, e.g. `unet.double()`) go to the PyTorch reference
+  (`ddpm_fast.reference`) on the float64 coefficients: the kernels store float32 / float16 / bfloat16 only;
 * the variance noise is drawn exactly as diffusers' `randn_tensor` draws it (same generator, shape,
   dtype and device, drawn under the same conditions), so a seeded generator gives diffusers' noise.
 
@@ -28,7 +30,11 @@ Deliberate differences from diffusers (each raises a clear error instead of retu
 variance types "learned" and "fixed_large_log" (see `schedule._REFUSED_VARIANCE_TYPES`), a "leading"
 steps_offset that pushes a timestep past T - 1, and model_output / sample of different dtypes. For the
 (T, N) where diffusers' "trailing" spacing yields N + 1 timesteps ending in -1, we return the first N
-(`schedule.sampling_timesteps`).
+(`schedule.sampling_timesteps`). Assigning `betas`, `alphas`, `alphas_cumprod` (or DDIM's
+`final_alpha_cumprod`) other values raises: the steps read the float64 schedule built from the config, so
+new values would be ignored (the same values, e.g. moved to a device, are taken); build a scheduler for
+another schedule with `from_config(config, trained_betas=...)`. An assigned `timesteps` must be strictly
+descending in [0, T) (or empty), the only sequences a step table can follow.
 """
 
 from __future__ import annotations
@@ -36,17 +42,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import reference
 from .ops import q_sample, step as fused_step
 from .schedule import (_REFUSED_VARIANCE_TYPES, PREDICTION_TYPES, TIMESTEP_SPACINGS, VARIANCE_TYPES, NoiseSchedule,
-                       StepTable, _check_choice, _check_int, ddim_table, ddpm_table, sampling_timesteps)
+                       StepTable, _check_choice, _check_int, _check_timesteps, ddim_table, ddpm_table,
+                       sampling_timesteps)
 
 __all__ = ["FastDDIMScheduler", "FastDDPMScheduler", "FastSchedulerOutput", "SchedulerConfig"]
 
@@ -96,27 +105,35 @@ class SchedulerConfig(dict):
         return (SchedulerConfig, (dict(self),))
 
 
-@dataclass
-class FastSchedulerOutput:
-    """What `step` returns: like diffusers' DDPMSchedulerOutput / DDIMSchedulerOutput.
+def _output_field(name: str) -> property:
+    return property(lambda self: self[name], lambda self, value: self.__setitem__(name, value))
+
+
+class FastSchedulerOutput(OrderedDict):
+    """What `step` returns: like diffusers' DDPMSchedulerOutput / DDIMSchedulerOutput, an ordered dict (as
+    their BaseOutput) of
 
     prev_sample: (B, C, ...) x at the previous timestep; pred_original_sample: (B, C, ...) the predicted
-    x0 after clipping / thresholding.
+    x0 after clipping / thresholding,
+
+    read as attributes, by key or by position (`out[0]`), or as `to_tuple()`. Iterating yields the keys,
+    as for any dict: unpack with `prev, x0 = out.to_tuple()` (or step(..., return_dict=False)).
     """
 
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor
+    def __init__(self, prev_sample: torch.Tensor, pred_original_sample: torch.Tensor):
+        super().__init__(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    prev_sample = _output_field("prev_sample")
+    pred_original_sample = _output_field("pred_original_sample")
 
     def to_tuple(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.prev_sample, self.pred_original_sample)
+        return tuple(self.values())
 
-    def __getitem__(self, key):  # out[0] and out["prev_sample"] as diffusers' BaseOutput
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
+    def __getitem__(self, key):  # out["prev_sample"], and out[0] / out[:1] by position, as BaseOutput
+        return super().__getitem__(key) if isinstance(key, str) else self.to_tuple()[key]
 
-    def __iter__(self):
-        return iter(self.to_tuple())
+    def __reduce__(self):  # copy / pickle through __init__'s signature (OrderedDict's would call it bare)
+        return (type(self), self.to_tuple())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,6 +211,51 @@ def _check_float(name: str, value) -> float:
     return value
 
 
+def _uses_reference(x: torch.Tensor) -> bool:
+    """float64 (a float64 reference run, e.g. `unet.double()`, which diffusers supports) is computed by the
+    PyTorch reference on the float64 coefficients: the kernels store float32 / float16 / bfloat16 only."""
+    return x.dtype == torch.float64
+
+
+class _ScheduleTensor:
+    """A public schedule tensor (`betas`, `alphas`, ...), float32 as diffusers' and re-assignable as there.
+
+    The steps read the float64 `schedule`, so a changed tensor would be silently ignored: assignment takes
+    the same values on any device and in any dtype that holds them exactly (diffusers' own code does
+    `self.alphas_cumprod = self.alphas_cumprod.to(device)`) and refuses other values, saying how to get them.
+    """
+
+    def __init__(self, values, how: str):
+        self.values, self.how = values, how  # values: scheduler -> its float64 CPU tensor
+
+    def __set_name__(self, owner, name: str):
+        self.name = name
+
+    def __get__(self, scheduler, owner=None):
+        if scheduler is None:
+            return self
+        try:
+            return vars(scheduler)[self.name]
+        except KeyError:  # not set yet: an AttributeError, so that hasattr / getattr(..., default) work
+            raise AttributeError(self.name) from None
+
+    def __set__(self, scheduler, value) -> None:
+        value = torch.as_tensor(value)
+        expected = self.values(scheduler).float().double()  # the float32 values, exactly
+        got = value.detach().to("cpu", torch.float64)
+        if got.shape != expected.shape:
+            raise ValueError(f"{self.name} must keep shape {tuple(expected.shape)}, got {tuple(got.shape)}")
+        if not torch.equal(got, expected):
+            raise ValueError(
+                f"{self.name} can only be re-assigned its own values (e.g. moved to a device): the steps read the "
+                f"float64 schedule built from the config, so changed values (max |difference| "
+                f"{(got - expected).abs().max().item():.3g}) would be ignored; {self.how}")
+        vars(scheduler)[self.name] = value
+
+
+_OTHER_BETAS = "for another schedule build a scheduler from its betas: from_config(scheduler.config, trained_betas=...)"
+
+
 # --------------------------------------------------------------------------------------------------
 # the shared scheduler machinery
 # --------------------------------------------------------------------------------------------------
@@ -207,6 +269,10 @@ class _FastScheduler(SchedulerMixin):
     _DEFAULTS: dict[str, Any] = {}
     order = 1
     init_noise_sigma = 1.0
+    betas = _ScheduleTensor(lambda s: s.schedule.betas, _OTHER_BETAS)
+    alphas = _ScheduleTensor(lambda s: s.schedule.alphas, _OTHER_BETAS)
+    alphas_cumprod = _ScheduleTensor(lambda s: s.schedule.alphas_cumprod,
+                                     _OTHER_BETAS + " (betas = 1 - alphas_cumprod[t] / alphas_cumprod[t - 1])")
 
     def _setup(self, values: dict) -> None:
         values = {k: values[k] for k in self._DEFAULTS}
@@ -249,12 +315,15 @@ class _FastScheduler(SchedulerMixin):
     # ---- construction from configs and directories ----
 
     @classmethod
-    def from_config(cls, config=None, **overrides):
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **overrides):
         """Build from a config mapping (ours, or diffusers' `scheduler.config`), or from a scheduler object.
 
         Keys that start with "_" (`_class_name`, `_diffusers_version`, `_use_default_values`) and fields of
         other schedulers (e.g. DDPM's `variance_type` when building a DDIM scheduler) are ignored, as
-        diffusers ignores them; missing fields take the defaults. `overrides` must be fields of this class.
+        diffusers ignores them; missing fields take the defaults. `overrides` must be fields of this class,
+        unless return_unused_kwargs=True: then, as diffusers, returns (scheduler, unused) where unused holds
+        the other overrides and the config entries that are not fields of this class (`_class_name` naming
+        it, the fields listed in `_use_default_values` left out).
         """
         if config is None:
             config = {}
@@ -263,19 +332,30 @@ class _FastScheduler(SchedulerMixin):
         if not isinstance(config, Mapping):
             raise TypeError("config must be a mapping (e.g. scheduler.config) or a scheduler, "
                             f"got {type(config).__name__}")
-        unknown = sorted(set(overrides) - set(cls._DEFAULTS))
-        if unknown:
-            raise TypeError(f"{cls.__name__}.from_config got unknown field(s) {unknown}; "
+        unknown = {k: v for k, v in overrides.items() if k not in cls._DEFAULTS}
+        if unknown and not return_unused_kwargs:
+            raise TypeError(f"{cls.__name__}.from_config got unknown field(s) {sorted(unknown)}; "
                             f"fields: {', '.join(cls._DEFAULTS)}")
         kwargs = {k: config[k] for k in cls._DEFAULTS if k in config}
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        kwargs.update((k, v) for k, v in overrides.items() if k not in unknown)
+        scheduler = cls(**kwargs)
+        if not return_unused_kwargs:
+            return scheduler
+        defaulted = {"_use_default_values", *config.get("_use_default_values", ())}
+        unused = {k: v for k, v in config.items() if k not in cls._DEFAULTS and k not in defaulted}
+        if "_class_name" in unused:
+            unused["_class_name"] = cls.__name__
+        return scheduler, {**unused, **unknown}
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **overrides):
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, return_unused_kwargs: bool = False,
+                        *, cache_dir=None, force_download: bool = False, proxies=None, token=None, revision=None,
+                        local_files_only: bool = False, **overrides):
         """Read `scheduler_config.json` from a local directory (`path`, or `path/subfolder`).
 
         Hub model ids are not downloaded: a path that is not an existing directory raises FileNotFoundError.
+        diffusers' download options (cache_dir, force_download, proxies, token, revision, local_files_only) are
+        accepted and have nothing to do for a local directory. return_unused_kwargs: see `from_config`.
         """
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -294,7 +374,7 @@ class _FastScheduler(SchedulerMixin):
                 raise ValueError(f"{cls.__name__}.from_pretrained: {str(file)!r} is not valid JSON: {error}") from None
         if not isinstance(config, dict):
             raise ValueError(f"{cls.__name__}.from_pretrained: {str(file)!r} must hold a JSON object")
-        return cls.from_config(config, **overrides)
+        return cls.from_config(config, return_unused_kwargs, **overrides)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write `scheduler_config.json` (diffusers' format) into `save_directory`; returns the file's path."""
@@ -311,10 +391,35 @@ class _FastScheduler(SchedulerMixin):
 
     # ---- timesteps ----
 
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """(N,) int64, descending: the sampling timesteps. Assignable, as in diffusers (e.g. a suffix,
+        `scheduler.timesteps = scheduler.timesteps[k:]`): DDPM then steps along the assigned sequence; DDIM
+        steps T // num_inference_steps whatever it holds (diffusers' rules for each)."""
+        return self._timesteps
+
+    @timesteps.setter
+    def timesteps(self, value) -> None:
+        value = torch.as_tensor(value)
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"timesteps must hold integers, got dtype {value.dtype}")
+        ts = value.detach().to("cpu", torch.int64)
+        if ts.numel():  # empty: nothing left to sample (a suffix past the end), as diffusers allows
+            _check_timesteps(ts, self.config.num_train_timesteps)
+        self._timesteps = value
+        self._timesteps_assigned(ts)
+
+    def _timesteps_assigned(self, ts: torch.Tensor) -> None:
+        """ts: (N,) int64 CPU, the new `timesteps`. DDIM's steps do not depend on them (see DDPM's override)."""
+
+    def _set_table_timesteps(self, ts: torch.Tensor) -> None:
+        self._ts_cpu, self._ts_key = ts, _TimestepsKey(ts)
+
     def _set_schedule_timesteps(self, ts: torch.Tensor, device) -> None:
-        self._ts_cpu = ts
-        self._ts_key = _TimestepsKey(ts)
-        self.timesteps = ts.to(device) if device is not None else ts
+        """set_timesteps' result ts ((N,) int64 CPU, valid by construction): what the step tables are built for,
+        and `timesteps` on `device`, until `timesteps` is assigned."""
+        self._set_table_timesteps(ts)
+        self._timesteps = ts.to(device) if device is not None else ts
 
     def _inference_timesteps(self, num_inference_steps) -> torch.Tensor:
         T = self.config.num_train_timesteps
@@ -328,27 +433,48 @@ class _FastScheduler(SchedulerMixin):
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
+    def __getattr__(self, name: str):
+        # Reached only when normal lookup fails. diffusers' ConfigMixin answers config fields read as attributes
+        # (deprecated: a FutureWarning, its message); so do we. vars(): no recursion before `config` exists.
+        config = vars(self).get("config")
+        if config is None or name not in config:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        cls = type(self).__name__
+        warnings.warn(f"Accessing config attribute `{name}` directly via '{cls}' object attribute is deprecated. "
+                      f"Please access '{name}' over '{cls}'s config object instead, e.g. 'scheduler.config.{name}'.",
+                      FutureWarning, stacklevel=2)
+        return config[name]
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "trained_betas")
         return f"{type(self).__name__}({fields})"
 
     # ---- forward process ----
 
-    def _batch_timesteps(self, timesteps, batch: int, device: torch.device, name: str):
-        """An int, a 0-d or a (B,) integer tensor -> int or (B,) int64 tensor on `device`, range-checked."""
+    def _batch_timesteps(self, timesteps, batch: int, device: torch.device, name: str, flatten: bool = False):
+        """An int, a 0-d, (1,) or (B,) integer tensor -> int or (B,) int64 tensor on `device`, range-checked.
+
+        One timestep for a batch is broadcast, as diffusers broadcasts it. flatten: any shape of 1 or B
+        values, e.g. (B, 1), as diffusers' add_noise / get_velocity flatten them.
+        """
         T = self.config.num_train_timesteps
+        shapes = f"(), (1,) or ({batch},)" + (f", or any shape of 1 or {batch} values" if flatten else "")
         if isinstance(timesteps, (int, np.integer)) and not isinstance(timesteps, bool):
             return _check_int(name, timesteps, lo=0, hi=T - 1)
         if not isinstance(timesteps, torch.Tensor):
-            raise TypeError(f"{name} must be an int or an integer tensor of shape () or ({batch},), "
+            raise TypeError(f"{name} must be an int or an integer tensor of shape {shapes}, "
                             f"got {type(timesteps).__name__}")
         if timesteps.dtype.is_floating_point or timesteps.dtype.is_complex or timesteps.dtype == torch.bool:
             raise TypeError(f"{name} must hold integers, got dtype {timesteps.dtype}")
         if timesteps.dim() == 0:
             return _check_int(name, int(timesteps), lo=0, hi=T - 1)
+        shape = tuple(timesteps.shape)
+        if flatten:
+            timesteps = timesteps.flatten()
+        if tuple(timesteps.shape) == (1,):
+            timesteps = timesteps.expand(batch)
         if tuple(timesteps.shape) != (batch,):
-            raise ValueError(f"{name} must be an int or have shape () or ({batch},) (one per sample), "
-                             f"got shape {tuple(timesteps.shape)}")
+            raise ValueError(f"{name} must be an int or have shape {shapes} (one per sample), got shape {shape}")
         t = timesteps.to(device=device, dtype=torch.int64)
         if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
             raise ValueError(f"{name} must lie in [0, {T - 1}] (num_train_timesteps={T}), "
@@ -359,21 +485,26 @@ class _FastScheduler(SchedulerMixin):
         """x_t = sqrt(ac[t]) x0 + sqrt(1 - ac[t]) noise, with the given noise, in one fused pass.
 
         Args:
-            original_samples: (B, C, ...) float32 / float16 / bfloat16.
+            original_samples: (B, C, ...) float32 / float16 / bfloat16, or float64 (the reference computes it).
             noise: like original_samples.
-            timesteps: int, 0-d or (B,) integer tensor.
+            timesteps: int, or an integer tensor of 1 or B values: (), (1,), (B,), (B, 1), ...
         """
         if not isinstance(original_samples, torch.Tensor) or original_samples.dim() < 1:
             raise TypeError("original_samples must be a tensor of shape (B, C, ...), got "
                             f"{type(original_samples).__name__}")
-        t = self._batch_timesteps(timesteps, original_samples.shape[0], original_samples.device, "timesteps")
+        t = self._batch_timesteps(timesteps, original_samples.shape[0], original_samples.device, "timesteps",
+                                  flatten=True)
+        if _uses_reference(original_samples):
+            return reference.q_sample(original_samples, t, self.schedule, noise=noise)[0]
         return q_sample(original_samples, t, self.schedule, noise=noise)[0]
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """v = sqrt(ac[t]) noise - sqrt(1 - ac[t]) sample (the v-prediction training target)."""
         if not isinstance(sample, torch.Tensor) or sample.dim() < 1:
             raise TypeError(f"sample must be a tensor of shape (B, C, ...), got {type(sample).__name__}")
-        t = self._batch_timesteps(timesteps, sample.shape[0], sample.device, "timesteps")
+        t = self._batch_timesteps(timesteps, sample.shape[0], sample.device, "timesteps", flatten=True)
+        if _uses_reference(sample):
+            return reference.training_target(sample, noise, t, self.schedule, "v_prediction")
         return q_sample(sample, t, self.schedule, noise=noise, target="v_prediction")[1]
 
     # ---- the step ----
@@ -394,10 +525,15 @@ class _FastScheduler(SchedulerMixin):
             raise ValueError(f"sample must have shape (B, C, ...), got {tuple(sample.shape)}")
 
     def _fused(self, table, model_output, t, sample, noise, return_dict):
-        prev, x0 = fused_step(model_output, t, sample, table, noise=noise, clip_range=self._clip_range(self.config),
-                              thresholding=self.config.thresholding,
-                              dynamic_thresholding_ratio=self.config.dynamic_thresholding_ratio,
-                              sample_max_value=self.config.sample_max_value)
+        step = fused_step
+        if _uses_reference(sample):
+            if model_output.dtype != sample.dtype:  # the kernels' rule, which the reference would not enforce
+                raise TypeError(f"model_output must have sample's dtype {sample.dtype}, got {model_output.dtype}")
+            step = reference.step
+        prev, x0 = step(model_output, t, sample, table, noise=noise, clip_range=self._clip_range(self.config),
+                        thresholding=self.config.thresholding,
+                        dynamic_thresholding_ratio=self.config.dynamic_thresholding_ratio,
+                        sample_max_value=self.config.sample_max_value)
         if not return_dict:
             return (prev, x0)
         return FastSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -444,14 +580,7 @@ class FastDDPMScheduler(_FastScheduler):
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError("give one of num_inference_steps and timesteps, got both")
         if timesteps is not None:
-            ts = torch.as_tensor(timesteps)
-            if ts.dtype.is_floating_point or ts.dtype == torch.bool:
-                raise TypeError(f"timesteps must hold integers, got dtype {ts.dtype}")
-            ts = ts.to(device="cpu", dtype=torch.int64).flatten()
-            T = self.config.num_train_timesteps
-            if ts.numel() < 1 or int(ts.min()) < 0 or int(ts.max()) >= T or bool((ts[1:] >= ts[:-1]).any()):
-                raise ValueError(f"timesteps must be a non-empty strictly descending sequence in [0, {T - 1}], "
-                                 f"got {ts.tolist()}")
+            ts = _check_timesteps(timesteps, self.config.num_train_timesteps)
             self.custom_timesteps, self.num_inference_steps = True, None
         else:
             if num_inference_steps is None:
@@ -460,9 +589,14 @@ class FastDDPMScheduler(_FastScheduler):
             self.custom_timesteps, self.num_inference_steps = False, int(num_inference_steps)
         self._set_schedule_timesteps(ts, device)
 
+    def _timesteps_assigned(self, ts: torch.Tensor) -> None:
+        # diffusers' previous_timestep walks `self.timesteps`, so an assigned sequence is the one stepped along.
+        self._set_table_timesteps(ts)
+
     def _table(self) -> StepTable:
+        # Before set_timesteps diffusers steps t -> t - 1 whatever `timesteps` holds: the full chain.
         full = not (self.custom_timesteps or self.num_inference_steps)
-        return self._cached_table(self._ts_key, lambda: ddpm_table(
+        return self._cached_table(None if full else self._ts_key, lambda: ddpm_table(
             self.schedule, None if full else self._ts_cpu, self.config.prediction_type, self.config.variance_type))
 
     def step_table(self) -> StepTable:
@@ -470,10 +604,14 @@ class FastDDPMScheduler(_FastScheduler):
         return self._table()
 
     def previous_timestep(self, timestep):
-        """The timestep a step from `timestep` lands on (-1 after the last); int or tensor in, same out."""
-        t = timestep.to("cpu") if isinstance(timestep, torch.Tensor) else timestep
-        prev = self._table().prev_timestep(t)
-        return prev.to(timestep.device) if isinstance(timestep, torch.Tensor) else prev
+        """The timestep a step from `timestep` lands on (-1 after the last). A tensor in gives a tensor of its
+        shape on its device; an int gives, as diffusers, an int (t - 1) before set_timesteps, else a 0-d tensor."""
+        if isinstance(timestep, torch.Tensor):
+            return self._table().prev_timestep(timestep.to("cpu")).to(timestep.device)
+        prev = self._table().prev_timestep(timestep)
+        if not (self.custom_timesteps or self.num_inference_steps):
+            return prev
+        return torch.tensor(prev, device=self.timesteps.device)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
@@ -481,8 +619,8 @@ class FastDDPMScheduler(_FastScheduler):
 
         Args:
             model_output: (B, C, ...) like sample, or (B, 2C, ...) for variance_type="learned_range".
-            timestep: int, 0-d or (B,) integer tensor (per-sample timesteps).
-            sample: (B, C, ...) float32 / float16 / bfloat16.
+            timestep: int, or an integer tensor of shape (), (1,) (both: for every sample) or (B,) (per sample).
+            sample: (B, C, ...) float32 / float16 / bfloat16, or float64 (the reference computes it).
             generator: torch.Generator (or a list, one per sample), or None for torch's global RNG. As in
                 diffusers, noise is drawn only when some timestep is > 0.
         Returns:
@@ -520,6 +658,9 @@ class FastDDIMScheduler(_FastScheduler):
                      clip_sample_range=1.0, sample_max_value=1.0, timestep_spacing="leading",
                      rescale_betas_zero_snr=False)
     _EXTRA_BOOLS = ("set_alpha_to_one",)
+    final_alpha_cumprod = _ScheduleTensor(
+        lambda s: torch.tensor(1.0, dtype=torch.float64) if s.config.set_alpha_to_one else s.schedule.alphas_cumprod[0],
+        "it follows set_alpha_to_one: from_config(scheduler.config, set_alpha_to_one=...)")
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = True,
@@ -528,8 +669,7 @@ class FastDDIMScheduler(_FastScheduler):
                  clip_sample_range: float = 1.0, sample_max_value: float = 1.0, timestep_spacing: str = "leading",
                  rescale_betas_zero_snr: bool = False):
         self._setup(locals())
-        ac = self.schedule.alphas_cumprod
-        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else ac[0].float()
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.schedule.alphas_cumprod[0].float()
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """Set the N sampling timesteps by `timestep_spacing`; `self.timesteps`: int64 (N,) on `device`."""
@@ -559,8 +699,8 @@ class FastDDIMScheduler(_FastScheduler):
 
         Args:
             model_output: (B, C, ...) like sample.
-            timestep: int, 0-d or (B,) integer tensor (per-sample timesteps).
-            sample: (B, C, ...) float32 / float16 / bfloat16.
+            timestep: int, or an integer tensor of shape (), (1,) (both: for every sample) or (B,) (per sample).
+            sample: (B, C, ...) float32 / float16 / bfloat16, or float64 (the reference computes it).
             eta: >= 0; 0 is deterministic DDIM, 1 has DDPM's posterior variance.
             use_clipped_model_output: recompute eps from the clipped x0 (diffusers' option).
             generator: torch.Generator (or list), or None for torch's global RNG; used only when eta > 0.

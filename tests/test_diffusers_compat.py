@@ -17,8 +17,10 @@ noise itself is identical is asserted separately: both generators end in the sam
 
 import copy
 import json
+import pickle
 import subprocess
 import sys
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -224,10 +226,13 @@ def test_random_configs_match_diffusers():
     run_cases(_random_scheduler_case, _check_random_scheduler_case, cases=30)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
-def test_half_precision_step_matches_diffusers(kind, dtype):
-    """Half-precision storage: same noise (drawn in the half dtype, as diffusers), same tolerance rule."""
+def test_half_and_double_precision_step_matches_diffusers(kind, dtype):
+    """Half-precision and float64 storage: same noise (drawn in that dtype, as diffusers), same tolerance rule.
+
+    float64 (the reference's path): PyTorch in float64 is diffusers' code on the float64 alphas_cumprod, the
+    twin (stock diffusers rounds its schedule to float32), so ours must be within the float64 floor of it."""
     if kind == "ddpm":
         config = dict(prediction_type="v_prediction", variance_type="fixed_large", **_clip_config("threshold"))
         ours, theirs, module, kwargs = FastDDPMScheduler(**config), DDPMScheduler(**config), scheduling_ddpm, {}
@@ -240,7 +245,8 @@ def test_half_precision_step_matches_diffusers(kind, dtype):
     twin = _twin(theirs, ours)
     for i, t in enumerate([950, 500, 0]):
         x, m = (a.to(dtype) for a in _inputs(config["prediction_type"], "fixed_small", seed=50 + i))
-        _compare_step(ours, theirs, twin, module, t, x, m, f"{kind} {dtype}", **kwargs)
+        _compare_step(ours, twin if dtype == torch.float64 else theirs, twin, module, t, x, m, f"{kind} {dtype}",
+                      **kwargs)
 
 
 def test_zero_terminal_snr_with_epsilon_explains_instead_of_nan():
@@ -288,6 +294,9 @@ def test_per_sample_timesteps_equal_single_sample_steps(kind):
         one = sched.step(m[b:b + 1], int(t[b]), x[b:b + 1], generator=_gen(5 + b), **kwargs)
         assert torch.equal(out.prev_sample[b:b + 1], one.prev_sample), f"sample {b}"
         assert torch.equal(out.pred_original_sample[b:b + 1], one.pred_original_sample), f"sample {b}"
+    # A (1,) timestep is every sample's, as diffusers broadcasts it: the same as the int.
+    shared = sched.step(m, t[1:2], x, generator=_gen(8), **kwargs)
+    assert torch.equal(shared.to_tuple()[0], sched.step(m, int(t[1]), x, generator=_gen(8), **kwargs).prev_sample)
 
 
 def test_ddim_variance_noise_is_used_as_given():
@@ -306,16 +315,23 @@ def test_ddim_variance_noise_is_used_as_given():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("form", ["tensor", "int", "0-d"])
-def test_add_noise_matches_diffusers(form):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("form", ["tensor", "int", "0-d", "(1,)", "(B, 1)"])
+def test_add_noise_matches_diffusers(form, dtype):
+    """Every timestep form diffusers takes; float64 (the reference's path) against diffusers' code in float64 on
+    the float64 alphas_cumprod (the twin: stock diffusers rounds its schedule to float32)."""
     ours = FastDDPMScheduler(beta_schedule="squaredcos_cap_v2")
     theirs = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
-    x0 = torch.randn(SHAPE, generator=_gen(1))
-    noise = torch.randn(SHAPE, generator=_gen(2))
-    t = {"tensor": torch.tensor([0, 517, 999]), "int": 517, "0-d": torch.tensor(517)}[form]
-    t_theirs = torch.as_tensor(t).expand(SHAPE[0])
+    if dtype == torch.float64:
+        theirs = _twin(theirs, ours)
+    x0 = torch.randn(SHAPE, generator=_gen(1), dtype=dtype)
+    noise = torch.randn(SHAPE, generator=_gen(2), dtype=dtype)
+    t = {"tensor": torch.tensor([0, 517, 999]), "int": 517, "0-d": torch.tensor(517), "(1,)": torch.tensor([517]),
+         "(B, 1)": torch.tensor([[0], [517], [999]])}[form]
+    t_theirs = torch.as_tensor(t).flatten().expand(SHAPE[0])
     a = ours.add_noise(x0, noise, t)
     b = theirs.add_noise(x0, noise, t_theirs)
+    assert a.dtype == dtype
     ac = ours.schedule.alphas_cumprod[t_theirs].reshape(-1, 1, 1, 1)
     truth = ac.sqrt() * x0.double() + (1 - ac).sqrt() * noise.double()
     assert_matches_reference(a, b, truth, what="add_noise", magnitude=2 * (x0.abs().max() + noise.abs().max()).item())
@@ -353,11 +369,135 @@ def test_ddpm_custom_timesteps_and_previous_timestep():
     theirs.set_timesteps(timesteps=[900, 500, 37, 3])
     assert torch.equal(ours.timesteps, theirs.timesteps)
     for t in [900, 500, 37, 3]:
-        assert int(ours.previous_timestep(t)) == int(theirs.previous_timestep(t))
+        a, b = ours.previous_timestep(t), theirs.previous_timestep(t)  # a 0-d tensor for an int, as diffusers'
+        assert type(a) is type(b) and a.shape == b.shape and a.dtype == b.dtype and int(a) == int(b)
     assert torch.equal(ours.previous_timestep(torch.tensor([900, 3])), torch.tensor([500, -1]))
+    fresh, fresh_theirs = FastDDPMScheduler(), DDPMScheduler()  # before set_timesteps: t - 1, an int for an int
+    assert fresh.previous_timestep(500) == fresh_theirs.previous_timestep(500) == 499
+    assert type(fresh.previous_timestep(500)) is type(fresh_theirs.previous_timestep(500))
     ddim = FastDDIMScheduler()
     ddim.set_timesteps(50)
     assert ddim.previous_timestep(980) == 960
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_assigned_timesteps_are_stepped_as_diffusers_steps_them(kind):
+    """`scheduler.timesteps = ...` after set_timesteps: DDPM steps along the assigned sequence (diffusers'
+    previous_timestep walks it); DDIM keeps stepping T // num_inference_steps. A suffix slice included."""
+    Ours, Theirs, module = ((FastDDPMScheduler, DDPMScheduler, scheduling_ddpm) if kind == "ddpm" else
+                            (FastDDIMScheduler, DDIMScheduler, scheduling_ddim))
+    kwargs = dict(eta=0.5) if kind == "ddim" else {}
+    config = dict(variance_type="fixed_large") if kind == "ddpm" else {}
+    ours, theirs = Ours(**config), Theirs(**config)
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    for assigned in (torch.tensor([900, 500, 100]), ours.timesteps[4:]):
+        ours.timesteps, theirs.timesteps = assigned, assigned.clone()
+        assert ours.timesteps is assigned
+        twin = _twin(theirs, ours)
+        for i, t in enumerate(assigned[:2].tolist()):
+            if kind == "ddpm":
+                assert int(ours.previous_timestep(t)) == int(theirs.previous_timestep(t))
+            x, m = _inputs("epsilon", "fixed_small", seed=20 + i)
+            _compare_step(ours, theirs, twin, module, t, x, m, f"{kind} assigned {assigned.tolist()}", **kwargs)
+    if kind == "ddpm":
+        # Assigned before set_timesteps: diffusers steps t -> t - 1; then set to the same sequence: walks it.
+        fresh, fresh_theirs = Ours(), Theirs()
+        fresh.timesteps = fresh_theirs.timesteps = torch.tensor([900, 500, 100])
+        assert fresh.previous_timestep(900) == fresh_theirs.previous_timestep(900) == 899
+        fresh.set_timesteps(timesteps=[900, 500, 100])
+        fresh_theirs.set_timesteps(timesteps=[900, 500, 100])
+        assert int(fresh.previous_timestep(900)) == int(fresh_theirs.previous_timestep(900)) == 500
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_schedule_tensors_take_only_their_own_values(kind):
+    """`sched.alphas_cumprod = sched.alphas_cumprod.to(...)` (diffusers' own add_noise does it) is taken; other
+    values, which our float64 schedule would silently ignore, are refused with the way to get them."""
+    sched = FastDDPMScheduler(beta_schedule="squaredcos_cap_v2") if kind == "ddpm" else FastDDIMScheduler(
+        set_alpha_to_one=False)
+    names = ["betas", "alphas", "alphas_cumprod"] + (["final_alpha_cumprod"] if kind == "ddim" else [])
+    for name in names:
+        value = getattr(sched, name)
+        assert value.dtype == getattr(DDPMScheduler() if kind == "ddpm" else DDIMScheduler(), name).dtype
+        as_float64 = value.double()
+        setattr(sched, name, as_float64)
+        assert getattr(sched, name) is as_float64
+        setattr(sched, name, value)
+        changed = value * (1 - 1e-3 * (1 + torch.rand(value.shape)))  # off by 0.1% to 0.2%
+        with pytest.raises(ValueError, match=f"{name} can only be re-assigned its own values.*"
+                                             f"(trained_betas|set_alpha_to_one)"):
+            setattr(sched, name, changed)
+        with pytest.raises(ValueError, match=f"{name} can only be re-assigned its own values"):
+            setattr(sched, name, value.half())  # float16 does not hold the float32 values
+        assert getattr(sched, name) is value
+    with pytest.raises(ValueError, match="alphas_cumprod must keep shape"):
+        sched.alphas_cumprod = sched.alphas_cumprod[1:]
+
+
+def test_step_output_is_an_ordered_dict_like_diffusers():
+    ours, theirs = FastDDPMScheduler(), DDPMScheduler()
+    x, m = _inputs("epsilon", "fixed_small", seed=6)
+    out, ref = ours.step(m, 500, x, generator=_gen(1)), theirs.step(m, 500, x, generator=_gen(1))
+    assert isinstance(out, OrderedDict) and isinstance(ref, OrderedDict)
+    assert list(out) == list(out.keys()) == list(ref) == ["prev_sample", "pred_original_sample"]
+    assert len(out) == len(ref) == 2
+    assert list(out.values()) == [v for _, v in out.items()] == list(out.to_tuple())
+    assert out[0] is out["prev_sample"] is out.prev_sample and out[-1] is out.pred_original_sample
+    assert out[:1] == (out.prev_sample,)
+    prev, x0 = out.to_tuple()
+    replaced = out.prev_sample + 1
+    out.prev_sample = replaced  # attribute and item stay one, as diffusers'
+    assert out["prev_sample"] is replaced
+    for copied in (copy.deepcopy(out), pickle.loads(pickle.dumps(out))):
+        assert type(copied) is FastSchedulerOutput and list(copied) == list(out)
+        assert torch.equal(copied.prev_sample, replaced) and torch.equal(copied.pred_original_sample, x0)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_unused_kwargs_and_hub_keywords_as_diffusers(kind, tmp_path):
+    """from_config / from_pretrained(return_unused_kwargs=True) return what diffusers returns unused: extra
+    keywords, other schedulers' fields, `_class_name` naming the class; the Hub keywords are taken locally."""
+    Ours, Theirs = (FastDDPMScheduler, DDPMScheduler) if kind == "ddpm" else (FastDDIMScheduler, DDIMScheduler)
+    other = DDIMScheduler if kind == "ddpm" else DDPMScheduler
+
+    def as_ours(unused):  # diffusers names the class it built in `_class_name`
+        return {k: Ours.__name__ if k == "_class_name" else v for k, v in unused.items()}
+
+    other(prediction_type="v_prediction", **({"variance_type": "fixed_large"} if kind == "ddim" else
+                                             {"set_alpha_to_one": False})).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    for config in (saved, other(steps_offset=1).config, Theirs().config):
+        ours, unused = Ours.from_config(config, return_unused_kwargs=True, clip_sample=False, foo=1)
+        theirs, unused_theirs = Theirs.from_config(config, return_unused_kwargs=True, clip_sample=False, foo=1)
+        assert unused == as_ours(unused_theirs) and "foo" in unused
+        assert dict(ours.config) == _fields(theirs.config, Ours) and not ours.config.clip_sample
+    hub = dict(cache_dir=tmp_path / "cache", force_download=False, proxies=None, token=None, revision="main",
+               local_files_only=True)
+    ours, unused = Ours.from_pretrained(tmp_path, return_unused_kwargs=True, **hub)
+    theirs, unused_theirs = Theirs.from_pretrained(tmp_path, return_unused_kwargs=True, **hub)
+    assert unused == as_ours(unused_theirs) and unused["_class_name"] == Ours.__name__
+    assert dict(ours.config) == _fields(theirs.config, Ours)
+    assert dict(Ours.from_pretrained(tmp_path, local_files_only=True).config) == dict(ours.config)
+    with pytest.raises(FileNotFoundError, match="not an existing local directory"):
+        Ours.from_pretrained(tmp_path / "missing", local_files_only=True)
+
+
+def test_config_fields_as_attributes_warn_and_answer_as_diffusers():
+    """diffusers' deprecated `scheduler.num_train_timesteps`: a FutureWarning, then the config's value."""
+    ours, theirs = FastDDPMScheduler(num_train_timesteps=500), DDPMScheduler(num_train_timesteps=500)
+    for name in ("num_train_timesteps", "prediction_type", "timestep_spacing"):
+        with pytest.warns(FutureWarning) as ours_warned:
+            a = getattr(ours, name)
+        with pytest.warns(FutureWarning) as theirs_warned:
+            b = getattr(theirs, name)
+        assert a == b == theirs.config[name]
+        assert [str(w.message) for w in ours_warned] == [
+            str(w.message).replace(type(theirs).__name__, type(ours).__name__) for w in theirs_warned]
+    assert ours.variance_type == theirs.variance_type  # an attribute of both: no warning (warnings are errors)
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        ours.nope
+    assert not hasattr(ours, "nope")
 
 
 OVERRIDES = dict(prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing",
@@ -569,8 +709,10 @@ def test_bad_step_input_names_the_argument():
         ddpm.step(m, 1000, x)
     with pytest.raises(TypeError, match="timestep must hold integers"):
         ddpm.step(m, torch.tensor(5.0), x)
-    with pytest.raises(ValueError, match=r"timestep must be an int or have shape \(\) or \(3,\)"):
+    with pytest.raises(ValueError, match=r"timestep must be an int or have shape \(\), \(1,\) or \(3,\)"):
         ddpm.step(m, torch.tensor([1, 2]), x)
+    with pytest.raises(ValueError, match=r"timestep must be .* got shape \(3, 1\)"):
+        ddpm.step(m, torch.tensor([[1], [2], [3]]), x)  # diffusers' step does not take (B, 1) either
     with pytest.raises(ValueError, match="timestep must lie in"):
         ddpm.step(m, torch.tensor([1, 2, -1]), x)
     with pytest.raises(TypeError, match="model_output must be a torch.Tensor"):
@@ -590,6 +732,12 @@ def test_bad_step_input_names_the_argument():
         ddim.set_timesteps(1001)
     with pytest.raises(ValueError, match="strictly descending"):
         ddpm.set_timesteps(timesteps=[10, 20])
+    with pytest.raises(ValueError, match="timesteps must be strictly descending"):
+        ddpm.timesteps = torch.tensor([100, 500])
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\]"):
+        ddim.timesteps = torch.tensor([1000, 500])
+    with pytest.raises(TypeError, match="timesteps must hold integers"):
+        ddpm.timesteps = torch.tensor([900.0, 500.0])
     with pytest.raises(ValueError, match="one of num_inference_steps and timesteps"):
         ddpm.set_timesteps(10, timesteps=[10, 5])
     with pytest.raises(ValueError, match="timesteps must have shape|timesteps must be an int"):
