@@ -5,10 +5,13 @@ Differentiable, device-agnostic, no compiled extension. Each fast backend must m
 
 Shapes: B is the batch, C channels, S = prod(spatial); T the number of train timesteps.
 Compute dtype: float32 for float16/bfloat16 inputs, otherwise the input's own dtype; results come
-back in the input's dtype and memory format.
+back in the input's dtype and memory format: NCHW or (4-D) channels_last, the layouts of contracts.md; any
+other layout, channels_last_3d included, comes back contiguous, as from the kernels.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -55,12 +58,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The dense memory format of x: channels_last(_3d) when x is laid out so, else contiguous."""
-    if not x.is_contiguous():
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            return torch.channels_last
-        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-            return torch.channels_last_3d
+    """channels_last for a 4-D x laid out so, else contiguous: the two layouts of contracts.md, so every
+    backend returns the same (the kernels write channels_last_3d input as contiguous output)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
     return torch.contiguous_format
 
 
@@ -102,16 +103,16 @@ def _timesteps(t, batch: int, num_train_timesteps: int) -> torch.Tensor:
         if t.dim() == 0:
             t = t.expand(batch)
         t = _check_int64_vector("t", t, batch).cpu()
+        low, high = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
     elif isinstance(t, int) and not isinstance(t, bool):
-        t = torch.full((batch,), t, dtype=torch.int64)
+        low = high = t  # checked before torch.full, which raises a bare OverflowError past int64
     else:
         raise TypeError(f"t must be an int or an int64 tensor of shape ({batch},), got {type(t).__name__}")
-    if t.numel() and (t.min() < 0 or t.max() >= num_train_timesteps):
+    if low < 0 or high >= num_train_timesteps:
         raise ValueError(
-            f"t must lie in [0, {num_train_timesteps - 1}] (num_train_timesteps), "
-            f"got min {int(t.min())}, max {int(t.max())}"
+            f"t must lie in [0, {num_train_timesteps - 1}] (num_train_timesteps), got min {low}, max {high}"
         )
-    return t
+    return t if isinstance(t, torch.Tensor) else torch.full((batch,), t, dtype=torch.int64)
 
 
 def _per_sample(coef: torch.Tensor, t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -230,7 +231,7 @@ def philox_normal(seeds: torch.Tensor, stream, numel: int) -> torch.Tensor:
         stream: int, or (B,) int64 tensor (one stream per sample), in [0, 2**63).
         numel: values per sample (C * S), >= 0.
     Returns:
-        (B, numel) float32 on seeds' device.
+        (B, numel) float32 on seeds' device, contiguous.
     """
     if not isinstance(seeds, torch.Tensor) or seeds.dim() != 1:
         got = tuple(seeds.shape) if isinstance(seeds, torch.Tensor) else type(seeds).__name__
@@ -240,13 +241,16 @@ def philox_normal(seeds: torch.Tensor, stream, numel: int) -> torch.Tensor:
         raise ValueError(f"numel must be an int >= 0, got {numel!r}")
     B, device = seeds.shape[0], seeds.device
     s = _stream_vector(stream, B, device)
+    if B == 0 or numel == 0:  # no draws: the (B, J) counters below would still be allocated for J = numel / 4
+        return torch.empty((B, numel), dtype=torch.float32, device=device)
 
     j = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)[None, :]  # (1, J)
     s = s[:, None]  # (B, 1)
     counter = torch.stack(torch.broadcast_tensors(j & _MASK32, j >> 32, s & _MASK32, s >> 32), dim=-1)  # (B, J, 4)
     key = torch.stack([seeds & _MASK32, (seeds >> 32) & _MASK32], dim=-1)[:, None, :]  # (B, 1, 2)
     z = _bits_to_normal(philox4x32_10(counter, key))  # (B, J, 4)
-    return z.reshape(B, 4 * j.shape[1])[:, :numel]
+    # contiguous: a slice of the last group of four leaves rows 4 * J apart, and .view(B, ...) would fail
+    return z.reshape(B, 4 * j.shape[1])[:, :numel].contiguous()
 
 
 def _noise_from(noise, seeds, stream, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -262,7 +266,8 @@ def _noise_from(noise, seeds, stream, like: torch.Tensor, dtype: torch.dtype) ->
         _check_same_shape("noise", noise, "the sample", like)
         return noise.to(dtype)
     seeds = _check_int64_vector("seeds", seeds, like.shape[0]).to(like.device)
-    return philox_normal(seeds, stream, like[0].numel()).reshape(like.shape).to(dtype)
+    numel = math.prod(like.shape[1:])  # not like[0].numel(): B may be 0
+    return philox_normal(seeds, stream, numel).reshape(like.shape).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,19 +389,41 @@ def _threshold(x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch
     x0: (B, ...) in the compute dtype. Returns the same shape: clamp(x0, -s, s) / s with
     s = clamp(quantile(|x0|, ratio), 1, sample_max_value) per sample.
     """
+    if x0.numel() == 0:  # no sample, or samples of no elements: nothing to threshold (quantile would raise)
+        return x0
     s = torch.quantile(x0.abs().flatten(1), ratio, dim=1)
     s = s.clamp(min=1.0, max=sample_max_value).reshape((-1,) + (1,) * (x0.dim() - 1))
     return torch.clamp(x0, -s, s) / s
 
 
+_FLOAT32 = torch.finfo(torch.float32)
+
+
+def _check_float32_option(name: str, value) -> None:
+    """The kernels take the step options as float32 (0 meaning "off"): refuse a positive value below its
+    smallest normal number (it rounds to 0, or to a denormal that flush-to-zero reads as 0: the clipping or
+    thresholding asked for would silently not happen) or a finite one above its largest (it becomes inf)."""
+    value = float(value)
+    if value < _FLOAT32.tiny:
+        raise ValueError(f"{name} must be at least {_FLOAT32.tiny!r} (float32's smallest normal number: the kernels "
+                         f"take it as float32, where a smaller value reads as 0, that is off), got {value!r}")
+    if _FLOAT32.max < value < math.inf:
+        raise ValueError(f"{name} must be at most {_FLOAT32.max!r} (float32's largest: the kernels take it as "
+                         f"float32, where a larger value overflows) or inf, got {value!r}")
+
+
 def _check_step_options(clip_range, thresholding, dynamic_thresholding_ratio, sample_max_value) -> None:
-    if clip_range is not None and not float(clip_range) > 0:
-        raise ValueError(f"clip_range must be > 0 or None, got {clip_range!r}")
+    if clip_range is not None:
+        if not float(clip_range) > 0:
+            raise ValueError(f"clip_range must be > 0 or None, got {clip_range!r}")
+        _check_float32_option("clip_range", clip_range)
     if thresholding:
         if not 0.0 < float(dynamic_thresholding_ratio) <= 1.0:
             raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio!r}")
         if not float(sample_max_value) >= 1.0:
             raise ValueError(f"sample_max_value must be >= 1, got {sample_max_value!r}")
+        _check_float32_option("dynamic_thresholding_ratio", dynamic_thresholding_ratio)
+        _check_float32_option("sample_max_value", sample_max_value)
 
 
 def step(
@@ -539,10 +566,13 @@ def group_norm_silu(
     h = x.to(dtype)
     if bias_in is not None:
         h = h + bias_in.to(dtype).reshape(per_sample)
-    groups = h.reshape(B, num_groups, -1)
-    mean = groups.mean(dim=2, keepdim=True)
-    var = groups.var(dim=2, unbiased=False, keepdim=True)
-    y = ((groups - mean) * torch.rsqrt(var + float(eps))).reshape(h.shape)
+    if h.numel():
+        groups = h.reshape(B, num_groups, -1)
+        mean = groups.mean(dim=2, keepdim=True)
+        var = groups.var(dim=2, unbiased=False, keepdim=True)
+        y = ((groups - mean) * torch.rsqrt(var + float(eps))).reshape(h.shape)
+    else:  # nothing to normalize (the -1 above is ambiguous at B == 0, and var() of no elements warns)
+        y = h
     if weight is not None:
         y = y * weight.to(dtype).reshape(channel)
     if bias is not None:

@@ -1,5 +1,6 @@
 """The fused group_norm_silu (each kernel backend, forward and backward) against the reference."""
 
+import numpy as np
 import pytest
 import torch
 from _fuzz import poison, random_spatial, run_backend_cases, storage_kinds, storage_variant
@@ -185,6 +186,26 @@ def test_bf16_activations_with_float32_parameters(backend):
     assert y.dtype == torch.bfloat16
     truth = _reference(x.double(), 4, {k: v.double() for k, v in p.items()}, "silu")
     assert_matches_reference(y, _reference(x, 4, p, "silu"), truth)
+
+
+def test_eps_must_be_a_number(backend):
+    """A string eps is refused by name on every backend (it reached a comparison with 0: a TypeError of str and
+    int); a NumPy float is a number and is taken."""
+    x, p = _inputs((2, 4, 2, 2), "plain", torch.float32, seed=4)
+    for name in (backend.name, "torch"):
+        with pytest.raises(TypeError, match=r"group_norm_silu: eps must be a float, got str '1e-05'"):
+            ddpm_fast.group_norm_silu(backend.to(x), None, None, 2, "1e-05", backend=name)
+    assert torch.equal(_group_norm(backend, x, p, 2, eps=np.float32(0.125)), _group_norm(backend, x, p, 2, eps=0.125))
+
+
+def test_channels_last_3d_gives_contiguous_output(backend):
+    """contracts.md's layouts are NCHW and (4-D) channels_last: a channels_last_3d x is read like any strided one,
+    and every backend, the reference included, returns a contiguous output."""
+    x, p = _inputs((2, 4, 2, 3, 2), "both", torch.float32, seed=5)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    y, ref = _group_norm(backend, x, p, 2), _reference(x, 2, p, "silu")
+    assert y.is_contiguous() and ref.is_contiguous()
+    assert_matches_reference(y, ref, _reference(x, 2, p, "silu", torch.float64))
 
 
 def _random_case(rng, small: bool) -> dict:

@@ -7,7 +7,7 @@ from _tolerance import FLOOR, NOISE_ROUNDING, assert_matches_reference
 
 import ddpm_fast
 from ddpm_fast import reference
-from ddpm_fast.schedule import BETA_SCHEDULES, NoiseSchedule
+from ddpm_fast.schedule import BETA_SCHEDULES, NoiseSchedule, ddpm_table
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [
@@ -138,6 +138,33 @@ def test_sample_target_returns_x0(backend, schedule):
     x0, noise, t = backend.to(*_inputs((2, 3, 4, 4), torch.float32, seed=8)[:3])
     _, target = ddpm_fast.q_sample(x0, t, schedule, noise, target="sample", backend=backend.name)
     assert target is x0
+
+
+def test_bad_schedule_and_timestep_are_named(backend, schedule):
+    """Checked before a backend runs, so each says the same: the kernels' path read schedule.q_table of a
+    StepTable, and torch.full overflowed on a timestep past int64."""
+    x0, noise = backend.to(*_inputs((2, 3, 2, 2), torch.float32, seed=12)[:2])
+    for name in (backend.name, "torch"):
+        with pytest.raises(TypeError, match=r"q_sample: schedule must be a NoiseSchedule, got StepTable"):
+            ddpm_fast.q_sample(x0, 3, ddpm_table(schedule), noise, backend=name)
+        for t in (2**70, -2**70):
+            with pytest.raises(ValueError, match=rf"q_sample: t must be a timestep in \[0, num_train_timesteps\), "
+                                                 rf"got {t}"):
+                ddpm_fast.q_sample(x0, t, schedule, noise, backend=name)
+
+
+def test_channels_last_3d_gives_contiguous_outputs(backend, schedule):
+    """contracts.md's layouts are NCHW and (4-D) channels_last: a channels_last_3d input is read like any strided
+    one, and every backend, the reference included, returns contiguous outputs."""
+    x0, noise, t, _ = _inputs((2, 3, 2, 3, 4), torch.float32, seed=13)
+    x0, noise = (v.contiguous(memory_format=torch.channels_last_3d) for v in (x0, noise))
+    x_t, v = _q_sample(backend, x0, t, schedule, noise, target="v_prediction")
+    ref_x_t, _ = reference.q_sample(x0, t, schedule, noise=noise)
+    ref_v = reference.training_target(x0, noise, t, schedule, "v_prediction")
+    assert x_t.is_contiguous() and v.is_contiguous() and ref_x_t.is_contiguous() and ref_v.is_contiguous()
+    assert_matches_reference(x_t, ref_x_t, reference.q_sample(x0.double(), t, schedule, noise=noise.double())[0])
+    assert_matches_reference(v, ref_v, reference.training_target(x0.double(), noise.double(), t, schedule,
+                                                                 "v_prediction"), what="v")
 
 
 def test_torch_backend_is_the_reference(schedule):

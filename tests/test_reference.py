@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers import scheduling_ddpm
 
+import ddpm_fast
 from ddpm_fast.reference import (
+    INITIAL_NOISE_STREAM,
     STEP_STREAM_BASE,
     group_norm_silu,
     l_simple_loss,
@@ -280,6 +282,41 @@ def test_seeds_path_equals_noise_path():
     by_seed = step(m, t, x, table, seeds=seeds, clip_range=1.0)
     by_noise = step(m, t, x, table, noise=z, clip_range=1.0)
     assert torch.equal(by_seed[0], by_noise[0]) and torch.equal(by_seed[1], by_noise[1])
+
+
+def test_empty_inputs_give_empty_outputs():
+    """Batch 0, and samples of no elements, give empty results of the right shape, as the kernels do (the reference
+    indexed sample 0, left reshape(-1) ambiguous, took the quantile of nothing, and drew 2**36 counters for none)."""
+    schedule = NoiseSchedule()
+    table = ddpm_table(schedule)
+    for shape in [(0, 6, 4, 4), (2, 6, 0, 4)]:
+        x, seeds = _randn(shape, 1), torch.arange(shape[0])
+        for out in (*q_sample(x, 5, schedule, seeds=seeds), *step(x, 5, x, table, seeds=seeds, thresholding=True)):
+            assert out.shape == shape
+        weight = torch.ones(6, requires_grad=True)
+        y = group_norm_silu(x, weight, None, 3)
+        y.sum().backward()
+        assert y.shape == shape and torch.equal(weight.grad, torch.zeros(6))
+    none = torch.empty(0, dtype=torch.int64)
+    assert philox_normal(none, 0, 2**62).shape == (0, 2**62)
+    assert ddpm_fast.randn(none, (2**31, 2**31), backend="torch").shape == (0, 2**31, 2**31)
+
+
+def test_randn_is_contiguous():
+    """Each sample's draws come in groups of four: where a sample is not a multiple of 4 values, the slice of the
+    last group must not leave the samples 4 * J apart (a view of it, .view(B, -1), then failed)."""
+    seeds = torch.randint(-2**62, 2**62, (3,))
+    z = ddpm_fast.randn(seeds, (3, 5, 7), backend="torch")  # 105 values a sample
+    assert z.is_contiguous() and philox_normal(seeds, INITIAL_NOISE_STREAM, 105).is_contiguous()
+    assert torch.equal(z.view(3, -1), philox_normal(seeds, INITIAL_NOISE_STREAM, 105))
+
+
+def test_randn_shape_past_int64_is_named():
+    seeds = torch.tensor([1, 2])
+    for backend in ("torch", "cpu"):  # checked before the backend is chosen
+        with pytest.raises(ValueError, match=r"randn: shape must hold fewer than 2\*\*63 values per sample, got "
+                                             r"\(4294967296, 2147483648\)"):
+            ddpm_fast.randn(seeds, (2**32, 2**31), backend=backend)
 
 
 def test_float32_step_is_the_contract_formula_on_the_float32_table():
@@ -563,6 +600,15 @@ def test_bad_inputs_name_the_argument():
         step(noise, 5, x, table, noise=noise, thresholding=True, dynamic_thresholding_ratio=1.5)
     with pytest.raises(TypeError, match=r"table must be a StepTable"):
         step(noise, 5, x, schedule, noise=noise)
+    with pytest.raises(ValueError, match=rf"t must lie in \[0, 99\] \(num_train_timesteps\), got min {2**70}"):
+        q_sample(x, 2**70, schedule, noise=noise)  # an int past int64: named, not a bare OverflowError
+    tiny, huge = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    with pytest.raises(ValueError, match=r"clip_range must be at least 1.17549\d*e-38 \(float32's smallest normal"):
+        step(noise, 5, x, table, noise=noise, clip_range=tiny / 2)
+    with pytest.raises(ValueError, match=r"dynamic_thresholding_ratio must be at least 1.17549\d*e-38"):
+        step(noise, 5, x, table, noise=noise, thresholding=True, dynamic_thresholding_ratio=1e-46)
+    with pytest.raises(ValueError, match=r"sample_max_value must be at most 3.40282\d*e\+38 \(float32's largest"):
+        step(noise, 5, x, table, noise=noise, thresholding=True, sample_max_value=2 * huge)
     with pytest.raises(ValueError, match=r"prediction_type must be one of .*got 'x0'"):
         training_target(x, noise, 5, schedule, "x0")
     with pytest.raises(ValueError, match=r"min_snr_gamma must be > 0 or None, got 0"):

@@ -210,6 +210,56 @@ def test_nan_propagates_like_the_reference(backend, schedule, post):
     assert torch.equal(x0.isnan(), ref_x0.isnan())
 
 
+def test_options_that_float32_would_change_are_refused(backend, schedule):
+    """The kernels take clip_range, the thresholding ratio and sample_max_value as float32, where a positive value
+    below its smallest normal number reads as 0 ("off": clipping silently skipped) and a finite one above its
+    largest overflows: every backend refuses them alike. The bounds themselves still act, and inf is no bound."""
+    table = ddpm_table(schedule)
+    sample, model_output, noise, t, _ = _inputs(table, (2, 3, 2, 3), torch.float32, seed=7)
+    tiny, huge = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    on_device = backend.to(model_output, t, sample, noise)
+    for name, kwargs in [("clip_range", dict(clip_range=tiny / 2**30)), ("clip_range", dict(clip_range=2 * huge)),
+                         ("dynamic_thresholding_ratio", dict(thresholding=True, dynamic_thresholding_ratio=tiny / 2)),
+                         ("sample_max_value", dict(thresholding=True, sample_max_value=2 * huge))]:
+        for name_of_backend in (backend.name, "torch"):
+            with pytest.raises(ValueError, match=rf"step: {name} must be at (least|most) .*float32"):
+                ddpm_fast.step(*on_device[:2], on_device[2], table, on_device[3], backend=name_of_backend, **kwargs)
+    _, x0 = _step(backend, model_output, t, sample, table, noise, clip_range=tiny)
+    assert torch.equal(x0.abs(), torch.full_like(x0, tiny))  # |x0| >> tiny before the clip: all clipped to it
+    unclipped = _step(backend, model_output, t, sample, table, noise)
+    assert all(torch.equal(a, b) for a, b in zip(unclipped, _step(backend, model_output, t, sample, table, noise,
+                                                                  clip_range=float("inf"))))
+    assert all(torch.equal(a, b) for a, b in zip(
+        _step(backend, model_output, t, sample, table, noise, thresholding=True, sample_max_value=huge),
+        _step(backend, model_output, t, sample, table, noise, thresholding=True, sample_max_value=float("inf"))))
+
+
+def test_bad_table_and_timestep_are_named(backend, schedule):
+    """Checked before a backend runs, so each says the same: the kernels' path read attributes of the wrong
+    object, and torch.full overflowed on a timestep past int64."""
+    table = ddpm_table(schedule)
+    sample, model_output, noise = backend.to(*_inputs(table, (2, 3, 2, 2), torch.float32, seed=8)[:3])
+    for name in (backend.name, "torch"):
+        with pytest.raises(TypeError, match=r"step: table must be a StepTable, got NoiseSchedule"):
+            ddpm_fast.step(model_output, 5, sample, schedule, noise, backend=name)
+        for t in (2**70, -2**70):
+            with pytest.raises(ValueError, match=rf"step: t must be a timestep in \[0, num_train_timesteps\), got {t}"):
+                ddpm_fast.step(model_output, t, sample, table, noise, backend=name)
+
+
+def test_channels_last_3d_gives_contiguous_outputs(backend, schedule):
+    """contracts.md's layouts are NCHW and (4-D) channels_last: a channels_last_3d sample is read like any
+    strided one, and every backend, the reference included, returns contiguous outputs."""
+    table = ddpm_table(schedule)
+    sample, model_output, noise, t, _ = _inputs(table, (2, 3, 2, 3, 4), torch.float32, seed=9)
+    sample, model_output, noise = (v.contiguous(memory_format=torch.channels_last_3d)
+                                   for v in (sample, model_output, noise))
+    prev, x0 = _step(backend, model_output, t, sample, table, noise, clip_range=1.0)
+    ref_prev, ref_x0 = reference.step(model_output, t, sample, table, noise=noise, clip_range=1.0)
+    assert prev.is_contiguous() and x0.is_contiguous() and ref_prev.is_contiguous() and ref_x0.is_contiguous()
+    assert_step_matches(prev, x0, table, sample, model_output, noise, t, clip_range=1.0)
+
+
 def _random_table(rng):
     T = rng.choice([1000, 1000, 50, 10])
     prediction = rng.choice(PREDICTIONS)

@@ -40,6 +40,8 @@ def timesteps(op: str, t, batch: int, device: torch.device) -> torch.Tensor:
     if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
         raise TypeError(f"{op}: t must be an int or an int64 tensor of shape ({batch},), got {type(t).__name__}")
     if isinstance(t, int):
+        if not -2**63 <= t < 2**63:  # torch.full would raise a bare OverflowError
+            raise ValueError(f"{op}: t must be a timestep in [0, num_train_timesteps), got {t}")
         return torch.full((batch,), t, dtype=torch.int64, device=device)
     if t.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{op}: t must be an integer tensor, got dtype {t.dtype}")

@@ -6,6 +6,7 @@ Both U-Net forms of the time embedding (docs/contracts.md): ``bias_in`` added pe
 
 from __future__ import annotations
 
+import numbers
 from functools import partial
 from typing import Optional
 
@@ -179,8 +180,8 @@ def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_g
         act: "silu" or "none".
 
     Returns:
-        (B, C, *spatial) in x's dtype and memory format. Differentiable in x, weight, bias, bias_in, scale,
-        shift.
+        (B, C, *spatial) in x's dtype and memory format (NCHW or channels_last; any other layout, such as
+        channels_last_3d, gives a contiguous output). Differentiable in x, weight, bias, bias_in, scale, shift.
     """
     check_tensor(OP, "x", x, min_dim=3)
     C = x.shape[1]
@@ -189,6 +190,8 @@ def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_g
                          f"got {num_groups!r}")
     if act not in ACTIVATIONS:
         raise ValueError(f"{OP}: act must be one of {tuple(ACTIVATIONS)}, got {act!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{OP}: eps must be a float, got {type(eps).__name__} {eps!r}")
     if not eps > 0:
         raise ValueError(f"{OP}: eps must be positive, got {eps!r}")
     for name, value in (("weight", weight), ("bias", bias)):

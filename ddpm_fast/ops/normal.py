@@ -65,6 +65,8 @@ def randn(seeds: Tensor, shape, stream: int = reference.INITIAL_NOISE_STREAM, dt
     if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < 2**63:
         raise ValueError(f"{OP}: stream must be an int in [0, 2**63), got {stream!r}")
     numel = math.prod(shape)
+    if numel >= 2**63:  # the op's numel is an int64
+        raise ValueError(f"{OP}: shape must hold fewer than 2**63 values per sample, got {shape} ({numel})")
     chosen = resolve(OP, tuple(_LAUNCHERS), seeds.device, backend)
     if chosen == "torch":
         flat = reference.philox_normal(seeds, stream, numel).to(dtype)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .. import reference
 from .._native import launch_context, native_kernels
+from ..schedule import NoiseSchedule
 from .backend import derivative_refusal, on_device, resolve
 from .dispatch import call, custom_op
 from .triton import launcher as triton_launcher
@@ -76,9 +77,12 @@ def q_sample(x0: Tensor, t, schedule, noise: Tensor | None = None, *, seeds: Ten
         backend: "cuda" | "triton" | "cpu" | "torch", or None to choose (see :mod:`ddpm_fast.ops.backend`).
 
     Returns:
-        x_t: like x0 (dtype and memory format); target: like x0.
+        x_t: like x0 (dtype and memory format); target: like x0. The memory formats kept are NCHW and channels_last
+        (docs/contracts.md); any other layout, channels_last_3d included, gives contiguous outputs.
     """
     check_tensor(OP, "x0", x0, min_dim=2)
+    if not isinstance(schedule, NoiseSchedule):  # the kernels' path reads schedule.q_table: say so before
+        raise TypeError(f"{OP}: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     if (noise is None) == (seeds is None):
         raise ValueError(f"{OP}: give exactly one of noise and seeds, got "
                          f"{'both' if noise is not None else 'neither'}")

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .. import reference
 from .._native import launch_context, native_kernels
+from ..schedule import StepTable
 from .backend import derivative_refusal, on_device, resolve
 from .dispatch import call, custom_op
 from .triton import launcher as triton_launcher
@@ -87,10 +88,14 @@ def step(model_output: Tensor, t, sample: Tensor, table, noise: Tensor | None = 
         return_pred_original: False skips writing the predicted x0 (one tensor less of memory traffic).
 
     Returns:
-        prev_sample: like ``sample``; pred_original_sample: like ``sample``, or None.
+        prev_sample: like ``sample``; pred_original_sample: like ``sample``, or None. The memory formats kept are
+        NCHW and channels_last (docs/contracts.md); any other layout, channels_last_3d included, gives contiguous
+        outputs.
     """
     check_tensor(OP, "sample", sample, min_dim=2)
     check_tensor(OP, "model_output", model_output, dtypes=(sample.dtype,), device=sample.device, min_dim=2)
+    if not isinstance(table, StepTable):  # before its attributes are read (a NoiseSchedule has none of them)
+        raise TypeError(f"{OP}: table must be a StepTable, got {type(table).__name__}")
     learned = table.variance_type == "learned_range"
     expected = (sample.shape[0], sample.shape[1] * (2 if learned else 1), *sample.shape[2:])
     if tuple(model_output.shape) != expected:
