@@ -118,6 +118,10 @@ def _save_samples(images, seeds, out: Path) -> tuple[Path, Path]:
 
     from .sampler import write_atomically
     from .train import write_sample_grid
+    broken = int((~images.isfinite()).flatten(1).any(1).sum())
+    if broken:  # the grid shows them as flat colour, which reads as a bad sample, not a broken model
+        print(f"{PROG}: warning: {broken} of {len(images)} samples hold NaN or inf values (a diverged model?)",
+              file=sys.stderr)
     write_sample_grid(images, out)
     npz, buffer = out.with_suffix(".npz"), io.BytesIO()
     np.savez(buffer, images=images.float().numpy(), seeds=np.asarray(seeds, dtype=np.int64))
@@ -141,7 +145,8 @@ def cmd_train(args) -> int:
             num_samples=args.num_samples, sample_steps=args.sample_steps)
         trainer = Trainer(config, args.out, progress=True)
         if not args.no_resume and trainer.resume():
-            _say(f"resumed from step {trainer.step} ({args.out})")
+            changed = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in trainer.changed_on_resume.items())
+            _say(f"resumed from step {trainer.step} ({args.out})" + (f"; changed since: {changed}" if changed else ""))
             if trainer.step >= args.steps:
                 _say(f"nothing to train: the checkpoint is at step {trainer.step} and --steps is {args.steps}")
         start = time.perf_counter()

@@ -34,7 +34,9 @@ steps_offset that pushes a timestep past T - 1, and model_output / sample of dif
 `final_alpha_cumprod`) other values raises: the steps read the float64 schedule built from the config, so
 new values would be ignored (the same values, e.g. moved to a device, are taken); build a scheduler for
 another schedule with `from_config(config, trained_betas=...)`. An assigned `timesteps` must be strictly
-descending in [0, T) (or empty), the only sequences a step table can follow.
+descending in [0, T) (or empty), the only sequences a step table can follow. An override that is no field of
+the scheduler (`from_config(config, clip_smaple=False)`) raises TypeError, where diffusers ignores it, unless
+`return_unused_kwargs=True` asks for it back.
 """
 
 from __future__ import annotations
@@ -348,17 +350,20 @@ class _FastScheduler(SchedulerMixin):
         return scheduler, {**unused, **unknown}
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, return_unused_kwargs: bool = False,
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        return_unused_kwargs: bool = False,
                         *, cache_dir=None, force_download: bool = False, proxies=None, token=None, revision=None,
                         local_files_only: bool = False, **overrides):
-        """Read `scheduler_config.json` from a local directory (`path`, or `path/subfolder`).
+        """Read `scheduler_config.json` from a local directory (`pretrained_model_name_or_path`, diffusers' name
+        for it, or its `subfolder`).
 
         Hub model ids are not downloaded: a path that is not an existing directory raises FileNotFoundError.
         diffusers' download options (cache_dir, force_download, proxies, token, revision, local_files_only) are
         accepted and have nothing to do for a local directory. return_unused_kwargs: see `from_config`.
         """
+        path = pretrained_model_name_or_path
         if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+            raise TypeError(f"pretrained_model_name_or_path must be a str or os.PathLike, got {type(path).__name__}")
         directory = Path(path) if subfolder is None else Path(path) / subfolder
         if not directory.is_dir():
             raise FileNotFoundError(

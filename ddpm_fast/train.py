@@ -419,6 +419,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.ema = EMA(self.model, config.ema_decay, config.ema_warmup)
         self.step = 0
+        self.changed_on_resume: dict[str, tuple] = {}  # setting -> (the checkpoint's, this run's), by resume()
         self.images = self.dataset.images.to(self.device)
         self._forward = dist_utils.wrap_ddp(self.model, self.device)
 
@@ -547,6 +548,9 @@ class Trainer:
         _load_optimizer(self.optimizer, optimizer_state)
         self.step = int(config["step"])
         self._forget_log_after(self.step)
+        trained_with, now = config.get("train", {}), dataclasses.asdict(self.config)
+        self.changed_on_resume = {k: (trained_with[k], v) for k, v in now.items()
+                                  if k in trained_with and trained_with[k] != v}
         return True
 
     def _forget_log_after(self, step: int) -> None:

@@ -80,7 +80,8 @@ def test_train_then_sample(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", "--out", str(run), "--steps", "2", "--batch-size", "4", "--checkpoint-every", "1"]) == 0
     assert cli.main(["train", "--out", str(run), "--steps", "3", "--batch-size", "4"]) == 0
-    assert "resumed from step 2" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"resumed from step 2 ({run}); changed since: steps 2 -> 3, checkpoint_every 1 -> 1000\n" in said
     out = tmp_path / "grid.png"
     assert cli.main(["sample", str(run), "--num-samples", "3", "--steps", "2", "--out", str(out), "--seed", "5"]) == 0
     with np.load(out.with_suffix(".npz")) as npz:
@@ -164,6 +165,15 @@ def test_missing_cuda_device_is_one_line(monkeypatch, capsys):
     with pytest.raises(cli.UsageError, match="--device cuda:1: this machine has no CUDA device"):
         cli._device("cuda:1")
     assert cli._device("cpu") == torch.device("cpu")
+
+
+def test_samples_with_nan_are_written_with_a_warning(tmp_path, capsys):
+    images = torch.rand(3, 1, 4, 4) * 2 - 1
+    images[1, 0, 2, 3] = float("nan")
+    cli._save_samples(images, [0, 1, 2], tmp_path / "g.png")
+    assert capsys.readouterr().err == "ddpm-fast: warning: 1 of 3 samples hold NaN or inf values (a diverged model?)\n"
+    with np.load(tmp_path / "g.npz") as npz:
+        assert np.isnan(npz["images"][1, 0, 2, 3]) and np.isfinite(npz["images"][[0, 2]]).all()
 
 
 def test_a_failed_write_keeps_the_previous_samples(tmp_path, monkeypatch):

@@ -546,6 +546,8 @@ def test_save_pretrained_from_pretrained_round_trip(cls, tmp_path):
     ours = Ours(**OVERRIDES, trained_betas=[0.01] * 1000)
     ours.save_pretrained(tmp_path / "scheduler")
     assert dict(Ours.from_pretrained(tmp_path, subfolder="scheduler").config) == dict(ours.config)
+    by_name = Ours.from_pretrained(pretrained_model_name_or_path=tmp_path, subfolder="scheduler")  # diffusers' name
+    assert dict(by_name.config) == dict(ours.config)
     # diffusers reads what we write, and we read what diffusers writes
     theirs = Theirs.from_pretrained(tmp_path / "scheduler")
     assert _fields(theirs.config, Ours) == dict(ours.config)

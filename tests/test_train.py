@@ -188,6 +188,7 @@ def test_resume_refuses_another_schedule_or_prediction_type(tmp_path, digits):
         Trainer(_config(beta_schedule="cosine"), tmp_path, dataset=digits).resume()
     resumed = Trainer(_config(lr=3e-4, batch_size=4), tmp_path, dataset=digits)  # training settings may change
     assert resumed.resume() and resumed.step == 2
+    assert resumed.changed_on_resume == {"steps": (2, 6), "lr": (1e-3, 3e-4), "batch_size": (8, 4)}
 
 
 def test_damaged_checkpoints_are_named_not_tracebacks(tmp_path, digits):
