@@ -41,15 +41,16 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _positive(kind, least=None):
+def _positive(kind, least=None, finite=False):
+    """An argparse type: a number > 0 (>= ``least``; not inf where ``finite``: a time, say)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
-        if not 0 < value < math.inf:
-            raise argparse.ArgumentTypeError(f"must be > 0{' and finite' if kind is float else ''}, got {text!r}")
+        if not value > 0 or (finite and value == math.inf):
+            raise argparse.ArgumentTypeError(f"must be > 0{' and finite' if finite else ''}, got {text!r}")
         if least is not None and value < least:
             raise argparse.ArgumentTypeError(f"must be >= {least}, got {text!r}")
         return value
@@ -375,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = add("demo", "Train the tiny U-Net on the bundled digits for a few minutes, sample, score, time.")
     demo.add_argument("--out", default="runs/demo", help="output folder (its checkpoints/ is replaced)")
-    demo.add_argument("--train-seconds", type=_positive(float), default=300.0, help="training time budget")
+    demo.add_argument("--train-seconds", type=_positive(float, finite=True), default=300.0,
+                      help="training time budget")
     demo.add_argument("--max-steps", type=_positive(int), default=20_000, help="training step cap")
     demo.add_argument("--batch-size", type=_positive(int), default=32)
     demo.add_argument("--lr", type=_positive(float), default=1e-3)
@@ -401,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=("linear", "scaled_linear", "cosine", "sigmoid", "laplace"))
     train.add_argument("--batch-size", type=_positive(int), default=64, help="global batch (split across ranks)")
     train.add_argument("--steps", type=_positive(int), default=10_000)
-    train.add_argument("--time-limit", type=_positive(float), default=None, help="stop after this many seconds")
+    train.add_argument("--time-limit", type=_positive(float, finite=True), default=None,
+                       help="stop after this many seconds")
     train.add_argument("--lr", type=_positive(float), default=2e-4)
     train.add_argument("--warmup-steps", type=int, default=500)
     train.add_argument("--grad-clip", type=_positive(float), default=1.0)
@@ -445,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--quick", action="store_true", help="only the target shapes / the short sampling runs")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines of the op table")
-    bench.add_argument("--max-seconds", type=_positive(float), default=None, help="per table: no new case after this")
+    bench.add_argument("--max-seconds", type=_positive(float, finite=True), default=None,
+                       help="per table: no new case after this")
     bench.add_argument("--record", action="store_true", help="write JSON records under benchmarks/results/")
     bench.set_defaults(func=cmd_bench)
 

@@ -119,7 +119,8 @@ class FastSchedulerOutput(OrderedDict):
     x0 after clipping / thresholding,
 
     read as attributes, by key or by position (`out[0]`), or as `to_tuple()`. Iterating yields the keys,
-    as for any dict: unpack with `prev, x0 = out.to_tuple()` (or step(..., return_dict=False)).
+    as for any dict (and diffusers' outputs): unpack with `prev, x0 = out.to_tuple()` (or step(...,
+    return_dict=False)).
     """
 
     def __init__(self, prev_sample: torch.Tensor, pred_original_sample: torch.Tensor):
@@ -295,6 +296,10 @@ class _FastScheduler(SchedulerMixin):
         if values["thresholding"] and not values["sample_max_value"] >= 1:
             raise ValueError("sample_max_value must be >= 1 when thresholding=True, "
                              f"got {values['sample_max_value']!r}")
+        for name, used in (("clip_sample_range", values["clip_sample"]), ("sample_max_value", values["thresholding"]),
+                           ("dynamic_thresholding_ratio", values["thresholding"])):
+            if used:  # the kernels take them as float32: refused here rather than at the first step
+                reference._check_float32_option(name, values[name])
         # Validates beta_schedule, beta_start/end, trained_betas (naming the field) and builds float64 betas.
         self.schedule = NoiseSchedule(**{k: values[k] for k in NoiseSchedule.CONFIG_KEYS})
         tb = values["trained_betas"]

@@ -265,6 +265,10 @@ class Sampler:
             raise ValueError(f"Sampler: dynamic_thresholding_ratio must be in (0, 1], got {ratio!r}")
         if not _positive_float("sample_max_value", sample_max_value) >= 1.0:
             raise ValueError(f"Sampler: sample_max_value must be >= 1, got {sample_max_value!r}")
+        try:  # what the kernels would read otherwise (a clip_range below float32's range as off): found here
+            reference._check_step_options(self.clip_range, thresholding, ratio, sample_max_value)
+        except ValueError as error:
+            raise ValueError(f"Sampler: {error}") from None
 
         try:  # the schedule's own checks (e.g. steps_offset pushing a timestep past T, zero-SNR epsilon)
             timesteps = sampling_timesteps(T, N, timestep_spacing, steps_offset)

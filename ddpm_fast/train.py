@@ -44,7 +44,7 @@ from . import distributed as dist_utils
 from . import reference
 from .data import ImageDataset, load_dataset
 from .ops import q_sample
-from .sampler import Sampler, save_image_grid
+from .sampler import Sampler, save_image_grid, write_atomically
 from .schedule import PREDICTION_TYPES, NoiseSchedule
 from .unet import PRESETS, UNet, UNetConfig
 
@@ -53,6 +53,7 @@ __all__ = ["CHECKPOINT_FORMAT", "TrainConfig", "Trainer", "latest_checkpoint", "
 
 CHECKPOINT_FORMAT = "ddpm_fast-checkpoint-1"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_ASIDE_DIR = re.compile(r"^\.old-step_(\d{8})-\d+$")  # a step a re-save moved aside (save_checkpoint)
 # What loading a model (and resuming, also ema_updates) reads from a checkpoint's config.json.
 _MODEL_KEYS = ("step", "unet", "schedule", "prediction_type")
 _MASK63 = (1 << 63) - 1
@@ -221,11 +222,12 @@ def _write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
         return load_file(path)
-    except Exception as error:  # safetensors' own error type for a truncated or foreign file, OSError, ...
-        raise ValueError(f"unreadable checkpoint file {str(path)!r} ({' '.join(str(error).split())}); "
+    except SafetensorError as error:  # a truncated or foreign file (a failed read is an OSError, left as it is)
+        raise ValueError(f"damaged checkpoint file {str(path)!r} ({' '.join(str(error).split())}); "
                          "delete its step folder to use the one before") from None
 
 
@@ -308,7 +310,7 @@ def _clean_up_after_crashes(folder: Path) -> None:
     for stale in folder.glob(".tmp-step_*"):
         shutil.rmtree(stale, ignore_errors=True)
     for aside in folder.glob(".old-step_*"):
-        home = folder / aside.name[len(".old-"):].split("-")[0]
+        home = folder / f"step_{_step_of(aside):08d}"
         if home.exists():
             shutil.rmtree(aside, ignore_errors=True)
         else:
@@ -316,15 +318,20 @@ def _clean_up_after_crashes(folder: Path) -> None:
 
 
 def _checkpoint_dirs(folder: Path) -> list[Path]:
-    """Complete checkpoint folders under ``folder``, oldest first."""
+    """Complete checkpoint folders under ``folder``, oldest first. A step that a re-save moved aside and a
+    kill kept from coming back counts as that step (the next save puts it back in place)."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / "config.json").is_file()]
-    return sorted(found, key=_step_of)
+    by_step: dict[int, Path] = {}
+    for p in folder.iterdir():
+        if p.is_dir() and (_STEP_DIR.match(p.name) or _ASIDE_DIR.match(p.name)) and (p / "config.json").is_file():
+            if _step_of(p) not in by_step or _STEP_DIR.match(p.name):  # the one in place wins
+                by_step[_step_of(p)] = p
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def _step_of(checkpoint: Path) -> int:
-    return int(_STEP_DIR.match(checkpoint.name).group(1))
+    return int((_STEP_DIR.match(checkpoint.name) or _ASIDE_DIR.match(checkpoint.name)).group(1))
 
 
 def latest_checkpoint(path) -> Path | None:
@@ -472,6 +479,7 @@ class Trainer:
             raise ValueError(f"{str(newest.parent)!r} holds a checkpoint of step {_step_of(newest)}, past this "
                              f"run's step {self.step}: resume it (the CLI does, unless --no-resume), or train into "
                              "another folder")
+        self._forget_log_after(self.step)
         losses, start = [], time.perf_counter()
         # A time budget shows seconds (the step count it allows is unknown), else steps.
         bar = (_bar(math.ceil(time_limit), 0, self.progress, "s") if time_limit is not None
@@ -494,7 +502,7 @@ class Trainer:
                     break
         finally:
             bar.close()
-        if self.out_dir is not None and self.step % self.config.checkpoint_every:
+        if self.out_dir is not None and losses and self.step % self.config.checkpoint_every:
             self.save()
         return losses
 
@@ -547,15 +555,15 @@ class Trainer:
         self.ema.load(self.model, ema_state, config["ema_updates"])
         _load_optimizer(self.optimizer, optimizer_state)
         self.step = int(config["step"])
-        self._forget_log_after(self.step)
         trained_with, now = config.get("train", {}), dataclasses.asdict(self.config)
         self.changed_on_resume = {k: (trained_with[k], v) for k, v in now.items()
                                   if k in trained_with and trained_with[k] != v}
         return True
 
     def _forget_log_after(self, step: int) -> None:
-        """Drop log.jsonl's records of the steps after ``step`` (run again from here), so that each step has
-        one record, and a line a kill cut short; the file is replaced atomically."""
+        """Drop log.jsonl's records of the steps after ``step``, which this run takes (again: after a kill past
+        its last checkpoint, or a fresh run's), so that each step has one record, and a line a kill cut short;
+        the file is replaced atomically."""
         log = None if self.out_dir is None else self.out_dir / "log.jsonl"
         if self.rank != 0 or log is None or not log.is_file():
             return
@@ -569,9 +577,7 @@ class Trainer:
         lines = log.read_text().splitlines(keepends=True)
         kept = [line for line in lines if keep(line)]
         if len(kept) < len(lines):
-            tmp = log.with_name(f".{log.name}.tmp-{os.getpid()}")
-            _write_bytes(tmp, "".join(kept).encode())
-            os.replace(tmp, log)
+            write_atomically(log, "".join(kept).encode())
 
     # ------------------------------------------------------------------------------------------- samples
 

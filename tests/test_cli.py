@@ -155,6 +155,7 @@ def test_sample_output_and_device_are_checked_before_sampling(tmp_path, capsys, 
     with pytest.raises(SystemExit):
         cli.main(["train", "--out", str(tmp_path / "t"), "--time-limit", "inf"])
     _one_line_error(capsys, "--time-limit", "must be > 0 and finite")
+    assert cli.build_parser().parse_args(["train", "--out", "t", "--grad-clip", "inf"]).grad_clip == float("inf")
     with pytest.raises(SystemExit):
         cli.main(["demo", "--samples", "1"])
     _one_line_error(capsys, "--samples", "must be >= 2")
@@ -202,8 +203,10 @@ def test_no_resume_refuses_a_folder_with_checkpoints(tmp_path, capsys):
     assert cli.main(["train", "--out", str(run), "--steps", "2", "--batch-size", "4", "--no-resume"]) == 2
     _one_line_error(capsys, "holds a checkpoint of step 2", "--no-resume")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == kept
-    assert cli.main(["train", "--out", str(run), "--steps", "2", "--batch-size", "4"]) == 0
+    config = (run / "checkpoints" / "step_00000002" / "config.json").read_bytes()
+    assert cli.main(["train", "--out", str(run), "--steps", "2", "--batch-size", "4", "--lr", "0.1"]) == 0
     assert "nothing to train: the checkpoint is at step 2 and --steps is 2" in capsys.readouterr().out
+    assert (run / "checkpoints" / "step_00000002" / "config.json").read_bytes() == config  # not re-saved
 
 
 def test_evaluate_a_digits_model_of_another_size(monkeypatch, capsys):

@@ -698,6 +698,8 @@ assert sched.step(torch.randn_like(x), 666, x, generator=torch.Generator().manua
     (dict(thresholding=True, sample_max_value=0.5), ValueError, "sample_max_value must be >= 1"),
     (dict(trained_betas=[0.1] * 10), ValueError, "trained_betas must have num_train_timesteps=1000 values"),
     (dict(steps_offset=-1), ValueError, "steps_offset must be in"),
+    (dict(clip_sample_range=1e-40), ValueError, "clip_sample_range must be at least"),  # float32 reads it as 0
+    (dict(thresholding=True, dynamic_thresholding_ratio=1e-40), ValueError, "dynamic_thresholding_ratio must be at"),
 ])
 def test_bad_config_names_the_field(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from _tolerance import NOISE_ROUNDING
+from _tolerance import NOISE_ROUNDING, assert_matches_reference
 
 import ddpm_fast
 from ddpm_fast import reference
@@ -173,15 +173,19 @@ forward_ad_warning = pytest.mark.filterwarnings("ignore:`torch.jit.script` is de
 
 
 def _derivative_cases(schedule, device):
-    """(name, f, primals): each op as a function of its differentiable float inputs."""
+    """(name, f, its reference twin (any float dtype), primals): each op as a function of its differentiable
+    float inputs."""
     table, t, n = ddpm_table(schedule), torch.tensor([3, 700], device=device), _rand(2, 3, 4, 4, seed=9).to(device)
     seeds = torch.tensor([4, 5], device=device)
     return [
         ("q_sample", lambda x0, noise: torch.cat(ddpm_fast.q_sample(x0, t, schedule, noise)),
+         lambda x0, noise: torch.cat(reference.q_sample(x0, t, schedule, noise=noise)),
          (_rand(2, 3, 4, 4, seed=1), n)),
         ("step", lambda out, x: torch.cat(ddpm_fast.step(out, t, x, table, seeds=seeds, clip_range=1.0)),
+         lambda out, x: torch.cat(reference.step(out, t, x, table, seeds=seeds, clip_range=1.0)),
          (_rand(2, 3, 4, 4, seed=2), _rand(2, 3, 4, 4, seed=3))),
         ("group_norm_silu", lambda x, w, shift: ddpm_fast.group_norm_silu(x, w, None, 4, shift=shift),
+         lambda x, w, shift: reference.group_norm_silu(x, w, None, 4, shift=shift),
          (_rand(2, 8, 4, 4, seed=4), _rand(8, seed=5), _rand(2, 8, seed=6))),
     ]
 
@@ -192,7 +196,7 @@ def test_derivatives_the_kernels_lack_are_the_reference_s(schedule, op):
     """Autograd through q_sample and step (no backward kernels), and for every op torch.func.grad / jvp and
     forward-mode dual tensors (which a custom op would answer with a zero tangent, silently): the automatic
     choice computes them with the reference, so they equal its own, to the bit."""
-    _, f, primals = next(c for c in _derivative_cases(schedule, DEVICE) if c[0] == op)
+    _, f, twin, primals = next(c for c in _derivative_cases(schedule, DEVICE) if c[0] == op)
     primals = tuple(p.to(DEVICE) for p in primals)
     tangents = tuple(torch.randn_like(p) for p in primals)
     ref = _with_backend(f, "torch")
@@ -218,10 +222,28 @@ def test_derivatives_the_kernels_lack_are_the_reference_s(schedule, op):
 
 @forward_ad_warning
 @pytest.mark.parametrize("op", ["q_sample", "step", "group_norm_silu"])
+def test_forward_mode_under_torch_compile_is_the_reference_s(schedule, op):
+    """A compiled function on dual tensors: the traced op cannot ask which inputs carry tangents, so under
+    forward-mode AD it runs the reference (aot_eager: inductor itself drops forward-mode tangents)."""
+    _, f, twin, primals = next(c for c in _derivative_cases(schedule, DEVICE) if c[0] == op)
+    primals = tuple(p.to(DEVICE) for p in primals)
+    tangents = tuple(torch.randn_like(p) for p in primals)
+    compiled = torch.compile(f, backend="aot_eager")  # the reference graph-breaks: it checks t on the host
+    _, expected = torch.func.jvp(_with_backend(f, "torch"), primals, tangents)
+    with torch.autograd.forward_ad.dual_level():
+        out = compiled(*(torch.autograd.forward_ad.make_dual(p, d) for p, d in zip(primals, tangents)))
+        tangent = torch.autograd.forward_ad.unpack_dual(out).tangent
+    assert tangent is not None  # (it was None: a zero tangent)
+    _, truth = torch.func.jvp(twin, tuple(p.double() for p in primals), tuple(d.double() for d in tangents))
+    assert_matches_reference(tangent, expected, truth, what=f"{op}: the compiled function's tangent")
+
+
+@forward_ad_warning
+@pytest.mark.parametrize("op", ["q_sample", "step", "group_norm_silu"])
 def test_explicit_backend_refuses_a_derivative_its_kernels_lack(schedule, backend, op):
     """backend=<native> on such a call raises before it runs, naming the derivative: not a missing autograd
     formula at loss.backward(), nor a zero tangent."""
-    _, f, primals = next(c for c in _derivative_cases(schedule, backend.device) if c[0] == op)
+    _, f, _, primals = next(c for c in _derivative_cases(schedule, backend.device) if c[0] == op)
     primals = backend.to(*primals)
     explicit = _with_backend(f, backend.name)
     match = f"{op}: backend '{backend.name}' cannot take this call: its kernels have no "

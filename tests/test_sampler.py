@@ -585,6 +585,9 @@ def test_save_image_grid_sampled_images(tmp_path, schedule):
     ({"thresholding": 1}, TypeError, "thresholding must be a bool"),
     ({"thresholding": True, "dynamic_thresholding_ratio": 0.0}, ValueError, "dynamic_thresholding_ratio"),
     ({"thresholding": True, "sample_max_value": 0.5}, ValueError, "sample_max_value must be >= 1"),
+    # what the kernels would read as float32 otherwise (refused at construction, not at the first step)
+    ({"clip_range": 1e-40}, ValueError, "Sampler: clip_range must be at least"),
+    ({"thresholding": True, "sample_max_value": 1e39}, ValueError, "Sampler: sample_max_value must be at most"),
 ])
 def test_bad_constructor_arguments(schedule, kwargs, error, match):
     args = {"model": _Toy(1000), "schedule": schedule, **kwargs}

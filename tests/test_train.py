@@ -175,6 +175,8 @@ def test_resaving_a_step_keeps_the_old_copy_until_the_new_one_is_in(tmp_path, mo
     assert _files(tmp_path) == before
 
     (tmp_path / "step_00000002").rename(tmp_path / ".old-step_00000002-12345")  # killed between the renames
+    assert latest_checkpoint(tmp_path).name == ".old-step_00000002-12345"  # what resume and a fresh run see
+    assert load_checkpoint(tmp_path)[0]["run"] == "old"
     save_checkpoint(tmp_path, 3, {"run": "next"}, {"ema": {"w": torch.randn(3)}})
     assert {p.name for p in tmp_path.iterdir()} == {"step_00000002", "step_00000003"}
     assert load_checkpoint(tmp_path / "step_00000002")[0]["run"] == "old"
@@ -196,9 +198,9 @@ def test_damaged_checkpoints_are_named_not_tracebacks(tmp_path, digits):
     folder = latest_checkpoint(tmp_path)
     ema = folder / "ema.safetensors"
     ema.write_bytes(ema.read_bytes()[:100])
-    with pytest.raises(ValueError, match=r"unreadable checkpoint file .*ema\.safetensors"):
+    with pytest.raises(ValueError, match=r"damaged checkpoint file .*ema\.safetensors"):
         load_model(tmp_path)
-    with pytest.raises(ValueError, match=r"unreadable checkpoint file .*ema\.safetensors"):
+    with pytest.raises(ValueError, match=r"damaged checkpoint file .*ema\.safetensors"):
         Trainer(_config(), tmp_path, dataset=digits).resume()
     # weights of another U-Net under this config: one line naming the file and what differs
     save_checkpoint(tmp_path / "checkpoints", 2, json.loads((folder / "config.json").read_text()),
