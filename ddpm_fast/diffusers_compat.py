@@ -411,11 +411,10 @@ class _FastScheduler(SchedulerMixin):
     @timesteps.setter
     def timesteps(self, value) -> None:
         value = torch.as_tensor(value)
-        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-            raise TypeError(f"timesteps must hold integers, got dtype {value.dtype}")
-        ts = value.detach().to("cpu", torch.int64)
-        if ts.numel():  # empty: nothing left to sample (a suffix past the end), as diffusers allows
-            _check_timesteps(ts, self.config.num_train_timesteps)
+        if value.numel():
+            ts = _check_timesteps(value.detach(), self.config.num_train_timesteps)
+        else:  # nothing left to sample (a suffix past the end), as diffusers allows
+            ts = torch.empty(0, dtype=torch.int64)
         self._timesteps = value
         self._timesteps_assigned(ts)
 

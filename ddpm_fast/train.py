@@ -575,9 +575,11 @@ class Trainer:
                 return False
 
         lines = log.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if keep(line)]
-        if len(kept) < len(lines):
-            write_atomically(log, "".join(kept).encode())
+        end = len(lines)  # records are appended in step order: only the last ones can be past `step`
+        while end and not keep(lines[end - 1]):
+            end -= 1
+        if end < len(lines):
+            write_atomically(log, "".join(lines[:end]).encode())
 
     # ------------------------------------------------------------------------------------------- samples
 
