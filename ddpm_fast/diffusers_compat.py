@@ -36,7 +36,9 @@ new values would be ignored (the same values, e.g. moved to a device, are taken)
 another schedule with `from_config(config, trained_betas=...)`. An assigned `timesteps` must be strictly
 descending in [0, T) (or empty), the only sequences a step table can follow. An override that is no field of
 the scheduler (`from_config(config, clip_smaple=False)`) raises TypeError, where diffusers ignores it, unless
-`return_unused_kwargs=True` asks for it back.
+`return_unused_kwargs=True` asks for it back. `add_noise`'s samples and noise broadcast as in diffusers, but
+must have as many dims (else the timestep factor lines up with the wrong axis there); 1-D samples step on
+DDPM too, where diffusers' DDPM fails on the missing channel axis.
 """
 
 from __future__ import annotations
@@ -181,6 +183,17 @@ def _randn_like_diffusers(shape, generator, device: torch.device, dtype: torch.d
         noise = torch.cat([torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator], 0)
         return noise.to(device)
     return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+def _broadcast_shape(name: str, x: torch.Tensor, other_name: str, other: torch.Tensor) -> tuple:
+    """The shape diffusers' arithmetic on x and other gives, where they have as many dims (else a ValueError)."""
+    if other.dim() == x.dim():
+        try:
+            return tuple(torch.broadcast_shapes(x.shape, other.shape))
+        except RuntimeError:
+            pass
+    raise ValueError(f"{other_name} must have {name}'s shape {tuple(x.shape)} or broadcast with it (a size 1 "
+                     f"where they differ), got {tuple(other.shape)}")
 
 
 class _TimestepsKey:
@@ -490,31 +503,45 @@ class _FastScheduler(SchedulerMixin):
                              f"got min {int(t.min())}, max {int(t.max())}")
         return t.contiguous()
 
+    def _noising_operands(self, x_name: str, x, noise, timesteps):
+        """(x, noise, t, out_shape) for add_noise / get_velocity, broadcast as diffusers' arithmetic broadcasts
+        them: a (1, ...) noise serves a batch, one sample serves B timesteps; 1-D samples hold one value per
+        sample. The kernels take equal (B, C, ...) shapes, so x and noise come back expanded (a stride-0 view is
+        copied once) and a 1-D batch as (B, 1)."""
+        for name, value in ((x_name, x), ("noise", noise)):
+            if not isinstance(value, torch.Tensor) or value.dim() < 1:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise TypeError(f"{name} must be a tensor of shape (B, ...), got {got}")
+        shape = _broadcast_shape(x_name, x, "noise", noise)
+        n_t = timesteps.numel() if isinstance(timesteps, torch.Tensor) else 1
+        if shape[0] == 1 and n_t > 1:
+            shape = (n_t, *shape[1:])
+        t = self._batch_timesteps(timesteps, shape[0], x.device, "timesteps", flatten=True)
+        x, noise = x.expand(shape), noise.expand(shape)
+        if len(shape) == 1:
+            x, noise = x[:, None], noise[:, None]
+        return x, noise, t, shape
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = sqrt(ac[t]) x0 + sqrt(1 - ac[t]) noise, with the given noise, in one fused pass.
 
         Args:
-            original_samples: (B, C, ...) float32 / float16 / bfloat16, or float64 (the reference computes it).
-            noise: like original_samples.
+            original_samples: (B, ...) float32 / float16 / bfloat16, or float64 (the reference computes it).
+            noise: like original_samples, or broadcasting with it (e.g. (1, C, H, W)).
             timesteps: int, or an integer tensor of 1 or B values: (), (1,), (B,), (B, 1), ...
         """
-        if not isinstance(original_samples, torch.Tensor) or original_samples.dim() < 1:
-            raise TypeError("original_samples must be a tensor of shape (B, C, ...), got "
-                            f"{type(original_samples).__name__}")
-        t = self._batch_timesteps(timesteps, original_samples.shape[0], original_samples.device, "timesteps",
-                                  flatten=True)
-        if _uses_reference(original_samples):
-            return reference.q_sample(original_samples, t, self.schedule, noise=noise)[0]
-        return q_sample(original_samples, t, self.schedule, noise=noise)[0]
+        x, noise, t, shape = self._noising_operands("original_samples", original_samples, noise, timesteps)
+        if _uses_reference(x):
+            return reference.q_sample(x, t, self.schedule, noise=noise)[0].reshape(shape)
+        return q_sample(x, t, self.schedule, noise=noise)[0].reshape(shape)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """v = sqrt(ac[t]) noise - sqrt(1 - ac[t]) sample (the v-prediction training target)."""
-        if not isinstance(sample, torch.Tensor) or sample.dim() < 1:
-            raise TypeError(f"sample must be a tensor of shape (B, C, ...), got {type(sample).__name__}")
-        t = self._batch_timesteps(timesteps, sample.shape[0], sample.device, "timesteps", flatten=True)
-        if _uses_reference(sample):
-            return reference.training_target(sample, noise, t, self.schedule, "v_prediction")
-        return q_sample(sample, t, self.schedule, noise=noise, target="v_prediction")[1]
+        """v = sqrt(ac[t]) noise - sqrt(1 - ac[t]) sample (the v-prediction training target), broadcast as
+        add_noise."""
+        x, noise, t, shape = self._noising_operands("sample", sample, noise, timesteps)
+        if _uses_reference(x):
+            return reference.training_target(x, noise, t, self.schedule, "v_prediction").reshape(shape)
+        return q_sample(x, t, self.schedule, noise=noise, target="v_prediction")[1].reshape(shape)
 
     # ---- the step ----
 
@@ -530,10 +557,17 @@ class _FastScheduler(SchedulerMixin):
         for name, value in (("model_output", model_output), ("sample", sample)):
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if sample.dim() < 2:
-            raise ValueError(f"sample must have shape (B, C, ...), got {tuple(sample.shape)}")
+        if sample.dim() < 1:
+            raise ValueError(f"sample must have shape (B, ...), got {tuple(sample.shape)}")
 
     def _fused(self, table, model_output, t, sample, noise, return_dict):
+        shape = sample.shape
+        if sample.dim() == 1:  # one value per sample: the kernels' (B, C, ...) with C = 1
+            if model_output.shape != shape:
+                raise ValueError(f"model_output must have sample's shape {tuple(shape)}, "
+                                 f"got {tuple(model_output.shape)}")
+            model_output, sample = model_output[:, None], sample[:, None]
+            noise = None if noise is None else noise.reshape(-1, 1)
         step = fused_step
         if _uses_reference(sample):
             if model_output.dtype != sample.dtype:  # the kernels' rule, which the reference would not enforce
@@ -543,6 +577,7 @@ class _FastScheduler(SchedulerMixin):
                         thresholding=self.config.thresholding,
                         dynamic_thresholding_ratio=self.config.dynamic_thresholding_ratio,
                         sample_max_value=self.config.sample_max_value)
+        prev, x0 = prev.reshape(shape), x0.reshape(shape)
         if not return_dict:
             return (prev, x0)
         return FastSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -627,9 +662,9 @@ class FastDDPMScheduler(_FastScheduler):
         """One ancestral step x_t -> x_prev(t), fused; noise drawn as diffusers draws it.
 
         Args:
-            model_output: (B, C, ...) like sample, or (B, 2C, ...) for variance_type="learned_range".
+            model_output: like sample, or (B, 2C, ...) for variance_type="learned_range".
             timestep: int, or an integer tensor of shape (), (1,) (both: for every sample) or (B,) (per sample).
-            sample: (B, C, ...) float32 / float16 / bfloat16, or float64 (the reference computes it).
+            sample: (B, ...) float32 / float16 / bfloat16, or float64 (the reference computes it).
             generator: torch.Generator (or a list, one per sample), or None for torch's global RNG. As in
                 diffusers, noise is drawn only when some timestep is > 0.
         Returns:
@@ -707,13 +742,13 @@ class FastDDIMScheduler(_FastScheduler):
         """One DDIM step x_t -> x_{t - T//N}, fused; noise (eta > 0) drawn as diffusers draws it.
 
         Args:
-            model_output: (B, C, ...) like sample.
+            model_output: like sample.
             timestep: int, or an integer tensor of shape (), (1,) (both: for every sample) or (B,) (per sample).
-            sample: (B, C, ...) float32 / float16 / bfloat16, or float64 (the reference computes it).
+            sample: (B, ...) float32 / float16 / bfloat16, or float64 (the reference computes it).
             eta: >= 0; 0 is deterministic DDIM, 1 has DDPM's posterior variance.
             use_clipped_model_output: recompute eps from the clipped x0 (diffusers' option).
             generator: torch.Generator (or list), or None for torch's global RNG; used only when eta > 0.
-            variance_noise: (B, C, ...) like sample: the noise itself instead of drawing it (eta > 0).
+            variance_noise: like sample, or broadcasting to it: the noise itself instead of drawing it (eta > 0).
         Returns:
             FastSchedulerOutput(prev_sample, pred_original_sample), or the tuple when return_dict=False.
         """
@@ -735,10 +770,11 @@ class FastDDIMScheduler(_FastScheduler):
             if variance_noise is None:
                 noise = _randn_like_diffusers(model_output.shape, generator, model_output.device, model_output.dtype)
             else:
-                is_tensor = isinstance(variance_noise, torch.Tensor)
-                if not is_tensor or tuple(variance_noise.shape) != tuple(sample.shape):
-                    got = tuple(variance_noise.shape) if is_tensor else type(variance_noise).__name__
-                    raise ValueError(f"variance_noise must be a tensor of sample's shape {tuple(sample.shape)}, "
-                                     f"got {got}")
-                noise = variance_noise
+                if not isinstance(variance_noise, torch.Tensor):
+                    raise TypeError(f"variance_noise must be a tensor of sample's shape {tuple(sample.shape)}, "
+                                    f"got {type(variance_noise).__name__}")
+                if _broadcast_shape("sample", sample, "variance_noise", variance_noise) != tuple(sample.shape):
+                    raise ValueError(f"variance_noise must have sample's shape {tuple(sample.shape)} or broadcast "
+                                     f"to it, got {tuple(variance_noise.shape)}")
+                noise = variance_noise.expand(sample.shape)
         return self._fused(table, model_output, t, sample, noise, return_dict)

@@ -341,6 +341,62 @@ def test_add_noise_matches_diffusers(form, dtype):
                              magnitude=2 * (x0.abs().max() + noise.abs().max()).item())
 
 
+@pytest.mark.parametrize("x_shape, noise_shape, n_t", [
+    ((4,), (4,), 4),                       # 1-D samples: one value per sample
+    ((4,), (1,), 4),
+    ((3, 5, 7, 9), (1, 5, 7, 9), 3),       # one noise for the batch
+    ((1, 5, 7, 9), (3, 5, 7, 9), 3),       # one sample at three timesteps, three noises
+    ((1, 5, 7, 9), (1, 5, 7, 9), 3),       # one sample, one noise, three timesteps
+    ((3, 2, 11), (1, 2, 1), 1),            # audio-like (B, C, L)
+], ids=["1-D", "1-D one noise", "one noise", "one sample", "one sample one noise", "(B,C,L) one t"])
+def test_add_noise_broadcasts_as_diffusers(x_shape, noise_shape, n_t):
+    """diffusers' add_noise / get_velocity are arithmetic, so shapes broadcast: the result is theirs."""
+    ours, theirs = FastDDPMScheduler(), DDPMScheduler()
+    x0, noise = torch.randn(x_shape), torch.randn(noise_shape)
+    t = torch.randint(0, 1000, (n_t,))
+    a, v = ours.add_noise(x0, noise, t), ours.get_velocity(x0, noise, t)
+    b, v_theirs = theirs.add_noise(x0, noise, t), theirs.get_velocity(x0, noise, t)
+    assert a.shape == b.shape and v.shape == v_theirs.shape
+    ac = ours.schedule.alphas_cumprod[t].reshape(-1, *[1] * (len(x_shape) - 1))
+    magnitude = 2 * (x0.abs().max() + noise.abs().max()).item()
+    assert_matches_reference(a, b, ac.sqrt() * x0.double() + (1 - ac).sqrt() * noise.double(), what="add_noise",
+                             magnitude=magnitude)
+    assert_matches_reference(v, v_theirs, ac.sqrt() * noise.double() - (1 - ac).sqrt() * x0.double(),
+                             what="get_velocity", magnitude=magnitude)
+    with pytest.raises(ValueError, match=r"noise must have original_samples's shape \(4, 5\) or broadcast with it"):
+        ours.add_noise(torch.randn(4, 5), torch.randn(2, 5), 3)
+    with pytest.raises(ValueError, match=r"noise must have sample's shape \(4, 5\) or broadcast.*got \(5,\)"):
+        ours.get_velocity(torch.randn(4, 5), torch.randn(5), 3)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_1d_samples_and_broadcast_variance_noise_step_as_diffusers(kind):
+    """A 1-D sample (one value per sample) steps as the (B, 1) batch it is, drawing diffusers' noise (diffusers'
+    DDIM takes it; its DDPM fails on the missing channel axis); DDIM's variance_noise broadcasts as there."""
+    ours = FastDDPMScheduler() if kind == "ddpm" else FastDDIMScheduler()
+    ours.set_timesteps(20)
+    t = int(ours.timesteps[torch.randint(0, 19, ()).item()])  # t > 0: noise is drawn
+    seed = torch.randint(0, 2**62, ()).item()
+    x, m = torch.randn(5), torch.randn(5)
+    kwargs = {} if kind == "ddpm" else {"eta": 0.8}
+    out = ours.step(m, t, x, generator=_gen(seed), **kwargs)
+    as_2d = ours.step(m[:, None], t, x[:, None], generator=_gen(seed), **kwargs)
+    assert out.prev_sample.shape == (5,) and torch.equal(out.prev_sample, as_2d.prev_sample[:, 0])
+    assert torch.equal(out.pred_original_sample, as_2d.pred_original_sample[:, 0])
+    with pytest.raises(ValueError, match=r"model_output must have sample's shape \(5,\), got \(10,\)"):
+        ours.step(torch.randn(10), t, x, **kwargs)
+    if kind == "ddim":
+        theirs = DDIMScheduler()
+        theirs.set_timesteps(20)
+        torch.testing.assert_close(out.prev_sample, theirs.step(m, t, x, generator=_gen(seed), **kwargs).prev_sample)
+        x, m, z = torch.randn(SHAPE), torch.randn(SHAPE), torch.randn(1, *SHAPE[1:])
+        a = ours.step(m, t, x, eta=0.8, variance_noise=z).prev_sample
+        assert torch.equal(a, ours.step(m, t, x, eta=0.8, variance_noise=z.expand(SHAPE).clone()).prev_sample)
+        torch.testing.assert_close(a, theirs.step(m, t, x, eta=0.8, variance_noise=z).prev_sample)
+        with pytest.raises(ValueError, match=r"variance_noise must have sample's shape \(3, 5, 7, 9\) or broadcast"):
+            ours.step(m, t, x, eta=0.8, variance_noise=torch.randn(6, *SHAPE[1:]))
+
+
 @pytest.mark.parametrize("cls", ["ddpm", "ddim"])
 @pytest.mark.parametrize("spacing, offset", [("leading", 0), ("leading", 1), ("linspace", 0), ("trailing", 0)])
 def test_set_timesteps_matches_diffusers(cls, spacing, offset):
@@ -728,7 +784,7 @@ def test_bad_step_input_names_the_argument():
     ddim.set_timesteps(10)
     with pytest.raises(ValueError, match="at most one of generator and variance_noise"):
         ddim.step(m, 500, x, eta=1.0, generator=_gen(0), variance_noise=torch.randn(SHAPE))
-    with pytest.raises(ValueError, match="variance_noise must be a tensor of sample's shape"):
+    with pytest.raises(ValueError, match=r"variance_noise must have sample.s shape \(3, 5, 7, 9\) or broadcast.*got \(3, 5\)"):
         ddim.step(m, 500, x, eta=1.0, variance_noise=torch.randn(3, 5))
     with pytest.raises(ValueError, match="eta must be >= 0"):
         ddim.step(m, 500, x, eta=-0.1)

@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from _fuzz import run_cases
 from _tolerance import NOISE_ROUNDING, assert_matches_reference
 
 import ddpm_fast
@@ -172,22 +173,34 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 forward_ad_warning = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 
-def _derivative_cases(schedule, device):
-    """(name, f, its reference twin (any float dtype), primals): each op as a function of its differentiable
-    float inputs."""
-    table, t, n = ddpm_table(schedule), torch.tensor([3, 700], device=device), _rand(2, 3, 4, 4, seed=9).to(device)
-    seeds = torch.tensor([4, 5], device=device)
-    return [
-        ("q_sample", lambda x0, noise: torch.cat(ddpm_fast.q_sample(x0, t, schedule, noise)),
-         lambda x0, noise: torch.cat(reference.q_sample(x0, t, schedule, noise=noise)),
-         (_rand(2, 3, 4, 4, seed=1), n)),
-        ("step", lambda out, x: torch.cat(ddpm_fast.step(out, t, x, table, seeds=seeds, clip_range=1.0)),
-         lambda out, x: torch.cat(reference.step(out, t, x, table, seeds=seeds, clip_range=1.0)),
-         (_rand(2, 3, 4, 4, seed=2), _rand(2, 3, 4, 4, seed=3))),
-        ("group_norm_silu", lambda x, w, shift: ddpm_fast.group_norm_silu(x, w, None, 4, shift=shift),
-         lambda x, w, shift: reference.group_norm_silu(x, w, None, 4, shift=shift),
-         (_rand(2, 8, 4, 4, seed=4), _rand(8, seed=5), _rand(2, 8, seed=6))),
-    ]
+def _derivative_cases(op, schedule, device, check, cases=2):
+    """Fresh draws of `op` as a function of its differentiable float inputs: run_cases calls
+    check(f, its reference twin (any float dtype), primals on `device`) at random sizes, timesteps and seeds."""
+    def draw(rng):
+        B, groups = rng.randint(1, 3), rng.choice([1, 2, 4])
+        return dict(op=op, B=B, H=rng.randint(1, 5), W=rng.randint(1, 5), groups=groups,
+                    C=groups * rng.randint(1, 3) if op == "group_norm_silu" else 3,
+                    t=[rng.randrange(schedule.num_train_timesteps) for _ in range(B)],
+                    seeds=[rng.randrange(2**62) for _ in range(B)], clip_range=rng.choice([None, 1.0]))
+
+    def run(case):
+        B, C, H, W, G, clip = (case[k] for k in ("B", "C", "H", "W", "groups", "clip_range"))
+        t, seeds = torch.tensor(case["t"], device=device), torch.tensor(case["seeds"], device=device)
+        table = ddpm_table(schedule)
+        if op == "q_sample":
+            check(lambda x0, noise: torch.cat(ddpm_fast.q_sample(x0, t, schedule, noise)),
+                  lambda x0, noise: torch.cat(reference.q_sample(x0, t, schedule, noise=noise)),
+                  (torch.randn(B, C, H, W, device=device), torch.randn(B, C, H, W, device=device)))
+        elif op == "step":
+            check(lambda out, x: torch.cat(ddpm_fast.step(out, t, x, table, seeds=seeds, clip_range=clip)),
+                  lambda out, x: torch.cat(reference.step(out, t, x, table, seeds=seeds, clip_range=clip)),
+                  (torch.randn(B, C, H, W, device=device), torch.randn(B, C, H, W, device=device)))
+        else:
+            check(lambda x, w, shift: ddpm_fast.group_norm_silu(x, w, None, G, shift=shift),
+                  lambda x, w, shift: reference.group_norm_silu(x, w, None, G, shift=shift),
+                  (torch.randn(B, C, H, W, device=device), torch.randn(C, device=device),
+                   torch.randn(B, C, device=device)))
+    run_cases(draw, run, cases)
 
 
 @forward_ad_warning
@@ -196,28 +209,27 @@ def test_derivatives_the_kernels_lack_are_the_reference_s(schedule, op):
     """Autograd through q_sample and step (no backward kernels), and for every op torch.func.grad / jvp and
     forward-mode dual tensors (which a custom op would answer with a zero tangent, silently): the automatic
     choice computes them with the reference, so they equal its own, to the bit."""
-    _, f, twin, primals = next(c for c in _derivative_cases(schedule, DEVICE) if c[0] == op)
-    primals = tuple(p.to(DEVICE) for p in primals)
-    tangents = tuple(torch.randn_like(p) for p in primals)
-    ref = _with_backend(f, "torch")
+    def check(f, twin, primals):
+        tangents = tuple(torch.randn_like(p) for p in primals)
+        ref = _with_backend(f, "torch")
+        if op != "group_norm_silu":  # (whose backward is the kernels': tests/test_group_norm.py)
+            leaves = [p.clone().requires_grad_() for p in primals]
+            ours_grads = torch.autograd.grad(f(*leaves).square().sum(), leaves)
+            ref_leaves = [p.clone().requires_grad_() for p in primals]
+            for a, b in zip(ours_grads, torch.autograd.grad(ref(*ref_leaves).square().sum(), ref_leaves)):
+                assert torch.equal(a, b) and a.abs().sum() > 0
 
-    if op != "group_norm_silu":  # (whose backward is the kernels': tests/test_group_norm.py)
-        leaves = [p.clone().requires_grad_() for p in primals]
-        ours_grads = torch.autograd.grad(f(*leaves).square().sum(), leaves)
-        ref_leaves = [p.clone().requires_grad_() for p in primals]
-        for a, b in zip(ours_grads, torch.autograd.grad(ref(*ref_leaves).square().sum(), ref_leaves)):
-            assert torch.equal(a, b) and a.abs().sum() > 0
+        argnums = tuple(range(len(primals)))
+        for a, b in zip(torch.func.grad(lambda *p: f(*p).square().sum(), argnums)(*primals),
+                        torch.func.grad(lambda *p: ref(*p).square().sum(), argnums)(*primals)):
+            assert torch.equal(a, b)
+        (y, jvp), (y_ref, jvp_ref) = torch.func.jvp(f, primals, tangents), torch.func.jvp(ref, primals, tangents)
+        assert torch.equal(y, y_ref) and torch.equal(jvp, jvp_ref) and jvp.abs().sum() > 0
 
-    argnums = tuple(range(len(primals)))
-    for a, b in zip(torch.func.grad(lambda *p: f(*p).square().sum(), argnums)(*primals),
-                    torch.func.grad(lambda *p: ref(*p).square().sum(), argnums)(*primals)):
-        assert torch.equal(a, b)
-    (y, jvp), (y_ref, jvp_ref) = torch.func.jvp(f, primals, tangents), torch.func.jvp(ref, primals, tangents)
-    assert torch.equal(y, y_ref) and torch.equal(jvp, jvp_ref) and jvp.abs().sum() > 0
-
-    with torch.autograd.forward_ad.dual_level():
-        out = f(*(torch.autograd.forward_ad.make_dual(p, d) for p, d in zip(primals, tangents)))
-        assert torch.equal(torch.autograd.forward_ad.unpack_dual(out).tangent, jvp_ref)
+        with torch.autograd.forward_ad.dual_level():
+            out = f(*(torch.autograd.forward_ad.make_dual(p, d) for p, d in zip(primals, tangents)))
+            assert torch.equal(torch.autograd.forward_ad.unpack_dual(out).tangent, jvp_ref)
+    _derivative_cases(op, schedule, DEVICE, check)
 
 
 @forward_ad_warning
@@ -225,17 +237,17 @@ def test_derivatives_the_kernels_lack_are_the_reference_s(schedule, op):
 def test_forward_mode_under_torch_compile_is_the_reference_s(schedule, op):
     """A compiled function on dual tensors: the traced op cannot ask which inputs carry tangents, so under
     forward-mode AD it runs the reference (aot_eager: inductor itself drops forward-mode tangents)."""
-    _, f, twin, primals = next(c for c in _derivative_cases(schedule, DEVICE) if c[0] == op)
-    primals = tuple(p.to(DEVICE) for p in primals)
-    tangents = tuple(torch.randn_like(p) for p in primals)
-    compiled = torch.compile(f, backend="aot_eager")  # the reference graph-breaks: it checks t on the host
-    _, expected = torch.func.jvp(_with_backend(f, "torch"), primals, tangents)
-    with torch.autograd.forward_ad.dual_level():
-        out = compiled(*(torch.autograd.forward_ad.make_dual(p, d) for p, d in zip(primals, tangents)))
-        tangent = torch.autograd.forward_ad.unpack_dual(out).tangent
-    assert tangent is not None  # (it was None: a zero tangent)
-    _, truth = torch.func.jvp(twin, tuple(p.double() for p in primals), tuple(d.double() for d in tangents))
-    assert_matches_reference(tangent, expected, truth, what=f"{op}: the compiled function's tangent")
+    def check(f, twin, primals):
+        tangents = tuple(torch.randn_like(p) for p in primals)
+        compiled = torch.compile(f, backend="aot_eager")  # the reference graph-breaks: it checks t on the host
+        _, expected = torch.func.jvp(_with_backend(f, "torch"), primals, tangents)
+        with torch.autograd.forward_ad.dual_level():
+            out = compiled(*(torch.autograd.forward_ad.make_dual(p, d) for p, d in zip(primals, tangents)))
+            tangent = torch.autograd.forward_ad.unpack_dual(out).tangent
+        assert tangent is not None  # (it was None: a zero tangent)
+        _, truth = torch.func.jvp(twin, tuple(p.double() for p in primals), tuple(d.double() for d in tangents))
+        assert_matches_reference(tangent, expected, truth, what=f"{op}: the compiled function's tangent")
+    _derivative_cases(op, schedule, DEVICE, check, cases=1)  # (a compile each)
 
 
 @forward_ad_warning
@@ -243,18 +255,18 @@ def test_forward_mode_under_torch_compile_is_the_reference_s(schedule, op):
 def test_explicit_backend_refuses_a_derivative_its_kernels_lack(schedule, backend, op):
     """backend=<native> on such a call raises before it runs, naming the derivative: not a missing autograd
     formula at loss.backward(), nor a zero tangent."""
-    _, f, _, primals = next(c for c in _derivative_cases(schedule, backend.device) if c[0] == op)
-    primals = backend.to(*primals)
-    explicit = _with_backend(f, backend.name)
-    match = f"{op}: backend '{backend.name}' cannot take this call: its kernels have no "
-    if op != "group_norm_silu":
-        with pytest.raises(RuntimeError, match=match + "backward"):
-            explicit(*(p.clone().requires_grad_() for p in primals))
-    with pytest.raises(RuntimeError, match=match + r"torch\.func derivative"):
-        torch.func.jvp(explicit, primals, tuple(torch.randn_like(p) for p in primals))
-    with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match=match + "forward-mode"):
-        explicit(*(torch.autograd.forward_ad.make_dual(p, torch.randn_like(p)) for p in primals))
-    assert torch.isfinite(explicit(*primals)).all()  # without a derivative, the kernels run
+    def check(f, twin, primals):
+        explicit = _with_backend(f, backend.name)
+        match = f"{op}: backend '{backend.name}' cannot take this call: its kernels have no "
+        if op != "group_norm_silu":
+            with pytest.raises(RuntimeError, match=match + "backward"):
+                explicit(*(p.clone().requires_grad_() for p in primals))
+        with pytest.raises(RuntimeError, match=match + r"torch\.func derivative"):
+            torch.func.jvp(explicit, primals, tuple(torch.randn_like(p) for p in primals))
+        with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match=match + "forward-mode"):
+            explicit(*(torch.autograd.forward_ad.make_dual(p, torch.randn_like(p)) for p in primals))
+        assert torch.isfinite(explicit(*primals)).all()  # without a derivative, the kernels run
+    _derivative_cases(op, schedule, backend.device, check, cases=1)
 
 
 def _with_backend(f, name):
