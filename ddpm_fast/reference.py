@@ -97,22 +97,29 @@ def _check_int64_vector(name: str, x, batch: int) -> torch.Tensor:
     return x.long()
 
 
+def _require(ok: torch.Tensor, what: str, got) -> None:
+    """A check on tensor values: ValueError(f"{what}, got {got()}"). Under torch.compile, which cannot branch on
+    values it does not know until the graph runs, a runtime assert with `what` instead, so the graph stays whole."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), what)
+    elif not bool(ok.all()):
+        raise ValueError(f"{what}, got {got()}")
+
+
 def _timesteps(t, batch: int, num_train_timesteps: int) -> torch.Tensor:
     """t: int or (B,) integer tensor -> (B,) int64 CPU tensor, each in [0, T)."""
+    what = f"t must lie in [0, {num_train_timesteps - 1}] (num_train_timesteps)"
     if isinstance(t, torch.Tensor):
         if t.dim() == 0:
             t = t.expand(batch)
         t = _check_int64_vector("t", t, batch).cpu()
-        low, high = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
-    elif isinstance(t, int) and not isinstance(t, bool):
-        low = high = t  # checked before torch.full, which raises a bare OverflowError past int64
-    else:
+        _require((t >= 0) & (t < num_train_timesteps), what, lambda: f"min {int(t.min())}, max {int(t.max())}")
+        return t
+    if isinstance(t, bool) or not isinstance(t, int):
         raise TypeError(f"t must be an int or an int64 tensor of shape ({batch},), got {type(t).__name__}")
-    if low < 0 or high >= num_train_timesteps:
-        raise ValueError(
-            f"t must lie in [0, {num_train_timesteps - 1}] (num_train_timesteps), got min {low}, max {high}"
-        )
-    return t if isinstance(t, torch.Tensor) else torch.full((batch,), t, dtype=torch.int64)
+    if not 0 <= t < num_train_timesteps:  # before torch.full, which raises a bare OverflowError past int64
+        raise ValueError(f"{what}, got min {t}, max {t}")  # the words of every backend
+    return torch.full((batch,), t, dtype=torch.int64)
 
 
 def _per_sample(coef: torch.Tensor, t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -149,8 +156,8 @@ def _check_uint32(name: str, x, last: int) -> torch.Tensor:
         raise TypeError(f"{name} must be an int64 tensor holding uint32 values, got {got}")
     if x.dim() < 1 or x.shape[-1] != last:
         raise ValueError(f"{name} must have shape (..., {last}), got {tuple(x.shape)}")
-    if x.numel() and (x.min() < 0 or x.max() > _MASK32):
-        raise ValueError(f"{name} values must be in [0, 2**32), got min {int(x.min())}, max {int(x.max())}")
+    _require((x >= 0) & (x <= _MASK32), f"{name} values must be in [0, 2**32)",
+             lambda: f"min {int(x.min())}, max {int(x.max())}")
     return x
 
 
@@ -215,8 +222,7 @@ def _stream_vector(stream, batch: int, device: torch.device) -> torch.Tensor:
         return torch.full((batch,), stream, dtype=torch.int64, device=device)
     else:
         raise TypeError(f"stream must be an int or an int64 tensor of shape ({batch},), got {type(stream).__name__}")
-    if s.numel() and s.min() < 0:
-        raise ValueError(f"stream must be in [0, 2**63), got min {int(s.min())}")
+    _require(s >= 0, "stream must be in [0, 2**63)", lambda: f"min {int(s.min())}")
     return s
 
 
@@ -493,7 +499,9 @@ def step(
         x0c = x0
     prev = p0 * x0c + p1 * x + p2 * m
 
-    if noise is not None or seeds is not None or bool((table.coef[t, _STD] != 0).any()):
+    if noise is None and seeds is None:  # allowed where no sample draws: std == 0 (DDPM at t = 0, DDIM eta = 0)
+        _require(table.coef[t, _STD] == 0, "exactly one of noise and seeds must be given", lambda: "neither")
+    else:
         stream = STEP_STREAM_BASE + t.to(sample.device)
         z = _noise_from(noise, seeds, stream, sample, dtype)
         if v is not None:

@@ -9,7 +9,7 @@ from _tolerance import NOISE_ROUNDING, assert_matches_reference
 
 import ddpm_fast
 from ddpm_fast import reference
-from ddpm_fast.schedule import NoiseSchedule, ddpm_table
+from ddpm_fast.schedule import NoiseSchedule, ddim_table, ddpm_table, sampling_timesteps
 
 CPU_BUILT = ddpm_fast.build_info()["backends"]["cpu"] == "available"
 needs_cpu_kernels = pytest.mark.skipif(not CPU_BUILT, reason="the C++ extension is not built")
@@ -127,6 +127,33 @@ def test_torch_compile_fullgraph(schedule, backend):
         torch.testing.assert_close(a, b)
 
 
+def test_reference_traces_whole_under_torch_compile(schedule):
+    """The reference (the fallback, and what derivatives run on) checks tensor values with runtime asserts while
+    traced, so fullgraph=True takes every op and form, and a bad timestep still raises, naming the argument."""
+    tables = (ddpm_table(schedule), ddpm_table(schedule, variance_type="learned_range"),
+              ddim_table(schedule, sampling_timesteps(1000, 20), eta=0.0))
+    B = int(torch.randint(1, 4, ()))
+    t, seeds = torch.randint(0, 1000, (B,)), torch.randint(0, 2**62, (B,))
+    x, w, shift = torch.randn(B, 4, 5, 3), torch.randn(4), torch.randn(B, 4)
+
+    def f(x, t, seeds, w, shift):
+        with ddpm_fast.use_backend("torch"):
+            x_t, eps = ddpm_fast.q_sample(x, t, schedule, seeds=seeds)
+            given, _ = ddpm_fast.q_sample(x, 5, schedule, noise=eps, target="v_prediction")
+            clipped, _ = ddpm_fast.step(x_t, t, x, tables[0], seeds=seeds, clip_range=1.0)
+            thresholded, _ = ddpm_fast.step(x_t, t, x, tables[0], noise=eps, thresholding=True, sample_max_value=2.0)
+            learned, _ = ddpm_fast.step(torch.cat([x_t, x_t.tanh()], 1), t, x, tables[1], seeds=seeds)
+            ddim, _ = ddpm_fast.step(x_t, tables[2].timesteps[:B], x, tables[2])  # eta = 0: no noise needed
+            h = ddpm_fast.group_norm_silu(x, w, None, 2, shift=shift)
+        return x_t, given, clipped, thresholded, learned, ddim, h
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for ours, eager in zip(compiled(x, t, seeds, w, shift), f(x, t, seeds, w, shift)):
+        assert torch.equal(ours, eager)
+    with pytest.raises(RuntimeError, match=r"t must lie in \[0, 999\]"):
+        compiled(x, torch.full((B,), 1000), seeds, w, shift)
+
+
 @needs_cpu_kernels
 def test_automatic_choice_is_cpu_kernel_for_cpu_tensors(schedule, monkeypatch):
     from ddpm_fast.ops import backend
@@ -239,7 +266,7 @@ def test_forward_mode_under_torch_compile_is_the_reference_s(schedule, op):
     forward-mode AD it runs the reference (aot_eager: inductor itself drops forward-mode tangents)."""
     def check(f, twin, primals):
         tangents = tuple(torch.randn_like(p) for p in primals)
-        compiled = torch.compile(f, backend="aot_eager")  # the reference graph-breaks: it checks t on the host
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
         _, expected = torch.func.jvp(_with_backend(f, "torch"), primals, tangents)
         with torch.autograd.forward_ad.dual_level():
             out = compiled(*(torch.autograd.forward_ad.make_dual(p, d) for p, d in zip(primals, tangents)))
