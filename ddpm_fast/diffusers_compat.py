@@ -338,9 +338,10 @@ class _FastScheduler(SchedulerMixin):
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **overrides):
         """Build from a config mapping (ours, or diffusers' `scheduler.config`), or from a scheduler object.
 
-        Keys that start with "_" (`_class_name`, `_diffusers_version`, `_use_default_values`) and fields of
-        other schedulers (e.g. DDPM's `variance_type` when building a DDIM scheduler) are ignored, as
-        diffusers ignores them; missing fields take the defaults. `overrides` must be fields of this class,
+        Keys that start with "_" (`_class_name`, `_diffusers_version`) and fields of other schedulers (e.g.
+        DDPM's `variance_type` when building a DDIM scheduler) are ignored, as diffusers ignores them; missing
+        fields, and those `_use_default_values` lists (absent from the file the config was loaded from), take
+        this class's defaults. `overrides` must be fields of this class,
         unless return_unused_kwargs=True: then, as diffusers, returns (scheduler, unused) where unused holds
         the other overrides and the config entries that are not fields of this class (`_class_name` naming
         it, the fields listed in `_use_default_values` left out).
@@ -356,12 +357,13 @@ class _FastScheduler(SchedulerMixin):
         if unknown and not return_unused_kwargs:
             raise TypeError(f"{cls.__name__}.from_config got unknown field(s) {sorted(unknown)}; "
                             f"fields: {', '.join(cls._DEFAULTS)}")
-        kwargs = {k: config[k] for k in cls._DEFAULTS if k in config}
+        # Fields a loaded config lacked hold the defaults of the class that loaded it: this class's come instead.
+        defaulted = {"_use_default_values", *config.get("_use_default_values", ())}
+        kwargs = {k: config[k] for k in cls._DEFAULTS if k in config and k not in defaulted}
         kwargs.update((k, v) for k, v in overrides.items() if k not in unknown)
         scheduler = cls(**kwargs)
         if not return_unused_kwargs:
             return scheduler
-        defaulted = {"_use_default_values", *config.get("_use_default_values", ())}
         unused = {k: v for k, v in config.items() if k not in cls._DEFAULTS and k not in defaulted}
         if "_class_name" in unused:
             unused["_class_name"] = cls.__name__

@@ -577,6 +577,10 @@ def test_from_config_round_trip(cls):
     assert Ours.from_config(theirs, steps_offset=1).config.steps_offset == 1
     other = FastDDIMScheduler if cls == "ddpm" else FastDDPMScheduler
     assert other.from_config(ours.config).config.prediction_type == "v_prediction"
+    # A field the loaded file lacked holds the loading class's default: this class's default comes instead.
+    loaded = {**theirs.config, "clip_sample": False, "steps_offset": 1, "_use_default_values": ["clip_sample"]}
+    assert Ours.from_config(loaded).config.clip_sample is Theirs.from_config(loaded).config.clip_sample is True
+    assert Ours.from_config(loaded).config.steps_offset == Theirs.from_config(loaded).config.steps_offset == 1
     with pytest.raises(TypeError, match="unknown field.*'clip_smaple'"):
         Ours.from_config(theirs.config, clip_smaple=False)
     with pytest.raises(TypeError, match="config must be a mapping"):
