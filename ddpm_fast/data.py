@@ -214,6 +214,8 @@ def load_dataset(spec: str, size: int | None = None, channels: int = 3) -> Image
     """``"digits"`` (16x16 unless ``size``), a CIFAR-10 python directory (32x32), or an image folder (``size``, 32)."""
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"load_dataset: spec must be 'digits' or a path, got {type(spec).__name__}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"load_dataset: size must be an int >= 1 or None, got {size!r}")  # before any reading
     if spec == "digits":
         return load_digits("train", 16 if size is None else size)
     if not os.path.exists(spec):

@@ -136,6 +136,14 @@ def test_image_folder_size_is_checked(tmp_path):
             load_image_folder(tmp_path, size=size)
 
 
+def test_dataset_size_is_checked_before_reading(tmp_path):
+    _write_cifar(tmp_path, ["test_batch"])
+    for size in (0, -3, 2.0, True):  # a CIFAR-10 folder's 0 and -3 used to fail inside F.interpolate
+        with pytest.raises(ValueError, match=f"load_dataset: size must be an int >= 1 or None, got {size!r}"):
+            load_dataset(str(tmp_path), size=size)
+    assert load_dataset(str(tmp_path), size=8).images.shape[-2:] == (8, 8)
+
+
 def _write_cifar(folder, names, per_batch=3, seed=0):
     rng = np.random.default_rng(seed)
     batches = {}
