@@ -423,6 +423,11 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, _DROPOUT, -1))
             self.model = UNet(self.unet_config).to(self.device)
+        if self.device.type == "cpu":
+            # oneDNN's convolutions run NHWC faster: a training step of the demo's tiny U-Net takes 10-20% less
+            # time (2 cores, batch 32 to 128, interleaved medians; batch 64: 166 ms instead of 205). On CUDA the
+            # layout waits for a GPU record to choose (benchmarks/bench_sampling.py measures both).
+            self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.ema = EMA(self.model, config.ema_decay, config.ema_warmup)
         self.step = 0

@@ -43,6 +43,9 @@ def test_resume_continues_exactly(tmp_path, digits):
     for a, b in zip(whole.ema.params, resumed.ema.params):
         assert torch.equal(a, b)
     assert len(set(losses)) == len(losses), "every step sees a different batch"
+    # On the CPU the model trains in channels_last (oneDNN's faster layout), and resumes into it.
+    assert all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in resumed.model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2:] != (1, 1))
 
 
 def test_interrupted_checkpoint_is_never_loaded(tmp_path, digits, monkeypatch):
