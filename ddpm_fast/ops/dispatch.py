@@ -41,7 +41,8 @@ def needs_dispatcher(args) -> bool:
     Tracing (torch.compile / export, jit.trace), a TorchDispatchMode (FakeTensorMode, FunctionalTensorMode,
     make_fx, user modes) or TorchFunctionMode, a functorch transform (vmap, grad), the profiler (it records
     the op by name), a tensor subclass, a negated view (the dispatcher materialises it, e.g. ``z.conj().imag``)
-    or autograd (grad mode on and a tensor requiring grad: torch's own rule for recording the op).
+    or autograd (grad mode on and a tensor requiring grad: torch's own rule for recording the op), or a zero
+    tensor (autograd's efficient zeros have no storage: the dispatcher materialises them).
     """
     if (is_compiling()  # first: under dynamo the rest is never traced
             or _len_torch_dispatch_stack() or _len_torch_function_stack() or _are_functorch_transforms_active()
@@ -51,7 +52,7 @@ def needs_dispatcher(args) -> bool:
     for value in args:  # type(...) in a set, not isinstance: ~2x cheaper, and exact
         kind = type(value)
         if kind in _PLAIN_TENSORS:
-            if value.is_neg() or (grad and value.requires_grad):
+            if value.is_neg() or value._is_zerotensor() or (grad and value.requires_grad):
                 return True
         elif kind not in _PLAIN_SCALARS:
             return True

@@ -50,12 +50,19 @@ _BACKWARD = {"cpu": partial(_backward_native, "cpu"), "cuda": partial(_backward_
              "triton": triton_launcher("group_norm", "backward")}
 
 
+def _dense(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The kernels read the small tensors densely. The wrapper passes them contiguous, but the dispatcher may
+    hand over another layout: it materialises a zero tensor (autograd's) as a stride-0 expanded zero."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 @custom_op("ddpm_fast::group_norm_silu")
 def _forward_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], bias_in: Optional[Tensor],
                 scale: Optional[Tensor], shift: Optional[Tensor], num_groups: int, eps: float, act: int,
                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
     layout = layout_of(x)
     x = x.contiguous(memory_format=memory_format(layout))
+    weight, bias, bias_in, scale, shift = _dense(weight, bias, bias_in, scale, shift)
     y = torch.empty_like(x)
     mean = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
     rstd = torch.empty_like(mean)
@@ -88,6 +95,7 @@ def _backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional
     fmt = memory_format(layout)
     x = x.contiguous(memory_format=fmt)
     dy = dy.contiguous(memory_format=fmt)
+    weight, bias, bias_in, scale, shift, mean, rstd = _dense(weight, bias, bias_in, scale, shift, mean, rstd)
     dx = torch.empty_like(x)
     small = _grad_buffers(x, weight, bias, bias_in, scale, shift)
     if x.numel():
