@@ -293,6 +293,7 @@ def test_forward_mode_under_torch_compile_is_the_reference_s(schedule, op):
     forward-mode AD it runs the reference (aot_eager: inductor itself drops forward-mode tangents)."""
     def check(f, twin, primals):
         tangents = tuple(torch.randn_like(p) for p in primals)
+        torch._dynamo.reset()  # a fresh trace per case: the cases share f's code object (dynamo's recompile limit)
         compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
         _, expected = torch.func.jvp(_with_backend(f, "torch"), primals, tangents)
         with torch.autograd.forward_ad.dual_level():
