@@ -341,10 +341,10 @@ class _FastScheduler(SchedulerMixin):
         Keys that start with "_" (`_class_name`, `_diffusers_version`) and fields of other schedulers (e.g.
         DDPM's `variance_type` when building a DDIM scheduler) are ignored, as diffusers ignores them; missing
         fields, and those `_use_default_values` lists (absent from the file the config was loaded from), take
-        this class's defaults. `overrides` must be fields of this class,
-        unless return_unused_kwargs=True: then, as diffusers, returns (scheduler, unused) where unused holds
-        the other overrides and the config entries that are not fields of this class (`_class_name` naming
-        it, the fields listed in `_use_default_values` left out).
+        this class's defaults. `overrides` must be fields of this class, unless return_unused_kwargs=True:
+        then, as diffusers, returns (scheduler, unused) where unused holds the other overrides and the config
+        entries that are not fields of this class (`_class_name` naming it, the fields listed in
+        `_use_default_values` left out).
         """
         if config is None:
             config = {}
