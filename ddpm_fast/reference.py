@@ -73,6 +73,9 @@ def _like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _check_float_tensor(name: str, x, min_dim: int = 1) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided or x.is_nested:  # (what ops.checks.check_strided refuses for the kernels)
+        got = "nested" if x.is_nested else str(x.layout).replace("torch.", "")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {got} one")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < min_dim:

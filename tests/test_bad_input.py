@@ -113,3 +113,29 @@ def test_randn():
 def test_group_norm_silu_needs_a_spatial_dim(backend):
     with pytest.raises(ValueError, match=r"x must have at least 3 dimensions, got shape \(2, 12\)"):
         ddpm_fast.group_norm_silu(_rand(2, 12), None, None, 4, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_and_nested_tensors_are_named(schedule, backend):
+    """The kernels read dense memory: a sparse or nested tensor is refused naming the argument (it failed deep
+    inside a copy: "unsupported memory format option Contiguous", "NestedTensorImpl doesn't support sizes")."""
+    x, seeds, t = torch.randn(2, 4, 3, 3), torch.tensor([1, 2]), torch.tensor([3, 700])
+    table = ddpm_table(schedule)
+    nested = torch.nested.nested_tensor([x[0], x[1]], layout=torch.jagged)
+    calls = {
+        r"group_norm_silu: x .* got a sparse_coo one": lambda: ddpm_fast.group_norm_silu(
+            x.to_sparse(), None, None, 2, backend=backend),
+        r"group_norm_silu: weight .* got a sparse_coo one": lambda: ddpm_fast.group_norm_silu(
+            x, torch.randn(4).to_sparse(), None, 2, backend=backend),
+        r"q_sample: x0 .* got a nested one": lambda: ddpm_fast.q_sample(nested, t, schedule, seeds=seeds,
+                                                                        backend=backend),
+        r"q_sample: t .* got a sparse_coo one": lambda: ddpm_fast.q_sample(x, t.to_sparse(), schedule, seeds=seeds,
+                                                                          backend=backend),
+        r"step: model_output .* got a sparse_coo one": lambda: ddpm_fast.step(x.to_sparse(), t, x, table, seeds=seeds,
+                                                                             backend=backend),
+        r"^noise must be a dense \(strided\) tensor, got a sparse_coo one": lambda: ddpm_fast.reference.q_sample(
+            x, t, schedule, noise=x.to_sparse()),
+    }
+    for match, call in calls.items():
+        with pytest.raises(TypeError, match=match):
+            call()
