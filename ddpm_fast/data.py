@@ -60,7 +60,8 @@ class ImageDataset:
 
 
 def _to_unit_range(pixels01: torch.Tensor) -> torch.Tensor:
-    return (pixels01 * 2.0 - 1.0).clamp_(-1.0, 1.0).contiguous()
+    """[0, 1] -> [-1, 1], in place (the caller's own tensor: a dataset's memory is not held twice)."""
+    return pixels01.mul_(2.0).sub_(1.0).clamp_(-1.0, 1.0).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------- digits
@@ -148,15 +149,15 @@ def load_image_folder(path, size: int = 32, channels: int = 3) -> ImageDataset:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DatasetError(f"dataset folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    arrays = []
-    for file in files:
+    # Filled in place and mapped to [-1, 1] in place: the dataset's memory once, not a list, a stack and copies.
+    images = torch.empty((len(files), channels, size, size), dtype=torch.float32)
+    for i, file in enumerate(files):
         try:
             with Image.open(file) as image:
-                arrays.append(_image_pixels(image, size, channels))
+                images[i] = torch.from_numpy(_image_pixels(image, size, channels)).permute(2, 0, 1)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise DatasetError(f"cannot read image {str(file)!r}: {error}") from None
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return ImageDataset(root.name or str(root), _to_unit_range(pixels), None, flip=True)
+    return ImageDataset(root.name or str(root), _to_unit_range(images), None, flip=True)
 
 
 # ------------------------------------------------------------------------------------------------- CIFAR-10
