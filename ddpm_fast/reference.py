@@ -392,6 +392,18 @@ def l_simple_loss(
 # --------------------------------------------------------------------------------------------------
 
 
+def _row_quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile(rows, q, dim=1), bit for bit, in the ops it is made of (linear interpolation between the
+    sorted values; a row holding NaN gives NaN): torch 2.11's dynamo cannot trace torch.quantile itself, and
+    the reference must trace whole (torch.compile(fullgraph=True))."""
+    last = rows.shape[1] - 1
+    ranks = torch.full((rows.shape[0], 1), q, dtype=rows.dtype, device=rows.device) * last
+    ranks = ranks.masked_fill(rows.isnan().any(dim=1, keepdim=True), last)
+    below = ranks.long()
+    ordered = rows.sort(dim=1).values
+    return ordered.gather(1, below).lerp(ordered.gather(1, ranks.ceil().long()), ranks - below).squeeze(1)
+
+
 def _threshold(x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch.Tensor:
     """Dynamic thresholding (Saharia et al. 2022), per sample, as diffusers' _threshold_sample.
 
@@ -400,7 +412,7 @@ def _threshold(x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch
     """
     if x0.numel() == 0:  # no sample, or samples of no elements: nothing to threshold (quantile would raise)
         return x0
-    s = torch.quantile(x0.abs().flatten(1), ratio, dim=1)
+    s = _row_quantile(x0.abs().flatten(1), ratio)
     s = s.clamp(min=1.0, max=sample_max_value).reshape((-1,) + (1,) * (x0.dim() - 1))
     return torch.clamp(x0, -s, s) / s
 
