@@ -420,7 +420,7 @@ class _FastScheduler(SchedulerMixin):
     def timesteps(self) -> torch.Tensor:
         """(N,) int64, descending: the sampling timesteps. Assignable, as in diffusers (e.g. a suffix,
         `scheduler.timesteps = scheduler.timesteps[k:]`): DDPM then steps along the assigned sequence; DDIM
-        steps T // num_inference_steps whatever it holds (diffusers' rules for each)."""
+        steps T // num_inference_steps (itself assignable) whatever it holds (diffusers' rules for each)."""
         return self._timesteps
 
     @timesteps.setter
@@ -727,10 +727,11 @@ class FastDDIMScheduler(_FastScheduler):
         """The coefficient table `step` uses for the current timesteps and (eta, use_clipped_model_output)."""
         if self.num_inference_steps is None:
             raise ValueError("num_inference_steps is None: call set_timesteps(num_inference_steps) first")
-        eta, use_clipped = float(eta), bool(use_clipped_model_output)
-        return self._cached_table((self._ts_key, eta, use_clipped), lambda: ddim_table(
+        eta, use_clipped, N = float(eta), bool(use_clipped_model_output), self.num_inference_steps
+        # The step size is T // num_inference_steps, as in diffusers, also where the attribute was assigned.
+        return self._cached_table((self._ts_key, eta, use_clipped, N), lambda: ddim_table(
             self.schedule, self._ts_cpu, self.config.prediction_type, eta, self.config.set_alpha_to_one,
-            use_clipped))
+            use_clipped, N))
 
     def previous_timestep(self, timestep):
         """t - T // N, diffusers' DDIM rule (negative: before the start). int or tensor in, same out."""

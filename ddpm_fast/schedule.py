@@ -550,11 +550,12 @@ def ddim_table(
     eta: float = 0.0,
     set_alpha_to_one: bool = True,
     use_clipped_model_output: bool = False,
+    num_inference_steps: int | None = None,
 ) -> StepTable:
     """The DDIM step (Song et al. 2021) as diffusers' DDIMScheduler.step computes it.
 
-    prev(t) = t - T // N (diffusers' rule, N = len(timesteps), whatever the spacing); where prev < 0,
-    alphas_cumprod_prev is 1 (set_alpha_to_one) or alphas_cumprod[0].
+    prev(t) = t - T // N (diffusers' rule, whatever the spacing; N = num_inference_steps, by default
+    len(timesteps)); where prev < 0, alphas_cumprod_prev is 1 (set_alpha_to_one) or alphas_cumprod[0].
 
     With a = ac[t], ap = ac[prev], sigma = eta * sqrt((1 - ap) / (1 - a) * (1 - a / ap)) and
     d = sqrt(1 - ap - sigma^2): prev_x = sqrt(ap) * x0c + d * eps + sigma * z, where eps comes from the
@@ -572,8 +573,9 @@ def ddim_table(
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     T = schedule.num_train_timesteps
     ts = _check_timesteps(timesteps, T)
+    N = ts.numel() if num_inference_steps is None else _check_int("num_inference_steps", num_inference_steps, 1, T)
 
-    prev = torch.arange(T, dtype=torch.int64) - T // ts.numel()
+    prev = torch.arange(T, dtype=torch.int64) - T // N
     a = schedule.alphas_cumprod
     ap = _alphas_prev(schedule, prev, before_start=1.0 if set_alpha_to_one else a[0].item())
     sigma = eta * ((1.0 - ap) / (1.0 - a) * (1.0 - a / ap)).sqrt()

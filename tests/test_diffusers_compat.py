@@ -439,7 +439,8 @@ def test_ddpm_custom_timesteps_and_previous_timestep():
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
 def test_assigned_timesteps_are_stepped_as_diffusers_steps_them(kind):
     """`scheduler.timesteps = ...` after set_timesteps: DDPM steps along the assigned sequence (diffusers'
-    previous_timestep walks it); DDIM keeps stepping T // num_inference_steps. A suffix slice included."""
+    previous_timestep walks it); DDIM keeps stepping T // num_inference_steps, which may be assigned too. A
+    suffix slice included."""
     Ours, Theirs, module = ((FastDDPMScheduler, DDPMScheduler, scheduling_ddpm) if kind == "ddpm" else
                             (FastDDIMScheduler, DDIMScheduler, scheduling_ddim))
     kwargs = dict(eta=0.5) if kind == "ddim" else {}
@@ -456,6 +457,14 @@ def test_assigned_timesteps_are_stepped_as_diffusers_steps_them(kind):
                 assert int(ours.previous_timestep(t)) == int(theirs.previous_timestep(t))
             x, m = _inputs("epsilon", "fixed_small", seed=20 + i)
             _compare_step(ours, theirs, twin, module, t, x, m, f"{kind} assigned {assigned.tolist()}", **kwargs)
+    if kind == "ddim":
+        # An assigned num_inference_steps sets the step size T // N, as in diffusers (img2img code assigns it).
+        N = int(torch.randint(2, 40, ()))
+        ours.num_inference_steps = theirs.num_inference_steps = N
+        twin = _twin(theirs, ours)
+        assert ours.previous_timestep(500) == 500 - 1000 // N  # (diffusers' DDIM has no previous_timestep)
+        x, m = _inputs("epsilon", "fixed_small", seed=30)
+        _compare_step(ours, theirs, twin, module, 500, x, m, f"ddim num_inference_steps={N}", **kwargs)
     if kind == "ddpm":
         # Assigned before set_timesteps: diffusers steps t -> t - 1; then set to the same sequence: walks it.
         fresh, fresh_theirs = Ours(), Theirs()

@@ -338,6 +338,9 @@ def test_table_and_timestep_errors():
         ddim_table(sched, [50, 10], eta=-0.5)
     with pytest.raises(ValueError, match=r"eta=3.0 is too large"):
         ddim_table(sched, [50, 0], eta=3.0)
+    with pytest.raises(ValueError, match=r"num_inference_steps must be in \[1, 100\], got 0"):
+        ddim_table(sched, [50, 10], num_inference_steps=0)
+    assert ddim_table(sched, [50, 10], num_inference_steps=4).prev_timestep(50) == 25  # T // N, not T // 2
     with pytest.raises(ValueError, match=r"t must be in \[0, 99\], got 100"):
         ddpm_table(sched).prev_timestep(100)
     with pytest.raises(TypeError, match=r"schedule must be a NoiseSchedule"):
