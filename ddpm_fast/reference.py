@@ -70,12 +70,18 @@ def _like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.to(dtype=x.dtype).contiguous(memory_format=_memory_format(x))
 
 
+def check_dense(name: str, x: torch.Tensor, prefix: str = "") -> None:
+    """The reference and the kernels read dense memory: a sparse or nested tensor is refused by name, not deep
+    inside a copy. ``prefix``: the op's name, for the ops' own checks."""
+    if x.layout != torch.strided or x.is_nested:
+        got = "nested" if x.is_nested else str(x.layout).replace("torch.", "")
+        raise TypeError(f"{prefix}{name} must be a dense (strided) tensor, got a {got} one")
+
+
 def _check_float_tensor(name: str, x, min_dim: int = 1) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.layout != torch.strided or x.is_nested:  # (what ops.checks.check_strided refuses for the kernels)
-        got = "nested" if x.is_nested else str(x.layout).replace("torch.", "")
-        raise TypeError(f"{name} must be a dense (strided) tensor, got a {got} one")
+    check_dense(name, x)
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < min_dim:

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from ..reference import check_dense
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CONTIGUOUS, CHANNELS_LAST = 0, 1
@@ -18,7 +20,7 @@ def check_tensor(op: str, name: str, value, *, dtypes=FLOAT_DTYPES, shape=None, 
     """Raise TypeError / ValueError unless ``value`` is a tensor with an allowed dtype, shape and device."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    check_strided(op, name, value)
+    check_dense(name, value, prefix=f"{op}: ")
     if value.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{op}: {name} must have dtype {allowed}; got {str(value.dtype).replace('torch.', '')}")
@@ -29,13 +31,6 @@ def check_tensor(op: str, name: str, value, *, dtypes=FLOAT_DTYPES, shape=None, 
     if device is not None and value.device != device:
         raise ValueError(f"{op}: {name} must be on {device} like the other inputs, got {value.device}")
     return value
-
-
-def check_strided(op: str, name: str, value: torch.Tensor) -> None:
-    """The kernels read dense memory: a sparse or nested tensor is refused by name, not deep inside a copy."""
-    if value.layout != torch.strided or value.is_nested:
-        got = "nested" if value.is_nested else str(value.layout).replace("torch.", "")
-        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got a {got} one")
 
 
 def check_same_dtype(op: str, name: str, value: torch.Tensor, dtype: torch.dtype) -> None:
@@ -51,7 +46,7 @@ def timesteps(op: str, t, batch: int, device: torch.device) -> torch.Tensor:
         if not -2**63 <= t < 2**63:  # torch.full would raise a bare OverflowError
             raise ValueError(f"{op}: t must be a timestep in [0, num_train_timesteps), got {t}")
         return torch.full((batch,), t, dtype=torch.int64, device=device)
-    check_strided(op, "t", t)
+    check_dense("t", t, prefix=f"{op}: ")
     if t.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{op}: t must be an integer tensor, got dtype {t.dtype}")
     if t.dim() == 0:
