@@ -10,7 +10,7 @@ GroupNorm takes its weight and bias in float32 (102 casts per cifar10 step).
 
 :meth:`WeightCasts.record` runs the model once and notes the parameters of its layers that are cast to
 one other dtype and used in no other way. :meth:`WeightCasts.swapped` puts casts of exactly those in their
-place for a sampling run (made once, refreshed when a weight has changed in place since). Autocast then
+place for a sampling run (made once per run, into the same tensors each time). Autocast then
 finds them already in its dtype and casts nothing, so every other kernel reads the values it read before:
 the outputs are the same, bit for bit.
 """
@@ -101,8 +101,8 @@ class WeightCasts:
         self.model, self.plan = model, plan
         params = dict(model.named_parameters())
         self._sources = {id(params[name]): (params[name], dtype) for name, dtype in plan.items()}
-        # id(source) -> (source version when cast, the cast as a Parameter of the source's requires_grad)
-        self._casts: dict[int, tuple[int, nn.Parameter]] = {}
+        # id(source) -> its cast, a Parameter of the source's requires_grad
+        self._casts: dict[int, nn.Parameter] = {}
 
     @classmethod
     def record(cls, model: nn.Module, run: Callable[[], object]) -> "WeightCasts":
@@ -124,25 +124,23 @@ class WeightCasts:
         return cls(model, plan)
 
     def refresh(self) -> None:
-        """Make the casts, or redo those whose parameter was written in place since (in place: a captured
-        graph keeps reading the same cast tensor)."""
+        """Make the casts, or redo them all in place (a captured graph keeps reading the same cast tensors).
+
+        Every call recasts: a write through ``.data`` (diffusers' ``EMAModel.copy_to``, for one) leaves the
+        parameter's version counter alone, so nothing cheaper can tell a changed weight from an unchanged one.
+        One cast per weight per sampling run is what hoisting saves the other steps of the run from."""
         casts = self._casts
         for key, (source, dtype) in self._sources.items():
-            made = casts.get(key)
+            cast = casts.get(key)
             # Each cast keeps its parameter's requires_grad, though nothing is recorded under no_grad: matmul
             # picks its kernels by it (a weight that requires grad folds a 3-d input into one mm), as it does
             # for autocast's casts; another flag would change the bits of an attention projection.
-            if made is None:
-                cast = nn.Parameter(source.detach().to(dtype), requires_grad=source.requires_grad)
-            else:
-                version, cast = made
-                if version == source._version and cast.requires_grad == source.requires_grad:
-                    continue  # the common case: nothing changed since the last call
-                if version != source._version:
-                    with torch.no_grad():
-                        cast.copy_(source)
-                cast.requires_grad_(source.requires_grad)
-            casts[key] = (source._version, cast)
+            if cast is None:
+                casts[key] = nn.Parameter(source.detach().to(dtype), requires_grad=source.requires_grad)
+                continue
+            with torch.no_grad():
+                cast.copy_(source)
+            cast.requires_grad_(source.requires_grad)
 
     @contextlib.contextmanager
     def swapped(self, slots: list[Slot]) -> Iterator[None]:
@@ -151,7 +149,7 @@ class WeightCasts:
         saved = [(table, name, tensor) for table, name, tensor in slots if id(tensor) in self._casts]
         try:
             for table, name, tensor in saved:
-                table[name] = self._casts[id(tensor)][1]
+                table[name] = self._casts[id(tensor)]
             yield
         finally:
             for table, name, tensor in reversed(saved):

@@ -162,6 +162,13 @@ def test_weights_changed_in_place_are_recast(schedule, unet):
     third = sampler.sample(SEEDS)
     assert torch.equal(third, Sampler(_per_step_casts(model), schedule, num_steps=3).sample(SEEDS, _shape(unet)))
     assert not torch.equal(second, third)
+    # Written through .data (diffusers' EMAModel.copy_to does): the version counter does not move.
+    new_weights = [torch.randn_like(p) * p.std() for p in unet.parameters()]
+    for p, w in zip(unet.parameters(), new_weights):
+        p.data.copy_(w)
+    fourth = sampler.sample(SEEDS)
+    assert torch.equal(fourth, Sampler(_per_step_casts(model), schedule, num_steps=3).sample(SEEDS, _shape(unet)))
+    assert not torch.equal(third, fourth)
 
 
 def test_parameters_restored_when_the_model_fails(schedule, unet):
