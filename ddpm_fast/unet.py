@@ -404,17 +404,23 @@ class UNet(nn.Module):
         return cls(dataclasses.replace(PRESETS[name], **overrides))
 
     @classmethod
-    def from_diffusers(cls, source) -> "UNet":
-        """Load a diffusers ``UNet2DModel``: an instance, or a directory written by ``save_pretrained``.
+    def from_diffusers(cls, source, *, variant: str | None = None) -> "UNet":
+        """Load a diffusers ``UNet2DModel``: an instance, or a directory written by ``save_pretrained`` (the
+        model's, or a pipeline's holding it in unet/).
 
-        The directory path reads config.json and diffusion_pytorch_model.safetensors (or .bin) without
-        importing diffusers. Parameters come back in float32, the model in eval mode. Raises ValueError
-        naming the field for any configuration this U-Net cannot reproduce.
+        The directory path reads config.json and diffusion_pytorch_model.safetensors (or .bin; with
+        ``variant="fp16"``, diffusion_pytorch_model.fp16.safetensors, ...) without importing diffusers.
+        Parameters come back in float32, the model in eval mode. Raises ValueError naming the field for any
+        configuration this U-Net cannot reproduce.
         """
         if isinstance(source, (str, os.PathLike)):
-            with open(os.path.join(source, "config.json")) as f:
+            folder = diffusers_unet_folder(source)
+            with open(os.path.join(folder, "config.json")) as f:
                 model = cls(config_from_diffusers(json.load(f)))  # refuse before reading any weights
-            state = read_diffusers_weights(source)
+            state = read_diffusers_weights(folder, variant)
+        elif variant is not None:
+            raise ValueError("UNet.from_diffusers: variant names a directory's weight files; "
+                             f"got it with a {type(source).__name__}")
         elif hasattr(source, "config") and hasattr(source, "state_dict"):
             # The class name joins the config so that, say, a UNet2DConditionModel is refused by name.
             model = cls(config_from_diffusers({**dict(source.config), "_class_name": type(source).__name__}))
@@ -431,14 +437,18 @@ class UNet(nn.Module):
                 [res for level in self.up for res in level.res])
 
     def forward(self, x: Tensor, t: int | Tensor) -> Tensor:
-        """x: (B, in_channels, H, W); t: an int, a 0-d or a (B,) tensor -> (B, out_channels, H, W)."""
+        """x: (B, in_channels, H, W); t: a number, a 0-d, a (1,) or a (B,) tensor -> (B, out_channels, H, W).
+
+        As diffusers' UNet2DModel: a Python number is taken as an integer step (500.7 is step 500), a tensor
+        keeps its dtype (a float tensor embeds fractional times), and one timestep serves the whole batch."""
         B = x.shape[0]
         if isinstance(t, Tensor):
-            if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != B):
-                raise ValueError(f"UNet: t must be an int, a 0-d or a ({B},) tensor, got shape {tuple(t.shape)}")
+            if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, B)):
+                raise ValueError(f"UNet: t must be a number, a 0-d, a (1,) or a ({B},) tensor, "
+                                 f"got shape {tuple(t.shape)}")
             t = t.to(x.device).expand(B)
         else:
-            t = torch.full((B,), t, device=x.device)
+            t = torch.full((B,), t, dtype=torch.long, device=x.device)
         if self.config.center_input_sample:
             x = 2 * x - 1.0
         # Every ResBlock applies SiLU to the embedding before its projection: once here, and all the
@@ -585,17 +595,31 @@ def diffusers_config(config: UNetConfig) -> dict:
         add_attention=config.mid_attention)
 
 
-def read_diffusers_weights(path) -> dict[str, Tensor]:
+def diffusers_unet_folder(path) -> str:
+    """The folder holding a UNet2DModel's config.json: ``path`` itself, or a pipeline folder's unet/."""
+    for folder in (path, os.path.join(path, "unet")):
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            return os.fspath(folder)
+    raise FileNotFoundError(f"UNet.from_diffusers: {os.fspath(path)!r} has neither config.json nor unet/config.json "
+                            "(expected a folder written by UNet2DModel.save_pretrained, or a pipeline's)")
+
+
+def read_diffusers_weights(path, variant: str | None = None) -> dict[str, Tensor]:
     """The state dict of a ``save_pretrained`` directory (safetensors preferred, else .bin), without diffusers."""
-    st = os.path.join(path, "diffusion_pytorch_model.safetensors")
-    if os.path.exists(st):
+    if variant is not None and (not isinstance(variant, str) or not variant or "/" in variant):
+        raise ValueError(f"UNet.from_diffusers: variant must be a name such as 'fp16', got {variant!r}")
+    stem = os.path.join(path, "diffusion_pytorch_model" + (f".{variant}" if variant else ""))
+    if os.path.exists(stem + ".safetensors"):
         from safetensors.torch import load_file
-        return load_file(st)
-    bin_path = os.path.join(path, "diffusion_pytorch_model.bin")
-    if os.path.exists(bin_path):
+        return load_file(stem + ".safetensors")
+    if os.path.exists(stem + ".bin"):
         # weights_only: a .bin is a pickle, and loading one must not run code.
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"UNet.from_diffusers: {path} has no diffusion_pytorch_model.safetensors or .bin")
+        return torch.load(stem + ".bin", map_location="cpu", weights_only=True)
+    there = sorted(f for f in os.listdir(path) if f.startswith("diffusion_pytorch_model."))
+    raise FileNotFoundError(f"UNet.from_diffusers: {os.fspath(path)!r} has no {os.path.basename(stem)}.safetensors "
+                            f"or .bin; it holds {there or 'no weights'} (a variant such as "
+                            "diffusion_pytorch_model.fp16.safetensors loads with variant='fp16'; sharded weights "
+                            "are not read)")
 
 
 # Our submodule -> diffusers' submodule, for the leaf modules of each block. Attention layers have a

@@ -141,6 +141,8 @@ def test_output_shape_and_timestep_forms(batch, h, w):
         # An int, a 0-d tensor and a (B,) tensor of the same timestep are the same computation.
         assert torch.equal(model(x, 10), out)
         assert torch.equal(model(x, torch.tensor(10)), out)
+        assert torch.equal(model(x, torch.tensor([10])), out)
+        assert torch.equal(model(x, 10.7), out)  # a Python number is an integer step, as in diffusers
 
 
 def test_config_refuses_attention_resolution_of_no_level():
@@ -193,6 +195,34 @@ def test_from_diffusers_directory_matches_forward(name, safe, tmp_path):
     ours = UNet.from_diffusers(tmp_path)
     check_against_diffusers(ours, theirs, SMALL[name])
     assert UNet.from_diffusers(str(tmp_path)).config == ours.config
+
+
+def test_from_diffusers_pipeline_folder_and_variant(tmp_path):
+    """A pipeline's folder (the model in unet/), weights saved as a variant; what is missing is named."""
+    theirs = random_diffusers("ddpm")
+    theirs.save_pretrained(tmp_path / "unet", variant="fp16")
+    with pytest.raises(FileNotFoundError, match=r"has no diffusion_pytorch_model\.safetensors or \.bin; it holds "
+                                                r"\['diffusion_pytorch_model\.fp16\.safetensors'\].*variant='fp16'"):
+        UNet.from_diffusers(tmp_path)
+    check_against_diffusers(UNet.from_diffusers(tmp_path, variant="fp16"), theirs, SMALL["ddpm"])
+    with pytest.raises(FileNotFoundError, match=r"has neither config\.json nor unet/config\.json"):
+        UNet.from_diffusers(tmp_path / "unet" / "missing")
+    with pytest.raises(ValueError, match="variant names a directory's weight files; got it with a UNet2DModel"):
+        UNet.from_diffusers(theirs, variant="fp16")
+
+
+def test_timestep_forms_as_diffusers():
+    """Every timestep form diffusers' UNet2DModel takes gives its output: numbers (a float is truncated to its
+    step), 0-d and (1,) tensors broadcast over the batch, a float tensor of fractional times."""
+    theirs = random_diffusers("ddpm")
+    ours = UNet.from_diffusers(theirs)
+    x, _ = inputs(SMALL["ddpm"].get("in_channels", 3), batch=3)
+    frac = torch.rand((), dtype=torch.float64).item() * 999
+    for t in (int(frac), frac, torch.tensor(int(frac)), torch.tensor([int(frac)]), torch.rand(3) * 999):
+        with torch.no_grad():
+            ref32, ref64 = theirs(x, t).sample, theirs.double()(x.double(), t).sample
+            theirs.float()
+            assert_matches_reference(ours(x, t), ref32, ref64, what=f"UNet vs UNet2DModel at t={t}")
 
 
 def test_every_weight_consumed_and_every_parameter_filled():
