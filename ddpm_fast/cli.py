@@ -72,7 +72,8 @@ def _device(text: str | None):
 
 
 def _load_sampling_model(path: str):
-    """(model, schedule, sampler options) from our checkpoint, or a diffusers UNet2DModel / pipeline folder."""
+    """(model, schedule, scheduler config: what `scheduler_options` reads) from our checkpoint, or a diffusers
+    UNet2DModel / pipeline folder."""
     from .schedule import NoiseSchedule
     from .train import load_model
     from .unet import UNet
@@ -91,10 +92,7 @@ def _load_sampling_model(path: str):
             scheduler_file = next((f for f in (unet_dir.parent / "scheduler" / "scheduler_config.json",
                                                p / "scheduler_config.json") if f.is_file()), None)
             scheduler = json.loads(scheduler_file.read_text()) if scheduler_file else {}
-            options = {"prediction_type": scheduler.get("prediction_type", "epsilon")}
-            if "variance_type" in scheduler:  # DDPM sampling only (google/ddpm-* use fixed_large)
-                options["variance_type"] = scheduler["variance_type"]
-            return model, NoiseSchedule.from_config(scheduler), options
+            return model, NoiseSchedule.from_config(scheduler), scheduler
     model, schedule, config = load_model(p)
     return model, schedule, {"prediction_type": config["prediction_type"]}
 
@@ -161,15 +159,14 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     import torch
     from . import distributed
-    from .sampler import Sampler
+    from .sampler import Sampler, scheduler_options
     _set_threads(args.threads)
     _check_output(Path(args.out))
     if not -2**63 <= args.seed <= 2**63 - args.num_samples:
         raise UsageError(f"--seed: the seeds SEED .. SEED + {args.num_samples - 1} must be int64, got {args.seed}")
     with distributed.process_group():
-        model, schedule, options = _load_sampling_model(args.model)
-        if args.method != "ddpm":
-            options.pop("variance_type", None)
+        model, schedule, scheduler_config = _load_sampling_model(args.model)
+        options = scheduler_options(scheduler_config, args.method)
         device = distributed.default_device() if args.device is None else _device(args.device)
         model = model.to(device)
         sampler = Sampler(model, schedule, method=args.method, num_steps=args.steps, backend=args.backend, **options)

@@ -23,7 +23,7 @@ import tempfile
 import time
 import warnings
 import zlib
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -36,7 +36,7 @@ from .schedule import (PREDICTION_TYPES, TIMESTEP_SPACINGS, NoiseSchedule, StepT
                        ddim_table, ddpm_table, sampling_timesteps)
 from .weight_casts import WeightCasts, parameter_slots, storage_key
 
-__all__ = ["METHODS", "Sampler", "save_image_grid"]
+__all__ = ["METHODS", "Sampler", "save_image_grid", "scheduler_options"]
 
 METHODS = ("ddpm", "ddim")
 
@@ -186,6 +186,26 @@ def _progress_bar(total: int, enabled: bool, desc: str):
 # --------------------------------------------------------------------------------------------------
 
 
+# diffusers' scheduler classes -> the method that samples as they do (ours are named by their own modules).
+_SCHEDULER_METHODS = {"DDPMScheduler": "ddpm", "FastDDPMScheduler": "ddpm", "DDIMScheduler": "ddim",
+                      "FastDDIMScheduler": "ddim"}
+
+
+def scheduler_options(config: Mapping, method: str) -> dict:
+    """The Sampler options that a diffusers DDPM / DDIM scheduler config holds, for sampling with ``method``.
+
+    Fields the config lacks are left out: the Sampler's defaults are diffusers'. ``variance_type`` is DDPM's
+    and ``set_alpha_to_one`` DDIM's, so each is taken only for its method.
+    """
+    _choice("method", method, METHODS)
+    keys = ("prediction_type", "timestep_spacing", "steps_offset", "thresholding", "dynamic_thresholding_ratio",
+            "sample_max_value", "variance_type" if method == "ddpm" else "set_alpha_to_one")
+    options = {k: config[k] for k in keys if k in config}
+    if "clip_sample" in config or "clip_sample_range" in config:
+        options["clip_range"] = config.get("clip_sample_range", 1.0) if config.get("clip_sample", True) else None
+    return options
+
+
 def _unwrap(output, expected: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """The model's output as a tensor of shape ``expected`` in ``dtype``.
 
@@ -292,6 +312,30 @@ class Sampler:
         self._out_channels_factor = 2 if self.variance_type == "learned_range" else 1
         self._graph: _GraphedStep | None = None  # the captured step of cuda_graph=True
         self._casts: tuple[tuple, WeightCasts | None] | None = None  # (key, the model's hoisted weight casts)
+
+    @classmethod
+    def from_scheduler(cls, model: Callable, scheduler, **options) -> "Sampler":
+        """A Sampler that samples as ``scheduler`` does: a diffusers ``DDPMScheduler`` / ``DDIMScheduler`` (or
+        ours), or its config. Its schedule and the options it holds carry over (prediction and variance type,
+        timestep spacing and offset, clipping, thresholding, set_alpha_to_one), as does the number of steps
+        of ``set_timesteps``; ``options`` (those of the constructor: method, num_steps, eta, ...) override.
+        A config that names no DDPM or DDIM scheduler needs ``method``."""
+        if isinstance(scheduler, Mapping):
+            config, name = scheduler, scheduler.get("_class_name")
+        elif isinstance(getattr(scheduler, "config", None), Mapping):
+            config, name = scheduler.config, type(scheduler).__name__
+            steps = getattr(scheduler, "num_inference_steps", None)
+            if steps is not None and "num_steps" not in options:
+                options["num_steps"] = steps
+        else:
+            raise TypeError(f"Sampler.from_scheduler: scheduler must be a diffusers scheduler or its config (a "
+                            f"mapping), got {type(scheduler).__name__}")
+        method = options.pop("method", None) or _SCHEDULER_METHODS.get(name)
+        if method is None:
+            raise ValueError(f"Sampler.from_scheduler: {name or 'a config without _class_name'} is not a DDPM or "
+                             f"DDIM scheduler; pass method='ddpm' or 'ddim' to sample with its schedule anyway")
+        return cls(model, NoiseSchedule.from_config(config), method=method,
+                   **{**scheduler_options(config, method), **options})
 
     def __repr__(self) -> str:
         return (f"Sampler(method={self.method!r}, num_steps={self.num_steps}, eta={self.eta}, "

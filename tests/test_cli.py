@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import ddpm_fast.sampler
 from ddpm_fast import cli
 
 SUBCOMMANDS = ("demo", "train", "sample", "evaluate", "bench", "info")
@@ -94,17 +95,28 @@ def test_train_then_sample(tmp_path, capsys):
     assert result["bpd"] > 0 and 0 <= result["confidence"] <= 1 and result["frechet"] >= 0
 
 
-def test_sample_a_diffusers_folder(tmp_path):
+def test_sample_a_diffusers_folder(tmp_path, monkeypatch):
     diffusers = pytest.importorskip("diffusers")
     model = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
                                   down_block_types=("DownBlock2D", "DownBlock2D"), layers_per_block=1,
                                   up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
     model.save_pretrained(tmp_path / "unet")
-    diffusers.DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "scheduler")
-    out = tmp_path / "grid.png"
-    assert cli.main(["sample", str(tmp_path), "--num-samples", "2", "--steps", "2", "--out", str(out)]) == 0
-    with np.load(out.with_suffix(".npz")) as npz:
-        assert npz["images"].shape == (2, 1, 8, 8)
+    scheduler = dict(num_train_timesteps=100, variance_type="fixed_large", clip_sample=False,
+                     timestep_spacing="trailing", prediction_type="v_prediction")
+    diffusers.DDPMScheduler(**scheduler).save_pretrained(tmp_path / "scheduler")
+    built = []  # the options each sampler was built with: every one the scheduler config holds
+    init = ddpm_fast.sampler.Sampler.__init__
+    monkeypatch.setattr(ddpm_fast.sampler.Sampler, "__init__", lambda self, *a, **kw: built.append(kw) or init(
+        self, *a, **kw))
+    for method in ("ddpm", "ddim"):
+        out = tmp_path / f"{method}.png"
+        assert cli.main(["sample", str(tmp_path), "--num-samples", "2", "--steps", "2", "--out", str(out),
+                         "--method", method]) == 0
+        with np.load(out.with_suffix(".npz")) as npz:
+            assert npz["images"].shape == (2, 1, 8, 8)
+    common = dict(timestep_spacing="trailing", clip_range=None, prediction_type="v_prediction")
+    assert built[0].items() >= {**common, "variance_type": "fixed_large"}.items()
+    assert built[1].items() >= common.items() and "variance_type" not in built[1]
 
 
 def test_bench_dispatches_to_the_checkout(tmp_path, monkeypatch, capsys):

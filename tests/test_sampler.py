@@ -8,6 +8,7 @@ callable that runs in float32 and float64 (so a float64 truth exists) and treats
 
 import copy
 import io
+import json
 import math
 import os
 import sys
@@ -313,6 +314,81 @@ def test_diffusers_unet2dmodel(schedule, one_thread):
     ref64 = _reference_loop(lambda x, t: model64(x, t).sample, sampler, seeds, SHAPE, torch.float64).clamp(-1, 1)
     assert images.shape == (2, *SHAPE)
     assert_matches_reference(images, ref32, ref64, what="images from a diffusers UNet2DModel")
+
+
+def _random_diffusers_scheduler(rng) -> dict:
+    """A diffusers DDPM or DDIM scheduler config drawn at random, over every field that changes the steps."""
+    kind = rng.choice(METHODS)
+    T = rng.choice([37, 100, 1000])
+    config = dict(num_train_timesteps=T, beta_schedule=rng.choice(["linear", "scaled_linear", "squaredcos_cap_v2"]),
+                  prediction_type=rng.choice(PREDICTION_TYPES), timestep_spacing=rng.choice(TIMESTEP_SPACINGS),
+                  clip_sample=rng.random() < 0.5, clip_sample_range=rng.choice([0.5, 1.0, 2.5]),
+                  thresholding=rng.random() < 0.3, dynamic_thresholding_ratio=rng.choice([0.9, 0.995]),
+                  sample_max_value=rng.choice([1.0, 3.0]))
+    steps = rng.randint(1, min(T, 50))
+    config["steps_offset"] = random_steps_offset(rng, T, steps, config["timestep_spacing"])
+    if kind == "ddpm":
+        config["variance_type"] = rng.choice(VARIANCE_TYPES)
+    else:
+        config["set_alpha_to_one"] = rng.random() < 0.5
+    # Dropped fields take their defaults, on both sides.
+    config = {k: v for k, v in config.items() if k == "num_train_timesteps" or rng.random() < 0.8}
+    return dict(kind=kind, config=config, steps=steps, as_config=rng.random() < 0.3)
+
+
+def _check_sampler_from_scheduler(case):
+    """Sampler.from_scheduler samples with what the scheduler steps with: the drop-in scheduler of the same
+    config (held equal to diffusers' in test_diffusers_compat.py) has the same timesteps, table and
+    post-processing, to the bit."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+    from ddpm_fast.diffusers_compat import FastDDIMScheduler, FastDDPMScheduler
+    theirs_cls, ours_cls = (DDPMScheduler, FastDDPMScheduler) if case["kind"] == "ddpm" else (DDIMScheduler,
+                                                                                             FastDDIMScheduler)
+    theirs = theirs_cls(**case["config"])
+    theirs.set_timesteps(case["steps"])
+    model = _Toy(case["config"]["num_train_timesteps"])
+    if case["as_config"]:  # a saved config (scheduler_config.json): the method from its _class_name
+        saved = json.loads(theirs.to_json_string())
+        sampler = Sampler.from_scheduler(model, saved, num_steps=case["steps"])
+    else:
+        sampler = Sampler.from_scheduler(model, theirs)
+    ours = ours_cls.from_config(theirs.config)
+    ours.set_timesteps(case["steps"])
+    table = ours.step_table()
+    theirs_ts = theirs.timesteps.tolist()
+    if len(theirs_ts) == case["steps"] + 1 and theirs_ts[-1] == -1:  # diffusers' trailing quirk (schedule.py)
+        theirs_ts.pop()
+    assert sampler.method == case["kind"] and sampler.timesteps.tolist() == theirs_ts == ours.timesteps.tolist()
+    assert sampler.schedule.alphas_cumprod.equal(ours.schedule.alphas_cumprod)
+    assert (sampler.table.prediction_type, sampler.table.variance_type) == (table.prediction_type, table.variance_type)
+    assert torch.equal(sampler.table.coef, table.coef)
+    assert (sampler.clip_range, sampler.thresholding, sampler.dynamic_thresholding_ratio, sampler.sample_max_value) == (
+        ours._clip_range(ours.config), ours.config.thresholding, ours.config.dynamic_thresholding_ratio,
+        ours.config.sample_max_value)
+
+
+def test_from_scheduler_samples_as_the_scheduler_steps():
+    """Fresh random diffusers scheduler configs each run: everything they hold carries over."""
+    pytest.importorskip("diffusers")
+    run_cases(_random_diffusers_scheduler, _check_sampler_from_scheduler, cases=25)
+
+
+def test_from_scheduler_options_override_and_errors():
+    diffusers = pytest.importorskip("diffusers")
+    ddpm = diffusers.DDPMScheduler(variance_type="fixed_large", clip_sample=False, timestep_spacing="trailing")
+    model = _Toy(1000)
+    # DDIM from a DDPM config: DDPM's variance type does not apply, the rest carries over.
+    sampler = Sampler.from_scheduler(model, ddpm, method="ddim", num_steps=10, eta=0.5, clip_range=2.0)
+    assert (sampler.method, sampler.variance_type, sampler.eta, sampler.clip_range) == ("ddim", None, 0.5, 2.0)
+    assert sampler.timesteps.tolist() == sampler_module.sampling_timesteps(1000, 10, "trailing", 0).tolist()
+    assert Sampler.from_scheduler(model, ddpm).num_steps == 1000  # no set_timesteps: every train timestep
+    with pytest.raises(ValueError, match="PNDMScheduler is not a DDPM or DDIM scheduler; pass method="):
+        Sampler.from_scheduler(model, diffusers.PNDMScheduler())
+    assert Sampler.from_scheduler(model, diffusers.PNDMScheduler(), method="ddpm").method == "ddpm"
+    with pytest.raises(ValueError, match="a config without _class_name is not a DDPM or DDIM scheduler"):
+        Sampler.from_scheduler(model, {"num_train_timesteps": 10})
+    with pytest.raises(TypeError, match="scheduler must be a diffusers scheduler or its config"):
+        Sampler.from_scheduler(model, 3)
 
 
 @pytest.mark.parametrize("method", ["ddpm", "ddim"])
