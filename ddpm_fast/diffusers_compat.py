@@ -457,6 +457,16 @@ class _FastScheduler(SchedulerMixin):
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
+    @property
+    def compatibles(self) -> list[type]:
+        """The schedulers that can be built from this one's config: diffusers' list for DDPM / DDIM (where
+        diffusers is installed) and ours."""
+        ours = [FastDDPMScheduler, FastDDIMScheduler]
+        if SchedulerMixin is object:
+            return ours
+        from diffusers import DDPMScheduler
+        return DDPMScheduler._get_compatibles() + ours
+
     def __getattr__(self, name: str):
         # Reached only when normal lookup fails. diffusers' ConfigMixin answers config fields read as attributes
         # (deprecated: a FutureWarning, its message); so do we. vars(): no recursion before `config` exists.

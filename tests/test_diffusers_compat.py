@@ -646,6 +646,11 @@ def test_pipeline_facing_attributes():
     ddim = FastDDIMScheduler()
     ddim.set_timesteps(10)
     assert ddim.step_table(eta=0.5) is ddim.step_table(eta=0.5) is not ddim.step_table(eta=0.0)
+    # What a UI offers to swap in: diffusers' list, and ours, each buildable from this config.
+    for ours in (sched, ddim):
+        assert set(ours.compatibles) == set(DDPMScheduler().compatibles) | {FastDDPMScheduler,
+                                                                              FastDDIMScheduler}
+    FastDDIMScheduler.from_config(sched.config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -741,6 +746,8 @@ sched = FastDDPMScheduler()
 sched.set_timesteps(3)
 x = torch.randn(1, 3, 4, 4)
 assert sched.step(torch.randn_like(x), 666, x, generator=torch.Generator().manual_seed(0)).prev_sample.isfinite().all()
+theirs = 0 if sys.argv[1] == "blocked" else len(__import__("diffusers").DDPMScheduler._get_compatibles())
+assert len(sched.compatibles) == 2 + theirs and FastDDPMScheduler in sched.compatibles, sched.compatibles
 """
     for case in ("installed", "blocked"):
         result = subprocess.run([sys.executable, "-c", script, case], capture_output=True, text=True, timeout=300)
@@ -797,7 +804,8 @@ def test_bad_step_input_names_the_argument():
     ddim.set_timesteps(10)
     with pytest.raises(ValueError, match="at most one of generator and variance_noise"):
         ddim.step(m, 500, x, eta=1.0, generator=_gen(0), variance_noise=torch.randn(SHAPE))
-    with pytest.raises(ValueError, match=r"variance_noise must have sample.s shape \(3, 5, 7, 9\) or broadcast.*got \(3, 5\)"):
+    with pytest.raises(ValueError,
+                       match=r"variance_noise must have sample.s shape \(3, 5, 7, 9\) or broadcast.*got \(3, 5\)"):
         ddim.step(m, 500, x, eta=1.0, variance_noise=torch.randn(3, 5))
     with pytest.raises(ValueError, match="eta must be >= 0"):
         ddim.step(m, 500, x, eta=-0.1)
