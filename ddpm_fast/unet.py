@@ -441,7 +441,10 @@ class UNet(nn.Module):
 
         As diffusers' UNet2DModel: a Python number is taken as an integer step (500.7 is step 500), a tensor
         keeps its dtype (a float tensor embeds fractional times), and one timestep serves the whole batch."""
-        B = x.shape[0]
+        B, multiple = x.shape[0], 2 ** (len(self.config.channel_mult) - 1)
+        if x.dim() != 4 or x.shape[2] % multiple or x.shape[3] % multiple:  # else a cat on the way up would fail
+            raise ValueError(f"UNet: x must be (B, C, H, W) with H and W multiples of {multiple} (each level below "
+                             f"the first halves them), got {tuple(x.shape)}")
         if isinstance(t, Tensor):
             if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, B)):
                 raise ValueError(f"UNet: t must be a number, a 0-d, a (1,) or a ({B},) tensor, "
@@ -509,6 +512,8 @@ def config_from_diffusers(config: dict) -> UNetConfig:
     if unknown:
         _refuse(unknown[0], config[unknown[0]], "a field this loader does not know")
     c = {**DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    if c["act_fn"] == "swish":  # diffusers' get_activation makes the same SiLU of either name
+        c["act_fn"] = "silu"
 
     fixed = {"time_embedding_type": "positional", "mid_block_type": "UNetMidBlock2D", "downsample_type": "conv",
              "upsample_type": "conv", "act_fn": "silu", "class_embed_type": None, "num_class_embeds": None}
@@ -529,6 +534,9 @@ def config_from_diffusers(config: dict) -> UNetConfig:
         _refuse("sample_size", size, "an int is needed to place the attention levels")
 
     chans = tuple(c["block_out_channels"])
+    if size < 2 ** (len(chans) - 1):  # two levels of one size: attention (placed by size) could not tell them apart
+        _refuse("sample_size", size, f"at least {2 ** (len(chans) - 1)} is needed to tell the {len(chans)} levels "
+                                     "apart")
     down, up = tuple(c["down_block_types"]), tuple(c["up_block_types"])
     if len(down) != len(chans):
         _refuse("down_block_types", down, f"needs one entry per block_out_channels {chans}")
@@ -609,12 +617,17 @@ def read_diffusers_weights(path, variant: str | None = None) -> dict[str, Tensor
     if variant is not None and (not isinstance(variant, str) or not variant or "/" in variant):
         raise ValueError(f"UNet.from_diffusers: variant must be a name such as 'fp16', got {variant!r}")
     stem = os.path.join(path, "diffusion_pytorch_model" + (f".{variant}" if variant else ""))
-    if os.path.exists(stem + ".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(stem + ".safetensors")
-    if os.path.exists(stem + ".bin"):
-        # weights_only: a .bin is a pickle, and loading one must not run code.
-        return torch.load(stem + ".bin", map_location="cpu", weights_only=True)
+    for file in (stem + ".safetensors", stem + ".bin"):
+        if not os.path.exists(file):
+            continue
+        try:
+            if file.endswith(".bin"):  # weights_only: a .bin is a pickle, and loading one must not run code
+                return torch.load(file, map_location="cpu", weights_only=True)
+            from safetensors.torch import load_file
+            return load_file(file)
+        except Exception as error:  # truncated, foreign, or a pickle that would run code: one line naming it
+            raise ValueError(f"UNet.from_diffusers: cannot read {file!r} ({type(error).__name__}: "
+                             f"{' '.join(str(error).split())[:300]})") from None
     there = sorted(f for f in os.listdir(path) if f.startswith("diffusion_pytorch_model."))
     raise FileNotFoundError(f"UNet.from_diffusers: {os.fspath(path)!r} has no {os.path.basename(stem)}.safetensors "
                             f"or .bin; it holds {there or 'no weights'} (a variant such as "

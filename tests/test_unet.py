@@ -6,6 +6,8 @@ rounding of the output's magnitude. Sizes are small (16x16, tens of channels) so
 """
 
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -156,6 +158,14 @@ def test_bad_timestep_shape_raises():
         model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2, 3]))
 
 
+def test_sizes_the_levels_cannot_halve_are_named():
+    model = UNet.preset("cifar10")  # 4 levels: H and W must be multiples of 8
+    for shape in ((1, 3, 36, 32), (1, 3, 32, 12), (3, 32, 32)):
+        with pytest.raises(ValueError, match=rf"x must be \(B, C, H, W\) with H and W multiples of 8 .*"
+                                             rf"got {re.escape(str(shape))}"):
+            model(torch.randn(shape), 5)
+
+
 def test_timestep_embedding_matches_diffusers():
     from diffusers.models.embeddings import get_timestep_embedding
     t = torch.tensor([0, 1, 500, 999])
@@ -209,6 +219,19 @@ def test_from_diffusers_pipeline_folder_and_variant(tmp_path):
         UNet.from_diffusers(tmp_path / "unet" / "missing")
     with pytest.raises(ValueError, match="variant names a directory's weight files; got it with a UNet2DModel"):
         UNet.from_diffusers(theirs, variant="fp16")
+    # Damaged weights: one line naming the file (a truncated file, a pickle that would run code).
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"cannot read .*diffusion_pytorch_model\.fp16\.safetensors' \("):
+        UNet.from_diffusers(tmp_path, variant="fp16")
+    weights.unlink()
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({"w": Exploit()}, tmp_path / "unet" / "diffusion_pytorch_model.fp16.bin")
+    with pytest.raises(ValueError, match=r"cannot read .*diffusion_pytorch_model\.fp16\.bin' \(UnpicklingError"):
+        UNet.from_diffusers(tmp_path, variant="fp16")
 
 
 def test_timestep_forms_as_diffusers():
@@ -257,7 +280,7 @@ def test_pre_0_15_attention_names_load():
     ("resnet_time_scale_shift", "spatial"), ("act_fn", "gelu"), ("time_embedding_type", "fourier"),
     ("down_block_types", ("DownBlock2D", "SkipDownBlock2D")), ("class_embed_type", "timestep"),
     ("upsample_type", "resnet"), ("attention_head_dim", 7), ("attn_norm_num_groups", 4),
-    ("sample_size", (16, 32)), ("mid_block_type", None), ("block_out_channels", (16, 24)),
+    ("sample_size", (16, 32)), ("sample_size", 1), ("mid_block_type", None), ("block_out_channels", (16, 24)),
     ("up_block_types", ("UpBlock2D", "UpBlock2D")),  # attention that does not mirror the down path
     ("some_future_field", 1),
 ])
@@ -402,7 +425,7 @@ def _random_unet2d_case(rng) -> dict:
         flip_sin_to_cos=rng.random() < 0.5, freq_shift=rng.choice([0, 1]), add_attention=rng.random() < 0.7,
         downsample_padding=rng.choice([0, 1]), center_input_sample=rng.random() < 0.3,
         mid_block_scale_factor=rng.choice([1, 1.4]), time_embedding_dim=rng.choice([None, 40]),
-        dropout=rng.choice([0.0, 0.1]))
+        dropout=rng.choice([0.0, 0.1]), act_fn=rng.choice(["silu", "swish"]))  # diffusers' two names of SiLU
     unsupported = rng.choice(sorted(_UNSUPPORTED)) if rng.random() < 0.2 else None
     if unsupported:
         config[unsupported] = _UNSUPPORTED[unsupported]
