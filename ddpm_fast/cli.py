@@ -8,11 +8,14 @@ line on stderr (``ddpm-fast <command>: error: ...``) and exit code 2, never a tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -91,7 +94,10 @@ def _load_sampling_model(path: str):
             model = UNet.from_diffusers(unet_dir)
             scheduler_file = next((f for f in (unet_dir.parent / "scheduler" / "scheduler_config.json",
                                                p / "scheduler_config.json") if f.is_file()), None)
-            scheduler = json.loads(scheduler_file.read_text()) if scheduler_file else {}
+            try:
+                scheduler = json.loads(scheduler_file.read_text()) if scheduler_file else {}
+            except json.JSONDecodeError as error:
+                raise ValueError(f"unreadable {str(scheduler_file)!r}: {error}") from None
             return model, NoiseSchedule.from_config(scheduler), scheduler
     model, schedule, config = load_model(p)
     return model, schedule, {"prediction_type": config["prediction_type"]}
@@ -105,9 +111,15 @@ def _check_output(out: Path) -> None:
     for path in (out, out.with_suffix(".npz")):
         if path.is_dir():
             raise UsageError(f"--out: {str(path)!r} is a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise UsageError(f"--out: cannot write into {str(out.parent)!r}")
+    # Nothing is created yet (a model that fails to load leaves no folders): the nearest existing folder on the
+    # way must take new entries.
+    existing = out.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out: cannot write into {str(existing)!r}")
 
 
 def _save_samples(images, seeds, out: Path) -> tuple[Path, Path]:
@@ -121,6 +133,7 @@ def _save_samples(images, seeds, out: Path) -> tuple[Path, Path]:
     if broken:  # the grid shows them as flat colour, which reads as a bad sample, not a broken model
         print(f"{PROG}: warning: {broken} of {len(images)} samples hold NaN or inf values (a diverged model?)",
               file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_sample_grid(images, out)
     npz, buffer = out.with_suffix(".npz"), io.BytesIO()
     np.savez(buffer, images=images.float().numpy(), seeds=np.asarray(seeds, dtype=np.int64))
@@ -135,13 +148,19 @@ def cmd_train(args) -> int:
     from .train import TrainConfig, Trainer
     _set_threads(args.threads)
     with distributed.process_group():
+        # The data's absolute path, so that evaluate finds it from any directory.
+        data = args.data if args.data == "digits" else str(Path(args.data).resolve())
         config = TrainConfig(
-            data=args.data, image_size=args.image_size, preset=args.preset, prediction_type=args.prediction_type,
+            data=data, image_size=args.image_size, preset=args.preset, prediction_type=args.prediction_type,
             min_snr_gamma=args.min_snr_gamma, num_train_timesteps=args.timesteps, beta_schedule=args.beta_schedule,
             batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
             grad_clip=args.grad_clip, ema_decay=args.ema_decay, ema_warmup=not args.no_ema_warmup, flip=args.flip,
             amp=args.amp, seed=args.seed, checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
             num_samples=args.num_samples, sample_steps=args.sample_steps)
+        try:  # the run folder, made before the data is read and the first step runs
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"--out {args.out!r}: cannot make the run folder ({error.strerror or error})") from None
         trainer = Trainer(config, args.out, progress=True)
         if not args.no_resume and trainer.resume():
             changed = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in trainer.changed_on_resume.items())
@@ -149,11 +168,37 @@ def cmd_train(args) -> int:
             if trainer.step >= args.steps:
                 _say(f"nothing to train: the checkpoint is at step {trainer.step} and --steps is {args.steps}")
         start = time.perf_counter()
-        losses = trainer.train(time_limit=args.time_limit)
+        with _stop_on_interrupt(trainer):
+            losses = trainer.train(time_limit=args.time_limit)
         if losses:
             _say(f"step {trainer.step}: loss {losses[-1]:.4f}; {len(losses)} steps in "
                  f"{time.perf_counter() - start:.0f} s; checkpoints in {Path(args.out) / 'checkpoints'}")
+        if trainer.stop_requested:
+            print(f"{PROG} train: interrupted at step {trainer.step}, saved; the same command resumes it",
+                  file=sys.stderr)
+            return 130
     return 0
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt(trainer):
+    """The first Ctrl-C ends training after the current step, with a checkpoint (up to checkpoint_every steps
+    would be lost otherwise); a second one interrupts at once, as usual."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, previous)
+        print(f"{PROG} train: stopping after this step to save a checkpoint (Ctrl-C again: stop now, unsaved)",
+              file=sys.stderr, flush=True)
+        trainer.request_stop()
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_sample(args) -> int:
@@ -182,7 +227,6 @@ def cmd_sample(args) -> int:
 
 def cmd_evaluate(args) -> int:
     import torch
-    from .data import load_dataset, load_digits
     from .sampler import Sampler
     from .train import load_model
     _set_threads(args.threads)
@@ -191,9 +235,9 @@ def cmd_evaluate(args) -> int:
     if "data" not in train:
         raise UsageError(f"{args.checkpoint!r}: its config.json does not name the data it was trained on")
     data, size = train["data"], model.config.sample_size
-    real = load_digits("test", size) if data == "digits" else load_dataset(data, train.get("image_size"))
+    real, held_out = _bound_images(data, size, config.get("dataset"))
     x0 = real.images[:args.num_images]
-    result = {}
+    result = {"bound_images": f"{x0.shape[0]} {'held-out' if held_out else 'training'} images of {real.name}"}
     bound = _timed(lambda: _bpd(model, x0, schedule, config["prediction_type"], args.bpd_timesteps), result, "bpd")
     if data == "digits" and size == 16:  # the digit scorer reads 16x16 digits
         sampler = Sampler(model, schedule, method="ddim", num_steps=args.sample_steps,
@@ -203,6 +247,20 @@ def cmd_evaluate(args) -> int:
     result.update(bound)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _bound_images(data: str, size: int, recorded: dict | None):
+    """(the images for evaluate's bound, whether held out): the held-out split where the data has one, else
+    the training images, which must be those the run recorded (a relative path may name other data here)."""
+    from .data import has_held_out_split, load_dataset
+    if has_held_out_split(data):
+        return load_dataset(data, size, split="test"), True
+    real = load_dataset(data, size)
+    found = {"name": real.name, "size": len(real), "shape": list(real.shape)}
+    if recorded is not None and found != recorded:
+        raise UsageError(f"the data at {data!r} ({found}) is not what the run was trained on ({recorded}); "
+                         "evaluate from where that path names the training data")
+    return real, False
 
 
 def _bench_argv(args, name: str) -> list[str]:
@@ -254,7 +312,9 @@ def cmd_info(args) -> int:
 # ----------------------------------------------------------------------------------------------- demo
 
 def _say(message: str) -> None:
-    print(message, flush=True)
+    from . import distributed
+    if distributed.rank() == 0:  # one line per run, not one per torchrun rank
+        print(message, flush=True)
 
 
 def _timed(fn, timings: dict, name: str):
@@ -285,7 +345,7 @@ def _throughput(model, schedule, batch: int, steps: int) -> dict:
     seeds = torch.arange(batch, dtype=torch.int64)
     result = {}
     for name, backend in (("fused", None), ("reference", "torch")):
-        with use_backend(backend) if backend else _nullcontext():
+        with use_backend(backend) if backend else contextlib.nullcontext():
             sampler = Sampler(model, schedule, method="ddim", num_steps=steps, backend=backend)
             sampler.sample(seeds[:2])  # warm-up: first-call allocations and lazy initialisation
             start = time.perf_counter()
@@ -294,9 +354,23 @@ def _throughput(model, schedule, batch: int, steps: int) -> dict:
     return result
 
 
-def _nullcontext():
-    import contextlib
-    return contextlib.nullcontext()
+def _clear_demo_folder(out: Path) -> None:
+    """Empty the demo's checkpoints/ and log.jsonl, which a previous demo would otherwise resume or outlive.
+
+    Only a demo's folder: demo.json (written first, rewritten with the summary at the end) marks it, so a
+    training run's folder given as --out is refused, not wiped."""
+    marker = out / "demo.json"
+    held = [name for name in ("checkpoints", "log.jsonl") if (out / name).exists()]
+    if held and not marker.is_file():
+        raise UsageError(f"--out {str(out)!r} holds {' and '.join(held)} of a run that is not a demo's; the demo "
+                         "replaces them, so give it another folder")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is not a folder")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if (out / "log.jsonl").exists():
+        (out / "log.jsonl").unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"status": "running"}) + "\n")
 
 
 def cmd_demo(args) -> int:
@@ -307,10 +381,7 @@ def cmd_demo(args) -> int:
     _set_threads(args.threads)
     start = time.perf_counter()
     out = Path(args.out)
-    # The demo owns its folder: a previous demo's checkpoints would otherwise be resumed or outlive this run.
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    if (out / "log.jsonl").exists():
-        (out / "log.jsonl").unlink()
+    _clear_demo_folder(out)
     _say(f"ddpm-fast demo: the tiny U-Net on scikit-learn's digits (8x8 -> 16x16), {torch.get_num_threads()} "
          f"CPU thread(s), training for {args.train_seconds:.0f} s")
     config = TrainConfig(data="digits", preset="tiny", batch_size=args.batch_size, steps=args.max_steps, lr=args.lr,
@@ -372,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     demo = add("demo", "Train the tiny U-Net on the bundled digits for a few minutes, sample, score, time.")
-    demo.add_argument("--out", default="runs/demo", help="output folder (its checkpoints/ is replaced)")
+    demo.add_argument("--out", default="runs/demo",
+                      help="output folder (a previous demo's checkpoints/ is replaced; another run's is refused)")
     demo.add_argument("--train-seconds", type=_positive(float, finite=True), default=300.0,
                       help="training time budget")
     demo.add_argument("--max-steps", type=_positive(int), default=20_000, help="training step cap")
@@ -391,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = add("train", "Train a U-Net (resumes from OUT's latest checkpoint). Under torchrun: DDP over all ranks.")
     train.add_argument("--data", default="digits", help="'digits', an image folder or a CIFAR-10 python directory")
     train.add_argument("--out", required=True, help="run folder: checkpoints/, samples/, log.jsonl")
-    train.add_argument("--image-size", type=_positive(int), default=None, help="resize images (default: the data's)")
+    train.add_argument("--image-size", type=_positive(int), default=None,
+                       help="resize images (default: digits 16, CIFAR-10 32, an image folder the preset's size)")
     train.add_argument("--preset", default="tiny", help="U-Net preset: tiny, cifar10, celebahq256, lsun256")
     train.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "sample", "v_prediction"))
     train.add_argument("--min-snr-gamma", type=_positive(float), default=None, help="min-SNR weighting, e.g. 5")
@@ -434,7 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = add("evaluate", "Bits/dim (variational bound) of a checkpoint; digit scores for digit models.")
     evaluate.add_argument("checkpoint", help="a checkpoint or run folder")
-    evaluate.add_argument("--num-images", type=_positive(int), default=300, help="held-out images for the bound")
+    evaluate.add_argument("--num-images", type=_positive(int), default=300,
+                          help="images for the bound: held out (digits, CIFAR-10's test_batch), else the training "
+                               "images (an image folder)")
     evaluate.add_argument("--bpd-timesteps", type=_positive(int), default=100, help="999: the exact sum")
     evaluate.add_argument("--num-samples", type=_positive(int, least=2), default=256, help="samples to score (digits)")
     evaluate.add_argument("--sample-steps", type=_positive(int), default=50)

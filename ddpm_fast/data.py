@@ -155,7 +155,7 @@ def load_image_folder(path, size: int = 32, channels: int = 3) -> ImageDataset:
         try:
             with Image.open(file) as image:
                 images[i] = torch.from_numpy(_image_pixels(image, size, channels)).permute(2, 0, 1)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
             raise DatasetError(f"cannot read image {str(file)!r}: {error}") from None
     return ImageDataset(root.name or str(root), _to_unit_range(images), None, flip=True)
 
@@ -211,19 +211,38 @@ def is_cifar10_dir(path) -> bool:
     return (Path(path) / "data_batch_1").is_file() or (Path(path) / "test_batch").is_file()
 
 
-def load_dataset(spec: str, size: int | None = None, channels: int = 3) -> ImageDataset:
-    """``"digits"`` (16x16 unless ``size``), a CIFAR-10 python directory (32x32), or an image folder (``size``, 32)."""
+def has_held_out_split(spec) -> bool:
+    """Whether ``load_dataset(spec, split="test")`` gives images the run did not train on: the digits' test
+    half, a CIFAR-10 directory with both its training batches and test_batch. Image folders have no split."""
+    if spec == "digits":
+        return True
+    root = Path(spec)
+    return (root / "data_batch_1").is_file() and (root / "test_batch").is_file()
+
+
+def load_dataset(spec: str, size: int | None = None, channels: int = 3, split: str = "train") -> ImageDataset:
+    """``"digits"`` (16x16 unless ``size``), a CIFAR-10 python directory (32x32), or an image folder (``size``, 32).
+
+    ``split="test"``: the held-out images of the digits or of CIFAR-10 (see :func:`has_held_out_split`). A
+    CIFAR-10 directory holding only test_batch serves it as its training split too.
+    """
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"load_dataset: spec must be 'digits' or a path, got {type(spec).__name__}")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ValueError(f"load_dataset: size must be an int >= 1 or None, got {size!r}")  # before any reading
+    if split not in ("train", "test"):
+        raise ValueError(f"load_dataset: split must be 'train' or 'test', got {split!r}")
+    if split == "test" and spec != "digits" and not has_held_out_split(spec):
+        raise DatasetError(f"dataset {str(spec)!r} has no held-out split (only the digits and a CIFAR-10 "
+                           "directory with its training batches and test_batch have one)")
     if spec == "digits":
-        return load_digits("train", 16 if size is None else size)
+        return load_digits(split, 16 if size is None else size)
     if not os.path.exists(spec):
         raise DatasetError(f"dataset {str(spec)!r} does not exist (give 'digits', an image folder or a "
                            "CIFAR-10 python directory)")
     if os.path.isdir(spec) and is_cifar10_dir(spec):
-        dataset = load_cifar10(spec, "train" if (Path(spec) / "data_batch_1").exists() else "test")
+        held_out = split == "test" or not (Path(spec) / "data_batch_1").exists()
+        dataset = load_cifar10(spec, "test" if held_out else "train")
         if size not in (None, 32):
             dataset.images = F.interpolate(dataset.images, size=(size, size), mode="bilinear", antialias=True,
                                            align_corners=False).clamp_(-1, 1)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from . import distributed as dist_utils
 from . import reference
-from .data import ImageDataset, load_dataset
+from .data import ImageDataset, is_cifar10_dir, load_dataset
 from .ops import q_sample
 from .sampler import Sampler, save_image_grid, write_atomically
 from .schedule import PREDICTION_TYPES, NoiseSchedule
@@ -70,7 +70,7 @@ class TrainConfig:
     """A training run. ``batch_size`` is the global batch (split evenly across torch.distributed ranks)."""
 
     data: str = "digits"                # "digits", an image folder or a CIFAR-10 python directory
-    image_size: int | None = None       # None: the dataset's own (digits 16, CIFAR-10 32)
+    image_size: int | None = None       # None: the dataset's own (digits 16, CIFAR-10 32; a folder: the preset's)
     preset: str = "tiny"                # a UNet preset; in/out channels and sample_size follow the data
     prediction_type: str = "epsilon"    # "epsilon", "sample" (x0) or "v_prediction"
     min_snr_gamma: float | None = None  # e.g. 5.0 for min-SNR weighting
@@ -104,10 +104,13 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
                 raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
-        for name in ("warmup_steps", "sample_every", "seed"):
+        for name in ("warmup_steps", "sample_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainConfig: {name} must be an int >= 0, got {value!r}")
+        # Seeds past int64 would be folded onto others (derive_seed reads 64 bits): refused, not aliased.
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"TrainConfig: seed must be an int in [0, 2**63), got {self.seed!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig: lr must be a finite number > 0, got {self.lr!r}")
         if not self.grad_clip > 0:
@@ -210,10 +213,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:  # a full disk says "[Errno 28] No space left on device", naming no file
+        raise OSError(error.errno, f"{error.strerror or error} (writing {str(path)!r})") from error
 
 
 def _write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
@@ -373,17 +379,51 @@ def load_checkpoint(path, needs: tuple[str, ...] = ()) -> tuple[dict, Path]:
     return config, folder
 
 
+def _unet_config_of(config: dict, folder: Path) -> UNetConfig:
+    """The U-Net a checkpoint's config.json describes; fields this version lacks are named, not a TypeError."""
+    known = {f.name for f in dataclasses.fields(UNetConfig)}
+    unknown = sorted(set(config["unet"]) - known)
+    if unknown:
+        raise ValueError(f"{str(folder / 'config.json')!r} describes its U-Net with fields this ddpm_fast does not "
+                         f"know: {', '.join(unknown)} (written by another version?)")
+    return UNetConfig(**config["unet"])
+
+
 def load_model(path, weights: str = "ema") -> tuple[UNet, NoiseSchedule, dict]:
     """A trained U-Net (eval mode, float32, CPU) with its schedule and config from a checkpoint."""
     if weights not in ("ema", "model"):
         raise ValueError(f"load_model: weights must be 'ema' or 'model', got {weights!r}")
     config, folder = load_checkpoint(path, _MODEL_KEYS)
-    model = UNet(UNetConfig(**config["unet"]))
+    model = UNet(_unet_config_of(config, folder))
     model.load_state_dict(_read_weights(folder / f"{weights}.safetensors", model), strict=True)
     return model.eval(), NoiseSchedule(**config["schedule"]), config
 
 
 # ------------------------------------------------------------------------------------------------ trainer
+
+def dataset_of(config: TrainConfig) -> ImageDataset:
+    """The run's data: the digits at 16x16 and CIFAR-10 at 32x32 unless ``image_size``; an image folder at
+    ``image_size``, else at the size its preset was made for (so the defaults always fit together)."""
+    size = config.image_size
+    if size is None and config.data != "digits" and not is_cifar10_dir(config.data):
+        size = PRESETS[config.preset].sample_size
+    return load_dataset(config.data, size)
+
+
+def unet_config_for(preset: str, channels: int, size: int) -> UNetConfig:
+    """``preset``'s U-Net for ``channels`` x ``size`` x ``size`` images, or a ValueError naming the image size."""
+    made_for = PRESETS[preset]
+    halvings = len(made_for.channel_mult) - 1
+    why = (f"each of its levels below the first halves the images, so their size must be a multiple of "
+           f"{2**halvings}" if size % 2**halvings else None)
+    if why is None:
+        try:
+            return dataclasses.replace(made_for, sample_size=size, in_channels=channels, out_channels=channels)
+        except ValueError as error:
+            why = str(error).removeprefix("UNetConfig: ")
+    raise ValueError(f"TrainConfig: {size}x{size} images (image_size) do not fit preset {preset!r}, made for "
+                     f"{made_for.sample_size}x{made_for.sample_size}: {why}")
+
 
 def _autocast(amp: str, device: torch.device):
     if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
@@ -397,7 +437,7 @@ class Trainer:
     Args:
         config: the run.
         out_dir: where checkpoints/, samples/ and log.jsonl go; None: nothing is written.
-        dataset: the data (else ``load_dataset(config.data, config.image_size)``).
+        dataset: the data (else ``config.data`` at ``config.image_size``: see :func:`dataset_of`).
         device: None: the rank's device under torch.distributed, else CUDA when available, else CPU.
         progress: a tqdm bar (rank 0 only).
     """
@@ -406,7 +446,7 @@ class Trainer:
                  device=None, progress: bool = False):
         self.config = config
         self.out_dir = None if out_dir is None else Path(out_dir)
-        self.dataset = dataset if dataset is not None else load_dataset(config.data, config.image_size)
+        self.dataset = dataset if dataset is not None else dataset_of(config)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         if config.batch_size % self.world:
             raise ValueError(f"TrainConfig: batch_size={config.batch_size} must be divisible by the "
@@ -418,7 +458,7 @@ class Trainer:
             raise ValueError(f"Trainer: images must be square, got {H}x{W}")
         self.flip = self.dataset.flip if config.flip is None else config.flip
         self.schedule = NoiseSchedule(config.num_train_timesteps, config.beta_schedule)
-        self.unet_config = dataclasses.replace(PRESETS[config.preset], sample_size=H, in_channels=C, out_channels=C)
+        self.unet_config = unet_config_for(config.preset, C, H)
         # Same initial weights on every rank: the init draws from a generator seeded by the run's seed.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, _DROPOUT, -1))
@@ -432,6 +472,7 @@ class Trainer:
         self.ema = EMA(self.model, config.ema_decay, config.ema_warmup)
         self.step = 0
         self.changed_on_resume: dict[str, tuple] = {}  # setting -> (the checkpoint's, this run's), by resume()
+        self.stop_requested = False  # set by request_stop(): train() ends after the step it is in, and saves
         self.images = self.dataset.images.to(self.device)
         self._forward = dist_utils.wrap_ddp(self.model, self.device)
 
@@ -472,11 +513,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- the loop
 
+    def request_stop(self) -> None:
+        """End ``train()`` after the step it is in, with a checkpoint of that step (safe from a signal handler:
+        it only sets a flag, which the loop reads between steps, so no step is cut in half)."""
+        self.stop_requested = True
+
     def train(self, steps: int | None = None, time_limit: float | None = None) -> list[float]:
-        """Train until ``steps`` (default ``config.steps``) or ``time_limit`` seconds; returns the losses.
+        """Train until ``steps`` (default ``config.steps``), ``time_limit`` seconds or ``request_stop()``;
+        returns the losses.
 
         Checkpoints every ``checkpoint_every`` steps and at the end; grids every ``sample_every`` steps.
         """
+        self.stop_requested = False
         steps = self.config.steps if steps is None else steps
         newest = latest_checkpoint(self.out_dir) if self.out_dir is not None else None
         if newest is not None and _step_of(newest) > self.step:
@@ -503,7 +551,8 @@ class Trainer:
                     self.save()
                 if self.config.sample_every and self.step % self.config.sample_every == 0:
                     self.sample_grid()
-                if time_limit is not None and dist_utils.any_rank(time.perf_counter() - start > time_limit):
+                out_of_time = time_limit is not None and time.perf_counter() - start > time_limit
+                if dist_utils.any_rank(out_of_time or self.stop_requested):  # every rank stops at the same step
                     break
         finally:
             bar.close()
@@ -545,8 +594,12 @@ class Trainer:
         if source is None or (path is None and latest_checkpoint(source) is None):
             return False
         config, folder = load_checkpoint(source, _MODEL_KEYS + ("ema_updates",))
-        if UNetConfig(**config["unet"]) != self.unet_config:
-            raise ValueError(f"cannot resume from {str(folder)!r}: its U-Net configuration differs from this run's")
+        theirs = dataclasses.asdict(_unet_config_of(config, folder))
+        ours = dataclasses.asdict(self.unet_config)
+        differs = [f"{k} {theirs[k]} -> {ours[k]}" for k in ours if theirs[k] != ours[k]]
+        if differs:  # the U-Net follows the preset and the data (its channels and size): they must be the run's
+            raise ValueError(f"cannot resume from {str(folder)!r}: its U-Net differs from this run's "
+                             f"({', '.join(differs)}); give the run's --preset, --data and --image-size")
         # What the weights mean: a different schedule or target would train them towards another model.
         ours = self.checkpoint_config()
         differs = [f"{key} {config[key]} -> {ours[key]}" for key in ("schedule", "prediction_type")
@@ -563,6 +616,8 @@ class Trainer:
         trained_with, now = config.get("train", {}), dataclasses.asdict(self.config)
         self.changed_on_resume = {k: (trained_with[k], v) for k, v in now.items()
                                   if k in trained_with and trained_with[k] != v}
+        if config.get("dataset", ours["dataset"]) != ours["dataset"]:  # the same path may hold other images now
+            self.changed_on_resume["dataset"] = (config["dataset"], ours["dataset"])
         return True
 
     def _forget_log_after(self, step: int) -> None:

@@ -3,12 +3,15 @@
 import dataclasses
 import json
 import os
+import pickle
+import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image as PIL
 
 import ddpm_fast.sampler
 from ddpm_fast import cli
@@ -152,6 +155,37 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert "sampling throughput" in capsys.readouterr().out
 
 
+def test_demo_replaces_only_a_demo_s_checkpoints(tmp_path, capsys):
+    """A training run's folder given to the demo is refused, its checkpoints and log kept; a demo's own
+    (demo.json marks it, from the start: an interrupted demo too) is cleared."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (run / "log.jsonl").write_text('{"step": 10}\n')
+    assert cli.main(["demo", "--out", str(run)]) == 2
+    _one_line_error(capsys, "holds checkpoints and log.jsonl of a run that is not a demo's")
+    assert (run / "checkpoints" / "step_00000010").is_dir() and (run / "log.jsonl").read_text() == '{"step": 10}\n'
+    demo = tmp_path / "demo"
+    cli._clear_demo_folder(demo)  # as a demo starts: the marker first
+    assert json.loads((demo / "demo.json").read_text()) == {"status": "running"}
+    (demo / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (demo / "log.jsonl").write_text("{}\n")
+    cli._clear_demo_folder(demo)
+    assert not (demo / "checkpoints").exists() and not (demo / "log.jsonl").exists()
+
+
+def test_output_folders_are_checked_up_front_and_made_only_for_work_that_runs(tmp_path, capsys):
+    out = tmp_path / "new" / "deep" / "g.png"
+    assert cli.main(["sample", str(tmp_path / "no-model"), "--out", str(out)]) == 2
+    _one_line_error(capsys, "does not exist")
+    assert not (tmp_path / "new").exists()  # a failed load leaves no folders behind
+    (tmp_path / "file").write_text("x")
+    for flag_out in (tmp_path / "file", tmp_path / "file" / "run"):  # not a folder: before the data is read
+        assert cli.main(["train", "--data", str(tmp_path / "no-data"), "--out", str(flag_out)]) == 2
+        _one_line_error(capsys, f"--out {str(flag_out)!r}: cannot make the run folder")
+    assert cli.main(["sample", str(tmp_path / "no-model"), "--out", str(tmp_path / "file" / "g.png")]) == 2
+    _one_line_error(capsys, f"--out: {str(tmp_path / 'file')!r} is not a folder")
+
+
 def test_sample_output_and_device_are_checked_before_sampling(tmp_path, capsys, monkeypatch):
     """--out must be a writable .png (an .npz --out was overwritten by its own images' .npz, losing the PNG),
     --device must exist (torch's error is an assert), the seeds int64: all before any model is read."""
@@ -207,6 +241,40 @@ def test_a_failed_write_keeps_the_previous_samples(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npz", "g.png"]  # no temporary file left
 
 
+def test_ctrl_c_saves_the_step_it_ends_and_a_second_stops_at_once(tmp_path, capsys, monkeypatch):
+    """The first SIGINT (Ctrl-C) lets the step finish, saves it and exits 130; resuming continues exactly as
+    the uninterrupted run; a second SIGINT raises at once, as before (nothing saved)."""
+    from ddpm_fast.train import Trainer, latest_checkpoint, load_model
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    argv = ["--steps", "5", "--batch-size", "4", "--checkpoint-every", "1000"]
+    assert cli.main(["train", "--out", str(whole), *argv]) == 0
+    step = Trainer.train_step
+    interrupt_at = int(torch.randint(1, 4, ()))
+
+    def interrupted_step(self, signals=1):
+        loss = step(self)
+        if self.step == interrupt_at:
+            for _ in range(signals):
+                signal.raise_signal(signal.SIGINT)  # the handler runs here, between bytecodes: mid-loop
+        return loss
+    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(run), *argv]) == 130
+    assert f"interrupted at step {interrupt_at}, saved" in capsys.readouterr().err
+    assert latest_checkpoint(run).name == f"step_{interrupt_at:08d}"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert cli.main(["train", "--out", str(run), *argv]) == 0
+    for a, b in zip(load_model(whole)[0].parameters(), load_model(run)[0].parameters()):
+        assert torch.equal(a, b)
+    # Twice: stop now, unsaved (the checkpoint of step 5 stays the newest).
+    monkeypatch.setattr(Trainer, "train_step", lambda self: interrupted_step(self, signals=2))
+    interrupt_at = 6
+    assert cli.main(["train", "--out", str(run), "--steps", "8", "--batch-size", "4"]) == 130
+    assert "ddpm-fast train: interrupted" in capsys.readouterr().err
+    assert latest_checkpoint(run).name == "step_00000005"
+
+
 def test_no_resume_refuses_a_folder_with_checkpoints(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", "--out", str(run), "--steps", "2", "--batch-size", "4", "--checkpoint-every", "1"]) == 0
@@ -219,6 +287,46 @@ def test_no_resume_refuses_a_folder_with_checkpoints(tmp_path, capsys):
     assert cli.main(["train", "--out", str(run), "--steps", "2", "--batch-size", "4", "--lr", "0.1"]) == 0
     assert "nothing to train: the checkpoint is at step 2 and --steps is 2" in capsys.readouterr().out
     assert (run / "checkpoints" / "step_00000002" / "config.json").read_bytes() == config  # not re-saved
+
+
+def _write_cifar(folder, names):
+    rng = np.random.default_rng()
+    for name in names:
+        batch = {b"data": rng.integers(0, 256, size=(4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+
+
+def test_evaluate_bounds_held_out_cifar_and_the_recorded_training_folder(tmp_path, monkeypatch, capsys):
+    """CIFAR-10: the bound on test_batch, not the training batches. An image folder (no held-out split): its
+    training images, found by the absolute path the run recorded from any directory, and refused when a
+    relative path (an older run's) names other data from here."""
+    cifar = tmp_path / "cifar"
+    cifar.mkdir()
+    _write_cifar(cifar, [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        PIL.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    small = ["--steps", "1", "--batch-size", "4", "--preset", "tiny", "--image-size", "16"]
+    for data in ("cifar", "imgs"):
+        assert cli.main(["train", "--data", data, "--out", f"run_{data}", *small]) == 0
+    evaluate = ["--num-images", "3", "--bpd-timesteps", "2"]
+    other = tmp_path / "elsewhere"
+    (other / "imgs").mkdir(parents=True)  # same relative name, other images
+    PIL.fromarray(np.zeros((16, 16, 3), np.uint8) + 9).save(other / "imgs" / "x.png")
+    monkeypatch.chdir(other)
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(tmp_path / "run_cifar"), *evaluate]) == 0
+    assert json.loads(capsys.readouterr().out)["bound_images"] == "3 held-out images of cifar10-test"
+    assert cli.main(["evaluate", str(tmp_path / "run_imgs"), *evaluate]) == 0
+    assert json.loads(capsys.readouterr().out)["bound_images"] == "3 training images of imgs"
+    for config in (tmp_path / "run_imgs" / "checkpoints").glob("*/config.json"):  # as an older run recorded it
+        saved = json.loads(config.read_text())
+        saved["train"]["data"] = "imgs"
+        config.write_text(json.dumps(saved))
+    assert cli.main(["evaluate", str(tmp_path / "run_imgs"), *evaluate]) == 2
+    _one_line_error(capsys, "the data at 'imgs'", "'size': 1", "is not what the run was trained on", "'size': 5")
 
 
 def test_evaluate_a_digits_model_of_another_size(monkeypatch, capsys):

@@ -65,6 +65,15 @@ def test_image_folder_errors(tmp_path):
         load_dataset(str(tmp_path / "nowhere"))
 
 
+def test_an_image_too_large_to_decode_is_named(tmp_path, monkeypatch):
+    """Pillow refuses images past twice MAX_IMAGE_PIXELS (a decompression bomb): a named error, not its own."""
+    from PIL import Image
+    Image.fromarray(np.random.default_rng().integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # 144 pixels: more than twice as many
+    with pytest.raises(DatasetError, match=r"cannot read image .*a\.png.*exceeds limit"):
+        load_image_folder(tmp_path, size=8)
+
+
 def _png16_rgb(path, pixels):
     """A 16-bit RGB PNG, written by hand: Pillow has no mode to save one from. pixels: (H, W, 3) uint16."""
     def chunk(kind, data):

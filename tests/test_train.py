@@ -1,5 +1,6 @@
 """Training: exact resume, crash-safe checkpoints, randomness as a function of (seed, step), EMA warm-up."""
 
+import copy
 import json
 import shutil
 
@@ -8,8 +9,9 @@ import torch
 
 from ddpm_fast import train as train_mod
 from ddpm_fast.data import load_digits
-from ddpm_fast.train import (EMA, TrainConfig, Trainer, draw_step, latest_checkpoint, load_checkpoint, load_model,
-                             save_checkpoint)
+from ddpm_fast.unet import PRESETS
+from ddpm_fast.train import (EMA, TrainConfig, Trainer, dataset_of, draw_step, latest_checkpoint, load_checkpoint,
+                             load_model, save_checkpoint, unet_config_for)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -142,6 +144,10 @@ def test_bf16_autocast_step_and_config_errors(digits):
         TrainConfig(ema_decay=1.0)
     with pytest.raises(ValueError, match="sample_steps=60 must be at most num_train_timesteps=50"):
         TrainConfig(num_train_timesteps=50, sample_every=5, sample_steps=60)  # refused before any step
+    for seed in (-1, 2**63, 2**64, True):  # 2**64 trained exactly as seed 0 did
+        with pytest.raises(ValueError, match=rf"seed must be an int in \[0, 2\*\*63\), got {seed!r}"):
+            TrainConfig(seed=seed)
+    assert TrainConfig(seed=2**63 - 1).seed == 2**63 - 1
 
 
 def _files(folder):
@@ -194,6 +200,19 @@ def test_resume_refuses_another_schedule_or_prediction_type(tmp_path, digits):
     resumed = Trainer(_config(lr=3e-4, batch_size=4), tmp_path, dataset=digits)  # training settings may change
     assert resumed.resume() and resumed.step == 2
     assert resumed.changed_on_resume == {"steps": (2, 6), "lr": (1e-3, 3e-4), "batch_size": (8, 4)}
+    # Another U-Net (the preset, or the data's channels or size) is refused naming what differs and the flags.
+    rgb = copy.copy(digits)
+    rgb.images = digits.images.expand(-1, 3, -1, -1)
+    with pytest.raises(ValueError, match=r"its U-Net differs from this run's \(in_channels 1 -> 3, out_channels 1 "
+                                         r"-> 3\); give the run's --preset, --data and --image-size"):
+        Trainer(_config(), tmp_path, dataset=rgb).resume()
+    # The same settings on other images (a folder edited since, say) resume, and say so.
+    fewer = copy.copy(digits)
+    fewer.images = digits.images[:30]
+    resumed = Trainer(_config(), tmp_path, dataset=fewer)
+    assert resumed.resume()
+    old, new = resumed.changed_on_resume.pop("dataset")
+    assert (old["size"], new["size"]) == (40, 30) and resumed.changed_on_resume == {"steps": (2, 6)}
 
 
 def test_damaged_checkpoints_are_named_not_tracebacks(tmp_path, digits):
@@ -211,9 +230,15 @@ def test_damaged_checkpoints_are_named_not_tracebacks(tmp_path, digits):
     with pytest.raises(ValueError, match=r"ema\.safetensors' does not hold the weights .* 1 unexpected \['w'\]"):
         load_model(tmp_path)
     config = folder / "config.json"
-    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "unet"}))
+    saved = json.loads(config.read_text())
+    config.write_text(json.dumps({k: v for k, v in saved.items() if k != "unet"}))
     with pytest.raises(ValueError, match=r"lacks \['unet'\]"):
         load_model(tmp_path)
+    config.write_text(json.dumps({**saved, "unet": {**saved["unet"], "skip_scale": 0.5}}))
+    for load in (lambda: load_model(tmp_path), lambda: Trainer(_config(), tmp_path, dataset=digits).resume()):
+        with pytest.raises(ValueError, match=r"config\.json' describes its U-Net with fields this ddpm_fast does not "
+                                             r"know: skip_scale \(written by another version\?\)"):
+            load()
     config.write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a ddpm_fast checkpoint"):
         load_model(tmp_path)
@@ -232,3 +257,34 @@ def test_resume_forgets_the_log_of_the_steps_it_runs_again(tmp_path, digits):
     resumed.train(steps=4)
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+def test_image_folder_defaults_to_its_preset_s_size_and_sizes_that_do_not_fit_are_named(tmp_path):
+    from PIL import Image
+    side = int(torch.randint(17, 40, ()))
+    for i in range(3):
+        pixels = torch.randint(0, 256, (side, side + 3, 3), dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+    for preset, size in (("tiny", 16), ("cifar10", 32)):
+        assert dataset_of(TrainConfig(data=str(tmp_path), preset=preset)).shape == (3, size, size)
+    assert dataset_of(TrainConfig(data=str(tmp_path), image_size=24)).shape == (3, 24, 24)
+    assert unet_config_for("cifar10", 1, 64).attention_resolutions == (16,)  # the paper's 16x16, one level down
+    for preset, size, why in (("tiny", 32, r"attention_resolutions \[8\] match no level's size \[32, 16\]"),
+                              ("tiny", 17, "must be a multiple of 2"), ("cifar10", 36, "must be a multiple of 8")):
+        made_for = PRESETS[preset].sample_size
+        with pytest.raises(ValueError, match=rf"{size}x{size} images \(image_size\) do not fit preset '{preset}', "
+                                             rf"made for {made_for}x{made_for}: .*{why}"):
+            unet_config_for(preset, 3, size)
+
+
+def test_a_failed_checkpoint_write_names_the_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match=r"No space left on device \(writing '.*step_00000003.*'\)"):
+        save_checkpoint(tmp_path, 3, {"step": 3}, {"model": {"w": torch.randn(3)}})
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path) is None and not any(tmp_path.iterdir())  # nothing half-written is left
