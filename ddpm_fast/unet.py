@@ -441,10 +441,11 @@ class UNet(nn.Module):
 
         As diffusers' UNet2DModel: a Python number is taken as an integer step (500.7 is step 500), a tensor
         keeps its dtype (a float tensor embeds fractional times), and one timestep serves the whole batch."""
-        B, multiple = x.shape[0], 2 ** (len(self.config.channel_mult) - 1)
+        multiple = 2 ** (len(self.config.channel_mult) - 1)
         if x.dim() != 4 or x.shape[2] % multiple or x.shape[3] % multiple:  # else a cat on the way up would fail
             raise ValueError(f"UNet: x must be (B, C, H, W) with H and W multiples of {multiple} (each level below "
                              f"the first halves them), got {tuple(x.shape)}")
+        B = x.shape[0]
         if isinstance(t, Tensor):
             if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, B)):
                 raise ValueError(f"UNet: t must be a number, a 0-d, a (1,) or a ({B},) tensor, "

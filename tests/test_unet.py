@@ -160,7 +160,7 @@ def test_bad_timestep_shape_raises():
 
 def test_sizes_the_levels_cannot_halve_are_named():
     model = UNet.preset("cifar10")  # 4 levels: H and W must be multiples of 8
-    for shape in ((1, 3, 36, 32), (1, 3, 32, 12), (3, 32, 32)):
+    for shape in ((1, 3, 36, 32), (1, 3, 32, 12), (3, 32, 32), ()):
         with pytest.raises(ValueError, match=rf"x must be \(B, C, H, W\) with H and W multiples of 8 .*"
                                              rf"got {re.escape(str(shape))}"):
             model(torch.randn(shape), 5)
