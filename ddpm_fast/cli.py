@@ -162,6 +162,9 @@ def cmd_train(args) -> int:
         except OSError as error:
             raise UsageError(f"--out {args.out!r}: cannot make the run folder ({error.strerror or error})") from None
         trainer = Trainer(config, args.out, progress=True)
+        if trainer.dataset.name == "cifar10-test":
+            _say(f"note: {args.data!r} holds CIFAR-10's test_batch only: training on its {len(trainer.dataset)} "
+                 "test images")
         if not args.no_resume and trainer.resume():
             changed = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in trainer.changed_on_resume.items())
             _say(f"resumed from step {trainer.step} ({args.out})" + (f"; changed since: {changed}" if changed else ""))
