@@ -315,7 +315,8 @@ def test_evaluate_bounds_held_out_cifar_and_the_recorded_training_folder(tmp_pat
     _write_cifar(tmp_path / "test_only", ["test_batch"])
     capsys.readouterr()
     assert cli.main(["train", "--data", "test_only", "--out", "run_test_only", *small]) == 0
-    assert "note: 'test_only' holds CIFAR-10's test_batch only: training on its 4 test images" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "note: 'test_only' holds CIFAR-10's test_batch only: training on its 4 test images" in said
     evaluate = ["--num-images", "3", "--bpd-timesteps", "2"]
     other = tmp_path / "elsewhere"
     (other / "imgs").mkdir(parents=True)  # same relative name, other images
