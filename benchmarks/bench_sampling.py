@@ -498,13 +498,21 @@ def main(argv=None) -> int:
     print(f"\n{'kind':9} {'precision':13} {'batch':>5}  {'variant':30} {'ms/step':>9}  {'(p20-p80)':15}"
           f"{'img/s':>8}   first call s")
 
-    rows = sampling_rows(p, device, theirs, ours, _print_row)
-    rows += training_rows(p, device, theirs, ours, _print_row)  # a target row: before the (long) drift runs
-    rows += compiled_rows(p, device, ours, _print_row)
+    plan_json = {k: sorted(v) if isinstance(v, set) else v for k, v in p.items()}
+    so_far = []
+
+    def on_row(row: dict) -> None:
+        _print_row(row)
+        so_far.append(row)
+        if args.record:  # after every row: a run killed at its time limit keeps what it measured
+            harness.record("sampling", device, so_far, {"plan": plan_json}, env)
+
+    rows = sampling_rows(p, device, theirs, ours, on_row)
+    rows += training_rows(p, device, theirs, ours, on_row)  # a target row: before the (long) drift runs
+    rows += compiled_rows(p, device, ours, on_row)
     rows += drift_rows(p, device, theirs, ours)
 
     if args.record:
-        plan_json = {k: sorted(v) if isinstance(v, set) else v for k, v in p.items()}
         path = harness.record("sampling", device, rows, {"plan": plan_json}, env)
         print(f"\nrecorded {path}")
     return 0

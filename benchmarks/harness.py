@@ -133,10 +133,13 @@ def environment(device: torch.device) -> dict:
 
 def record(name: str, device: torch.device, rows: list[dict], extra: dict, env: dict | None = None) -> Path:
     """Write the rows with the machine and versions (``env``, default :func:`environment`) to
-    benchmarks/results/<name>-<device>-<date>.json."""
+    benchmarks/results/<name>-<device>-<date>.json, atomically. Called again with the same ``env`` it rewrites
+    the same file: the benchmarks save after every row, so a run killed at its time limit keeps what it measured."""
     env = env or environment(device)
     RESULTS.mkdir(exist_ok=True)
     stamp = env["date"][:19].replace(":", "")
     path = RESULTS / f"{name}-{device.type}-{stamp}.json"
-    path.write_text(json.dumps({"environment": env, **extra, "rows": rows}, indent=1, default=str) + "\n")
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(json.dumps({"environment": env, **extra, "rows": rows}, indent=1, default=str) + "\n")
+    partial.replace(path)
     return path

@@ -10,7 +10,9 @@ attention, group norm, our step and noise, copies and casts, ...). Per step: the
 and its number of kernels, the GPU's busy time (the union of the kernel intervals) and the span from the
 first kernel's start to the last one's end. Span minus busy is time the GPU waited for the host: what
 makes batch 1 launch-bound. Times under the profiler are a little longer than bench_sampling's; the kinds'
-shares are what this is for.
+shares are what this is for. Under the profiler our fused ops go through the dispatcher (which records them by
+name; ops/dispatch.py), tens of µs of host time each that a plain run skips: at batch 1, ours' span minus busy
+is an upper bound.
 
 On the CPU (the tiny preset: what the tests run) the kinds bin the self time of the profiled ops, and the
 rest of the wall time (Python, and ddpm_fast's CPU kernels, which run outside any aten op) is "untraced".
@@ -207,6 +209,8 @@ def main(argv=None) -> int:
             bench._failed(row, error)
         rows.append(row)
         _print(row)
+        if args.record:  # after every row: a run killed at its time limit keeps what it measured
+            path = harness.record("profile", device, rows, {"preset": preset, "kinds": dict(KINDS)}, env)
         run = None
         if cuda:
             torch.cuda.empty_cache()

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_group_norm  # noqa: E402
 import bench_q_sample  # noqa: E402
 import bench_step  # noqa: E402
-from harness import NATIVE, copy_bandwidth_gbs, record, time_all  # noqa: E402
+from harness import NATIVE, copy_bandwidth_gbs, environment, record, time_all  # noqa: E402
 
 MODULES = (bench_q_sample, bench_step, bench_group_norm)
 
@@ -98,6 +98,8 @@ def main(argv=None) -> int:
           "baselines: ms (speed-up of our fastest)")
     rows, skipped = [], 0
     cases = _cases(device, args.targets_only)
+    env = environment(device) if args.record else None
+    extra = {"copy_gbs": copy, "cases_not_run": len(cases), "compile": not args.no_compile}
     for n, case in enumerate(cases):
         if args.max_seconds is not None and time.monotonic() - start > args.max_seconds:
             skipped = len(cases) - n
@@ -119,9 +121,12 @@ def main(argv=None) -> int:
                      **{f"{k}_gbs": v for k, v in gbs.items()},
                      **{f"{k}_pct_copy": 100 * v / copy for k, v in gbs.items()},
                      **{f"{k}_ms": {"median": v[0], "p20": v[1], "p80": v[2]} for k, v in times.items()}})
+        if args.record:  # after every row: a run killed at its time limit keeps what it measured
+            extra["cases_not_run"] = len(cases) - n - 1
+            record("ops", device, rows, extra, env)
     if args.record:
-        extra = {"copy_gbs": copy, "cases_not_run": skipped, "compile": not args.no_compile}
-        print("\nrecorded", record("ops", device, rows, extra))
+        extra["cases_not_run"] = skipped or extra["cases_not_run"]
+        print("\nrecorded", record("ops", device, rows, extra, env))
     return 0
 
 

@@ -161,3 +161,67 @@ def test_preference_orders_each_op_by_the_geometric_mean_of_its_cases(tmp_path, 
     out = capsys.readouterr().out
     assert "worst 1.20 OVER" in out and "worst 0.90 ok" in out
     assert "CUDA_PREFERENCE = {\"q_sample\": ('triton', 'cuda'), \"step\": ('cuda', 'triton')}" in out
+
+
+def test_eager_baselines_do_the_op_s_work():
+    """The baselines the speed-ups are measured against compute the op (on fresh inputs, equal to the reference
+    given the same noise): a cheaper or wrong baseline would flatter the kernels."""
+    import bench_q_sample
+    import bench_step
+
+    from ddpm_fast import reference
+
+    cpu = torch.device("cpu")
+    shape = (int(torch.randint(1, 5, ())), 3, int(torch.randint(4, 17, ())), int(torch.randint(4, 17, ())))
+    x, m = torch.randn(shape), torch.randn(shape)
+    t = torch.randint(0, 1000, (shape[0],))
+    seed = int(torch.randint(0, 2**31, ()))
+
+    q_sample = next(iter(bench_q_sample.cases(cpu))).impls["eager"]
+    got, noise = q_sample(x0=x, t=t)
+    torch.testing.assert_close(got, reference.q_sample(x, t, ddpm_fast.NoiseSchedule(), noise=noise)[0])
+
+    step = next(iter(bench_step.cases(cpu))).impls["eager"]
+    torch.manual_seed(seed)
+    got = step(x=x, mo=m, t=t)
+    torch.manual_seed(seed)
+    noise = torch.randn_like(x)
+    table = ddpm_fast.ddpm_table(ddpm_fast.NoiseSchedule(), prediction_type="epsilon", variance_type="fixed_small")
+    torch.testing.assert_close(got, reference.step(m, t, x, table, noise=noise, clip_range=1.0)[0])
+
+
+def test_gpu_check_selections_collect_tests():
+    """Every -k selection in scripts/gpu_check.sh's sanitizer stage selects tests (one once matched none, so
+    racecheck never ran, and the stage failed with pytest's exit code 5)."""
+    import re
+    import subprocess
+
+    root = Path(__file__).parents[1]
+    script = (root / "scripts" / "gpu_check.sh").read_text()
+    selections = re.findall(r"-k '([^']+)'", script)
+    assert len(selections) == 2, selections
+    for selection in selections:
+        run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_cuda.py", "--collect-only", "-q",
+                              "-p", "no:cacheprovider", "-k", selection], cwd=root, capture_output=True, text=True)
+        assert run.returncode == 0 and re.search(r"^[1-9]\d*(/\d+)? tests? collected", run.stdout.splitlines()[-1]), (
+            selection, run.stdout[-500:], run.stderr[-500:])
+
+
+def test_op_table_record_holds_every_finished_row_as_it_goes(tmp_path, monkeypatch):
+    """The record is rewritten after every case: a run killed at its time limit keeps what it measured."""
+    import harness
+    import table
+
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    seen = []
+    record = harness.record
+
+    def spy(name, device, rows, extra, env=None):
+        path = record(name, device, rows, extra, env)
+        seen.append((len(json.loads(path.read_text())["rows"]), extra["cases_not_run"], path))
+        return path
+    monkeypatch.setattr(table, "record", spy)
+    assert table.main(["--device", "cpu", "--no-compile", "--targets-only", "--record"]) == 0
+    cases = len(table._cases(torch.device("cpu"), True))
+    assert [(rows, left) for rows, left, _ in seen] == [(n, cases - n) for n in range(1, cases + 1)] + [(cases, 0)]
+    assert len({path for _, _, path in seen}) == 1 and list(tmp_path.iterdir()) == [seen[0][2]]  # one file, no .tmp

@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_cuda_missing() is not None, r
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_NAMES = ["float32", "float16", "bfloat16"]  # ids that -k can select (gpu_check.sh's racecheck)
 CPU_HAS_KERNELS = ddpm_fast.build_info()["backends"]["cpu"] == "available"
 needs_cpu_kernels = pytest.mark.skipif(not CPU_HAS_KERNELS, reason="the C++ CPU extension is not built")
 
@@ -186,7 +187,7 @@ def test_step_noise_equals_cpu_kernel(schedule, channels_last, learned):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES)
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 5, 7, 9), (1, 1, 1, 13)])
 def test_q_sample_misaligned_equals_aligned(schedule, dtype, shape):
     """Storage offset 1 takes the scalar path; it computes what the 16-byte path does (n = 192 divides into
@@ -206,7 +207,7 @@ def test_q_sample_misaligned_equals_aligned(schedule, dtype, shape):
     assert torch.equal(eps, noise)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES)
 @pytest.mark.parametrize("post", [{}, {"clip_range": 1.0}, {"thresholding": True, "sample_max_value": 3.0}])
 def test_step_misaligned_and_channels_last_agree(schedule, dtype, post):
     """The flat 16-byte walk, the scalar walk (misaligned) and the channels-last tile walk (noise drawn per
@@ -384,7 +385,7 @@ GN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape, groups, form", GN_CASES)
 def test_group_norm_forward_backward_against_reference(shape, groups, form, dtype, channels_last):
@@ -407,7 +408,7 @@ def test_group_norm_forward_backward_against_reference(shape, groups, form, dtyp
         assert_matches_reference(ours.cpu(), ref, truth, dtype=ours.dtype, what=name, magnitude=terms)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(2, 20, 5, 7), (2, 16, 6, 8)])
 def test_group_norm_misaligned_equals_aligned(shape, dtype, channels_last):
