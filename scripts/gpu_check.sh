@@ -3,8 +3,9 @@
 # repository root:  scripts/gpu_check.sh
 #   DDPM_CHECK_BUDGET   total seconds (default 350)
 #   DDPM_CHECK_STAGES   the stages after the build (default "gpu-tests op-tests warm op-bench sampling-bench
-#                       profile dram-bytes sanitize"), e.g. DDPM_CHECK_STAGES="sampling-bench profile
-#                       dram-bytes sanitize" for a second call that runs the ones the first had no time for
+#                       profile dram-bytes sanitize"), e.g. DDPM_CHECK_BUDGET=300 DDPM_CHECK_STAGES="sampling-bench
+#                       profile" for a second call (the build is incremental then) that runs what the first had
+#                       no time for, within the 15 device minutes (a machine's start takes one or two of them)
 #   DDPM_CHECK_WORKERS  processes that compile side by side (pytest-xdist workers, warm shards; default 8)
 #
 #   1. build the extension for sm_90 only (editable, --no-build-isolation, build/gpu), print build_info
@@ -80,7 +81,8 @@ echo "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=cs
 # Wheels the image lacks (diffusers + importlib_metadata, zipp for the baselines): downloaded into .whl/
 # (ignored by git) as the device README says, and carried with the call (carry: [".whl"]).
 if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --target /tmp/ddpm-site .whl/*.whl &&
+  "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/ddpm-site .whl/*.whl &&
     export PYTHONPATH=/tmp/ddpm-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if ! "$PY" -c "import diffusers" 2>/dev/null; then
