@@ -534,6 +534,21 @@ def test_group_norm_silu_matches_composed_float64(shape, groups, act):
     assert torch.equal(none, group_norm_silu(x, num_groups=groups, act=act, **neutral))
 
 
+def test_group_norm_silu_honours_eps():
+    """eps where it matters (a group's variance of its order), against torch's GroupNorm at the same eps; fresh
+    draws each run (a reference that ignored eps survived every other test of this file)."""
+    eps = float(10 ** torch.empty(()).uniform_(-4, -1))
+    x = (torch.randn(2, 6, 5, 7) + torch.randn(())) * eps**0.5  # a mean of the spread's order (large means: above)
+    p = _gn_params(2, 6, int(torch.randint(0, 2**31, ())))
+    truth = _gn_composed(x.double(), 3, {k: v.double() for k, v in p.items()}, "silu", eps)
+    ours = group_norm_silu(x, num_groups=3, eps=eps, **p)
+    err_torch = (_gn_composed(x, 3, p, "silu", eps).double() - truth).abs().max().item()
+    bound = 2 * err_torch + 8 * EPS32 * truth.abs().max().item()
+    assert (ours.double() - truth).abs().max().item() <= bound
+    # and it is eps that the match turns on: the default eps is far off here
+    assert (group_norm_silu(x, num_groups=3, **p).double() - truth).abs().max().item() > 100 * bound
+
+
 def test_group_norm_silu_channels_last_and_half():
     x = _randn((2, 12, 5, 3), 101)
     p = _gn_params(2, 12, 102)

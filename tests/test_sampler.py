@@ -382,6 +382,11 @@ def test_from_scheduler_options_override_and_errors():
     assert (sampler.method, sampler.variance_type, sampler.eta, sampler.clip_range) == ("ddim", None, 0.5, 2.0)
     assert sampler.timesteps.tolist() == sampler_module.sampling_timesteps(1000, 10, "trailing", 0).tolist()
     assert Sampler.from_scheduler(model, ddpm).num_steps == 1000  # no set_timesteps: every train timestep
+    # A saved config holds the fields it was given: the missing ones take diffusers' defaults (clip_sample True).
+    range_only = sampler_module.scheduler_options({"clip_sample_range": 2.0}, "ddpm")
+    assert range_only == {"clip_range": 2.0} and sampler_module.scheduler_options({}, "ddim") == {}
+    assert sampler_module.scheduler_options({"clip_sample": False, "clip_sample_range": 2.0}, "ddim") == {
+        "clip_range": None}
     with pytest.raises(ValueError, match="PNDMScheduler is not a DDPM or DDIM scheduler; pass method="):
         Sampler.from_scheduler(model, diffusers.PNDMScheduler())
     assert Sampler.from_scheduler(model, diffusers.PNDMScheduler(), method="ddpm").method == "ddpm"

@@ -250,6 +250,18 @@ def test_ddim_table_rows(eta, set_alpha_to_one, use_clipped):
         assert table.coef[t].tolist() == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
+def test_ddim_eta_one_at_zero_terminal_snr_clamps_the_rounding_below_zero():
+    """At eta = 1, d^2 = 1 - ap - sigma^2 is exactly (1 - ap) (1 - (1 - a/ap) / (1 - a)) = 0 where a = 0 (zero
+    terminal SNR, t = T - 1); float64 leaves a hair below zero at some (T, N), e.g. (1000, 12) trailing: that
+    is clamped to d = 0 (no direction term), not refused as an eta that is too large."""
+    sched = NoiseSchedule(rescale_betas_zero_snr=True)
+    ap_col, d_col = COEF_COLUMNS.index("p0"), COEF_COLUMNS.index("p1")
+    table = ddim_table(sched, sampling_timesteps(1000, 12, "trailing"), "v_prediction", eta=1.0)
+    row = table.coef[999]
+    assert torch.isfinite(row).all() and row[d_col].item() == 0.0  # p1 = d * sb, and sb = 1 at a = 0
+    assert row[ap_col].item() == pytest.approx(math.sqrt(sched.alphas_cumprod[999 - 1000 // 12].item()), rel=1e-12)
+
+
 def test_step_table_device_table_and_fields():
     sched = NoiseSchedule()
     table = ddim_table(sched, sampling_timesteps(1000, 10), "sample", eta=1.0)

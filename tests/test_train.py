@@ -7,6 +7,8 @@ import shutil
 import pytest
 import torch
 
+import ddpm_fast
+from ddpm_fast import reference
 from ddpm_fast import train as train_mod
 from ddpm_fast.data import load_digits
 from ddpm_fast.unet import PRESETS
@@ -288,3 +290,33 @@ def test_a_failed_checkpoint_write_names_the_file(tmp_path, monkeypatch):
         save_checkpoint(tmp_path, 3, {"step": 3}, {"model": {"w": torch.randn(3)}})
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path) is None and not any(tmp_path.iterdir())  # nothing half-written is left
+
+
+def test_train_step_is_the_written_out_step(digits):
+    """One Trainer step against the step written out here: the drawn images flipped left-right where drawn,
+    q_sample's target, L_simple with min-SNR weighting, the gradient clipped (to a norm it exceeds), Adam at
+    the warm-up's learning rate. Same parameters, bit for bit; a fresh run seed each time."""
+    seed = int(torch.randint(0, 2**62, ()))
+    config = _config(seed=seed, grad_clip=1e-3, min_snr_gamma=5.0, flip=True, prediction_type="v_prediction")
+    trainer = Trainer(config, None, dataset=digits)
+    model = copy.deepcopy(trainer.model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=trainer.lr_at(0))
+
+    draw = draw_step(seed, 0, config.batch_size, len(digits), config.num_train_timesteps)
+    x0 = digits.images[draw.indices]
+    x0 = torch.stack([image.flip(-1) if flip else image for image, flip in zip(x0, draw.flip.tolist())])
+    x_t, target = ddpm_fast.q_sample(x0, draw.t, trainer.schedule, seeds=draw.seeds, target="v_prediction")
+    torch.manual_seed(train_mod.derive_seed(seed, train_mod._DROPOUT, 0, 0))
+    model.train()
+    loss = reference.l_simple_loss(model(x_t, draw.t).float(), target, draw.t, trainer.schedule, "v_prediction",
+                                   5.0)
+    loss.backward()
+    assert torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3) > 1e-3  # the clipping acts
+    optimizer.step()
+
+    assert trainer.train_step() == loss.item()
+    for ours, written_out in zip(trainer.model.parameters(), model.parameters()):
+        assert torch.equal(ours, written_out)
+    # Over a few steps the flips take both values (a draw that never flips would pass the step above).
+    flips = torch.cat([draw_step(seed, s, 8, 40, 1000).flip for s in range(8)])
+    assert flips.any() and not flips.all()
