@@ -79,21 +79,29 @@ def _load_sampling_model(path: str):
     UNet2DModel / pipeline folder."""
     from .schedule import NoiseSchedule
     from .train import load_model
-    from .unet import UNet
+    from .unet import UNet, diffusers_unet_folder
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model {path!r} does not exist")
-    unet_dir = p / "unet" if (p / "unet" / "config.json").is_file() else p
-    config_file = unet_dir / "config.json"
-    if config_file.is_file():
+    try:
+        config_file = Path(diffusers_unet_folder(p)) / "config.json"
+    except FileNotFoundError:  # no config.json: one of our checkpoints
+        config_file = None
+    if config_file is not None:
         try:
             class_name = json.loads(config_file.read_text()).get("_class_name")
         except json.JSONDecodeError as error:
             raise ValueError(f"unreadable {str(config_file)!r}: {error}") from None
         if class_name is not None:  # a diffusers folder
+            unet_dir = config_file.parent
             model = UNet.from_diffusers(unet_dir)
-            scheduler_file = next((f for f in (unet_dir.parent / "scheduler" / "scheduler_config.json",
-                                               p / "scheduler_config.json") if f.is_file()), None)
+            # The pipeline's scheduler: the folder given holds unet/, or the unet/ given sits in a pipeline folder
+            # (model_index.json): a bare UNet folder never takes an unrelated scheduler/ beside it.
+            parent = p.absolute().parent
+            pipeline = p if unet_dir != p else parent if (parent / "model_index.json").is_file() else None
+            candidates = ([pipeline / "scheduler" / "scheduler_config.json"] if pipeline else []) + \
+                [p / "scheduler_config.json"]
+            scheduler_file = next((f for f in candidates if f.is_file()), None)
             try:
                 scheduler = json.loads(scheduler_file.read_text()) if scheduler_file else {}
             except json.JSONDecodeError as error:

@@ -123,6 +123,15 @@ def _infer_shape(model) -> tuple[int, int, int]:
     return _shape((channels, *size))
 
 
+def _parameter_dtype(model) -> torch.dtype | None:
+    """The dtype of an nn.Module's first floating-point parameter (diffusers' ``ModelMixin.dtype`` rule)."""
+    if isinstance(model, torch.nn.Module):
+        for tensor in model.parameters():
+            if tensor.is_floating_point():
+                return tensor.dtype
+    return None
+
+
 def _default_device(model, seeds) -> torch.device:
     """The device of the model's first parameter (or buffer), else the seeds' (a tensor's), else the CPU."""
     if isinstance(model, torch.nn.Module):
@@ -223,6 +232,18 @@ def _unwrap(output, expected: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     if tuple(output.shape) != expected:
         raise ValueError(f"Sampler: model(x, t) must return shape {expected}, got {tuple(output.shape)}")
     return output if output.dtype == dtype else output.to(dtype)
+
+
+def _warn_non_finite(x: Tensor, seeds: Tensor) -> None:
+    """Warn, naming the seeds, when a sampled image holds NaN or infinity."""
+    bad = ~torch.isfinite(x.flatten(1)).all(dim=1)
+    if bad.any():
+        names = seeds[bad.to(seeds.device)].tolist()
+        shown = ", ".join(map(str, names[:8])) + (", ..." if len(names) > 8 else "")
+        cause = "the model diverged" + (", or float16 overflowed" if x.dtype == torch.float16 else "")
+        warnings.warn(f"Sampler.sample: {len(names)} of {x.shape[0]} images end holding NaN or infinity (seeds "
+                      f"{shown}; {cause}): clamped to [-1, 1], an infinity would pass for a saturated pixel",
+                      RuntimeWarning, stacklevel=4)
 
 
 class Sampler:
@@ -357,7 +378,7 @@ class Sampler:
     # ----------------------------------------------------------------------------------------- sampling
 
     @torch.no_grad()
-    def sample(self, seeds, shape=None, *, device=None, dtype: torch.dtype = torch.float32,
+    def sample(self, seeds, shape=None, *, device=None, dtype: torch.dtype | None = None,
                progress: bool = False, return_trajectory: bool = False, cuda_graph: bool = False):
         """Draw one image per seed.
 
@@ -367,7 +388,10 @@ class Sampler:
                 ``model.config`` (our UNet, a diffusers UNet2DModel).
             device: where to sample; None: the model's device (an nn.Module's first parameter's), else the
                 seeds' device (a tensor's), else the CPU.
-            dtype: float32, float16 or bfloat16: the dtype of x and of what the model receives.
+            dtype: float32, float16 or bfloat16: the dtype of x and of what the model receives; None: the
+                model's (an nn.Module's first floating-point parameter's, as diffusers' pipelines take
+                ``unet.dtype``), float32 for a plain callable. A float32 model samples in bfloat16 under
+                ``torch.autocast``, or with ``dtype=torch.bfloat16`` when its forward casts for itself.
             progress: show a progress bar (tqdm when installed, else a line on stderr).
             return_trajectory: also return every x_t, x_T first (unclamped).
             cuda_graph: on CUDA, capture model + step once (per batch shape, dtype, autocast state and
@@ -383,12 +407,16 @@ class Sampler:
 
         Returns:
             images: (B, C, H, W) in ``dtype``, clamped to [-1, 1]; with ``return_trajectory``,
-            ``(images, trajectory)`` where trajectory is (N + 1, B, C, H, W).
+            ``(images, trajectory)`` where trajectory is (N + 1, B, C, H, W). An image that ends holding NaN
+            or infinity (a diverged model, float16 overflow) gets a RuntimeWarning naming its seed: clamped,
+            an infinity would pass for a saturated pixel.
         """
         if device is None:
             device = _default_device(self.model, seeds)
         seeds = _seeds_tensor(seeds, device)
         shape = _infer_shape(self.model) if shape is None else _shape(shape)
+        if dtype is None:
+            dtype = _parameter_dtype(self.model) or torch.float32
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"Sampler.sample: dtype must be float32, float16 or bfloat16, got {dtype}")
         for name, flag in (("progress", progress), ("return_trajectory", return_trajectory),
@@ -411,28 +439,45 @@ class Sampler:
         # The model's tensors, found once per call: the keys of the hoisted casts and of the graph read them.
         slots = parameter_slots(self.model) if isinstance(self.model, torch.nn.Module) else []
         storage = storage_key(slots)
-        casts = self._weight_casts(x, ts[0], storage)
-        with casts.swapped(slots) if casts is not None else contextlib.nullcontext():
-            graphed = self._graphed_loop(x, ts, step_seeds, (storage, id(casts))) if cuda_graph else None
-            if graphed is not None:
-                x = graphed.x  # the graph's own buffer: each replay advances it by one step in place
+        with self._explained_dtype_errors(x):
+            casts = self._weight_casts(x, ts[0], storage)
+            with casts.swapped(slots) if casts is not None else contextlib.nullcontext():
+                graphed = self._graphed_loop(x, ts, step_seeds, (storage, id(casts))) if cuda_graph else None
+                if graphed is not None:
+                    x = graphed.x  # the graph's own buffer: each replay advances it by one step in place
 
-            bar = _progress_bar(N, progress, f"{self.method.upper()} sampling")
-            try:
-                for i in range(N):
-                    if graphed is not None:
-                        graphed.graph.replay()
-                    else:
-                        x = self._step(x, ts[i], step_seeds)
-                    if trajectory is not None:
-                        trajectory.append(x.clone() if graphed is not None else x)
-                    bar.update(1)
-            finally:
-                bar.close()
+                bar = _progress_bar(N, progress, f"{self.method.upper()} sampling")
+                try:
+                    for i in range(N):
+                        if graphed is not None:
+                            graphed.graph.replay()
+                        else:
+                            x = self._step(x, ts[i], step_seeds)
+                        if trajectory is not None:
+                            trajectory.append(x.clone() if graphed is not None else x)
+                        bar.update(1)
+                finally:
+                    bar.close()
+        _warn_non_finite(x, seeds)  # after the loop: its one host sync
         images = x.clamp(-1.0, 1.0)  # a new tensor: the graph's buffer is never handed out
         if return_trajectory:
             return images, torch.stack(trajectory)
         return images
+
+    @contextlib.contextmanager
+    def _explained_dtype_errors(self, x: Tensor):
+        """A model that fails on x because its weights are another dtype (conv: "Input type (c10::BFloat16) and
+        bias type (float) should be the same") fails with a message that says so and what to do."""
+        try:
+            yield
+        except RuntimeError as error:
+            weights = _parameter_dtype(self.model)
+            if (isinstance(error, torch.OutOfMemoryError) or weights in (None, x.dtype)
+                    or torch.is_autocast_enabled(x.device.type)):
+                raise
+            raise TypeError(f"Sampler.sample: the model failed on {x.dtype} input, and its parameters are {weights}: "
+                            f"sample in its dtype (dtype=None or dtype={weights}), convert it "
+                            f"(model.to({x.dtype})) or sample under torch.autocast ({error})") from error
 
     def _weight_casts(self, x: Tensor, t: Tensor, storage: tuple) -> WeightCasts | None:
         """The model's weight casts to hoist out of the loop (None: nothing to hoist), recorded by one forward

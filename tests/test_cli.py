@@ -121,6 +121,17 @@ def test_sample_a_diffusers_folder(tmp_path, monkeypatch):
     assert built[0].items() >= {**common, "variance_type": "fixed_large"}.items()
     assert built[1].items() >= common.items() and "variance_type" not in built[1]
 
+    # The unet/ folder itself: its pipeline's scheduler when the folder above is a pipeline's (model_index.json),
+    # never an unrelated scheduler/ that happens to sit beside it.
+    for pipeline in (True, False):
+        (tmp_path / "model_index.json").unlink(missing_ok=True)
+        if pipeline:
+            (tmp_path / "model_index.json").write_text('{"_class_name": "DDPMPipeline"}')
+        built.clear()
+        assert cli.main(["sample", str(tmp_path / "unet"), "--num-samples", "1", "--steps", "2",
+                         "--out", str(tmp_path / "u.png")]) == 0
+        assert (built[0].get("prediction_type") == "v_prediction") == pipeline, built
+
 
 def test_bench_dispatches_to_the_checkout(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)

@@ -284,6 +284,58 @@ def test_half_precision_runs(schedule, dtype):
     assert images.dtype == dtype and images.shape == (2, *SHAPE) and torch.isfinite(images).all()
 
 
+def test_dtype_follows_the_model_s_parameters(schedule, unet):
+    """dtype=None samples in the model's dtype (diffusers' pipelines take unet.dtype); a callable: float32."""
+    half = copy.deepcopy(unet).to(torch.bfloat16)
+    sampler = Sampler(half, schedule, num_steps=2)
+    images = sampler.sample([3, 4])
+    assert images.dtype == torch.bfloat16 and torch.equal(images, sampler.sample([3, 4], dtype=torch.bfloat16))
+    assert Sampler(_Toy(1000), schedule, num_steps=2).sample([1], SHAPE).dtype == torch.float32
+
+
+def test_a_model_of_another_dtype_is_explained(schedule, unet):
+    """A float32 model fed bfloat16 fails inside its first conv: the error says why and what to do; autocast
+    and a forward that casts for itself are left to work."""
+    sampler = Sampler(unet, schedule, num_steps=2)
+    with pytest.raises(TypeError, match=r"failed on torch.bfloat16 input, and its parameters are torch.float32.*"
+                                        r"model.to\(torch.bfloat16\).*Input type"):
+        sampler.sample([1], dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sampler.sample([1], dtype=torch.bfloat16).dtype == torch.bfloat16
+
+    class CastsForItself(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = unet
+
+        def forward(self, x, t):
+            return self.inner(x.float(), t)
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    images = Sampler(CastsForItself(), schedule, num_steps=2).sample([1], shape, dtype=torch.bfloat16)
+    assert images.dtype == torch.bfloat16
+
+    def shape_bug(x, t):  # another failure of a model whose dtype matches passes through unchanged
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="^mat1 and mat2"):
+        Sampler(shape_bug, schedule, num_steps=2).sample([1], SHAPE)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_images_are_named(schedule, bad):
+    """An image that ends NaN or infinite (clamping would make an infinity a saturated pixel) is named by its seed."""
+    seeds = torch.randint(0, 2**40, (5,)).tolist()
+    broken = int(torch.randint(0, 5, ()))
+
+    def model(x, t):
+        out = torch.tanh(x)
+        out[broken] = bad
+        return out
+    with pytest.warns(RuntimeWarning, match=rf"1 of 5 images end holding NaN or infinity \(seeds {seeds[broken]};"):
+        images = Sampler(model, schedule, num_steps=3, clip_range=None).sample(seeds, SHAPE)
+    finite = [b for b in range(5) if b != broken]
+    assert torch.isfinite(images[finite]).all()
+
+
 # --------------------------------------------------------------------------------------------------
 # model outputs, trajectory, cuda_graph fallback, progress
 # --------------------------------------------------------------------------------------------------
