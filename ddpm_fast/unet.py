@@ -57,7 +57,7 @@ class UNetConfig:
     time_embed_dim: int | None = None   # None: 4 * base_channels, as in the paper
     flip_sin_to_cos: bool = False       # the DDPM checkpoints: [sin, cos] order, freq_shift 1
     freq_shift: float = 1.0
-    attention_head_dim: int | None = None  # None: one head over all channels (DDPM)
+    attention_head_dim: int | None = None  # None: one head over all channels (DDPM); else C // it heads
     mid_attention: bool = True
     mid_attention_norm: bool = True     # diffusers drops this norm for scale_shift models (see from_diffusers)
     mid_block_scale_factor: float = 1.0
@@ -82,9 +82,9 @@ class UNetConfig:
         if stray:  # a resolution no level works at would silently drop attention
             raise ValueError(f"UNetConfig: attention_resolutions {stray} match no level's size {sizes}")
         for i in self.attention_levels + ((len(self.channels) - 1,) if self.mid_attention else ()):
-            if self.attention_head_dim is not None and self.channels[i] % self.attention_head_dim:
-                raise ValueError(f"UNetConfig: attention_head_dim={self.attention_head_dim} must divide the "
-                                 f"channels of every attention level, got {self.channels[i]}")
+            if self.attention_head_dim is not None and not 1 <= self.attention_head_dim <= self.channels[i]:
+                raise ValueError(f"UNetConfig: attention_head_dim={self.attention_head_dim} must be in [1, the "
+                                 f"channels of every attention level], got a level of {self.channels[i]}")
 
     @property
     def channels(self) -> tuple[int, ...]:
@@ -242,18 +242,22 @@ def wide(p: Tensor) -> Tensor:
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over the H*W positions, with a residual: ``(x + out(attn(norm(x)))) / output_scale``."""
+    """Self-attention over the H*W positions, with a residual: ``(x + out(attn(norm(x)))) / output_scale``.
+
+    ``C // attention_head_dim`` heads of ``attention_head_dim``: as in diffusers, a head size that does not
+    divide C makes the attention narrower than C (q, k, v project to ``heads * head_dim``)."""
 
     def __init__(self, channels: int, cfg: UNetConfig, norm: bool = True, output_scale: float = 1.0):
         super().__init__()
         head_dim = cfg.attention_head_dim or channels
         self.heads = channels // head_dim
+        inner = self.heads * head_dim
         self.output_scale = output_scale
         self.norm = GroupNormAct(channels, cfg.norm_groups, cfg.norm_eps, act="none") if norm else None
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.Linear(channels, channels)
+        self.to_q = nn.Linear(channels, inner)
+        self.to_k = nn.Linear(channels, inner)
+        self.to_v = nn.Linear(channels, inner)
+        self.to_out = nn.Linear(inner, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
@@ -264,12 +268,12 @@ class AttentionBlock(nn.Module):
         # every projection and get its bias in a separate kernel.
         tokens = h.permute(0, 2, 3, 1).reshape(B * H * W, C)
 
-        def heads(p: Tensor) -> Tensor:  # (B·HW, C) -> (B, heads, HW, C / heads)
-            return p.view(B, H * W, self.heads, C // self.heads).transpose(1, 2)
+        def heads(p: Tensor) -> Tensor:  # (B·HW, inner) -> (B, heads, HW, head_dim)
+            return p.view(B, H * W, self.heads, -1).transpose(1, 2)
 
         o = F.scaled_dot_product_attention(heads(self.to_q(tokens)), heads(self.to_k(tokens)),
                                            heads(self.to_v(tokens)))
-        o = self.to_out(o.transpose(1, 2).reshape(B * H * W, C))
+        o = self.to_out(o.transpose(1, 2).reshape(B * H * W, -1))
         # Back to (B, C, H, W) with channels_last strides; the residual add follows x's format.
         out = x + o.view(B, H, W, C).permute(0, 3, 1, 2)
         return out if self.output_scale == 1.0 else out / self.output_scale
@@ -574,7 +578,7 @@ def config_from_diffusers(config: dict) -> UNetConfig:
             mid_attention=bool(c["add_attention"]), mid_attention_norm=mid_norm,
             mid_block_scale_factor=float(c["mid_block_scale_factor"]), downsample_padding=c["downsample_padding"],
             center_input_sample=bool(c["center_input_sample"]))
-    except ValueError as e:  # e.g. attention_head_dim not dividing the channels
+    except ValueError as e:  # e.g. attention_head_dim wider than an attention level
         raise ValueError(f"UNet.from_diffusers: unsupported configuration: {e}") from e
 
 

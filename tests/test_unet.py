@@ -62,6 +62,10 @@ SMALL = {
                                   norm_num_groups=8, attn_norm_num_groups=8, resnet_time_scale_shift="scale_shift",
                                   down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                                   up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=16),
+    # A head size that divides no level: 1 head of 12 at 16 channels, 2 at 32, attention narrower than C.
+    "narrow_heads": dict(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                         down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
+                         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"), attention_head_dim=12),
 }
 
 
@@ -279,7 +283,7 @@ def test_pre_0_15_attention_names_load():
 @pytest.mark.parametrize("field, value", [
     ("resnet_time_scale_shift", "spatial"), ("act_fn", "gelu"), ("time_embedding_type", "fourier"),
     ("down_block_types", ("DownBlock2D", "SkipDownBlock2D")), ("class_embed_type", "timestep"),
-    ("upsample_type", "resnet"), ("attention_head_dim", 7), ("attn_norm_num_groups", 4),
+    ("upsample_type", "resnet"), ("attention_head_dim", 48), ("attn_norm_num_groups", 4),
     ("sample_size", (16, 32)), ("sample_size", 1), ("mid_block_type", None), ("block_out_channels", (16, 24)),
     ("up_block_types", ("UpBlock2D", "UpBlock2D")),  # attention that does not mirror the down path
     ("some_future_field", 1),
@@ -419,7 +423,8 @@ def _random_unet2d_case(rng) -> dict:
         block_out_channels=tuple(chans), layers_per_block=rng.choice([1, 2]),
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        attention_head_dim=rng.choice([None, 4, 8]), norm_num_groups=groups, norm_eps=rng.choice([1e-5, 1e-6]),
+        attention_head_dim=rng.choice([None, 4, 6, 8]),  # 6 divides no level: heads narrower than C
+        norm_num_groups=groups, norm_eps=rng.choice([1e-5, 1e-6]),
         resnet_time_scale_shift="scale_shift" if scale_shift else "default",
         attn_norm_num_groups=groups if scale_shift and rng.random() < 0.5 else None,
         flip_sin_to_cos=rng.random() < 0.5, freq_shift=rng.choice([0, 1]), add_attention=rng.random() < 0.7,
