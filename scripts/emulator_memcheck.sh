@@ -21,8 +21,8 @@ module=$(ls "$build"/_cuda_emulator*.so)
 preload="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so.6)"
 if [ $# -eq 0 ]; then
   set -- tests/test_q_sample.py tests/test_step.py tests/test_group_norm.py tests/test_ops.py \
-    tests/test_bad_input.py tests/test_fast_path.py tests/test_cuda.py tests/test_cuda_emulator.py -k "cuda or emulator"
-fi
+    tests/test_bad_input.py tests/test_fast_path.py tests/test_cuda.py tests/test_cuda_emulator.py -k "(cuda or emulator) and not y_grid"
+fi  # (y_grid: 65536 blocks of one grid-stride loop, ~20 s on the plain emulator, minutes under ASan)
 # Threads and blocks run in a random order (tests/conftest.py), where the plain test run keeps the forward
 # one; the seed is printed, so that a failure can be rerun with DDPM_FAST_EMULATOR_SCHEDULE set to it.
 export DDPM_FAST_EMULATOR_SCHEDULE=${DDPM_FAST_EMULATOR_SCHEDULE:-random:$RANDOM}

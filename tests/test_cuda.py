@@ -157,6 +157,21 @@ def test_randn_equals_cpu_kernel():
 
 
 @needs_cpu_kernels
+def test_more_samples_than_the_y_grid_takes(schedule):
+    """Past gridDim.y's 65535: randn's y-blocks walk the batch (it used to refuse), as q_sample's do."""
+    B = 65535 + int(torch.randint(1, 4, ()))
+    seeds = torch.randint(-2**63, 2**63 - 1, (B,), dtype=torch.int64)
+    ours = ddpm_fast.randn(seeds.to(DEVICE), (1, 1, 3), backend="cuda")
+    torch.testing.assert_close(ours.cpu(), ddpm_fast.randn(seeds, (1, 1, 3), backend="cpu"), rtol=0,
+                               atol=NOISE_ROUNDING)
+    x0, t = _randn((B, 1, 1, 3), 12), torch.randint(0, schedule.num_train_timesteps, (B,))
+    x_t, eps = ddpm_fast.q_sample(x0.to(DEVICE), t.to(DEVICE), schedule, seeds=seeds.to(DEVICE), backend="cuda")
+    cpu_x_t, cpu_eps = ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, backend="cpu")
+    torch.testing.assert_close(eps.cpu(), cpu_eps, rtol=0, atol=NOISE_ROUNDING)
+    torch.testing.assert_close(x_t.cpu(), cpu_x_t, rtol=0, atol=NOISE_ROUNDING + FLOOR[torch.float32] * 8)
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("learned", [False, True])
 def test_step_noise_equals_cpu_kernel(schedule, channels_last, learned):

@@ -206,6 +206,20 @@ def test_eps_must_be_a_number(backend):
     assert torch.equal(_group_norm(backend, x, p, 2, eps=np.float32(0.125)), _group_norm(backend, x, p, 2, eps=0.125))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_an_outlier_first_pixel_costs_no_accuracy(backend, channels_last):
+    """Each channel's first pixel 100 std off its mean (a corner after zero padding), in groups of 2**15: the
+    statistics' shifted sums must not take it as their shift (the Triton kernel's rstd was 3e-4 off)."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    x = torch.randn(2, 4, 128, 128, generator=g) + torch.empty(2, 4, 1, 1).uniform_(-3, 3, generator=g)
+    x[:, :, 0, 0] += 100.0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    p = {"weight": None, "bias": None}
+    y = _group_norm(backend, x, p, 2, act="none")
+    assert_matches_reference(y, _reference(x, 2, p, "none"), _reference(x, 2, p, "none", torch.float64))
+
+
 def test_channels_last_3d_gives_contiguous_output(backend):
     """contracts.md's layouts are NCHW and (4-D) channels_last: a channels_last_3d x is read like any strided one,
     and every backend, the reference included, returns a contiguous output."""

@@ -12,9 +12,9 @@
 //    rows of threads walk the pixels, and a shared-memory pass sums the rows.
 // Each thread loads a batch of accesses (64 bytes) before using them, so that enough reads are in
 // flight to cover DRAM latency at 2 blocks of 256 threads per SM.
-// Statistics: per channel, float sums of d = h - h(c, s0) (shifted, so no cancellation) over runs
-// of 16 accesses flushed into double; then per group a Chan combine (exact in double) of the
-// channel means / M2 over the channels and over the region's pixel chunks.
+// Statistics: per channel, float sums of d = h - k (k: the median of five of the channel's pixels, near
+// its mean, so no cancellation) over runs of 16 accesses flushed into double; then per group a Chan
+// combine (exact in double) of the channel means / M2 over the channels and over the region's pixel chunks.
 //
 // Small batch x groups (batch 1 at 64x64x320): on sm_90 the pixel axis of a region is split over a
 // thread-block cluster of K <= 8 blocks that combine their per-channel partial sums through

@@ -24,7 +24,9 @@ import triton.language as tl
 # defined, which happens at the import of the kernel modules, after this one.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("DDPM_FAST_TRITON_AUTOTUNE", "1") != "0"
-MAX_ELEMENTS_PER_SAMPLE = 2**31 - 1  # in-sample offsets are int32 (batch offsets are int64)
+# In-sample offsets are int32 (batch offsets are int64), and so is the end of a sample's last block (a tile
+# count's cdiv adds BLOCK - 1, a chunk's end adds CHUNK): 2**16 below 2**31 leaves room for the largest.
+MAX_ELEMENTS_PER_SAMPLE = 2**31 - 2**16
 # Every launch: no a * b + c -> fma contraction, so each product is rounded as in the reference's separate
 # float32 ops (the kernels are memory-bound: fusion buys no time). Explicit, because Triton 3.9 warns when
 # it is left to the default (which is going to change).
@@ -43,7 +45,8 @@ def configs(gpu: list[dict], interpreter: dict, num_warps: tuple[int, ...] = (4,
 
 def check_sizes(op: str, per_sample: int) -> None:
     if per_sample > MAX_ELEMENTS_PER_SAMPLE:
-        raise ValueError(f"{op}: the triton backend takes at most 2**31 - 1 elements per sample, got {per_sample}")
+        raise ValueError(f"{op}: the triton backend takes at most 2**31 - 2**16 elements per sample, got "
+                         f"{per_sample} (the cuda and cpu backends take more)")
 
 
 @triton.jit
