@@ -10,7 +10,15 @@ try:
     from . import _C
 except ImportError as error:  # a source checkout that was never built, or a broken build
     _C = None
-    _IMPORT_ERROR: str | None = f"ddpm_fast._C could not be imported ({error}); build it with `pip install .`"
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    if not any(name.startswith("_C.") for name in os.listdir(_HERE)):
+        # Python's own message ("partially initialized module ... circular import") would mislead here.
+        _IMPORT_ERROR: str | None = (
+            f"ddpm_fast was imported from {_HERE}, which holds no compiled _C: a source checkout shadows an "
+            "installed ddpm_fast when Python runs from its folder; run from another folder, or build it here "
+            "with `pip install -e .`")
+    else:
+        _IMPORT_ERROR = f"ddpm_fast._C could not be imported ({error}); rebuild it with `pip install .`"
 else:
     _IMPORT_ERROR = None
 

@@ -153,6 +153,23 @@ def test_info(capsys):
     assert "backends" in json.loads(capsys.readouterr().out)
 
 
+def test_a_source_checkout_without_its_extension_says_so(tmp_path):
+    """Run from a checkout's folder, its ddpm_fast/ (no compiled _C) shadows the installed one: build_info says
+    that, not Python's "partially initialized module ... circular import"."""
+    import shutil
+    shutil.copytree(os.path.dirname(ddpm_fast.__file__), tmp_path / "ddpm_fast",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    code = ("import sys\n"  # only the standard finders (classes): an editable install's would find the build
+            "sys.meta_path = [f for f in sys.meta_path if isinstance(f, type)]\n"
+            "import ddpm_fast\n"
+            "assert ddpm_fast.__file__.startswith(sys.argv[1]), ddpm_fast.__file__\n"
+            "print(ddpm_fast.build_info()['backends']['cpu'])\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                         check=True).stdout
+    assert f"ddpm_fast was imported from {tmp_path / 'ddpm_fast'}, which holds no compiled _C" in out
+    assert "circular" not in out
+
+
 def test_demo_end_to_end_small(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--train-seconds", "1", "--max-steps", "2", "--batch-size", "8",

@@ -1,0 +1,51 @@
+"""CMakeLists.txt's build switches, configured for real (no compile): a value it cannot read stops the build
+with its name, instead of being read as another (DDPM_FAST_CUDA=0 used to build the CUDA kernels as AUTO)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("ninja") is None,
+                                reason="needs cmake and ninja on PATH")
+
+
+def _configure(tmp_path, *defines: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``cmake`` configuring the project in ``tmp_path`` with ``defines``, in ``env`` (default: this one's)."""
+    import pybind11
+    return subprocess.run(
+        ["cmake", "-S", ROOT, "-B", str(tmp_path / "build"), "-G", "Ninja", f"-DPython_EXECUTABLE={sys.executable}",
+         f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", "-DSKBUILD_PROJECT_VERSION=0.0.0", *defines],
+        capture_output=True, text=True, env=os.environ if env is None else env)
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", "off"])
+def test_cuda_switch_takes_cmake_s_booleans(tmp_path, value):
+    done = _configure(tmp_path, f"-DDDPM_FAST_CUDA={value}", "-DDDPM_FAST_CUDA_EMULATOR=OFF")
+    assert done.returncode == 0, done.stderr
+    assert "ddpm_fast: CPU only (built with DDPM_FAST_CUDA=OFF)" in done.stdout
+
+
+@pytest.mark.parametrize("define, message", [
+    ("-DDDPM_FAST_CUDA=maybe", "DDPM_FAST_CUDA must be AUTO, ON or OFF, got 'maybe'"),
+    ("-DDDPM_FAST_CUDA_EMULATOR=sometimes", "DDPM_FAST_CUDA_EMULATOR must be AUTO, ON or OFF, got 'sometimes'"),
+    ("-DDDPM_FAST_CUDA_ARCHS=8.0;9.0", "DDPM_FAST_CUDA_ARCHS: '8.0' is not an architecture"),
+    ("-DDDPM_FAST_CUDA_ARCHS=sm_90", "DDPM_FAST_CUDA_ARCHS: 'sm_90' is not an architecture"),
+])
+def test_a_value_it_cannot_read_stops_the_build_naming_it(tmp_path, define, message):
+    done = _configure(tmp_path, define)
+    assert done.returncode != 0
+    assert message in " ".join(done.stderr.split()), done.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
+                    reason="needs nvcc")
+def test_cudaarchs_is_taken_without_ddpm_fast_cuda_archs(tmp_path):
+    env = {**{k: v for k, v in os.environ.items() if k != "DDPM_FAST_CUDA_ARCHS"}, "CUDAARCHS": "75-real"}
+    done = _configure(tmp_path, "-DDDPM_FAST_CUDA=ON", "-DDDPM_FAST_CUDA_EMULATOR=OFF", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "kernels for architectures 75-real" in done.stdout
