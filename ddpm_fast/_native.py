@@ -125,6 +125,8 @@ def backend_missing_reason(backend: str) -> str | None:
                 return (f"the NVIDIA driver supports CUDA up to {_cuda_version(driver)}, and this extension was built "
                         f"with CUDA {_cuda_version(built)}: update the driver, or build with a CUDA toolkit the driver "
                         f"supports ({runtime['error']})")
+            if driver == 0:  # cudaDriverGetVersion's answer without a driver, whose error reads "insufficient"
+                return f"no NVIDIA driver is installed ({runtime['error']})"
             return f"no CUDA device ({runtime['error']})"
         if not torch.cuda.is_available():
             return "torch.cuda.is_available() is False (a CPU build of PyTorch?)"

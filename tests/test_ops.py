@@ -40,7 +40,7 @@ def test_build_info_reports_every_backend():
 @pytest.mark.parametrize("driver, expected", [
     (12080, r"the NVIDIA driver supports CUDA up to 12\.8, and this extension was built with CUDA 13\.0: update "
             r".* \(cudaErrorInsufficientDriver: .*\)"),
-    (0, r"no CUDA device \(cudaErrorInsufficientDriver: .*\)"),  # no driver at all (this machine)
+    (0, r"no NVIDIA driver is installed \(cudaErrorInsufficientDriver: .*\)"),  # no driver at all (this machine)
     (13000, r"no CUDA device \(cudaErrorInsufficientDriver: .*\)"),  # a driver of the same major version: not it
 ])
 def test_cuda_reason_names_a_driver_older_than_the_build(monkeypatch, driver, expected):
