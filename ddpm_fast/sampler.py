@@ -417,6 +417,9 @@ class Sampler:
         shape = _infer_shape(self.model) if shape is None else _shape(shape)
         if dtype is None:
             dtype = _parameter_dtype(self.model) or torch.float32
+            if dtype not in FLOAT_DTYPES:
+                raise TypeError(f"Sampler.sample: the model's parameters are {dtype}, and sampling runs in float32, "
+                                f"float16 or bfloat16: convert the model (model.float()) or pass dtype=")
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"Sampler.sample: dtype must be float32, float16 or bfloat16, got {dtype}")
         for name, flag in (("progress", progress), ("return_trajectory", return_trajectory),
@@ -475,9 +478,10 @@ class Sampler:
             if (isinstance(error, torch.OutOfMemoryError) or weights in (None, x.dtype)
                     or torch.is_autocast_enabled(x.device.type)):
                 raise
+            in_its_dtype = f"sample in its dtype (dtype=None or dtype={weights}), " if weights in FLOAT_DTYPES else ""
             raise TypeError(f"Sampler.sample: the model failed on {x.dtype} input, and its parameters are {weights}: "
-                            f"sample in its dtype (dtype=None or dtype={weights}), convert it "
-                            f"(model.to({x.dtype})) or sample under torch.autocast ({error})") from error
+                            f"{in_its_dtype}convert it (model.to({x.dtype})) or sample under torch.autocast "
+                            f"({error})") from error
 
     def _weight_casts(self, x: Tensor, t: Tensor, storage: tuple) -> WeightCasts | None:
         """The model's weight casts to hoist out of the loop (None: nothing to hoist), recorded by one forward

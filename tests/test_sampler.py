@@ -314,6 +314,12 @@ def test_a_model_of_another_dtype_is_explained(schedule, unet):
     images = Sampler(CastsForItself(), schedule, num_steps=2).sample([1], shape, dtype=torch.bfloat16)
     assert images.dtype == torch.bfloat16
 
+    double = copy.deepcopy(unet).double()  # sampling has no float64: the model is named, not the default dtype
+    with pytest.raises(TypeError, match="the model's parameters are torch.float64, and sampling runs in float32"):
+        Sampler(double, schedule, num_steps=2).sample([1])
+    with pytest.raises(TypeError, match=r"parameters are torch.float64: convert it \(model.to\(torch.float32\)\)"):
+        Sampler(double, schedule, num_steps=2).sample([1], dtype=torch.float32)
+
     def shape_bug(x, t):  # another failure of a model whose dtype matches passes through unchanged
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     with pytest.raises(RuntimeError, match="^mat1 and mat2"):
