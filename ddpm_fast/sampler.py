@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import reference
 from ._native import backend_missing_reason
-from .ops import randn, step
+from .ops import get_backend, randn, step
 from .ops.checks import FLOAT_DTYPES
 from .schedule import (PREDICTION_TYPES, TIMESTEP_SPACINGS, NoiseSchedule, StepTable, _check_choice, _check_int,
                        ddim_table, ddpm_table, sampling_timesteps)
@@ -445,7 +445,8 @@ class Sampler:
         with self._explained_dtype_errors(x):
             casts = self._weight_casts(x, ts[0], storage)
             with casts.swapped(slots) if casts is not None else contextlib.nullcontext():
-                graphed = self._graphed_loop(x, ts, step_seeds, (storage, id(casts))) if cuda_graph else None
+                # The casts themselves in the key: compared by identity, and kept alive while a graph reads them.
+                graphed = self._graphed_loop(x, ts, step_seeds, (storage, casts)) if cuda_graph else None
                 if graphed is not None:
                     x = graphed.x  # the graph's own buffer: each replay advances it by one step in place
 
@@ -510,7 +511,7 @@ class Sampler:
         dev = x.device.type
         autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         options = (self.clip_range, self.thresholding, self.dynamic_thresholding_ratio, self.sample_max_value,
-                   id(self.table), self.backend)
+                   id(self.table), self.backend or get_backend())
         return (tuple(x.shape), x.dtype, x.device, seeded, options, autocast, id(self.model), model_key)
 
     def _graphed_loop(self, x: Tensor, ts: Tensor, seeds: Tensor | None, model_key: tuple) -> "_GraphedStep | None":
@@ -520,7 +521,7 @@ class Sampler:
         One graph is kept per :meth:`_graph_key`; a later call with the same key only copies its x_T, seeds
         and timesteps into the graph's buffers (device-to-device, no host sync) and rewinds its step index.
         """
-        reason = _graph_unavailable_reason(x.device, self.backend)
+        reason = _graph_unavailable_reason(x.device, self.backend or get_backend())
         if reason is not None:
             warnings.warn(f"Sampler.sample: {reason}; using the eager loop", RuntimeWarning, stacklevel=3)
             return None
@@ -529,9 +530,9 @@ class Sampler:
             self._graph = None  # free the old graph's memory pool before capturing a new one
             try:
                 self._graph = _GraphedStep.capture(self._step, key, x, ts, seeds)
-            except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
-                warnings.warn(f"Sampler.sample: CUDA-graph capture failed ({type(error).__name__}: {error}); "
-                              "using the eager loop", RuntimeWarning, stacklevel=3)
+            except _CaptureFailed as error:  # the model's own errors (in the warm-up) are raised as they are
+                warnings.warn(f"Sampler.sample: CUDA-graph capture failed ({error}); using the eager loop",
+                              RuntimeWarning, stacklevel=3)
                 return None
         self._graph.load(x, ts, seeds)
         return self._graph
@@ -597,23 +598,78 @@ def _graph_unavailable_reason(device: torch.device, backend: str | None) -> str 
     return None
 
 
-def _capture_graph(run: Callable[[], None], device: torch.device, before_each_warmup: Callable[[], object]):
+class _CaptureFailed(RuntimeError):
+    """The step cannot be captured: it synchronizes with the host, or the capture itself failed."""
+
+
+def _capture_graph(run: Callable[[], None], device: torch.device, before_each_warmup: Callable[[], object],
+                   cuda=torch.cuda):
     """``run`` captured as a ``torch.cuda.CUDAGraph`` (its ``replay()`` re-runs it on the device).
 
-    Warms up on a side stream first (lazy initialisation, cuDNN and Triton autotuning), as PyTorch's
-    CUDA-graph notes require; ``before_each_warmup`` resets whatever ``run`` advances.
+    Warms up twice on a side stream first (lazy initialisation, cuDNN and Triton autotuning), as PyTorch's
+    CUDA-graph notes require; ``before_each_warmup`` resets whatever ``run`` advances. The second warm-up runs
+    under the sync debug mode "error" (process-wide, for its duration): a step that synchronizes with the
+    host, which no capture holds, is found there and no capture is tried. Raises _CaptureFailed for a step
+    that cannot be captured, after ending the capture and releasing its memory pool, with the caller's stream
+    current again: ``torch.cuda.graph`` leaves its capture stream current and the allocator capturing when
+    ``capture_end`` fails, which the eager loop and every later capture would inherit. Errors of the warm-up
+    itself (the model's) are raised as they are. ``cuda``: torch.cuda (tests pass a stand-in).
     """
-    side = torch.cuda.Stream(device=device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
+    with cuda.device(device):
+        side = cuda.Stream(device=device)
+        side.wait_stream(cuda.current_stream(device))
+        with cuda.stream(side):
             before_each_warmup()
             run()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
+            before_each_warmup()
+            mode = cuda.get_sync_debug_mode()
+            cuda.set_sync_debug_mode("error")
+            try:
+                run()
+            except RuntimeError as error:
+                if "synchronizing" not in str(error):
+                    raise
+                raise _CaptureFailed(f"the step synchronizes with the host, which a graph cannot hold: {error}") \
+                    from error
+            finally:
+                cuda.set_sync_debug_mode(mode)
+        cuda.current_stream(device).wait_stream(side)
+        cuda.synchronize(device)
+        graph, pool = cuda.CUDAGraph(), cuda.graph_pool_handle()
+        with cuda.stream(cuda.Stream(device=device)):  # the caller's stream is current again however this ends
+            graph.capture_begin(pool=pool)
+            try:
+                run()
+            except Exception as error:
+                _end_failed_capture(graph, device, pool)
+                raise _CaptureFailed(f"{type(error).__name__}: {error}") from error
+            try:
+                graph.capture_end()
+            except RuntimeError as error:
+                _release_capture_pool(device, pool)
+                raise _CaptureFailed(f"{type(error).__name__}: {error}") from error
     return graph
+
+
+def _end_failed_capture(graph, device: torch.device, pool) -> None:
+    """End a capture whose step raised: ``capture_end`` takes the stream out of capture mode; when the capture
+    was invalidated it raises before it stops the allocator's capture, which is then stopped here."""
+    try:
+        graph.capture_end()  # a valid partial graph: its pool goes with it when it is dropped
+    except RuntimeError:
+        _release_capture_pool(device, pool)
+
+
+def _release_capture_pool(device: torch.device, pool) -> None:
+    """Stop the allocator's capture into ``pool`` and release the pool (PyTorch's own calls, where it has them)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+        release = getattr(torch._C, name, None)
+        if release is not None:
+            try:
+                release(index, pool)
+            except RuntimeError:  # already stopped by capture_end
+                pass
 
 
 # --------------------------------------------------------------------------------------------------

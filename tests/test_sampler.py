@@ -6,6 +6,7 @@ callable that runs in float32 and float64 (so a float64 truth exists) and treats
 (so batch composition cannot change a bit); the tiny UNet checks that a real network drives the loop.
 """
 
+import contextlib
 import copy
 import io
 import json
@@ -561,6 +562,127 @@ def test_graph_key_follows_the_model_parameters(schedule, fake_graphs):
     model.weight.data = old.clone()
     assert torch.equal(sampler.sample([2], SHAPE, cuda_graph=True), sampler.sample([2], SHAPE))
     assert len(fake_graphs) == 2
+
+
+class _FakeCuda:
+    """torch.cuda's capture calls for sampler._capture_graph on the CPU: streams that record which is current,
+    the sync debug mode, and graphs whose capture can be told to fail (as an invalidated one does at its end)."""
+
+    def __init__(self, invalid_at_end=False):
+        self.current, self.mode, self.capturing, self.events = "caller", 0, False, []
+        self.invalid_at_end = invalid_at_end
+        cuda = self
+
+        class Graph:
+            def capture_begin(self, pool):
+                cuda.capturing = True
+                cuda.events.append("capture_begin")
+
+            def capture_end(self):
+                cuda.capturing = False
+                cuda.events.append("capture_end")
+                if cuda.invalid_at_end:
+                    raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        self.CUDAGraph = Graph
+
+    def sync(self):  # what a host sync does under the sync debug mode, and during a capture
+        if self.mode == "error" or self.capturing:
+            raise RuntimeError("called a synchronizing CUDA operation")
+
+    def device(self, device):
+        return contextlib.nullcontext()
+
+    def Stream(self, device):  # noqa: N802 - torch.cuda's name
+        return types.SimpleNamespace(name=f"stream{len(self.events)}", wait_stream=lambda other: None)
+
+    def current_stream(self, device):
+        return types.SimpleNamespace(wait_stream=lambda other: None)
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        previous, self.current = self.current, s.name
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    def get_sync_debug_mode(self):
+        return self.mode
+
+    def set_sync_debug_mode(self, mode):
+        self.mode = mode
+
+    def synchronize(self, device):
+        pass
+
+    def graph_pool_handle(self):
+        return (0, 7)
+
+
+def test_a_step_that_syncs_is_found_before_any_capture():
+    cuda = _FakeCuda()
+    with pytest.raises(sampler_module._CaptureFailed, match="synchronizes with the host"):
+        sampler_module._capture_graph(cuda.sync, torch.device("cuda"), lambda: None, cuda=cuda)
+    assert cuda.events == [] and cuda.mode == 0 and cuda.current == "caller"
+
+
+@pytest.mark.parametrize("invalid_at_end", [False, True])
+def test_a_failed_capture_is_ended_and_its_pool_released(monkeypatch, invalid_at_end):
+    """An error inside the capture, or a capture invalidated at its end: the capture is ended, the pool released
+    when capture_end could not (it raises before it stops the allocator), the caller's stream current again."""
+    released = []
+    monkeypatch.setattr(sampler_module, "_release_capture_pool", lambda device, pool: released.append(pool))
+    cuda = _FakeCuda(invalid_at_end=invalid_at_end)
+
+    def fails_in_capture():
+        if cuda.capturing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+    with pytest.raises(sampler_module._CaptureFailed, match="not permitted when stream is capturing"):
+        sampler_module._capture_graph(fails_in_capture, torch.device("cuda"), lambda: None, cuda=cuda)
+    assert cuda.events == ["capture_begin", "capture_end"] and not cuda.capturing and cuda.current == "caller"
+    assert released == ([(0, 7)] if invalid_at_end else [])
+
+    cuda, released[:] = _FakeCuda(invalid_at_end=True), []  # the step ran, the capture ends invalid
+    with pytest.raises(sampler_module._CaptureFailed, match="previous error during capture"):
+        sampler_module._capture_graph(lambda: None, torch.device("cuda"), lambda: None, cuda=cuda)
+    assert released == [(0, 7)] and cuda.current == "caller"
+
+
+def test_sampling_runs_eagerly_after_a_failed_capture_and_raises_the_model_s_errors(schedule, monkeypatch):
+    real, cuda = sampler_module._capture_graph, _FakeCuda()
+    monkeypatch.setattr(sampler_module, "_graph_unavailable_reason", lambda device, backend: None)
+    monkeypatch.setattr(sampler_module, "_capture_graph",
+                        lambda run, device, before_each_warmup: real(run, device, before_each_warmup, cuda=cuda))
+    toy = _Toy(1000)
+
+    def syncs(x, t):
+        cuda.sync()
+        return toy(x, t)
+    with pytest.warns(RuntimeWarning, match=r"CUDA-graph capture failed \(the step synchronizes with the host"):
+        images = Sampler(syncs, schedule, num_steps=3).sample([1, 2], SHAPE, cuda_graph=True)
+    assert torch.equal(images, Sampler(toy, schedule, num_steps=3).sample([1, 2], SHAPE))
+
+    def broken(x, t):
+        raise ValueError("the model's own bug")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no capture warning: the model's error, as the eager loop gives it
+        with pytest.raises(ValueError, match="the model's own bug"):
+            Sampler(broken, schedule, num_steps=3).sample([1], SHAPE, cuda_graph=True)
+
+
+def test_the_global_backend_counts_for_the_graph(schedule, fake_graphs, monkeypatch):
+    """use_backend("torch") puts the step on the reference (which reads t on the host): no capture then, and a
+    graph captured under one global backend is not replayed under another."""
+    sampler = Sampler(_Toy(1000), schedule, num_steps=2)
+    with ddpm_fast.use_backend("cpu"):
+        sampler.sample([1], SHAPE, cuda_graph=True)
+    sampler.sample([1], SHAPE, cuda_graph=True)
+    assert len(fake_graphs) == 2
+    asked = []
+    monkeypatch.setattr(sampler_module, "_graph_unavailable_reason", lambda device, backend: asked.append(backend))
+    with ddpm_fast.use_backend("torch"):
+        sampler.sample([1], SHAPE, cuda_graph=True)
+    assert asked == ["torch"]
 
 
 def test_graph_unavailable_reasons(monkeypatch):
