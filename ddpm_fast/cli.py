@@ -144,7 +144,7 @@ def _save_samples(images, seeds, out: Path) -> tuple[Path, Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_sample_grid(images, out)
     npz, buffer = out.with_suffix(".npz"), io.BytesIO()
-    np.savez(buffer, images=images.float().numpy(), seeds=np.asarray(seeds, dtype=np.int64))
+    np.savez(buffer, images=images.float().cpu().numpy(), seeds=np.asarray(seeds, dtype=np.int64))
     write_atomically(npz, buffer.getvalue())
     return out, npz
 
@@ -155,7 +155,8 @@ def cmd_train(args) -> int:
     from . import distributed
     from .train import TrainConfig, Trainer
     _set_threads(args.threads)
-    with distributed.process_group():
+    device = _train_device(args.device)
+    with distributed.process_group(backend="gloo" if device is not None and device.type == "cpu" else None):
         # The data's absolute path, so that evaluate finds it from any directory.
         data = args.data if args.data == "digits" else str(Path(args.data).resolve())
         config = TrainConfig(
@@ -169,7 +170,7 @@ def cmd_train(args) -> int:
             Path(args.out).mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UsageError(f"--out {args.out!r}: cannot make the run folder ({error.strerror or error})") from None
-        trainer = Trainer(config, args.out, progress=True)
+        trainer = Trainer(config, args.out, progress=True, device=device)
         if trainer.dataset.name == "cifar10-test":
             _say(f"note: {args.data!r} holds CIFAR-10's test_batch only: training on its {len(trainer.dataset)} "
                  "test images")
@@ -189,6 +190,21 @@ def cmd_train(args) -> int:
                   file=sys.stderr)
             return 130
     return 0
+
+
+def _train_device(text: str | None):
+    """train's --device: None (and "cuda") is each rank's own GPU, else the CPU; "cpu"; "cuda:N" one GPU, for a
+    single process only (under torchrun every rank would take the same one)."""
+    import os
+    if text is None:
+        return None
+    device = _device(text)
+    if device.type == "cuda" and device.index is None:
+        return None
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(f"--device {text}: under torchrun every rank would train on that one GPU; give --device cuda "
+                         "(each rank its LOCAL_RANK's GPU)")
+    return device
 
 
 @contextlib.contextmanager
@@ -220,10 +236,11 @@ def cmd_sample(args) -> int:
     _check_output(Path(args.out))
     if not -2**63 <= args.seed <= 2**63 - args.num_samples:
         raise UsageError(f"--seed: the seeds SEED .. SEED + {args.num_samples - 1} must be int64, got {args.seed}")
-    with distributed.process_group():
+    device = None if args.device is None else _device(args.device)
+    with distributed.process_group(backend="gloo" if device is not None and device.type == "cpu" else None):
         model, schedule, scheduler_config = _load_sampling_model(args.model)
         options = scheduler_options(scheduler_config, args.method)
-        device = distributed.default_device() if args.device is None else _device(args.device)
+        device = distributed.default_device() if device is None else device
         model = model.to(device)
         sampler = Sampler(model, schedule, method=args.method, num_steps=args.steps, backend=args.backend, **options)
         seeds = torch.arange(args.seed, args.seed + args.num_samples, dtype=torch.int64)
@@ -494,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                        help="random horizontal flips (default: off for digits, on for image folders and CIFAR-10)")
     train.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"), help="auto: bf16 on CUDA")
+    train.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the rank's GPU, else CPU)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--checkpoint-every", type=_positive(int), default=1000)
     train.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0: never)")

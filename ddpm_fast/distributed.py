@@ -73,14 +73,14 @@ def shutdown() -> None:
 
 
 @contextmanager
-def process_group() -> Iterator[None]:
-    """The body runs in torchrun's process group when there is one (``init_from_env``).
+def process_group(backend: str | None = None) -> Iterator[None]:
+    """The body runs in torchrun's process group when there is one (``init_from_env(backend)``).
 
     A body that returns leaves the group with ``shutdown``, together with the other ranks. A body that
     raises leaves it to process exit: a barrier would wait, up to the group's timeout, for peers that are
     blocked in a collective this rank will never join, while torchrun stops them as soon as this one exits.
     """
-    created = init_from_env()
+    created = init_from_env(backend)
     yield  # an exception from the body is raised here and skips the shutdown
     if created:
         shutdown()

@@ -9,8 +9,11 @@ warm-up and gradient-norm clipping, then an EMA of the weights.
 Randomness is a pure function of (seed, step): the batch's images (an epoch-wise permutation), its
 timesteps, flips and noise seeds and the dropout generator are all derived from them. Resuming from a
 checkpoint at step s therefore replays exactly the steps an uninterrupted run would take, and the loss
-after resuming equals the uninterrupted run's (tests/test_train.py). Under torch.distributed each rank
-takes its slice of the same global batch, so the DDP-averaged gradient is the global batch's gradient.
+after resuming equals the uninterrupted run's on the CPU, bit for bit (tests/test_train.py). On a GPU the
+draws are the same, but a backward may round differently from run to run (cuDNN's weight gradients,
+attention's backward, the cuda GroupNorm's float atomics), so the losses agree to rounding. Under
+torch.distributed each rank takes its slice of the same global batch, so the DDP-averaged gradient is the
+global batch's gradient.
 
 The EMA decay is ``min(ema_decay, (1 + n) / (10 + n))`` after n updates when ``ema_warmup`` (default), so
 short runs get a useful average: 0.9999 alone would leave the EMA at ~95% of the initial random weights

@@ -112,6 +112,15 @@ def backend_on_cpu():
     return require
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_gpu(request, monkeypatch):
+    """On a GPU machine, tests not marked gpu still train and sample on the CPU, as they were written to (their
+    bit-exact expectations are the CPU's): the device that ddpm_fast picks by itself is pinned there."""
+    if torch.cuda.is_available() and request.node.get_closest_marker("gpu") is None:
+        from ddpm_fast import distributed
+        monkeypatch.setattr(distributed, "default_device", lambda: torch.device("cpu"))
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test: networks at 8x8 take microseconds per op, and on a loaded 2-core

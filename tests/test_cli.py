@@ -80,6 +80,41 @@ def test_error_from_a_real_process_is_one_line(tmp_path):
     assert run.stderr.strip().splitlines() == [expected]
 
 
+def test_train_device(tmp_path, monkeypatch):
+    """train --device: the Trainer gets it ("cuda" alone: each rank's GPU); one GPU for every rank under torchrun
+    is refused; a machine without CUDA says so before any work."""
+    import ddpm_fast.train
+    devices = []
+    init = ddpm_fast.train.Trainer.__init__
+    monkeypatch.setattr(ddpm_fast.train.Trainer, "__init__",
+                        lambda self, *a, **kw: devices.append(kw.get("device")) or init(self, *a, **kw))
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "4",
+                     "--device", "cpu"]) == 0
+    assert devices == [torch.device("cpu")]
+    with pytest.raises(cli.UsageError, match="--device cuda: this machine has no CUDA device"):
+        cli._train_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cli._train_device("cuda") is None and cli._train_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(cli.UsageError, match="under torchrun every rank would train on that one GPU"):
+        cli._train_device("cuda:1")
+
+
+def test_samples_on_a_gpu_are_saved(tmp_path):
+    """Images that a GPU sampled (a CUDA tensor: numpy() refuses it) are written as the CPU's are."""
+    class OnDevice(torch.Tensor):
+        def numpy(self, *args, **kwargs):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first")
+
+        def cpu(self, *args, **kwargs):
+            return torch.Tensor(self.as_subclass(torch.Tensor))
+    images = (torch.rand(2, 1, 4, 4) * 2 - 1).as_subclass(OnDevice)
+    png, npz = cli._save_samples(images, [3, 4], tmp_path / "g.png")
+    with np.load(npz) as saved:
+        assert np.array_equal(saved["images"], images.as_subclass(torch.Tensor).numpy())
+
+
 def test_train_then_sample(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", "--out", str(run), "--steps", "2", "--batch-size", "4", "--checkpoint-every", "1"]) == 0

@@ -34,7 +34,8 @@ def _torchrun(tmp_path, *args, timeout=300):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    # The CPU and gloo, even on a machine with GPUs (two ranks on one GPU is an NCCL error).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
@@ -43,8 +44,9 @@ def _torchrun(tmp_path, *args, timeout=300):
 def test_two_gloo_processes_train_and_sample(tmp_path):
     run, out = tmp_path / "run", tmp_path / "grid.png"
     _torchrun(tmp_path, "train", "--out", str(run), "--steps", "2", "--batch-size", "8", "--checkpoint-every", "2",
-              "--lr", "1e-3", "--warmup-steps", "1", "--seed", "3",
-              "--then", "sample", str(run), "--num-samples", "5", "--steps", "3", "--seed", "11", "--out", str(out))
+              "--lr", "1e-3", "--warmup-steps", "1", "--seed", "3", "--device", "cpu",
+              "--then", "sample", str(run), "--num-samples", "5", "--steps", "3", "--seed", "11", "--out", str(out),
+              "--device", "cpu")
     logged = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert len(logged) == 2, "rank 0 alone logs, once per step"
 
@@ -78,7 +80,7 @@ def test_process_group_leaves_with_peers_on_success_and_at_exit_on_error(monkeyp
     """A body that raises must not reach shutdown's barrier: its peers may be blocked in a collective it
     will never join, and the barrier would hold this rank for the group's whole timeout."""
     left = []
-    monkeypatch.setattr(distributed, "init_from_env", lambda: True)
+    monkeypatch.setattr(distributed, "init_from_env", lambda backend=None: True)
     monkeypatch.setattr(distributed, "shutdown", lambda: left.append("shutdown"))
     with distributed.process_group():
         pass
@@ -86,7 +88,12 @@ def test_process_group_leaves_with_peers_on_success_and_at_exit_on_error(monkeyp
     with pytest.raises(KeyError, match="boom"), distributed.process_group():
         raise KeyError("boom")
     assert left == ["shutdown"]
-    monkeypatch.setattr(distributed, "init_from_env", lambda: False)  # a caller's group, or none
+    monkeypatch.setattr(distributed, "init_from_env", lambda backend=None: False)  # a caller's group, or none
     with distributed.process_group():
         pass
     assert left == ["shutdown"]
+    asked = []  # train / sample --device cpu join with gloo, where a GPU machine would pick nccl
+    monkeypatch.setattr(distributed, "init_from_env", lambda backend=None: asked.append(backend))
+    with distributed.process_group("gloo"):
+        pass
+    assert asked == ["gloo"]

@@ -320,3 +320,20 @@ def test_train_step_is_the_written_out_step(digits):
     # Over a few steps the flips take both values (a draw that never flips would pass the step above).
     flips = torch.cat([draw_step(seed, s, 8, 40, 1000).flip for s in range(8)])
     assert flips.any() and not flips.all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trains_on_a_gpu_and_resumes(tmp_path, digits):
+    """The CUDA path (bf16 autocast by default, the fused q_sample with device seeds, the EMA on the device): the
+    losses are finite, a checkpoint loads on the CPU, and resuming continues from it on the GPU."""
+    trainer = Trainer(_config(steps=3), tmp_path, dataset=digits, device="cuda")
+    assert next(trainer.model.parameters()).is_cuda
+    losses = trainer.train()
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    model, _, _ = load_model(tmp_path)
+    assert next(model.parameters()).device.type == "cpu"
+    resumed = Trainer(_config(steps=5), tmp_path, dataset=digits, device="cuda")
+    assert resumed.resume() and resumed.step == 3
+    more = resumed.train()
+    assert len(more) == 2 and all(torch.isfinite(torch.tensor(more)))
