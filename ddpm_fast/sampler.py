@@ -640,8 +640,10 @@ def _capture_graph(run: Callable[[], None], device: torch.device, before_each_wa
             graph.capture_begin(pool=pool)
             try:
                 run()
-            except Exception as error:
+            except BaseException as error:  # a Ctrl-C mid-capture too leaves no capture open
                 _end_failed_capture(graph, device, pool)
+                if not isinstance(error, Exception):
+                    raise
                 raise _CaptureFailed(f"{type(error).__name__}: {error}") from error
             try:
                 graph.capture_end()

@@ -642,6 +642,15 @@ def test_a_failed_capture_is_ended_and_its_pool_released(monkeypatch, invalid_at
     assert cuda.events == ["capture_begin", "capture_end"] and not cuda.capturing and cuda.current == "caller"
     assert released == ([(0, 7)] if invalid_at_end else [])
 
+    cuda = _FakeCuda()  # Ctrl-C mid-capture: raised as it is, with the capture ended all the same
+
+    def interrupted():
+        if cuda.capturing:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        sampler_module._capture_graph(interrupted, torch.device("cuda"), lambda: None, cuda=cuda)
+    assert cuda.events == ["capture_begin", "capture_end"] and cuda.current == "caller"
+
     cuda, released[:] = _FakeCuda(invalid_at_end=True), []  # the step ran, the capture ends invalid
     with pytest.raises(sampler_module._CaptureFailed, match="previous error during capture"):
         sampler_module._capture_graph(lambda: None, torch.device("cuda"), lambda: None, cuda=cuda)
