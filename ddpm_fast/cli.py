@@ -156,7 +156,7 @@ def cmd_train(args) -> int:
     from .train import TrainConfig, Trainer
     _set_threads(args.threads)
     device = _train_device(args.device)
-    with distributed.process_group(backend="gloo" if device is not None and device.type == "cpu" else None):
+    with distributed.process_group(_group_backend(device)):
         # The data's absolute path, so that evaluate finds it from any directory.
         data = args.data if args.data == "digits" else str(Path(args.data).resolve())
         config = TrainConfig(
@@ -190,6 +190,11 @@ def cmd_train(args) -> int:
                   file=sys.stderr)
             return 130
     return 0
+
+
+def _group_backend(device) -> str | None:
+    """torchrun's process group for --device: gloo for the CPU (a GPU machine would pick nccl), else the default."""
+    return "gloo" if device is not None and device.type == "cpu" else None
 
 
 def _train_device(text: str | None):
@@ -237,7 +242,7 @@ def cmd_sample(args) -> int:
     if not -2**63 <= args.seed <= 2**63 - args.num_samples:
         raise UsageError(f"--seed: the seeds SEED .. SEED + {args.num_samples - 1} must be int64, got {args.seed}")
     device = None if args.device is None else _device(args.device)
-    with distributed.process_group(backend="gloo" if device is not None and device.type == "cpu" else None):
+    with distributed.process_group(_group_backend(device)):
         model, schedule, scheduler_config = _load_sampling_model(args.model)
         options = scheduler_options(scheduler_config, args.method)
         device = distributed.default_device() if device is None else device
