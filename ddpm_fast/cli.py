@@ -324,15 +324,19 @@ def cmd_bench(args) -> int:
         if not file.is_file():
             print(f"\n({file.name} is not in this checkout: no {name.replace('bench_', '')} table)")
             continue
+        # The scripts import their neighbours (harness.py): the folder is on the path while one runs, and only then.
         sys.path.insert(0, str(file.parent))
-        spec = importlib.util.spec_from_file_location(f"_ddpm_fast_bench_{name}", file)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if not hasattr(module, "main"):
-            print(f"\n({file.name} has no main(): skipped)")
-            continue
-        print(f"\n== {file.relative_to(REPO_ROOT)} ==", flush=True)
-        status |= int(module.main(_bench_argv(args, name)) or 0)
+        try:
+            spec = importlib.util.spec_from_file_location(f"_ddpm_fast_bench_{name}", file)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            if not hasattr(module, "main"):
+                print(f"\n({file.name} has no main(): skipped)")
+                continue
+            print(f"\n== {file.relative_to(REPO_ROOT)} ==", flush=True)
+            status |= int(module.main(_bench_argv(args, name)) or 0)
+        finally:
+            sys.path.remove(str(file.parent))
     return status
 
 

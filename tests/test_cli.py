@@ -181,6 +181,8 @@ def test_bench_dispatches_to_the_checkout(tmp_path, monkeypatch, capsys):
     (tmp_path / "benchmarks" / "bench_sampling.py").write_text("def main(argv):\n    print('SAMPLING', argv)\n")
     assert cli.main(["bench", "--quick", "--record"]) == 0
     assert "SAMPLING ['--record', '--quick']" in capsys.readouterr().out
+    # The folder left the import path with the script: a later `import bench_sampling` is the real one.
+    assert str(tmp_path / "benchmarks") not in sys.path
 
 
 def test_info(capsys):
