@@ -28,7 +28,8 @@ H200 anchors in the issue were measured); ``tf32`` = float32 with TF32 matmuls a
 only); ``fp32`` = plain float32 (the CPU's second precision). The training step (batch 128 on CUDA):
 noise a batch (diffusers' ``add_noise`` / our fused ``q_sample``), forward under bf16 autocast, MSE to the
 noise, backward, ``torch.optim.Adam`` (PyTorch's default implementation) step; on CUDA ours also with the
-weights (so the activations) in channels_last.
+weights (so the activations) in channels_last. "ours Trainer" times what ``ddpm-fast train`` runs: our
+``Trainer`` loop, which also clips the gradient and updates the EMA (see ``trainer_steps``).
 
 Timing: each measurement times a whole run of ``--steps`` sampling steps (or training steps), back to back
 as a user runs them, with CUDA events on the GPU and the wall clock on the CPU, after warm-up (which
@@ -62,6 +63,8 @@ import harness  # noqa: E402
 
 import ddpm_fast
 from ddpm_fast import NoiseSchedule, Sampler, UNet
+from ddpm_fast.data import ImageDataset
+from ddpm_fast.train import TrainConfig, Trainer
 from ddpm_fast.unet import PRESETS, diffusers_config
 
 T = 1000  # train timesteps of every preset's schedule (DDPM's linear betas)
@@ -240,6 +243,18 @@ def train_step(model, device: torch.device, batch: int, ours: bool) -> Callable[
     return run
 
 
+def trainer_steps(preset: str, device: torch.device, batch: int) -> Callable[[int], None]:
+    """``run(n)``: n steps of our ``Trainer``, the loop ``ddpm-fast train`` runs (the step's draws in one pinned
+    copy, the fused q_sample, the forward under bf16 autocast on CUDA, L_simple, gradient clipping, Adam, the
+    EMA, each loss read a step late), on random images of the preset's shape."""
+    config = PRESETS[preset]
+    shape = (4 * batch, config.in_channels, config.sample_size, config.sample_size)
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    trainer = Trainer(TrainConfig(preset=preset, batch_size=batch, warmup_steps=0, checkpoint_every=2**30), None,
+                      dataset=ImageDataset("random", images), device=device)
+    return lambda n: trainer.train(steps=trainer.step + n)
+
+
 def images_distance(a: torch.Tensor, b: torch.Tensor) -> dict:
     """How far two batches of images in [-1, 1] are: max and mean |a - b|, and the fraction of values that
     land on different 8-bit levels once written as images."""
@@ -388,28 +403,28 @@ def sampling_rows(p: dict, device: torch.device, theirs, ours, print_row: Callab
 def training_rows(p: dict, device: torch.device, theirs, ours, print_row: Callable) -> list[dict]:
     rows = []
     # Copies: training changes the weights, and the drift rows (after these) sample the models as made.
-    sides = ([("diffusers eager", lambda: copy.deepcopy(theirs))] if theirs is not None else [])
-    sides.append(("ours eager", lambda: copy.deepcopy(ours)))
+    batch, n = p["train_batch"], p["train_steps"]
+
+    def loop(make_model, ours_: bool) -> Callable[[int], None]:
+        one = train_step(make_model(), device, batch, ours=ours_)
+        return lambda steps: [one() for _ in range(steps)]
+    sides = ([("diffusers eager", lambda: loop(lambda: copy.deepcopy(theirs), False))] if theirs is not None else [])
+    sides.append(("ours eager", lambda: loop(lambda: copy.deepcopy(ours), True)))
     if device.type == "cuda":  # cuDNN's native layout for bf16 convolutions, forward and backward
-        sides.append(("ours eager channels_last", lambda: channels_last_copy(ours)))
+        sides.append(("ours eager channels_last", lambda: loop(lambda: channels_last_copy(ours), True)))
+    sides.append(("ours Trainer", lambda: trainer_steps(p["preset"], device, batch)))
     for name, make in sides:
-        row = dict(kind="training", precision="bf16 autocast", batch=p["train_batch"], variant=name,
-                   steps=p["train_steps"])
+        row = dict(kind="training", precision="bf16 autocast", batch=batch, variant=name, steps=n)
         try:
             _check_time(p)
-            model = make()
-            one = train_step(model, device, p["train_batch"], ours=name.startswith("ours"))
-
-            def run():
-                for _ in range(p["train_steps"]):
-                    one()
-            row["first_call_s"] = warm_up(one, device, calls=3)
-            timing = time_runs(run, device, p["reps"])
-            row["ms_per_step"] = {k: v / p["train_steps"] for k, v in timing.items()}
+            steps = make()
+            row["first_call_s"] = warm_up(lambda: steps(1), device, calls=3)
+            timing = time_runs(lambda: steps(n), device, p["reps"])
+            row["ms_per_step"] = {k: v / n for k, v in timing.items()}
         except Exception as error:  # noqa: BLE001
             _failed(row, error)
         _row(rows, print_row, **row)
-        model = one = None  # frees the copy and its optimizer state
+        steps = None  # frees the copy and its optimizer state
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

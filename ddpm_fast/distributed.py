@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["any_rank", "barrier", "default_device", "init_from_env", "is_distributed", "mean_over_ranks",
+__all__ = ["barrier", "default_device", "init_from_env", "is_distributed", "mean_over_ranks",
            "process_group", "rank", "sample_sharded", "shutdown", "world_size", "wrap_ddp"]
 
 
@@ -96,21 +96,13 @@ def _collective_device() -> torch.device:
 
 
 def mean_over_ranks(value: Tensor) -> Tensor:
-    """A scalar averaged over ranks (itself without a process group)."""
+    """``value`` (float32, any shape) averaged over ranks; itself without a process group. Nothing waits for
+    the result, which stays on the device."""
     if not is_distributed():
         return value
-    buf = value.detach().float().reshape(1).to(_collective_device())
+    buf = value.detach().float().to(_collective_device(), copy=True)
     dist.all_reduce(buf)
-    return buf[0] / world_size()
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any (so ranks stop a loop at the same step)."""
-    if not is_distributed():
-        return flag
-    buf = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-    return bool(buf.item() > 0)
+    return buf / world_size()
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> Callable:

@@ -131,6 +131,14 @@ def _timesteps(t, batch: int, num_train_timesteps: int) -> torch.Tensor:
     return torch.full((batch,), t, dtype=torch.int64)
 
 
+def _copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``. To a GPU through pinned memory and without waiting: a copy from pageable
+    memory first waits for every kernel already queued, which leaves the GPU idle behind the host."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _per_sample(coef: torch.Tensor, t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
     """Gather per-sample coefficient rows, ready to broadcast against `like`.
 
@@ -364,7 +372,7 @@ def l_simple_loss(
 
     Args:
         prediction, target: (B, ...) same shape.
-        t: int or (B,) int64.
+        t: int or (B,) int64; on the CPU it costs a GPU no wait (a GPU t is read back to check its range).
         min_snr_gamma: None (unweighted) or gamma > 0.
     Returns:
         () scalar in float32 (float64 for float64 inputs).
@@ -390,7 +398,7 @@ def l_simple_loss(
         weight = torch.clamp(snr, max=gamma)
     else:
         weight = torch.clamp(snr, max=gamma) / (snr + 1.0)
-    return (per_sample * weight.to(device=prediction.device, dtype=dtype)).mean()
+    return (per_sample * _copy_to(weight.to(dtype), prediction.device)).mean()
 
 
 # --------------------------------------------------------------------------------------------------

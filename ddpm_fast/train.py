@@ -4,7 +4,9 @@ One training step (Ho et al. 2020, Algorithm 1): a batch x0, timesteps t ~ U[0, 
 ``q_sample`` that draws the noise inside the kernel from per-sample seeds and returns (x_t, target)
 (epsilon, x0 or v), the model's prediction, the mean squared error (optionally min-SNR-gamma
 weighted, Hang et al. 2023: :func:`ddpm_fast.reference.l_simple_loss`), Adam with a linear learning-rate
-warm-up and gradient-norm clipping, then an EMA of the weights.
+warm-up and gradient-norm clipping, then an EMA of the weights. On a GPU a step never waits for the device:
+what it drew reaches the GPU in one copy from pinned memory, and ``train()`` reads each step's loss once the
+next step is queued, so the host's one wait per step leaves the GPU a step of work.
 
 Randomness is a pure function of (seed, step): the batch's images (an epoch-wise permutation), its
 timesteps, flips and noise seeds and the dropout generator are all derived from them. Resuming from a
@@ -434,6 +436,18 @@ def _autocast(amp: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device: torch.device):
+    """Inside, the global generators of the CPU and of ``device`` start from ``seed``; after, they are as they
+    were (the caller's random stream does not depend on whether it trained in between)."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
 class Trainer:
     """Trains a U-Net on a dataset; ``train()`` runs to ``config.steps`` (or ``steps``), resumable.
 
@@ -471,7 +485,9 @@ class Trainer:
             # time (2 cores, batch 32 to 128, interleaved medians; batch 64: 166 ms instead of 205). On CUDA the
             # layout waits for a GPU record to choose (benchmarks/bench_sampling.py measures both).
             self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        # On CUDA, Adam's fused kernel (PyTorch's fastest form; on the CPU the default, which tests/test_train.py
+        # writes out step by step).
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=self.device.type == "cuda")
         self.ema = EMA(self.model, config.ema_decay, config.ema_warmup)
         self.step = 0
         self.changed_on_resume: dict[str, tuple] = {}  # setting -> (the checkpoint's, this run's), by resume()
@@ -486,20 +502,30 @@ class Trainer:
         return c.lr * min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else c.lr
 
     def train_step(self) -> float:
-        """One optimisation step; returns the global batch's loss (averaged over ranks)."""
+        """One optimisation step; returns the global batch's loss (averaged over ranks). Reading it waits for the
+        step to finish on the device; ``train()`` reads each step's loss a step later, and so never waits."""
+        return dist_utils.mean_over_ranks(self._queue_step()).item()
+
+    def _queue_step(self) -> Tensor:
+        """One optimisation step, queued on the device without waiting for it; returns this rank's loss there."""
         c = self.config
         draw = draw_step(c.seed, self.step, c.batch_size, len(self.dataset), c.num_train_timesteps)
         per_rank = c.batch_size // self.world
         part = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        x0 = self.images[draw.indices[part].to(self.device)]
-        t = draw.t[part].to(self.device)
+        # One copy of what the step drew, from pinned memory: a copy per tensor from pageable memory would make
+        # the host wait four times for the steps queued before.
+        indices, t, flip, seeds = reference._copy_to(
+            torch.stack([draw.indices[part], draw.t[part], draw.flip[part].long(), draw.seeds[part]]),
+            self.device).unbind()
+        x0 = self.images[indices]
         if self.flip:
-            x0 = torch.where(draw.flip[part].to(self.device)[:, None, None, None], x0.flip(-1), x0)
-        x_t, target = q_sample(x0, t, self.schedule, seeds=draw.seeds[part].to(self.device),
-                               target=c.prediction_type)
-        torch.manual_seed(derive_seed(c.seed, _DROPOUT, self.step, self.rank))  # dropout, where the preset has it
+            x0 = torch.where(flip.bool()[:, None, None, None], x0.flip(-1), x0)
+        x_t, target = q_sample(x0, t, self.schedule, seeds=seeds, target=c.prediction_type)
         self.model.train()
-        with _autocast(c.amp, self.device):
+        # Dropout (where the preset has it) draws from the device's global generator: seeded from (seed, step,
+        # rank) for the forward, and the caller's generator state put back after it.
+        with _seeded_global_rng(derive_seed(c.seed, _DROPOUT, self.step, self.rank), self.device), \
+                _autocast(c.amp, self.device):
             prediction = self._forward(x_t, t)
         # The CPU copy of t: the loss's weights index the schedule on the host (no device-to-host read).
         loss = reference.l_simple_loss(prediction.float(), target, draw.t[part], self.schedule, c.prediction_type,
@@ -512,13 +538,14 @@ class Trainer:
         self.optimizer.step()
         self.ema.update(self.model)
         self.step += 1
-        return dist_utils.mean_over_ranks(loss.detach()).item()
+        return loss.detach()
 
     # ------------------------------------------------------------------------------------------- the loop
 
     def request_stop(self) -> None:
         """End ``train()`` after the step it is in, with a checkpoint of that step (safe from a signal handler:
-        it only sets a flag, which the loop reads between steps, so no step is cut in half)."""
+        it only sets a flag, which the loop reads between steps, so no step is cut in half). Under
+        torch.distributed every rank ends after the step after it, together."""
         self.stop_requested = True
 
     def train(self, steps: int | None = None, time_limit: float | None = None) -> list[float]:
@@ -540,23 +567,46 @@ class Trainer:
         # A time budget shows seconds (the step count it allows is unknown), else steps.
         bar = (_bar(math.ceil(time_limit), 0, self.progress, "s") if time_limit is not None
                else _bar(steps, self.step, self.progress, "step"))
+        # (step, [loss, share of ranks voting to stop], both averaged over ranks) of the steps queued and not yet
+        # read. A step's are read once the next step is queued: the device still has work while the host waits.
+        unread: list[tuple[int, Tensor]] = []
+
+        def read(keep: int) -> bool:
+            """Log all but the ``keep`` newest unread steps; whether a rank asked to stop in one of them."""
+            stop = False
+            while len(unread) > keep:
+                step, status = unread.pop(0)
+                loss, votes = status.tolist()
+                losses.append(loss)
+                bar.set_postfix(step=step, loss=f"{loss:.4f}", refresh=False)
+                self._log({"step": step, "loss": loss, "lr": self.lr_at(step - 1)})
+                stop = stop or votes > 0
+            return stop
+
         try:
             while self.step < steps:
-                loss = self.train_step()
-                losses.append(loss)
+                loss = self._queue_step()
                 if time_limit is None:
                     bar.update(1)
                 else:
                     bar.update(min(math.ceil(time_limit), int(time.perf_counter() - start)) - bar.n)
-                bar.set_postfix(step=self.step, loss=f"{loss:.4f}", refresh=False)
-                self._log({"step": self.step, "loss": loss, "lr": self.lr_at(self.step - 1)})
-                if self.step % self.config.checkpoint_every == 0:
-                    self.save()
-                if self.config.sample_every and self.step % self.config.sample_every == 0:
-                    self.sample_grid()
                 out_of_time = time_limit is not None and time.perf_counter() - start > time_limit
-                if dist_utils.any_rank(out_of_time or self.stop_requested):  # every rank stops at the same step
+                stop_here = out_of_time or self.stop_requested
+                # One all-reduce carries the loss and the vote to stop (none at all without a process group).
+                status = torch.stack([loss, loss.new_full((), stop_here)])
+                unread.append((self.step, dist_utils.mean_over_ranks(status)))
+                saves = self.step % self.config.checkpoint_every == 0
+                samples = self.config.sample_every and self.step % self.config.sample_every == 0
+                # Every step up to a checkpoint is logged before it (a resume keeps the records up to its step).
+                stop_voted = read(keep=0 if saves or samples else 1)
+                if saves:
+                    self.save()
+                if samples:
+                    self.sample_grid()
+                # Alone, the process stops at once; ranks stop together, at the step in which the vote is read.
+                if stop_voted or (self.world == 1 and stop_here):
                     break
+            read(keep=0)
         finally:
             bar.close()
         if self.out_dir is not None and losses and self.step % self.config.checkpoint_every:

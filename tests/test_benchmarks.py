@@ -31,7 +31,8 @@ def test_bench_sampling_runs_every_row(capsys):
     assert "failed:" not in out and "skipped: --max-seconds" not in out
     for row in ("sampling  bf16", "sampling  fp32", "bf16 drift, ours", "training  bf16 autocast"):
         assert row in out
-    for variant in ("ours eager", "ours compile", "diffusers compile default", "diffusers compile reduce-overhead"):
+    for variant in ("ours eager", "ours compile", "ours Trainer", "diffusers compile default",
+                    "diffusers compile reduce-overhead"):
         assert variant in out
 
 

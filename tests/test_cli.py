@@ -313,7 +313,7 @@ def test_ctrl_c_saves_the_step_it_ends_and_a_second_stops_at_once(tmp_path, caps
     run, whole = tmp_path / "run", tmp_path / "whole"
     argv = ["--steps", "5", "--batch-size", "4", "--checkpoint-every", "1000"]
     assert cli.main(["train", "--out", str(whole), *argv]) == 0
-    step = Trainer.train_step
+    step = Trainer._queue_step
     interrupt_at = int(torch.randint(1, 4, ()))
 
     def interrupted_step(self, signals=1):
@@ -322,18 +322,18 @@ def test_ctrl_c_saves_the_step_it_ends_and_a_second_stops_at_once(tmp_path, caps
             for _ in range(signals):
                 signal.raise_signal(signal.SIGINT)  # the handler runs here, between bytecodes: mid-loop
         return loss
-    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    monkeypatch.setattr(Trainer, "_queue_step", interrupted_step)
     capsys.readouterr()
     assert cli.main(["train", "--out", str(run), *argv]) == 130
     assert f"interrupted at step {interrupt_at}, saved" in capsys.readouterr().err
     assert latest_checkpoint(run).name == f"step_{interrupt_at:08d}"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
-    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(Trainer, "_queue_step", step)
     assert cli.main(["train", "--out", str(run), *argv]) == 0
     for a, b in zip(load_model(whole)[0].parameters(), load_model(run)[0].parameters()):
         assert torch.equal(a, b)
     # Twice: stop now, unsaved (the checkpoint of step 5 stays the newest).
-    monkeypatch.setattr(Trainer, "train_step", lambda self: interrupted_step(self, signals=2))
+    monkeypatch.setattr(Trainer, "_queue_step", lambda self: interrupted_step(self, signals=2))
     interrupt_at = 6
     assert cli.main(["train", "--out", str(run), "--steps", "8", "--batch-size", "4"]) == 130
     assert "ddpm-fast train: interrupted" in capsys.readouterr().err

@@ -322,6 +322,66 @@ def test_train_step_is_the_written_out_step(digits):
     assert flips.any() and not flips.all()
 
 
+def test_dropout_follows_seed_and_step_and_the_caller_s_random_stream_is_left_alone(digits):
+    """Dropout draws from the global generator, which the step seeds from (seed, step, rank) for its forward:
+    the losses are a function of the run, whatever the caller seeded. And after training, the caller's
+    stream is where it was (each step used to reseed it for good)."""
+    def run(caller_seed: int, dropout: float) -> list[float]:
+        trainer = Trainer(_config(steps=3, checkpoint_every=100), None, dataset=digits)
+        for module in trainer.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = dropout
+        torch.manual_seed(caller_seed)
+        state = torch.get_rng_state()
+        losses = trainer.train()
+        assert torch.equal(torch.get_rng_state(), state), "training moved the caller's random stream"
+        return losses
+
+    first, second = (int(seed) for seed in torch.randint(0, 2**62, (2,)))
+    assert run(first, 0.3) == run(second, 0.3)
+    assert run(first, 0.3) != run(first, 0.0)  # dropout acts in these runs
+
+
+def test_ranks_stop_together_the_step_after_a_vote(digits, monkeypatch):
+    """Under torch.distributed a step's vote to stop (request_stop or the time limit, on any rank) travels in
+    the all-reduce of its loss, read when the next step is queued: every rank ends after that next step. Here
+    another rank votes during step 3 (a stand-in for the all-reduce): this one stops after step 4, and the
+    losses it returns and logs are the ranks' means."""
+    trainer = Trainer(_config(steps=10, checkpoint_every=100), None, dataset=digits)
+    trainer.world = 2  # this rank trains the first half of each batch
+
+    def with_other_rank(status):  # the other rank: loss 1.0, and a vote to stop in step 3
+        other = torch.tensor([1.0, 1.0 if trainer.step == 3 else 0.0])
+        return (status + other) / 2
+    monkeypatch.setattr(train_mod.dist_utils, "mean_over_ranks", with_other_rank)
+    own = []
+    queue = Trainer._queue_step
+    monkeypatch.setattr(Trainer, "_queue_step", lambda self: own.append(queue(self)) or own[-1])
+    losses = trainer.train()
+    assert trainer.step == 4 and len(losses) == 4
+    assert losses == [((loss + 1.0) / 2).item() for loss in own]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_training_step_waits_for_the_gpu_once(digits):
+    """The loop reads each step's loss (the one host sync a step needs) a step late, and nothing else in a step
+    waits: the draws reach the GPU in one copy from pinned memory, the min-SNR weights too, no loss.item().
+    Counted with torch's sync debug mode, after a first step has done its one-time set-up."""
+    import warnings
+    trainer = Trainer(_config(steps=7, checkpoint_every=100), None, dataset=digits, device="cuda")
+    trainer.train(steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert 0 < len(syncs) <= 6, f"{len(syncs)} host syncs in 6 steps: {syncs[:3]}"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_trains_on_a_gpu_and_resumes(tmp_path, digits):
