@@ -42,10 +42,37 @@ def test_a_value_it_cannot_read_stops_the_build_naming_it(tmp_path, define, mess
     assert message in " ".join(done.stderr.split()), done.stderr
 
 
+ARCH_VARIABLES = ("DDPM_FAST_CUDA_ARCHS", "CUDAARCHS", "TORCH_CUDA_ARCH_LIST")
+DEFAULT_ARCHS = "80-real;86-real;89-real;90-real;90-virtual"
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
                     reason="needs nvcc")
-def test_cudaarchs_is_taken_without_ddpm_fast_cuda_archs(tmp_path):
-    env = {**{k: v for k, v in os.environ.items() if k != "DDPM_FAST_CUDA_ARCHS"}, "CUDAARCHS": "75-real"}
-    done = _configure(tmp_path, "-DDDPM_FAST_CUDA=ON", "-DDDPM_FAST_CUDA_EMULATOR=OFF", env=env)
+@pytest.mark.parametrize("given, built", [
+    # (environment variables and -D, what is built and from where): the first given in this order wins.
+    ({"DDPM_FAST_CUDA_ARCHS": "86-real", "-DCMAKE_CUDA_ARCHITECTURES": "75-real", "TORCH_CUDA_ARCH_LIST": "9.0"},
+     "86-real (from DDPM_FAST_CUDA_ARCHS)"),
+    ({"-DDDPM_FAST_CUDA_ARCHS": "89-real", "CUDAARCHS": "75-real"}, "89-real (from DDPM_FAST_CUDA_ARCHS)"),
+    ({"-DCMAKE_CUDA_ARCHITECTURES": "90a-real", "CUDAARCHS": "75-real"}, "90a-real (from CMAKE_CUDA_ARCHITECTURES)"),
+    ({"CUDAARCHS": "75-real", "TORCH_CUDA_ARCH_LIST": "9.0"}, "75-real (from CUDAARCHS)"),
+    ({"TORCH_CUDA_ARCH_LIST": "7.5 8.0;9.0a+PTX"}, "75-real,80-real,90a-real,90a-virtual (from TORCH_CUDA_ARCH_LIST)"),
+    ({}, "80-real,86-real,89-real,90-real,90-virtual (from the default)"),
+])
+def test_the_architectures_come_from_the_first_variable_given(tmp_path, given, built):
+    """DDPM_FAST_CUDA_ARCHS, then the ways CMake and PyTorch name architectures (a wheel build scripted for
+    another extension sets those); pyproject.toml always passes the default DDPM_FAST_CUDA_ARCHS, as here."""
+    env = {k: v for k, v in os.environ.items() if k not in ARCH_VARIABLES}
+    env.update({k: v for k, v in given.items() if not k.startswith("-D")})
+    defines = [f"{k}={v}" for k, v in given.items() if k.startswith("-D")]
+    if "-DDDPM_FAST_CUDA_ARCHS" not in given:  # pyproject.toml's define: the variable, else the default
+        defines.append(f"-DDDPM_FAST_CUDA_ARCHS={given.get('DDPM_FAST_CUDA_ARCHS', DEFAULT_ARCHS)}")
+    done = _configure(tmp_path, "-DDDPM_FAST_CUDA=ON", "-DDDPM_FAST_CUDA_EMULATOR=OFF", *defines, env=env)
     assert done.returncode == 0, done.stderr
-    assert "kernels for architectures 75-real" in done.stdout
+    assert f"kernels for architectures {built}\n" in done.stdout
+
+
+def test_a_torch_arch_list_it_cannot_read_stops_the_build_naming_it(tmp_path):
+    env = {**{k: v for k, v in os.environ.items() if k not in ARCH_VARIABLES}, "TORCH_CUDA_ARCH_LIST": "8.0;Ampere"}
+    done = _configure(tmp_path, env=env)
+    assert done.returncode != 0
+    assert "TORCH_CUDA_ARCH_LIST: 'Ampere' is not an architecture" in " ".join(done.stderr.split()), done.stderr
