@@ -260,6 +260,7 @@ def cmd_sample(args) -> int:
 
 def cmd_evaluate(args) -> int:
     import torch
+    from .data import to_unit_range
     from .sampler import Sampler
     from .train import load_model
     _set_threads(args.threads)
@@ -269,7 +270,7 @@ def cmd_evaluate(args) -> int:
         raise UsageError(f"{args.checkpoint!r}: its config.json does not name the data it was trained on")
     data, size = train["data"], model.config.sample_size
     real, held_out = _bound_images(data, size, config.get("dataset"))
-    x0 = real.images[:args.num_images]
+    x0 = to_unit_range(real.data[:args.num_images])
     result = {"bound_images": f"{x0.shape[0]} {'held-out' if held_out else 'training'} images of {real.name}"}
     bound = _timed(lambda: _bpd(model, x0, schedule, config["prediction_type"], args.bpd_timesteps), result, "bpd")
     if data == "digits" and size == 16:  # the digit scorer reads 16x16 digits

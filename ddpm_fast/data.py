@@ -1,4 +1,4 @@
-"""Training images as one (N, C, H, W) float32 tensor in [-1, 1]: the bundled digits, a folder, or CIFAR-10.
+"""Training images as one (N, C, H, W) tensor, read as float32 in [-1, 1]: the bundled digits, a folder, or CIFAR-10.
 
 * ``"digits"``: scikit-learn's 8x8 handwritten digits (1,797 images, bundled with scikit-learn, no
   download). Pixel values 0..16 are divided by 16, upsampled 8x8 -> 16x16 bilinearly
@@ -14,8 +14,10 @@
   ``split="test"``): 32x32 RGB. The pickles are read with an unpickler that only builds numpy arrays, so a
   tampered file cannot run code.
 
-Everything lands in memory: these datasets are a few MB. A missing, empty or corrupt dataset raises
-:class:`DatasetError` naming the path and what is wrong.
+Everything lands in memory, and 8-bit images stay 8-bit there (``ImageDataset.data`` is uint8; ``images`` maps
+it to [-1, 1] when read): CIFAR-10 takes 150 MB, 30,000 RGB images at 256x256 5.9 GB (23.6 GB as float32).
+Data that is not 8-bit (the digits, 16-bit grayscale, a resized CIFAR-10) is held as float32. A missing,
+empty or corrupt dataset raises :class:`DatasetError` naming the path and what is wrong.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DatasetError", "ImageDataset", "load_cifar10", "load_dataset", "load_digits", "load_image_folder"]
+__all__ = ["DatasetError", "ImageDataset", "load_cifar10", "load_dataset", "load_digits", "load_image_folder",
+           "to_unit_range"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DIGITS_HELD_OUT = 300
@@ -43,20 +46,43 @@ class DatasetError(ValueError):
 
 @dataclass
 class ImageDataset:
-    """images: (N, C, H, W) float32 in [-1, 1]; labels: (N,) int64 or None; flip: the default for training."""
+    """data: (N, C, H, W) uint8 pixel values 0..255, or float32 in [-1, 1]; labels: (N,) int64 or None;
+    flip: the default for training. ``images`` is the data as float32 in [-1, 1] (see :func:`to_unit_range`)."""
 
     name: str
-    images: torch.Tensor
+    data: torch.Tensor
     labels: torch.Tensor | None = None
     flip: bool = True
 
+    def __post_init__(self):
+        if self.data.dtype not in (torch.uint8, torch.float32) or self.data.dim() != 4:
+            raise TypeError(f"ImageDataset: data must be (N, C, H, W) uint8 or float32, got {self.data.dtype} "
+                            f"of shape {tuple(self.data.shape)}")
+
+    @property
+    def images(self) -> torch.Tensor:
+        """(N, C, H, W) float32 in [-1, 1] (a new tensor for uint8 data: index ``data`` first for a few images)."""
+        return to_unit_range(self.data)
+
+    @images.setter
+    def images(self, value: torch.Tensor) -> None:
+        self.data = value
+
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.data.shape[0]
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """The per-image shape (C, H, W)."""
-        return tuple(self.images.shape[1:])
+        return tuple(self.data.shape[1:])
+
+
+def to_unit_range(data: torch.Tensor) -> torch.Tensor:
+    """Dataset values as float32 in [-1, 1]: uint8 x -> x / 255 * 2 - 1 (float32 arithmetic, the same on every
+    device); float data is returned as it is."""
+    if data.dtype != torch.uint8:
+        return data
+    return data.float().div_(255.0).mul_(2.0).sub_(1.0)
 
 
 def _to_unit_range(pixels01: torch.Tensor) -> torch.Tensor:
@@ -113,7 +139,8 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
 def _image_pixels(image, size: int, channels: int) -> np.ndarray:
-    """An opened PIL image -> (size, size, channels) float32 in [0, 1] (bicubic overshoot left to the caller)."""
+    """An opened PIL image -> (size, size, channels): uint8 for 8-bit images, float32 in [0, 1] for 16-bit ones
+    (bicubic overshoot left to the caller)."""
     from PIL import Image, ImageOps
     image = ImageOps.exif_transpose(image)  # the orientation every viewer shows, before any resize or crop
     if image.mode in _SIXTEEN_BIT_MODES:
@@ -126,8 +153,8 @@ def _image_pixels(image, size: int, channels: int) -> np.ndarray:
     if image.mode not in _EIGHT_BIT_MODES:
         raise ValueError(f"mode {image.mode!r} is not supported (expected 8-bit L / RGB / RGBA / P / CMYK, or "
                          "16-bit grayscale)")
-    pixels = np.asarray(_resize_center_crop(image.convert("L" if channels == 1 else "RGB"), size), dtype=np.uint8)
-    return (pixels[:, :, None] if channels == 1 else pixels).astype(np.float32) / 255.0
+    pixels = np.array(_resize_center_crop(image.convert("L" if channels == 1 else "RGB"), size), dtype=np.uint8)
+    return pixels[:, :, None] if channels == 1 else pixels
 
 
 def load_image_folder(path, size: int = 32, channels: int = 3) -> ImageDataset:
@@ -149,15 +176,20 @@ def load_image_folder(path, size: int = 32, channels: int = 3) -> ImageDataset:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DatasetError(f"dataset folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    # Filled in place and mapped to [-1, 1] in place: the dataset's memory once, not a list, a stack and copies.
-    images = torch.empty((len(files), channels, size, size), dtype=torch.float32)
+    # Filled in place: the dataset's memory once, not a list, a stack and copies. 8-bit values stay uint8; the
+    # first 16-bit image turns the whole dataset into float32 in [0, 1], then [-1, 1].
+    images = torch.empty((len(files), channels, size, size), dtype=torch.uint8)
     for i, file in enumerate(files):
         try:
             with Image.open(file) as image:
-                images[i] = torch.from_numpy(_image_pixels(image, size, channels)).permute(2, 0, 1)
+                pixels = torch.from_numpy(_image_pixels(image, size, channels)).permute(2, 0, 1)
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
             raise DatasetError(f"cannot read image {str(file)!r}: {error}") from None
-    return ImageDataset(root.name or str(root), _to_unit_range(images), None, flip=True)
+        if pixels.dtype == torch.float32 and images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        images[i] = pixels if pixels.dtype == images.dtype else pixels.float().div_(255.0)
+    return ImageDataset(root.name or str(root), images if images.dtype == torch.uint8 else _to_unit_range(images),
+                        None, flip=True)
 
 
 # ------------------------------------------------------------------------------------------------- CIFAR-10
@@ -201,8 +233,7 @@ def load_cifar10(path, split: str = "train") -> ImageDataset:
     parts = [_read_cifar_batch(root / n) for n in names]
     data = np.concatenate([d for d, _ in parts]).reshape(-1, 3, 32, 32)
     labels = torch.from_numpy(np.concatenate([lab for _, lab in parts]))
-    return ImageDataset(f"cifar10-{split}", _to_unit_range(torch.from_numpy(data).float().div_(255.0)), labels,
-                        flip=True)
+    return ImageDataset(f"cifar10-{split}", torch.from_numpy(np.ascontiguousarray(data)), labels, flip=True)
 
 
 # ------------------------------------------------------------------------------------------------- dispatch

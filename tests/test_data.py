@@ -173,6 +173,30 @@ def test_cifar10_layout(tmp_path):
     raw = np.concatenate([batches[n][0] for n in names]).reshape(-1, 3, 32, 32)  # CIFAR rows are C, H, W
     torch.testing.assert_close(data.images, torch.from_numpy(raw).float() / 127.5 - 1, rtol=0, atol=1e-6)
     assert data.labels.tolist() == sum((batches[n][1] for n in names), [])
+    assert data.data.dtype == torch.uint8 and torch.equal(data.data, torch.from_numpy(raw))  # held as its bytes
+
+
+def test_eight_bit_images_are_held_as_bytes_and_read_as_before(tmp_path):
+    """A folder of 8-bit images (and CIFAR-10, above) is held as uint8, a quarter of float32's memory; ``images``
+    reads it as the float32 values the loader made before, bit for bit (x / 255 in float32, then 2 y - 1). One
+    16-bit image makes the whole folder float32, with the 8-bit images' values unchanged."""
+    rng = np.random.default_rng()
+    pixels = rng.integers(0, 256, size=(3, 6, 6, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        PIL.fromarray(image).save(tmp_path / f"{i}.png")
+    folder = load_image_folder(tmp_path, size=6)
+    assert folder.data.dtype == torch.uint8 and folder.data.shape == (3, 3, 6, 6)
+    as_before = torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(0, 3, 1, 2).mul(2.0).sub(1.0)
+    assert torch.equal(folder.images, as_before)
+    assert folder.images.dtype == torch.float32 and folder.images.min() >= -1 and folder.images.max() <= 1
+
+    grey16 = rng.integers(0, 65536, size=(6, 6), dtype=np.uint16)
+    PIL.fromarray(grey16).save(tmp_path / "1b.png")  # sorted between 1.png and 2.png
+    mixed = load_image_folder(tmp_path, size=6)
+    assert mixed.data.dtype == torch.float32
+    assert torch.equal(mixed.images[[0, 1, 3]], as_before)
+    torch.testing.assert_close(mixed.images[2], torch.from_numpy(grey16.astype(np.float32) / 65535 * 2 - 1)
+                               .expand(3, 6, 6), rtol=0, atol=1e-6)
 
 
 def test_cifar10_errors(tmp_path):

@@ -10,7 +10,7 @@ import torch
 import ddpm_fast
 from ddpm_fast import reference
 from ddpm_fast import train as train_mod
-from ddpm_fast.data import load_digits
+from ddpm_fast.data import ImageDataset, load_digits, to_unit_range
 from ddpm_fast.unet import PRESETS
 from ddpm_fast.train import (EMA, TrainConfig, Trainer, dataset_of, draw_step, latest_checkpoint, load_checkpoint,
                              load_model, save_checkpoint, unet_config_for)
@@ -320,6 +320,15 @@ def test_train_step_is_the_written_out_step(digits):
     # Over a few steps the flips take both values (a draw that never flips would pass the step above).
     flips = torch.cat([draw_step(seed, s, 8, 40, 1000).flip for s in range(8)])
     assert flips.any() and not flips.all()
+
+
+def test_bytes_train_as_the_floats_they_stand_for():
+    """A dataset held as uint8 (8-bit images) is copied to the device as bytes and mapped to [-1, 1] per batch:
+    the run equals one on the same images given as float32, bit for bit."""
+    pixels = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8)
+    runs = [Trainer(_config(steps=3, checkpoint_every=100), None, dataset=ImageDataset("bytes", data)).train()
+            for data in (pixels, to_unit_range(pixels))]
+    assert runs[0] == runs[1]
 
 
 def test_dropout_follows_seed_and_step_and_the_caller_s_random_stream_is_left_alone(digits):
