@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 PROG = "ddpm-fast"
@@ -130,6 +131,15 @@ def _check_output(out: Path) -> None:
         raise UsageError(f"--out: cannot write into {str(existing)!r}")
 
 
+@contextlib.contextmanager
+def _nan_said_once():
+    """Inside, the Sampler does not warn of images holding NaN: _save_samples says it once, for all of them (under
+    torchrun, each rank's Sampler would say it for its share)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sampler.sample: .* end holding NaN", RuntimeWarning)
+        yield
+
+
 def _save_samples(images, seeds, out: Path) -> tuple[Path, Path]:
     import io
 
@@ -137,10 +147,11 @@ def _save_samples(images, seeds, out: Path) -> tuple[Path, Path]:
 
     from .sampler import write_atomically
     from .train import write_sample_grid
-    broken = int((~images.isfinite()).flatten(1).any(1).sum())
+    broken = [seed for seed, bad in zip(seeds, (~images.isfinite()).flatten(1).any(1).tolist()) if bad]
     if broken:  # the grid shows them as flat colour, which reads as a bad sample, not a broken model
-        print(f"{PROG}: warning: {broken} of {len(images)} samples hold NaN or inf values (a diverged model?)",
-              file=sys.stderr)
+        shown = ", ".join(map(str, broken[:8])) + (", ..." if len(broken) > 8 else "")
+        print(f"{PROG}: warning: {len(broken)} of {len(images)} samples hold NaN or inf values (seeds {shown}; a "
+              "diverged model?)", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_sample_grid(images, out)
     npz, buffer = out.with_suffix(".npz"), io.BytesIO()
@@ -250,8 +261,9 @@ def cmd_sample(args) -> int:
         sampler = Sampler(model, schedule, method=args.method, num_steps=args.steps, backend=args.backend, **options)
         seeds = torch.arange(args.seed, args.seed + args.num_samples, dtype=torch.int64)
         cfg = model.config
-        images = distributed.sample_sharded(sampler, seeds, (cfg.in_channels, cfg.sample_size, cfg.sample_size),
-                                            device, progress=distributed.rank() == 0, cuda_graph=args.cuda_graph)
+        with _nan_said_once():
+            images = distributed.sample_sharded(sampler, seeds, (cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                                                device, progress=distributed.rank() == 0, cuda_graph=args.cuda_graph)
         if images is not None:
             png, npz = _save_samples(images, seeds.tolist(), Path(args.out))
             _say(f"wrote {png} and {npz} ({args.num_samples} samples, {sampler.method} {sampler.num_steps} steps)")
@@ -436,7 +448,8 @@ def cmd_demo(args) -> int:
     model = trainer.ema_model()
     sampler = Sampler(model, trainer.schedule, method="ddim", num_steps=args.sample_steps)
     seeds = list(range(args.samples))
-    samples = _timed(lambda: sampler.sample(seeds, (1, 16, 16), progress=True), timings, "sample")
+    with _nan_said_once():
+        samples = _timed(lambda: sampler.sample(seeds, (1, 16, 16), progress=True), timings, "sample")
     png, npz = _save_samples(samples, seeds, out / "samples.png")
     _say(f"{args.samples} samples (fused DDIM, {args.sample_steps} steps) in {timings['sample_seconds']} s -> {png}")
 

@@ -283,9 +283,27 @@ def test_samples_with_nan_are_written_with_a_warning(tmp_path, capsys):
     images = torch.rand(3, 1, 4, 4) * 2 - 1
     images[1, 0, 2, 3] = float("nan")
     cli._save_samples(images, [0, 1, 2], tmp_path / "g.png")
-    assert capsys.readouterr().err == "ddpm-fast: warning: 1 of 3 samples hold NaN or inf values (a diverged model?)\n"
+    assert capsys.readouterr().err == ("ddpm-fast: warning: 1 of 3 samples hold NaN or inf values (seeds 1; a diverged "
+                                       "model?)\n")
     with np.load(tmp_path / "g.npz") as npz:
         assert np.isnan(npz["images"][1, 0, 2, 3]) and np.isfinite(npz["images"][[0, 2]]).all()
+
+
+def test_sample_says_once_which_seeds_gave_nan(tmp_path, capsys):
+    """A diverged model's samples: one warning line from the command, naming the seeds (the Sampler's own warning
+    would repeat it; pytest turns a warning into an error here, so it must not reach the caller)."""
+    from safetensors.torch import load_file, save_file
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), "--steps", "1", "--batch-size", "4"]) == 0
+    ema = next((run / "checkpoints").iterdir()) / "ema.safetensors"
+    weights = load_file(ema)
+    weights["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(weights, ema)
+    capsys.readouterr()
+    assert cli.main(["sample", str(run), "--num-samples", "3", "--seed", "5", "--steps", "2",
+                     "--out", str(tmp_path / "g.png")]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "NaN" in line]
+    assert warned == ["ddpm-fast: warning: 3 of 3 samples hold NaN or inf values (seeds 5, 6, 7; a diverged model?)"]
 
 
 def test_a_failed_write_keeps_the_previous_samples(tmp_path, monkeypatch):
