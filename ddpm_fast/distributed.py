@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["barrier", "default_device", "init_from_env", "is_distributed", "mean_over_ranks",
+__all__ = ["barrier", "default_device", "gather", "init_from_env", "is_distributed", "mean_over_ranks",
            "process_group", "rank", "sample_sharded", "shutdown", "world_size", "wrap_ddp"]
 
 
@@ -103,6 +103,15 @@ def mean_over_ranks(value: Tensor) -> Tensor:
     buf = value.detach().float().to(_collective_device(), copy=True)
     dist.all_reduce(buf)
     return buf / world_size()
+
+
+def gather(value) -> list:
+    """``value`` of every rank, in rank order (a picklable object; ``[value]`` without a process group)."""
+    if not is_distributed():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> Callable:

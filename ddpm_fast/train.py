@@ -562,6 +562,14 @@ class Trainer:
             raise ValueError(f"{str(newest.parent)!r} holds a checkpoint of step {_step_of(newest)}, past this "
                              f"run's step {self.step}: resume it (the CLI does, unless --no-resume), or train into "
                              "another folder")
+        # Ranks that start at different steps would train different models and stop at different steps (a hang):
+        # each resumes from its own view of out_dir, so a node that cannot see rank 0's checkpoints starts afresh.
+        steps_of_ranks = dist_utils.gather(self.step)
+        if len(set(steps_of_ranks)) > 1:
+            starts = ", ".join(f"rank {r}: {step}" for r, step in enumerate(steps_of_ranks))
+            raise ValueError(f"the torch.distributed ranks start at different steps ({starts}): each resumed from the "
+                             f"checkpoints it sees in {str(self.out_dir)!r}; every rank must see the same folder (a "
+                             "filesystem shared by the nodes)")
         self._forget_log_after(self.step)
         losses, start = [], time.perf_counter()
         # A time budget shows seconds (the step count it allows is unknown), else steps.

@@ -19,25 +19,27 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 
 
 DRIVER = """
-import sys
+import os, sys
 from ddpm_fast import cli, distributed
-# Both commands in one launch and one process group (a torchrun start costs three torch imports).
-train_args, sample_args = sys.argv[1:sys.argv.index("--then")], sys.argv[sys.argv.index("--then") + 1:]
+# Both commands in one launch and one process group (a torchrun start costs three torch imports); "{rank}" in an
+# argument is the rank's number.
+argv = [a.replace("{rank}", os.environ["RANK"]) for a in sys.argv[1:]]
+then = argv.index("--then") if "--then" in argv else len(argv)
 with distributed.process_group():
     assert distributed.is_distributed()
-    status = cli.main(train_args) or cli.main(sample_args)
+    status = cli.main(argv[:then]) or (then < len(argv) and cli.main(argv[then + 1:]))
 sys.exit(status)
 """
 
 
-def _torchrun(tmp_path, *args, timeout=300):
+def _torchrun(tmp_path, *args, timeout=300, succeeds=True):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver), *args]
     # The CPU and gloo, even on a machine with GPUs (two ranks on one GPU is an NCCL error).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (run.returncode == 0) == succeeds, run.stdout[-3000:] + run.stderr[-3000:]
     return run
 
 
@@ -74,6 +76,20 @@ def test_two_gloo_processes_train_and_sample(tmp_path):
     expected = Sampler(ema, schedule, method="ddim", num_steps=3).sample(seeds, (1, 16, 16))
     # Each image is a function of its seed; only the model's batch-size-dependent rounding differs.
     torch.testing.assert_close(gathered, expected, rtol=0, atol=1e-4)
+
+
+def test_ranks_that_see_different_checkpoints_stop_before_training(tmp_path):
+    """Nodes without a shared filesystem: rank 0 resumes from the checkpoint it sees, rank 1 sees none and starts
+    afresh. They would train two models (DDP averages their gradients) and, at different steps, end with a
+    hang; every rank stops before its first step instead, saying why."""
+    from ddpm_fast import cli
+    assert cli.main(["train", "--out", str(tmp_path / "run0"), "--steps", "1", "--batch-size", "8",
+                     "--device", "cpu"]) == 0
+    run = _torchrun(tmp_path, "train", "--out", str(tmp_path / "run{rank}"), "--steps", "2", "--batch-size", "8",
+                    "--device", "cpu", succeeds=False)
+    said = " ".join(run.stderr.split())
+    assert said.count("the torch.distributed ranks start at different steps (rank 0: 1, rank 1: 0)") == 2, said
+    assert not (tmp_path / "run1" / "checkpoints").exists()  # rank 1 took no step
 
 
 def test_process_group_leaves_with_peers_on_success_and_at_exit_on_error(monkeypatch):
