@@ -133,7 +133,8 @@ def _timesteps(t, batch: int, num_train_timesteps: int) -> torch.Tensor:
 
 def _copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor on ``device``. To a GPU through pinned memory and without waiting: a copy from pageable
-    memory first waits for every kernel already queued, which leaves the GPU idle behind the host."""
+    memory first waits for every kernel already queued, which leaves the GPU idle behind the host. (A tensor
+    already pinned is copied from as it is: it must not change until the copy is done.)"""
     if torch.device(device).type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)

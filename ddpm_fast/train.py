@@ -5,8 +5,9 @@ One training step (Ho et al. 2020, Algorithm 1): a batch x0, timesteps t ~ U[0, 
 (epsilon, x0 or v), the model's prediction, the mean squared error (optionally min-SNR-gamma
 weighted, Hang et al. 2023: :func:`ddpm_fast.reference.l_simple_loss`), Adam with a linear learning-rate
 warm-up and gradient-norm clipping, then an EMA of the weights. On a GPU a step never waits for the device:
-what it drew reaches the GPU in one copy from pinned memory, and ``train()`` reads each step's loss once the
-next step is queued, so the host's one wait per step leaves the GPU a step of work.
+what it drew reaches the GPU in one copy from pinned memory, and ``train()`` copies each step's loss to pinned
+memory without waiting and reads it once the next step is queued, waiting for that copy only: the GPU still
+has the next step's work while the host reads.
 
 Randomness is a pure function of (seed, step): the batch's images (an epoch-wise permutation), its
 timesteps, flips and noise seeds and the dropout generator are all derived from them. Resuming from a
@@ -436,6 +437,24 @@ def _autocast(amp: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+class _HostCopy:
+    """A small device tensor's values on their way to the host, copied without waiting. ``values()`` waits for that
+    copy only: ``.tolist()`` on the device tensor would wait for all the work queued after it too."""
+
+    def __init__(self, tensor: Tensor):
+        self.host, self.copied = tensor, None
+        if tensor.device.type == "cuda":
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record(torch.cuda.current_stream(tensor.device))
+
+    def values(self) -> list:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
+
+
 @contextlib.contextmanager
 def _seeded_global_rng(seed: int, device: torch.device):
     """Inside, the global generators of the CPU and of ``device`` start from ``seed``; after, they are as they
@@ -572,19 +591,20 @@ class Trainer:
                              "filesystem shared by the nodes)")
         self._forget_log_after(self.step)
         losses, start = [], time.perf_counter()
+        out_of_time = lambda: time_limit is not None and time.perf_counter() - start > time_limit  # noqa: E731
         # A time budget shows seconds (the step count it allows is unknown), else steps.
         bar = (_bar(math.ceil(time_limit), 0, self.progress, "s") if time_limit is not None
                else _bar(steps, self.step, self.progress, "step"))
         # (step, [loss, share of ranks voting to stop], both averaged over ranks) of the steps queued and not yet
         # read. A step's are read once the next step is queued: the device still has work while the host waits.
-        unread: list[tuple[int, Tensor]] = []
+        unread: list[tuple[int, _HostCopy]] = []
 
         def read(keep: int) -> bool:
             """Log all but the ``keep`` newest unread steps; whether a rank asked to stop in one of them."""
             stop = False
             while len(unread) > keep:
                 step, status = unread.pop(0)
-                loss, votes = status.tolist()
+                loss, votes = status.values()
                 losses.append(loss)
                 bar.set_postfix(step=step, loss=f"{loss:.4f}", refresh=False)
                 self._log({"step": step, "loss": loss, "lr": self.lr_at(step - 1)})
@@ -598,11 +618,9 @@ class Trainer:
                     bar.update(1)
                 else:
                     bar.update(min(math.ceil(time_limit), int(time.perf_counter() - start)) - bar.n)
-                out_of_time = time_limit is not None and time.perf_counter() - start > time_limit
-                stop_here = out_of_time or self.stop_requested
                 # One all-reduce carries the loss and the vote to stop (none at all without a process group).
-                status = torch.stack([loss, loss.new_full((), stop_here)])
-                unread.append((self.step, dist_utils.mean_over_ranks(status)))
+                status = torch.stack([loss, loss.new_full((), out_of_time() or self.stop_requested)])
+                unread.append((self.step, _HostCopy(dist_utils.mean_over_ranks(status))))
                 saves = self.step % self.config.checkpoint_every == 0
                 samples = self.config.sample_every and self.step % self.config.sample_every == 0
                 # Every step up to a checkpoint is logged before it (a resume keeps the records up to its step).
@@ -611,8 +629,9 @@ class Trainer:
                     self.save()
                 if samples:
                     self.sample_grid()
-                # Alone, the process stops at once; ranks stop together, at the step in which the vote is read.
-                if stop_voted or (self.world == 1 and stop_here):
+                # Alone, the process stops at once (also for a request during a save); ranks stop together, at the
+                # step in which the vote is read.
+                if stop_voted or (self.world == 1 and (out_of_time() or self.stop_requested)):
                     break
             read(keep=0)
         finally:

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import shutil
 
 import pytest
@@ -351,6 +352,14 @@ def test_dropout_follows_seed_and_step_and_the_caller_s_random_stream_is_left_al
     assert run(first, 0.3) != run(first, 0.0)  # dropout acts in these runs
 
 
+def test_a_stop_asked_for_during_a_save_ends_that_step(digits, monkeypatch):
+    """One process: a request_stop (Ctrl-C) that lands while a checkpoint is written ends training there, without
+    another step and another checkpoint."""
+    trainer = Trainer(_config(steps=10, checkpoint_every=2), None, dataset=digits)
+    monkeypatch.setattr(trainer, "save", lambda: trainer.request_stop() if trainer.step == 2 else None)
+    assert len(trainer.train()) == 2 and trainer.step == 2
+
+
 def test_ranks_stop_together_the_step_after_a_vote(digits, monkeypatch):
     """Under torch.distributed a step's vote to stop (request_stop or the time limit, on any rank) travels in
     the all-reduce of its loss, read when the next step is queued: every rank ends after that next step. Here
@@ -373,10 +382,11 @@ def test_ranks_stop_together_the_step_after_a_vote(digits, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_training_step_waits_for_the_gpu_once(digits):
-    """The loop reads each step's loss (the one host sync a step needs) a step late, and nothing else in a step
-    waits: the draws reach the GPU in one copy from pinned memory, the min-SNR weights too, no loss.item().
-    Counted with torch's sync debug mode, after a first step has done its one-time set-up."""
+def test_a_training_step_never_waits_for_the_gpu(digits):
+    """Nothing in a step makes the host wait for the stream: the draws reach the GPU in one copy from pinned
+    memory, the min-SNR weights too, and the loop reads each loss from pinned memory after an event (which sync
+    debug mode does not count, and which waits for that copy only: see the next test). After a first step's
+    one-time set-up."""
     import warnings
     trainer = Trainer(_config(steps=7, checkpoint_every=100), None, dataset=digits, device="cuda")
     trainer.train(steps=1)
@@ -384,11 +394,25 @@ def test_a_training_step_waits_for_the_gpu_once(digits):
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            trainer.train()
+            losses = trainer.train()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-    assert 0 < len(syncs) <= 6, f"{len(syncs)} host syncs in 6 steps: {syncs[:3]}"
+    assert syncs == [], f"{len(syncs)} host syncs in 6 steps: {syncs[:3]}"
+    assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reading_a_loss_leaves_the_gpu_its_queued_work():
+    """The loop's read of step s's loss returns while step s + 1 still runs (here: half a second of GPU sleep
+    queued after the copy); ``.tolist()`` on the device tensor would have waited for it."""
+    expected = torch.rand(2)
+    copy = train_mod._HostCopy(expected.cuda())
+    torch.cuda._sleep(10**9)  # ~0.5 s at the H200's clock: the next step
+    assert copy.values() == expected.tolist()
+    assert not torch.cuda.current_stream().query(), "the read waited for the work queued after the copy"
+    torch.cuda.synchronize()
 
 
 @pytest.mark.gpu
