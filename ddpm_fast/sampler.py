@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import struct
 import sys
@@ -33,7 +34,7 @@ from ._native import backend_missing_reason
 from .ops import get_backend, randn, step
 from .ops.checks import FLOAT_DTYPES
 from .schedule import (PREDICTION_TYPES, TIMESTEP_SPACINGS, NoiseSchedule, StepTable, _check_choice, _check_int,
-                       ddim_table, ddpm_table, sampling_timesteps)
+                       _check_timesteps, ddim_table, ddpm_table, sampling_timesteps)
 from .weight_casts import WeightCasts, parameter_slots, storage_key
 
 __all__ = ["METHODS", "Sampler", "save_image_grid", "scheduler_options"]
@@ -80,6 +81,8 @@ def _seeds_tensor(seeds, device) -> Tensor:
 
     Returns (B,) int64 contiguous on ``device`` (the seeds' own device when ``device`` is None).
     """
+    if not isinstance(seeds, (Tensor, Sequence)) and hasattr(seeds, "__array__"):  # a numpy array: np.arange(8)
+        seeds = torch.as_tensor(seeds)
     if isinstance(seeds, Tensor):
         if seeds.dtype.is_floating_point or seeds.dtype.is_complex or seeds.dtype == torch.bool:
             raise TypeError(f"Sampler.sample: seeds must be an int64 tensor or a list of ints, got dtype {seeds.dtype}")
@@ -92,8 +95,9 @@ def _seeds_tensor(seeds, device) -> Tensor:
                         f"got {type(seeds).__name__}")
     values = []
     for i, s in enumerate(seeds):
-        if isinstance(s, bool) or not isinstance(s, int):
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):  # numpy's integers are Integral too
             raise TypeError(f"Sampler.sample: seeds[{i}] must be an int, got {type(s).__name__} {s!r}")
+        s = int(s)
         if not -(2**63) <= s < 2**64:
             raise ValueError(f"Sampler.sample: seeds[{i}] must fit in 64 bits ([-2**63, 2**64)), got {s}")
         values.append(s - 2**64 if s >= 2**63 else s)  # the same uint64 key, stored as int64
@@ -257,7 +261,10 @@ class Sampler:
         model: the denoiser. It is called under ``torch.no_grad()``; put it in eval mode yourself.
         schedule: the :class:`~ddpm_fast.schedule.NoiseSchedule` the model was trained with.
         method: "ddpm" (ancestral, diffusers' DDPMScheduler) or "ddim" (diffusers' DDIMScheduler).
-        num_steps: number of sampling steps, in [1, T]; None: all T train timesteps.
+        num_steps: number of sampling steps, in [1, T]; None: all T train timesteps (or those of ``timesteps``).
+        timesteps: DDPM only: the timesteps to visit, strictly descending in [0, T) (diffusers' custom timesteps,
+            ``set_timesteps(timesteps=...)``); each step lands on the next one, the last on x_0. Instead of
+            num_steps, timestep_spacing and steps_offset.
         eta: DDIM only, >= 0 (0: deterministic DDIM, 1: DDPM's posterior variance). DDPM refuses eta != 0.
         prediction_type: "epsilon", "sample" or "v_prediction".
         variance_type: DDPM only: "fixed_small", "fixed_small_log", "fixed_large" or "learned_range".
@@ -275,7 +282,8 @@ class Sampler:
     """
 
     def __init__(self, model: Callable, schedule: NoiseSchedule, *, method: str = "ddpm", num_steps: int | None = None,
-                 eta: float = 0.0, prediction_type: str = "epsilon", variance_type: str = "fixed_small",
+                 timesteps: Sequence[int] | Tensor | None = None, eta: float = 0.0,
+                 prediction_type: str = "epsilon", variance_type: str = "fixed_small",
                  timestep_spacing: str = "leading", steps_offset: int = 0, clip_range: float | None = 1.0,
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  sample_max_value: float = 1.0, set_alpha_to_one: bool = True,
@@ -289,6 +297,17 @@ class Sampler:
         _choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         T = schedule.num_train_timesteps
         N = T if num_steps is None else _int("num_steps", num_steps, lo=1, hi=T)
+        if timesteps is not None:
+            if num_steps is not None:
+                raise ValueError(f"Sampler: give num_steps or timesteps, got both (num_steps={num_steps!r})")
+            if method != "ddpm":  # DDIM steps T // N back from each timestep (diffusers' rule): no custom sequence
+                raise ValueError("Sampler: timesteps (a custom sequence) apply to method='ddpm' only, as diffusers' "
+                                 "set_timesteps(timesteps=...) does; DDIM takes num_steps and timestep_spacing")
+            try:
+                timesteps = _check_timesteps(timesteps, T)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"Sampler: {error}") from None
+            N = len(timesteps)
         steps_offset = _int("steps_offset", steps_offset, lo=0)
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (eta >= 0 and math.isfinite(eta)):
             raise ValueError(f"Sampler: eta must be a finite number >= 0, got {eta!r}")
@@ -312,7 +331,8 @@ class Sampler:
             raise ValueError(f"Sampler: {error}") from None
 
         try:  # the schedule's own checks (e.g. steps_offset pushing a timestep past T, zero-SNR epsilon)
-            timesteps = sampling_timesteps(T, N, timestep_spacing, steps_offset)
+            if timesteps is None:
+                timesteps = sampling_timesteps(T, N, timestep_spacing, steps_offset)
             if method == "ddpm":
                 table = ddpm_table(schedule, timesteps, prediction_type, variance_type)
             else:
@@ -338,23 +358,29 @@ class Sampler:
     def from_scheduler(cls, model: Callable, scheduler, **options) -> "Sampler":
         """A Sampler that samples as ``scheduler`` does: a diffusers ``DDPMScheduler`` / ``DDIMScheduler`` (or
         ours), or its config. Its schedule and the options it holds carry over (prediction and variance type,
-        timestep spacing and offset, clipping, thresholding, set_alpha_to_one), as does the number of steps
-        of ``set_timesteps``; ``options`` (those of the constructor: method, num_steps, eta, ...) override.
-        A config that names no DDPM or DDIM scheduler needs ``method``."""
+        timestep spacing and offset, clipping, thresholding, set_alpha_to_one), as do the number of steps
+        or the custom timesteps of ``set_timesteps``; ``options`` (those of the constructor: method, num_steps,
+        eta, ...) override. A config that names no DDPM or DDIM scheduler needs ``method``."""
         if isinstance(scheduler, Mapping):
             config, name = scheduler, scheduler.get("_class_name")
         elif isinstance(getattr(scheduler, "config", None), Mapping):
             config, name = scheduler.config, type(scheduler).__name__
             steps = getattr(scheduler, "num_inference_steps", None)
-            if steps is not None and "num_steps" not in options:
-                options["num_steps"] = steps
+            if {"num_steps", "timesteps"}.isdisjoint(options):
+                if getattr(scheduler, "custom_timesteps", False):  # set_timesteps(timesteps=[...])
+                    options["timesteps"] = torch.as_tensor(scheduler.timesteps).cpu()
+                elif steps is not None:
+                    options["num_steps"] = steps
         else:
             raise TypeError(f"Sampler.from_scheduler: scheduler must be a diffusers scheduler or its config (a "
                             f"mapping), got {type(scheduler).__name__}")
         method = options.pop("method", None) or _SCHEDULER_METHODS.get(name)
+        if method is None and name is None:  # a scheduler's in-memory .config: only a saved one names its class
+            raise ValueError("Sampler.from_scheduler: the config has no _class_name to say whether it is a DDPM or a "
+                             "DDIM scheduler's; pass the scheduler itself, or method='ddpm' or 'ddim'")
         if method is None:
-            raise ValueError(f"Sampler.from_scheduler: {name or 'a config without _class_name'} is not a DDPM or "
-                             f"DDIM scheduler; pass method='ddpm' or 'ddim' to sample with its schedule anyway")
+            raise ValueError(f"Sampler.from_scheduler: {name} is not a DDPM or DDIM scheduler; pass method='ddpm' "
+                             f"or 'ddim' to sample with its schedule anyway")
         return cls(model, NoiseSchedule.from_config(config), method=method,
                    **{**scheduler_options(config, method), **options})
 
@@ -764,6 +790,8 @@ def write_atomically(path, data: bytes) -> None:
     """``path`` holds ``data`` or, after any failure, what it held before: a temporary file in the same
     folder, synced, then os.replace."""
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):  # else mkstemp's error names the temporary file, not the one asked for
+        raise FileNotFoundError(f"cannot write {os.fspath(path)!r}: its folder {folder!r} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; an output is meant to be read by others

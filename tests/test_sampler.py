@@ -392,7 +392,9 @@ def _random_diffusers_scheduler(rng) -> dict:
         config["set_alpha_to_one"] = rng.random() < 0.5
     # Dropped fields take their defaults, on both sides.
     config = {k: v for k, v in config.items() if k == "num_train_timesteps" or rng.random() < 0.8}
-    return dict(kind=kind, config=config, steps=steps, as_config=rng.random() < 0.3)
+    # DDPM's custom timesteps (set_timesteps(timesteps=[...])): any strictly descending subset.
+    custom = sorted(rng.sample(range(T), steps), reverse=True) if kind == "ddpm" and rng.random() < 0.3 else None
+    return dict(kind=kind, config=config, steps=steps, timesteps=custom, as_config=rng.random() < 0.3)
 
 
 def _check_sampler_from_scheduler(case):
@@ -404,15 +406,17 @@ def _check_sampler_from_scheduler(case):
     theirs_cls, ours_cls = (DDPMScheduler, FastDDPMScheduler) if case["kind"] == "ddpm" else (DDIMScheduler,
                                                                                              FastDDIMScheduler)
     theirs = theirs_cls(**case["config"])
-    theirs.set_timesteps(case["steps"])
+    steps = dict(timesteps=case["timesteps"]) if case["timesteps"] else dict(num_inference_steps=case["steps"])
+    theirs.set_timesteps(**steps)
     model = _Toy(case["config"]["num_train_timesteps"])
     if case["as_config"]:  # a saved config (scheduler_config.json): the method from its _class_name
         saved = json.loads(theirs.to_json_string())
-        sampler = Sampler.from_scheduler(model, saved, num_steps=case["steps"])
+        sampler = Sampler.from_scheduler(model, saved, **({"timesteps": case["timesteps"]} if case["timesteps"]
+                                                          else {"num_steps": case["steps"]}))
     else:
         sampler = Sampler.from_scheduler(model, theirs)
     ours = ours_cls.from_config(theirs.config)
-    ours.set_timesteps(case["steps"])
+    ours.set_timesteps(**steps)
     table = ours.step_table()
     theirs_ts = theirs.timesteps.tolist()
     if len(theirs_ts) == case["steps"] + 1 and theirs_ts[-1] == -1:  # diffusers' trailing quirk (schedule.py)
@@ -434,6 +438,7 @@ def test_from_scheduler_samples_as_the_scheduler_steps():
 
 def test_from_scheduler_options_override_and_errors():
     diffusers = pytest.importorskip("diffusers")
+    from ddpm_fast.diffusers_compat import FastDDIMScheduler
     ddpm = diffusers.DDPMScheduler(variance_type="fixed_large", clip_sample=False, timestep_spacing="trailing")
     model = _Toy(1000)
     # DDIM from a DDPM config: DDPM's variance type does not apply, the rest carries over.
@@ -449,8 +454,20 @@ def test_from_scheduler_options_override_and_errors():
     with pytest.raises(ValueError, match="PNDMScheduler is not a DDPM or DDIM scheduler; pass method="):
         Sampler.from_scheduler(model, diffusers.PNDMScheduler())
     assert Sampler.from_scheduler(model, diffusers.PNDMScheduler(), method="ddpm").method == "ddpm"
-    with pytest.raises(ValueError, match="a config without _class_name is not a DDPM or DDIM scheduler"):
-        Sampler.from_scheduler(model, {"num_train_timesteps": 10})
+    with pytest.raises(ValueError, match="the config has no _class_name to say whether it is a DDPM or a DDIM "
+                                         "scheduler's; pass the scheduler itself, or method="):
+        Sampler.from_scheduler(model, FastDDIMScheduler().config)  # in memory: only a saved config names its class
+    assert Sampler.from_scheduler(model, FastDDIMScheduler().config, method="ddim").method == "ddim"
+    # Custom timesteps: DDPM's alone (as diffusers'), instead of num_steps, checked.
+    ddpm.set_timesteps(timesteps=[999, 750, 500, 250, 0])
+    assert Sampler.from_scheduler(model, ddpm).timesteps.tolist() == [999, 750, 500, 250, 0]
+    assert Sampler.from_scheduler(model, ddpm, num_steps=3).num_steps == 3  # an option overrides them
+    with pytest.raises(ValueError, match="give num_steps or timesteps, got both"):
+        Sampler(model, NoiseSchedule(1000), num_steps=3, timesteps=[9, 5, 0])
+    with pytest.raises(ValueError, match="timesteps \\(a custom sequence\\) apply to method='ddpm' only"):
+        Sampler(model, NoiseSchedule(1000), method="ddim", timesteps=[9, 5, 0])
+    with pytest.raises(ValueError, match="Sampler: timesteps must be strictly descending, got \\[5, 9, 0\\]"):
+        Sampler(model, NoiseSchedule(1000), timesteps=[5, 9, 0])
     with pytest.raises(TypeError, match="scheduler must be a diffusers scheduler or its config"):
         Sampler.from_scheduler(model, 3)
 
@@ -907,6 +924,24 @@ def test_bad_save_image_grid_arguments(tmp_path, monkeypatch, args, kwargs, erro
     with pytest.raises(error, match=match):
         save_image_grid(*args, **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_grid_into_a_missing_folder_names_the_path_given(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cannot write '.*nope/g\.png': its folder '.*nope' does not exist"):
+        save_image_grid(torch.rand(2, 3, 4, 4) * 2 - 1, tmp_path / "nope" / "g.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_numpy_seeds_are_seeds(schedule):
+    """np.arange(B), a list of numpy integers and an int64 tensor give the same images."""
+    import numpy as np
+    sampler = Sampler(_Toy(1000), schedule, num_steps=2)
+    seeds = torch.randint(0, 2**62, (3,))
+    images = sampler.sample(seeds, SHAPE)
+    assert torch.equal(sampler.sample(seeds.numpy(), SHAPE), images)
+    assert torch.equal(sampler.sample(list(seeds.numpy()), SHAPE), images)
+    with pytest.raises(TypeError, match="seeds must be an int64 tensor or a list of ints, got dtype torch.float64"):
+        sampler.sample(np.array([1.0, 2.0]), SHAPE)
 
 
 def test_no_warnings_on_plain_sampling(schedule):
