@@ -28,7 +28,7 @@ Usage with a pipeline::
 
 Deliberate differences from diffusers (each raises a clear error instead of returning NaN/garbage):
 variance types "learned" and "fixed_large_log" (see `schedule._REFUSED_VARIANCE_TYPES`), a "leading"
-steps_offset that pushes a timestep past T - 1, and model_output / sample of different dtypes. For the
+steps_offset that pushes a timestep past T - 1. For the
 (T, N) where diffusers' "trailing" spacing yields N + 1 timesteps ending in -1, we return the first N
 (`schedule.sampling_timesteps`). Assigning `betas`, `alphas`, `alphas_cumprod` (or DDIM's
 `final_alpha_cumprod`) other values raises: the steps read the float64 schedule built from the config, so
@@ -401,8 +401,12 @@ class _FastScheduler(SchedulerMixin):
             raise ValueError(f"{cls.__name__}.from_pretrained: {str(file)!r} must hold a JSON object")
         return cls.from_config(config, return_unused_kwargs, **overrides)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write `scheduler_config.json` (diffusers' format) into `save_directory`; returns the file's path."""
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> Path:
+        """Write `scheduler_config.json` (diffusers' format) into `save_directory`; returns the file's path.
+        diffusers' signature: its other keywords are for the Hub, which we do not push to."""
+        if push_to_hub:
+            raise NotImplementedError(f"{type(self).__name__}.save_pretrained: push_to_hub is not supported; save, "
+                                      "then upload the folder with huggingface_hub")
         if not isinstance(save_directory, (str, os.PathLike)):
             raise TypeError(f"save_directory must be a str or os.PathLike, got {type(save_directory).__name__}")
         directory = Path(save_directory)
@@ -573,6 +577,12 @@ class _FastScheduler(SchedulerMixin):
             raise ValueError(f"sample must have shape (B, ...), got {tuple(sample.shape)}")
 
     def _fused(self, table, model_output, t, sample, noise, return_dict):
+        if model_output.dtype != sample.dtype and model_output.is_floating_point() and sample.is_floating_point():
+            # diffusers' arithmetic promotes them (a bf16-autocast model's output for a float32 sample): so do we,
+            # for the kernels, which take one dtype.
+            dtype = torch.promote_types(model_output.dtype, sample.dtype)
+            model_output, sample = model_output.to(dtype), sample.to(dtype)
+            noise = None if noise is None else noise.to(dtype)
         shape = sample.shape
         if sample.dim() == 1:  # one value per sample: the kernels' (B, C, ...) with C = 1
             if model_output.shape != shape:

@@ -102,7 +102,8 @@ def _inputs(prediction_type, variance_type, seed):
 def _compare_step(ours, theirs, twin, patch_module, t, x, m, what, **kwargs):
     """One step of ours / stock diffusers / the float64 twin at timestep t, each with generator seed 1234.
 
-    x, m: in the storage dtype under test; the twin gets them (and the noise) cast to float64.
+    x, m: in the storage dtype under test; the twin gets them (and the noise, drawn in m's dtype, as diffusers
+    draws it) cast to float64.
     """
     g_ours, g_theirs = _gen(1234), _gen(1234)
     out = ours.step(m, torch.tensor(t), x, generator=g_ours, **kwargs)
@@ -111,11 +112,11 @@ def _compare_step(ours, theirs, twin, patch_module, t, x, m, what, **kwargs):
     # Same draws under the same conditions: the generators end in the same state.
     assert torch.equal(g_ours.get_state(), g_theirs.get_state()), f"{what}: noise drawn differently"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(patch_module, "randn_tensor", _draws_in(x.dtype))
+        mp.setattr(patch_module, "randn_tensor", _draws_in(m.dtype))
         truth = twin.step(m.double(), torch.tensor(t), x.double(), generator=_gen(1234), **kwargs)
     C = x.shape[1]
     v = m[:, C:].double() if m.shape[1] == 2 * C else None
-    z = torch.randn(SHAPE, generator=_gen(1234), dtype=x.dtype).double()
+    z = torch.randn(SHAPE, generator=_gen(1234), dtype=m.dtype).double()
     ddim_args = {k: kwargs[k] for k in ("eta", "use_clipped_model_output") if k in kwargs}
     table = ours.step_table(**ddim_args)
     mag_prev, mag_x0 = _magnitudes(table, t, x.double(), m[:, :C].double(), v, z, truth.pred_original_sample)
@@ -262,6 +263,25 @@ def test_half_and_double_precision_step_matches_diffusers(kind, dtype):
         x, m = (a.to(dtype) for a in _inputs(config["prediction_type"], "fixed_small", seed=50 + i))
         _compare_step(ours, twin if dtype == torch.float64 else theirs, twin, module, t, x, m, f"{kind} {dtype}",
                       **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_an_autocast_model_s_output_steps_a_float32_sample_as_diffusers(kind):
+    """Under autocast a model returns bfloat16 for a float32 sample: diffusers' arithmetic promotes them, and so
+    do we (a DDPMPipeline run under autocast used to fail on our scheduler): float32 out, the noise drawn in the
+    output's dtype, as diffusers draws it, and the derived tolerance of the float32 steps against the float64
+    twin (diffusers rounds some of its products to bfloat16 there; we compute in float32)."""
+    config = dict(prediction_type="epsilon", **_clip_config(1.0))
+    ours, theirs = (FastDDPMScheduler(**config), DDPMScheduler(**config)) if kind == "ddpm" else (
+        FastDDIMScheduler(**config), DDIMScheduler(**config))
+    module, kwargs = (scheduling_ddpm, {}) if kind == "ddpm" else (scheduling_ddim, dict(eta=1.0))
+    ours.set_timesteps(20)
+    theirs.set_timesteps(20)
+    x, m = _inputs("epsilon", "fixed_small", seed=int(torch.randint(0, 2**31, ())))
+    m = m.to(torch.bfloat16)
+    assert ours.step(m, 500, x, generator=_gen(3), **kwargs).prev_sample.dtype == torch.float32
+    for t in (950, 500, 0):
+        _compare_step(ours, theirs, _twin(theirs, ours), module, t, x, m, f"{kind} bf16 output", **kwargs)
 
 
 def test_zero_terminal_snr_with_epsilon_explains_instead_of_nan():
@@ -633,7 +653,9 @@ def test_config_is_read_only_and_copyable():
 def test_save_pretrained_from_pretrained_round_trip(cls, tmp_path):
     Ours, Theirs = (FastDDPMScheduler, DDPMScheduler) if cls == "ddpm" else (FastDDIMScheduler, DDIMScheduler)
     ours = Ours(**OVERRIDES, trained_betas=[0.01] * 1000)
-    ours.save_pretrained(tmp_path / "scheduler")
+    ours.save_pretrained(tmp_path / "scheduler", push_to_hub=False)  # diffusers' signature
+    with pytest.raises(NotImplementedError, match="push_to_hub is not supported"):
+        ours.save_pretrained(tmp_path / "hub", push_to_hub=True)
     assert dict(Ours.from_pretrained(tmp_path, subfolder="scheduler").config) == dict(ours.config)
     by_name = Ours.from_pretrained(pretrained_model_name_or_path=tmp_path, subfolder="scheduler")  # diffusers' name
     assert dict(by_name.config) == dict(ours.config)
