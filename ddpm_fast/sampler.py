@@ -104,6 +104,27 @@ def _seeds_tensor(seeds, device) -> Tensor:
     return torch.tensor(values, dtype=torch.int64, device="cpu" if device is None else device)
 
 
+def _model_kwargs(model_kwargs, device: torch.device) -> dict:
+    """sample's model_kwargs as a dict, its tensors on ``device``."""
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, Mapping) or not all(isinstance(k, str) for k in model_kwargs):
+        raise TypeError(f"Sampler.sample: model_kwargs must be a mapping of argument names to values, got "
+                        f"{type(model_kwargs).__name__}")
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in model_kwargs.items()}
+
+
+def _kwargs_key(model_kwargs: Mapping) -> tuple:
+    """What a graph (or the hoisted casts) bakes in of the model's keyword arguments: each tensor's shape, dtype and
+    device (its values are copied in on each call), a number's or string's value, any other object's identity
+    (an array's == would not give one bool)."""
+    def key(v):
+        if isinstance(v, Tensor):
+            return "tensor", tuple(v.shape), v.dtype, v.device
+        return ("value", v) if v is None or isinstance(v, (bool, int, float, str)) else ("object", id(v))
+    return tuple((k, key(v)) for k, v in sorted(model_kwargs.items()))
+
+
 def _shape(shape) -> tuple[int, ...]:
     if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
         raise TypeError(f"Sampler.sample: shape must be a tuple (C, H, W), got {type(shape).__name__}")
@@ -392,10 +413,10 @@ class Sampler:
 
     # ---------------------------------------------------------------------------------------- one step
 
-    def _step(self, x: Tensor, t: Tensor, seeds: Tensor | None) -> Tensor:
+    def _step(self, x: Tensor, t: Tensor, seeds: Tensor | None, model_kwargs: Mapping) -> Tensor:
         """model + reverse step: x (B, C, ...) at timesteps t (B,) -> x at prev(t). No host sync."""
         expected = (x.shape[0], x.shape[1] * self._out_channels_factor, *x.shape[2:])
-        out = _unwrap(self.model(x, t), expected, x.dtype)
+        out = _unwrap(self.model(x, t, **model_kwargs), expected, x.dtype)
         prev, _ = step(out, t, x, self.table, seeds=seeds, clip_range=self.clip_range,
                        thresholding=self.thresholding, dynamic_thresholding_ratio=self.dynamic_thresholding_ratio,
                        sample_max_value=self.sample_max_value, return_pred_original=False, backend=self.backend)
@@ -405,7 +426,8 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, seeds, shape=None, *, device=None, dtype: torch.dtype | None = None,
-               progress: bool = False, return_trajectory: bool = False, cuda_graph: bool = False):
+               model_kwargs: Mapping | None = None, progress: bool = False, return_trajectory: bool = False,
+               cuda_graph: bool = False):
         """Draw one image per seed.
 
         Args:
@@ -418,6 +440,10 @@ class Sampler:
                 model's (an nn.Module's first floating-point parameter's, as diffusers' pipelines take
                 ``unet.dtype``), float32 for a plain callable. A float32 model samples in bfloat16 under
                 ``torch.autocast``, or with ``dtype=torch.bfloat16`` when its forward casts for itself.
+            model_kwargs: keyword arguments of every model call, e.g. ``{"class_labels": labels}`` for a
+                class-conditional model, with ``labels[b]`` for ``seeds[b]`` (an image then depends on its seed
+                and its own conditioning only); tensors are moved to ``device``. Under ``cuda_graph`` the
+                tensors are copied into the graph's buffers on each call; other values are part of its key.
             progress: show a progress bar (tqdm when installed, else a line on stderr).
             return_trajectory: also return every x_t, x_T first (unclamped).
             cuda_graph: on CUDA, capture model + step once (per batch shape, dtype, autocast state and
@@ -440,6 +466,7 @@ class Sampler:
         if device is None:
             device = _default_device(self.model, seeds)
         seeds = _seeds_tensor(seeds, device)
+        model_kwargs = _model_kwargs(model_kwargs, seeds.device)
         shape = _infer_shape(self.model) if shape is None else _shape(shape)
         if dtype is None:
             dtype = _parameter_dtype(self.model) or torch.float32
@@ -469,10 +496,11 @@ class Sampler:
         slots = parameter_slots(self.model) if isinstance(self.model, torch.nn.Module) else []
         storage = storage_key(slots)
         with self._explained_dtype_errors(x):
-            casts = self._weight_casts(x, ts[0], storage)
+            casts = self._weight_casts(x, ts[0], model_kwargs, storage)
             with casts.swapped(slots) if casts is not None else contextlib.nullcontext():
                 # The casts themselves in the key: compared by identity, and kept alive while a graph reads them.
-                graphed = self._graphed_loop(x, ts, step_seeds, (storage, casts)) if cuda_graph else None
+                graphed = (self._graphed_loop(x, ts, step_seeds, model_kwargs, (storage, casts)) if cuda_graph
+                           else None)
                 if graphed is not None:
                     x = graphed.x  # the graph's own buffer: each replay advances it by one step in place
 
@@ -482,7 +510,7 @@ class Sampler:
                         if graphed is not None:
                             graphed.graph.replay()
                         else:
-                            x = self._step(x, ts[i], step_seeds)
+                            x = self._step(x, ts[i], step_seeds, model_kwargs)
                         if trajectory is not None:
                             trajectory.append(x.clone() if graphed is not None else x)
                         bar.update(1)
@@ -510,26 +538,27 @@ class Sampler:
                             f"{in_its_dtype}convert it (model.to({x.dtype})) or sample under torch.autocast "
                             f"({error})") from error
 
-    def _weight_casts(self, x: Tensor, t: Tensor, storage: tuple) -> WeightCasts | None:
+    def _weight_casts(self, x: Tensor, t: Tensor, model_kwargs: Mapping, storage: tuple) -> WeightCasts | None:
         """The model's weight casts to hoist out of the loop (None: nothing to hoist), recorded by one forward
-        on ``x``, ``t`` the first time this model (``storage``: its tensors), batch and autocast state are seen."""
+        on ``x``, ``t`` the first time this model (``storage``: its tensors), batch, keyword arguments and
+        autocast state are seen."""
         model = self.model
         if not isinstance(model, torch.nn.Module):
             return None
         dev = x.device.type
         key = (id(model), tuple(x.shape), x.dtype, x.device, torch.is_autocast_enabled(dev),
-               torch.get_autocast_dtype(dev), storage)
+               torch.get_autocast_dtype(dev), storage, _kwargs_key(model_kwargs))
         if self._casts is None or self._casts[0] != key:
             # A compiled model, or one holding a compiled module, makes its casts inside its own graph (Inductor
             # fuses them into the kernels that read them). Recording it under a dispatch mode would make dynamo
             # compile frame by frame, and swapped parameters would fail its guards: it is left alone.
-            casts = None if _holds_compiled(model) else WeightCasts.record(model, lambda: model(x, t))
+            casts = None if _holds_compiled(model) else WeightCasts.record(model, lambda: model(x, t, **model_kwargs))
             self._casts = key, (casts if casts is not None and casts.plan else None)
         return self._casts[1]
 
     # ---------------------------------------------------------------------------------------- CUDA graph
 
-    def _graph_key(self, x: Tensor, seeded: bool, model_key: tuple) -> tuple:
+    def _graph_key(self, x: Tensor, seeded: bool, model_kwargs: Mapping, model_key: tuple) -> tuple:
         """What a captured graph bakes in besides the values in its buffers: the batch's shape, dtype and
         device, whether the step draws noise, the step's options and table (kernel arguments), the autocast
         state, the model and ``model_key``: its tensors' storage (a graph reads parameters by address, so
@@ -538,9 +567,11 @@ class Sampler:
         autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         options = (self.clip_range, self.thresholding, self.dynamic_thresholding_ratio, self.sample_max_value,
                    id(self.table), self.backend or get_backend())
-        return (tuple(x.shape), x.dtype, x.device, seeded, options, autocast, id(self.model), model_key)
+        return (tuple(x.shape), x.dtype, x.device, seeded, options, autocast, id(self.model), model_key,
+                _kwargs_key(model_kwargs))
 
-    def _graphed_loop(self, x: Tensor, ts: Tensor, seeds: Tensor | None, model_key: tuple) -> "_GraphedStep | None":
+    def _graphed_loop(self, x: Tensor, ts: Tensor, seeds: Tensor | None, model_kwargs: Mapping,
+                      model_key: tuple) -> "_GraphedStep | None":
         """The captured model + step, loaded with this call's x_T, timesteps and seeds; or None after a
         warning naming why the eager loop runs instead.
 
@@ -551,16 +582,16 @@ class Sampler:
         if reason is not None:
             warnings.warn(f"Sampler.sample: {reason}; using the eager loop", RuntimeWarning, stacklevel=3)
             return None
-        key = self._graph_key(x, seeds is not None, model_key)
+        key = self._graph_key(x, seeds is not None, model_kwargs, model_key)
         if self._graph is None or self._graph.key != key:
             self._graph = None  # free the old graph's memory pool before capturing a new one
             try:
-                self._graph = _GraphedStep.capture(self._step, key, x, ts, seeds)
+                self._graph = _GraphedStep.capture(self._step, key, x, ts, seeds, model_kwargs)
             except _CaptureFailed as error:  # the model's own errors (in the warm-up) are raised as they are
                 warnings.warn(f"Sampler.sample: CUDA-graph capture failed ({error}); using the eager loop",
                               RuntimeWarning, stacklevel=3)
                 return None
-        self._graph.load(x, ts, seeds)
+        self._graph.load(x, ts, seeds, model_kwargs)
         return self._graph
 
 
@@ -573,37 +604,45 @@ class _GraphedStep:
     buffer captured by address, so :meth:`load` (in-place copies) prepares a new trajectory.
     """
 
-    def __init__(self, key, graph, x: Tensor, ts: Tensor, index: Tensor, seeds: Tensor | None):
+    def __init__(self, key, graph, x: Tensor, ts: Tensor, index: Tensor, seeds: Tensor | None, kwargs: dict):
         self.key, self.graph, self.x, self.ts, self.index, self.seeds = key, graph, x, ts, index, seeds
+        self.kwargs = kwargs
 
     @staticmethod
-    def _body(step_fn, x: Tensor, ts: Tensor, index: Tensor, seeds: Tensor | None) -> None:
+    def _body(step_fn, x: Tensor, ts: Tensor, index: Tensor, seeds: Tensor | None, kwargs: dict) -> None:
         t = ts.index_select(0, index).view(-1)  # (B,): this replay's timesteps, chosen on the device
-        x.copy_(step_fn(x, t, seeds))
+        x.copy_(step_fn(x, t, seeds, kwargs))
         index.add_(1)
 
     @classmethod
-    def capture(cls, step_fn, key, x: Tensor, ts: Tensor, seeds: Tensor | None) -> "_GraphedStep":
+    def capture(cls, step_fn, key, x: Tensor, ts: Tensor, seeds: Tensor | None,
+                model_kwargs: Mapping) -> "_GraphedStep":
         x, ts = x.clone(), ts.clone()
         index = torch.zeros(1, dtype=torch.int64, device=x.device)
         seeds = None if seeds is None else seeds.clone()
+        # The model's tensor arguments in buffers of the graph's own (the caller's may be freed or reused).
+        kwargs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in model_kwargs.items()}
         dev = x.device.type
         # Under autocast, casts must happen inside the graph: with autocast's weight cache the graph would
         # read bf16 copies made before the capture, which the enclosing autocast region frees when it ends.
         autocast = (torch.autocast(dev, dtype=torch.get_autocast_dtype(dev), cache_enabled=False)
                     if torch.is_autocast_enabled(dev) else contextlib.nullcontext())
         with autocast:
-            graph = _capture_graph(lambda: cls._body(step_fn, x, ts, index, seeds), x.device,
+            graph = _capture_graph(lambda: cls._body(step_fn, x, ts, index, seeds, kwargs), x.device,
                                    before_each_warmup=index.zero_)
-        return cls(key, graph, x, ts, index, seeds)
+        return cls(key, graph, x, ts, index, seeds, kwargs)
 
-    def load(self, x: Tensor, ts: Tensor, seeds: Tensor | None) -> None:
-        """Start a trajectory: x_T (B, C, H, W), the timesteps (N, B) and the seeds (B,) into the buffers."""
+    def load(self, x: Tensor, ts: Tensor, seeds: Tensor | None, model_kwargs: Mapping) -> None:
+        """Start a trajectory: x_T (B, C, H, W), the timesteps (N, B), the seeds (B,) and the model's tensor
+        arguments into the buffers."""
         self.x.copy_(x)
         self.ts.copy_(ts)
         self.index.zero_()
         if seeds is not None:
             self.seeds.copy_(seeds)
+        for name, value in model_kwargs.items():
+            if isinstance(value, Tensor):
+                self.kwargs[name].copy_(value)
 
 
 def _holds_compiled(model: torch.nn.Module) -> bool:

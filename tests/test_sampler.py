@@ -581,6 +581,62 @@ def test_graph_key_follows_the_model_parameters(schedule, fake_graphs):
     assert len(fake_graphs) == 2
 
 
+class _Conditional(torch.nn.Module):
+    """model(x, t, class_labels, scale=1.0): the toy's function plus a per-class offset (a class embedding)."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.embed = torch.nn.Parameter(torch.randn(classes, SHAPE[0]))
+        self.toy = _Toy(1000)
+
+    def forward(self, x, t, class_labels, scale=1.0):
+        return self.toy(x, t) + scale * 0.1 * self.embed[class_labels][:, :, None, None]
+
+
+def test_model_kwargs_condition_each_image_on_its_own_label(schedule):
+    """model_kwargs reach every model call; with labels[b] for seeds[b], an image is its seed's and its label's
+    alone (the same at batch 1 as inside the batch), and another label gives another image."""
+    sampler = Sampler(_Conditional(), schedule, num_steps=4)
+    seeds, labels = torch.randint(0, 2**62, (4,)), torch.tensor([0, 3, 1, 3])
+    images = sampler.sample(seeds, SHAPE, model_kwargs={"class_labels": labels})
+    for b in range(4):
+        alone = sampler.sample(seeds[b:b + 1], SHAPE, model_kwargs={"class_labels": labels[b:b + 1]})
+        assert torch.equal(alone[0], images[b])
+    other = sampler.sample(seeds, SHAPE, model_kwargs={"class_labels": (labels + 1) % 4})
+    assert all(not torch.equal(a, b) for a, b in zip(other, images))
+    with pytest.raises(TypeError, match="model_kwargs must be a mapping of argument names to values, got list"):
+        sampler.sample(seeds, SHAPE, model_kwargs=[labels])
+
+
+def test_graphed_loop_loads_the_model_kwargs_of_each_call(schedule, fake_graphs):
+    """A graph reads its own copies of the tensor arguments, loaded on each call: new labels, the same graph. A
+    changed value that is not a tensor is baked into the capture: a new one."""
+    model = _Conditional()
+    graphed, eager = Sampler(model, schedule, num_steps=3), Sampler(model, schedule, num_steps=3)
+    for labels in (torch.tensor([0, 1]), torch.tensor([2, 2])):
+        kwargs = {"class_labels": labels}
+        assert torch.equal(graphed.sample([1, 2], SHAPE, model_kwargs=kwargs, cuda_graph=True),
+                           eager.sample([1, 2], SHAPE, model_kwargs=kwargs))
+    assert len(fake_graphs) == 1
+    kwargs = {"class_labels": torch.tensor([2, 2]), "scale": 3.0}
+    assert torch.equal(graphed.sample([1, 2], SHAPE, model_kwargs=kwargs, cuda_graph=True),
+                       eager.sample([1, 2], SHAPE, model_kwargs=kwargs))
+    assert len(fake_graphs) == 2
+
+
+def test_a_class_conditional_diffusers_unet_takes_its_labels(one_thread):
+    """diffusers' class-conditional UNet2DModel (num_class_embeds): model_kwargs give what a closure would."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                 num_class_embeds=3).eval()
+    schedule, seeds, labels = NoiseSchedule(1000), torch.randint(0, 2**62, (2,)), torch.randint(0, 3, (2,))
+    images = Sampler(unet, schedule, num_steps=2).sample(seeds, model_kwargs={"class_labels": labels})
+    closure = Sampler(lambda x, t: unet(x, t, class_labels=labels).sample, schedule, num_steps=2)
+    assert torch.equal(images, closure.sample(seeds, SHAPE))
+
+
 class _FakeCuda:
     """torch.cuda's capture calls for sampler._capture_graph on the CPU: streams that record which is current,
     the sync debug mode, and graphs whose capture can be told to fail (as an invalidated one does at its end)."""
@@ -739,6 +795,22 @@ def test_cuda_graph_equals_eager_on_gpu(schedule, autocast):
                 graphed = sampler.sample(seeds, cuda_graph=True)
             eager = sampler.sample(seeds)
         assert torch.equal(graphed, eager)
+    assert sampler._graph is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_reads_each_call_s_model_kwargs_on_gpu(schedule):
+    """The real capture with a conditional model: the labels of each call are the graph's (one capture)."""
+    torch.manual_seed(0)
+    model = _Conditional().cuda()
+    sampler = Sampler(model, schedule, num_steps=4)
+    for labels in ([0, 1, 2], [3, 3, 0]):
+        kwargs = {"class_labels": torch.tensor(labels, device="cuda")}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a capture failure would warn and run eagerly
+            graphed = sampler.sample([1, 2, 3], SHAPE, model_kwargs=kwargs, cuda_graph=True)
+        assert torch.equal(graphed, sampler.sample([1, 2, 3], SHAPE, model_kwargs=kwargs))
     assert sampler._graph is not None
 
 
