@@ -44,28 +44,35 @@ class DatasetError(ValueError):
     """A dataset that is missing, empty or unreadable; the message names the path and the problem."""
 
 
-@dataclass
+@dataclass(init=False)
 class ImageDataset:
-    """data: (N, C, H, W) uint8 pixel values 0..255, or float32 in [-1, 1]; labels: (N,) int64 or None;
-    flip: the default for training. ``images`` is the data as float32 in [-1, 1] (see :func:`to_unit_range`)."""
+    """data: (N, C, H, W) uint8 pixel values 0..255, or floating point in [-1, 1]; labels: (N,) int64 or None;
+    flip: the default for training. ``images`` is the data in [-1, 1] (see :func:`to_unit_range`): for uint8
+    data a new float32 tensor on each read (index ``data`` first for a few images; an edit of it is not kept).
+    ``ImageDataset(name, images=...)`` (the older name of ``data``) still works."""
 
     name: str
     data: torch.Tensor
     labels: torch.Tensor | None = None
     flip: bool = True
 
-    def __post_init__(self):
-        if self.data.dtype not in (torch.uint8, torch.float32) or self.data.dim() != 4:
-            raise TypeError(f"ImageDataset: data must be (N, C, H, W) uint8 or float32, got {self.data.dtype} "
-                            f"of shape {tuple(self.data.shape)}")
+    def __init__(self, name: str, data: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                 flip: bool = True, *, images: torch.Tensor | None = None):
+        if (data is None) == (images is None):
+            raise TypeError("ImageDataset: give the images once, as data (or images, its older name)")
+        self.name, self.labels, self.flip = name, labels, flip
+        self.images = data if data is not None else images
 
     @property
     def images(self) -> torch.Tensor:
-        """(N, C, H, W) float32 in [-1, 1] (a new tensor for uint8 data: index ``data`` first for a few images)."""
         return to_unit_range(self.data)
 
     @images.setter
     def images(self, value: torch.Tensor) -> None:
+        if not isinstance(value, torch.Tensor) or value.dim() != 4 or not (
+                value.dtype == torch.uint8 or value.is_floating_point()):
+            got = f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value)
+            raise TypeError(f"ImageDataset: images must be (N, C, H, W) uint8 or floating point, got {got}")
         self.data = value
 
     def __len__(self) -> int:
@@ -77,12 +84,22 @@ class ImageDataset:
         return tuple(self.data.shape[1:])
 
 
+# Byte x's value in [-1, 1]: x / 255 * 2 - 1 in float32 on the CPU, as the loaders computed it. A table, not
+# arithmetic, so that every device gives these values (CUDA divides by a scalar as a multiply by its reciprocal,
+# 1 ulp off for 111 of the 256 bytes).
+_BYTE_VALUES = torch.arange(256, dtype=torch.float32).div_(255.0).mul_(2.0).sub_(1.0)
+_byte_values_on: dict[torch.device, torch.Tensor] = {}
+
+
 def to_unit_range(data: torch.Tensor) -> torch.Tensor:
-    """Dataset values as float32 in [-1, 1]: uint8 x -> x / 255 * 2 - 1 (float32 arithmetic, the same on every
-    device); float data is returned as it is."""
+    """Dataset values as float32 in [-1, 1]: uint8 x -> x / 255 * 2 - 1 (the same values on every device); floating
+    point data is returned as it is."""
     if data.dtype != torch.uint8:
         return data
-    return data.float().div_(255.0).mul_(2.0).sub_(1.0)
+    table = _byte_values_on.get(data.device)
+    if table is None:  # copied once per device: a copy per batch would make the host wait for the GPU
+        table = _byte_values_on[data.device] = _BYTE_VALUES.to(data.device)
+    return table[data.long()]
 
 
 def _to_unit_range(pixels01: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_fast.data import DatasetError, load_cifar10, load_dataset, load_digits, load_image_folder
+from ddpm_fast.data import (DatasetError, ImageDataset, load_cifar10, load_dataset, load_digits,
+                            load_image_folder, to_unit_range)
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -174,6 +175,36 @@ def test_cifar10_layout(tmp_path):
     torch.testing.assert_close(data.images, torch.from_numpy(raw).float() / 127.5 - 1, rtol=0, atol=1e-6)
     assert data.labels.tolist() == sum((batches[n][1] for n in names), [])
     assert data.data.dtype == torch.uint8 and torch.equal(data.data, torch.from_numpy(raw))  # held as its bytes
+
+
+def test_every_byte_reads_as_the_loaders_float32_value():
+    every = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    as_loaded = torch.from_numpy(np.arange(256).astype(np.float32) / 255.0).mul(2.0).sub(1.0).reshape(1, 1, 16, 16)
+    assert torch.equal(to_unit_range(every), as_loaded)
+    assert to_unit_range(as_loaded) is as_loaded  # float data is already in [-1, 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bytes_read_the_same_on_a_gpu():
+    """The Trainer maps its batches on the GPU: the same float32 values as the CPU (CUDA's division by a scalar
+    is a multiply by its reciprocal, 1 ulp off for some bytes; the table is not)."""
+    every = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    assert torch.equal(to_unit_range(every.cuda()).cpu(), to_unit_range(every))
+
+
+def test_image_dataset_takes_its_older_keyword_and_checks_its_data():
+    pixels = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8)
+    assert torch.equal(ImageDataset("a", images=pixels).data, pixels)  # the keyword's name before data
+    with pytest.raises(TypeError, match="give the images once, as data"):
+        ImageDataset("a")
+    with pytest.raises(TypeError, match="give the images once, as data"):
+        ImageDataset("a", pixels, images=pixels)
+    with pytest.raises(TypeError, match=r"images must be \(N, C, H, W\) uint8 or floating point, got torch.int32"):
+        ImageDataset("a", pixels.int())
+    dataset = ImageDataset("a", pixels)
+    with pytest.raises(TypeError, match=r"got torch.uint8 of shape \(1, 4, 4\)"):
+        dataset.images = pixels[0]
 
 
 def test_eight_bit_images_are_held_as_bytes_and_read_as_before(tmp_path):
