@@ -56,6 +56,8 @@ DEFAULT_ARCHS = "80-real;86-real;89-real;90-real;90-virtual"
     ({"-DCMAKE_CUDA_ARCHITECTURES": "90a-real", "CUDAARCHS": "75-real"}, "90a-real (from CMAKE_CUDA_ARCHITECTURES)"),
     ({"CUDAARCHS": "75-real", "TORCH_CUDA_ARCH_LIST": "9.0"}, "75-real (from CUDAARCHS)"),
     ({"TORCH_CUDA_ARCH_LIST": "7.5 8.0;9.0a+PTX"}, "75-real,80-real,90a-real,90a-virtual (from TORCH_CUDA_ARCH_LIST)"),
+    ({"TORCH_CUDA_ARCH_LIST": "Ampere;Hopper"},  # PyTorch's names
+     "80-real,86-real,86-virtual,90-real,90-virtual (from TORCH_CUDA_ARCH_LIST)"),
     ({}, "80-real,86-real,89-real,90-real,90-virtual (from the default)"),
 ])
 def test_the_architectures_come_from_the_first_variable_given(tmp_path, given, built):
@@ -71,8 +73,26 @@ def test_the_architectures_come_from_the_first_variable_given(tmp_path, given, b
     assert f"kernels for architectures {built}\n" in done.stdout
 
 
-def test_a_torch_arch_list_it_cannot_read_stops_the_build_naming_it(tmp_path):
-    env = {**{k: v for k, v in os.environ.items() if k not in ARCH_VARIABLES}, "TORCH_CUDA_ARCH_LIST": "8.0;Ampere"}
+def test_a_torch_arch_list_it_cannot_read_stops_a_cuda_build_naming_it(tmp_path):
+    env = {**{k: v for k, v in os.environ.items() if k not in ARCH_VARIABLES}, "TORCH_CUDA_ARCH_LIST": "8.0;Blackwell"}
     done = _configure(tmp_path, env=env)
     assert done.returncode != 0
-    assert "TORCH_CUDA_ARCH_LIST: 'Ampere' is not an architecture" in " ".join(done.stderr.split()), done.stderr
+    assert "TORCH_CUDA_ARCH_LIST: 'Blackwell' is not an architecture" in " ".join(done.stderr.split()), done.stderr
+    # A CPU-only build does not read it (the variable may be set for other extensions' builds).
+    done = _configure(tmp_path, "-DDDPM_FAST_CUDA=OFF", "-DDDPM_FAST_CUDA_EMULATOR=OFF", env=env)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
+                    reason="needs nvcc")
+def test_a_build_folder_configured_again_takes_the_new_cudaarchs(tmp_path):
+    """CMake caches CUDAARCHS as CMAKE_CUDA_ARCHITECTURES; the next configure of the folder (pip reuses
+    build/{wheel_tag}) must not take that for a -D of the user's."""
+    env = {k: v for k, v in os.environ.items() if k not in ARCH_VARIABLES}
+    for archs in ("75-real", "90-real", None):
+        given = {"CUDAARCHS": archs} if archs else {}
+        done = _configure(tmp_path, "-DDDPM_FAST_CUDA=ON", "-DDDPM_FAST_CUDA_EMULATOR=OFF",
+                          f"-DDDPM_FAST_CUDA_ARCHS={DEFAULT_ARCHS}", env={**env, **given})
+        assert done.returncode == 0, done.stderr
+        built = f"{archs} (from CUDAARCHS)" if archs else f"{DEFAULT_ARCHS.replace(';', ',')} (from the default)"
+        assert f"kernels for architectures {built}\n" in done.stdout
