@@ -27,6 +27,7 @@ import zlib
 from typing import Callable, Mapping, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from . import reference
@@ -37,7 +38,7 @@ from .schedule import (PREDICTION_TYPES, TIMESTEP_SPACINGS, NoiseSchedule, StepT
                        _check_timesteps, ddim_table, ddpm_table, sampling_timesteps)
 from .weight_casts import WeightCasts, parameter_slots, storage_key
 
-__all__ = ["METHODS", "Sampler", "save_image_grid", "scheduler_options"]
+__all__ = ["METHODS", "NonFiniteImagesWarning", "Sampler", "save_image_grid", "scheduler_options"]
 
 METHODS = ("ddpm", "ddim")
 
@@ -105,24 +106,27 @@ def _seeds_tensor(seeds, device) -> Tensor:
 
 
 def _model_kwargs(model_kwargs, device: torch.device) -> dict:
-    """sample's model_kwargs as a dict, its tensors on ``device``."""
+    """sample's model_kwargs as a dict, the tensors in it (also inside lists, tuples and dicts) on ``device``."""
     if model_kwargs is None:
         return {}
     if not isinstance(model_kwargs, Mapping) or not all(isinstance(k, str) for k in model_kwargs):
         raise TypeError(f"Sampler.sample: model_kwargs must be a mapping of argument names to values, got "
                         f"{type(model_kwargs).__name__}")
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in model_kwargs.items()}
+    return pytree.tree_map(lambda v: v.to(device) if isinstance(v, Tensor) else v, dict(model_kwargs))
 
 
 def _kwargs_key(model_kwargs: Mapping) -> tuple:
-    """What a graph (or the hoisted casts) bakes in of the model's keyword arguments: each tensor's shape, dtype and
-    device (its values are copied in on each call), a number's or string's value, any other object's identity
-    (an array's == would not give one bool)."""
+    """What a graph (or the hoisted casts) bakes in of the model's keyword arguments: their structure, each tensor's
+    shape, dtype and device (its values are copied in on each call), a number's or string's type and value, any
+    other object's identity (an array's == would not give one bool)."""
     def key(v):
         if isinstance(v, Tensor):
             return "tensor", tuple(v.shape), v.dtype, v.device
-        return ("value", v) if v is None or isinstance(v, (bool, int, float, str)) else ("object", id(v))
-    return tuple((k, key(v)) for k, v in sorted(model_kwargs.items()))
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return type(v).__name__, repr(v)  # 1, 1.0 and True apart; a NaN equal to itself
+        return "object", id(v)
+    leaves, spec = pytree.tree_flatten(dict(model_kwargs))
+    return str(spec), tuple(key(v) for v in leaves)
 
 
 def _shape(shape) -> tuple[int, ...]:
@@ -259,6 +263,15 @@ def _unwrap(output, expected: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return output if output.dtype == dtype else output.to(dtype)
 
 
+class NonFiniteImagesWarning(RuntimeWarning):
+    """Sampler.sample's images that end holding NaN or infinity (clamped, an infinity would pass for a saturated
+    pixel); ``seeds`` names them."""
+
+    def __init__(self, message: str, seeds: list[int]):
+        super().__init__(message)
+        self.seeds = seeds
+
+
 def _warn_non_finite(x: Tensor, seeds: Tensor) -> None:
     """Warn, naming the seeds, when a sampled image holds NaN or infinity."""
     bad = ~torch.isfinite(x.flatten(1)).all(dim=1)
@@ -266,9 +279,9 @@ def _warn_non_finite(x: Tensor, seeds: Tensor) -> None:
         names = seeds[bad.to(seeds.device)].tolist()
         shown = ", ".join(map(str, names[:8])) + (", ..." if len(names) > 8 else "")
         cause = "the model diverged" + (", or float16 overflowed" if x.dtype == torch.float16 else "")
-        warnings.warn(f"Sampler.sample: {len(names)} of {x.shape[0]} images end holding NaN or infinity (seeds "
-                      f"{shown}; {cause}): clamped to [-1, 1], an infinity would pass for a saturated pixel",
-                      RuntimeWarning, stacklevel=4)
+        warnings.warn(NonFiniteImagesWarning(
+            f"Sampler.sample: {len(names)} of {x.shape[0]} images end holding NaN or infinity (seeds {shown}; "
+            f"{cause}): clamped to [-1, 1], an infinity would pass for a saturated pixel", names), stacklevel=4)
 
 
 class Sampler:
@@ -621,7 +634,7 @@ class _GraphedStep:
         index = torch.zeros(1, dtype=torch.int64, device=x.device)
         seeds = None if seeds is None else seeds.clone()
         # The model's tensor arguments in buffers of the graph's own (the caller's may be freed or reused).
-        kwargs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in model_kwargs.items()}
+        kwargs = pytree.tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, dict(model_kwargs))
         dev = x.device.type
         # Under autocast, casts must happen inside the graph: with autocast's weight cache the graph would
         # read bf16 copies made before the capture, which the enclosing autocast region frees when it ends.
@@ -640,9 +653,10 @@ class _GraphedStep:
         self.index.zero_()
         if seeds is not None:
             self.seeds.copy_(seeds)
-        for name, value in model_kwargs.items():
+        # The same structure (it is in the graph's key), so the leaves pair up in order.
+        for buffer, value in zip(pytree.tree_leaves(self.kwargs), pytree.tree_leaves(dict(model_kwargs))):
             if isinstance(value, Tensor):
-                self.kwargs[name].copy_(value)
+                buffer.copy_(value)
 
 
 def _holds_compiled(model: torch.nn.Module) -> bool:

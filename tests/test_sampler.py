@@ -624,6 +624,21 @@ def test_graphed_loop_loads_the_model_kwargs_of_each_call(schedule, fake_graphs)
     assert len(fake_graphs) == 2
 
 
+def test_tensors_inside_model_kwargs_containers_are_loaded_too(schedule, fake_graphs):
+    """A dict of tensors in model_kwargs (diffusers' added_cond_kwargs): its tensors are the graph's buffers too,
+    loaded on each call; scalars are keyed by type and value (1 and 1.0 apart)."""
+    model = _Conditional()
+
+    def nested(x, t, cond, scale):
+        return model(x, t, cond["labels"][0], scale)
+    graphed, eager = Sampler(nested, schedule, num_steps=2), Sampler(nested, schedule, num_steps=2)
+    for labels, scale in ((torch.tensor([0, 1]), 1), (torch.tensor([3, 2]), 1), (torch.tensor([3, 2]), 1.0)):
+        kwargs = {"cond": {"labels": [labels]}, "scale": scale}
+        assert torch.equal(graphed.sample([1, 2], SHAPE, model_kwargs=kwargs, cuda_graph=True),
+                           eager.sample([1, 2], SHAPE, model_kwargs=kwargs))
+    assert len(fake_graphs) == 2
+
+
 def test_a_class_conditional_diffusers_unet_takes_its_labels(one_thread):
     """diffusers' class-conditional UNet2DModel (num_class_embeds): model_kwargs give what a closure would."""
     diffusers = pytest.importorskip("diffusers")
