@@ -125,7 +125,8 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> Callable:
 def sample_sharded(sampler, seeds: Tensor, shape, device, **kwargs) -> Tensor | None:
     """``sampler.sample`` over ``seeds`` split into contiguous shards, one per rank, gathered on rank 0.
 
-    Each image depends on its seed only, so the result equals one process sampling every seed.
+    Each image depends on its seed only, so the result equals one process sampling every seed. A tensor of
+    ``model_kwargs`` with one row per seed is split with the seeds; other values go to every rank whole.
     Returns (len(seeds), *shape) on rank 0 (CPU), None on the other ranks; without a process group, the
     plain ``sampler.sample(seeds)`` (moved to the CPU).
     """
@@ -134,8 +135,11 @@ def sample_sharded(sampler, seeds: Tensor, shape, device, **kwargs) -> Tensor | 
         return sampler.sample(seeds.to(device), tuple(shape), device=device, **kwargs).cpu()
     n, world = seeds.shape[0], world_size()
     per_rank = -(-n // world)
-    mine = seeds[rank() * per_rank:(rank() + 1) * per_rank]
-    images = sampler.sample(mine.to(device), tuple(shape), device=device, **kwargs)
+    part = slice(rank() * per_rank, (rank() + 1) * per_rank)
+    if kwargs.get("model_kwargs"):  # per-sample conditioning (a tensor of len(seeds) rows) goes with its seeds
+        kwargs["model_kwargs"] = {k: v[part] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
+                                  for k, v in kwargs["model_kwargs"].items()}
+    images = sampler.sample(seeds[part].to(device), tuple(shape), device=device, **kwargs)
     # all_gather needs equal shapes: pad each shard to per_rank images (nccl and gloo both support it).
     padded = images.new_zeros((per_rank, *shape))
     padded[:images.shape[0]] = images

@@ -92,6 +92,30 @@ def test_ranks_that_see_different_checkpoints_stop_before_training(tmp_path):
     assert not (tmp_path / "run1" / "checkpoints").exists()  # rank 1 took no step
 
 
+def test_sharded_sampling_splits_per_sample_conditioning_with_the_seeds(monkeypatch):
+    """5 seeds over 2 ranks (3 + 2): each rank's sampler gets its seeds and their rows of a (5, ...) tensor in
+    model_kwargs; a tensor of another length and other values go whole (rank and group faked in-process)."""
+    got = {}
+
+    class Recorder:
+        def sample(self, seeds, shape, device, model_kwargs):
+            got[distributed.rank()] = (seeds.tolist(), model_kwargs)
+            return torch.zeros((len(seeds), *shape))
+    seeds, labels, table = torch.arange(10, 15), torch.randint(0, 9, (5,)), torch.randn(7)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "_collective_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(distributed.dist, "all_gather", lambda out, x: None)
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        distributed.sample_sharded(Recorder(), seeds, (1, 2, 2), "cpu",
+                                   model_kwargs={"class_labels": labels, "table": table, "scale": 2.0})
+    for r, part in ((0, slice(0, 3)), (1, slice(3, 5))):
+        shard, kwargs = got[r]
+        assert shard == seeds[part].tolist() and torch.equal(kwargs["class_labels"], labels[part])
+        assert kwargs["table"] is table and kwargs["scale"] == 2.0
+
+
 def test_process_group_leaves_with_peers_on_success_and_at_exit_on_error(monkeypatch):
     """A body that raises must not reach shutdown's barrier: its peers may be blocked in a collective it
     will never join, and the barrier would hold this rank for the group's whole timeout."""
