@@ -132,22 +132,35 @@ def _check_output(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def _nan_said_once():
-    """Inside, the Sampler does not warn of images holding NaN: _save_samples says it once, for all of them (under
-    torchrun, each rank's Sampler would say it for its share)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Sampler.sample: .* end holding NaN", RuntimeWarning)
-        yield
+def _non_finite_seeds():
+    """Yields a list that gets the seeds of the images the Sampler found holding NaN or infinity inside (which
+    clamping hides from _save_samples); its warning is not shown: _save_samples says it once, for all of them
+    (under torchrun, each rank's Sampler would say it for its share). Other warnings pass on."""
+    from .sampler import NonFiniteImagesWarning
+    seeds: list[int] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NonFiniteImagesWarning)
+            yield seeds
+    finally:  # outside the recording, so the others are shown (or raised) as they would have been
+        for w in caught:
+            if isinstance(w.message, NonFiniteImagesWarning):
+                seeds.extend(w.message.seeds)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def _save_samples(images, seeds, out: Path) -> tuple[Path, Path]:
+def _save_samples(images, seeds, out: Path, non_finite=()) -> tuple[Path, Path]:
+    """Write the PNG grid and the .npz; warn of the samples holding NaN, or ``non_finite`` (seeds the Sampler found
+    holding NaN or infinity before it clamped)."""
     import io
 
     import numpy as np
 
     from .sampler import write_atomically
     from .train import write_sample_grid
-    broken = [seed for seed, bad in zip(seeds, (~images.isfinite()).flatten(1).any(1).tolist()) if bad]
+    has_nan = (~images.isfinite()).flatten(1).any(1).tolist()
+    broken = [seed for seed, bad in zip(seeds, has_nan) if bad or seed in set(non_finite)]
     if broken:  # the grid shows them as flat colour, which reads as a bad sample, not a broken model
         shown = ", ".join(map(str, broken[:8])) + (", ..." if len(broken) > 8 else "")
         print(f"{PROG}: warning: {len(broken)} of {len(images)} samples hold NaN or inf values (seeds {shown}; a "
@@ -261,11 +274,12 @@ def cmd_sample(args) -> int:
         sampler = Sampler(model, schedule, method=args.method, num_steps=args.steps, backend=args.backend, **options)
         seeds = torch.arange(args.seed, args.seed + args.num_samples, dtype=torch.int64)
         cfg = model.config
-        with _nan_said_once():
+        with _non_finite_seeds() as non_finite:
             images = distributed.sample_sharded(sampler, seeds, (cfg.in_channels, cfg.sample_size, cfg.sample_size),
                                                 device, progress=distributed.rank() == 0, cuda_graph=args.cuda_graph)
+        non_finite = [seed for found in distributed.gather(non_finite) for seed in found]  # every rank's
         if images is not None:
-            png, npz = _save_samples(images, seeds.tolist(), Path(args.out))
+            png, npz = _save_samples(images, seeds.tolist(), Path(args.out), non_finite)
             _say(f"wrote {png} and {npz} ({args.num_samples} samples, {sampler.method} {sampler.num_steps} steps)")
     return 0
 
@@ -448,9 +462,9 @@ def cmd_demo(args) -> int:
     model = trainer.ema_model()
     sampler = Sampler(model, trainer.schedule, method="ddim", num_steps=args.sample_steps)
     seeds = list(range(args.samples))
-    with _nan_said_once():
+    with _non_finite_seeds() as non_finite:
         samples = _timed(lambda: sampler.sample(seeds, (1, 16, 16), progress=True), timings, "sample")
-    png, npz = _save_samples(samples, seeds, out / "samples.png")
+    png, npz = _save_samples(samples, seeds, out / "samples.png", non_finite)
     _say(f"{args.samples} samples (fused DDIM, {args.sample_steps} steps) in {timings['sample_seconds']} s -> {png}")
 
     scores = _timed(lambda: _digit_scores(samples), timings, "score")

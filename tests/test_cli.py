@@ -7,6 +7,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -304,6 +305,21 @@ def test_sample_says_once_which_seeds_gave_nan(tmp_path, capsys):
                      "--out", str(tmp_path / "g.png")]) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "NaN" in line]
     assert warned == ["ddpm-fast: warning: 3 of 3 samples hold NaN or inf values (seeds 5, 6, 7; a diverged model?)"]
+
+
+def test_infinite_samples_are_named_though_clamping_hides_them(tmp_path, capsys):
+    """An image that ends +inf is clamped to 1.0 (no NaN left to see): the Sampler's finding still reaches the
+    command's one warning; other warnings pass on."""
+    from ddpm_fast import NoiseSchedule, Sampler
+    # One float16 step from t = 999 (ac ~ 4e-5) without clipping: x0 ~ -1e7 overflows to -inf, and no NaN.
+    sampler = Sampler(lambda x, t: torch.full_like(x, 60000.0), NoiseSchedule(1000), num_steps=1,
+                      timestep_spacing="trailing", clip_range=None)
+    with pytest.warns(UserWarning, match="another warning"), cli._non_finite_seeds() as non_finite:
+        images = sampler.sample([4, 5, 6], (1, 4, 4), dtype=torch.float16)
+        warnings.warn("another warning", UserWarning)
+    assert non_finite == [4, 5, 6] and bool(images.isfinite().all())
+    cli._save_samples(images, [4, 5, 6], tmp_path / "g.png", non_finite)
+    assert "3 of 3 samples hold NaN or inf values (seeds 4, 5, 6;" in capsys.readouterr().err
 
 
 def test_a_failed_write_keeps_the_previous_samples(tmp_path, monkeypatch):
