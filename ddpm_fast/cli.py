@@ -345,6 +345,8 @@ def cmd_bench(args) -> int:
         raise UsageError(f"the benchmarks are not installed with the package: run `{PROG} bench` from a checkout "
                          f"of the repository (looked for {table})")
     _set_threads(args.threads)
+    if args.device is not None:
+        _device(args.device)  # the scripts would fail on it with a traceback
     status = 0
     for name in ("table", "bench_sampling"):
         file = REPO_ROOT / "benchmarks" / f"{name}.py"
@@ -369,6 +371,7 @@ def cmd_bench(args) -> int:
 
 def cmd_info(args) -> int:
     from . import build_info
+    _set_threads(args.threads)  # checked as everywhere, though build_info runs no kernel
     print(json.dumps(build_info(), indent=2, default=str))
     return 0
 
@@ -392,7 +395,8 @@ def _bpd(model, x0, schedule, prediction_type, timesteps):
     from .evaluate import variational_bound
     r = variational_bound(model, x0, schedule, prediction_type=prediction_type, num_timesteps=timesteps,
                           progress=True)
-    return {"bpd": round(r["bpd"], 3), "prior_bpd": round(r["prior_bpd"], 5), "decoder_bpd": round(r["decoder_bpd"], 3)}
+    return {"bpd": round(r["bpd"], 3), "prior_bpd": round(r["prior_bpd"], 5), "decoder_bpd": round(r["decoder_bpd"], 3),
+            "strata": len(r["timesteps"])}
 
 
 def _digit_scores(samples):
@@ -471,11 +475,11 @@ def cmd_demo(args) -> int:
     real = _digit_scores(load_digits("train").images[:args.samples])
     _say(f"digit scores of the samples: confidence {scores['confidence']:.3f}, Fréchet distance "
          f"{scores['frechet']:.1f}, {100 * scores['digit_fraction']:.0f}% read as digits "
-         f"(real training digits score {real['confidence']:.3f} and {real['frechet']:.1f}; pure noise ~0 and ~1200)")
+         f"(real training digits score {real['confidence']:.3f} and {real['frechet']:.1f}; pure noise ~0 and ~1000)")
     held_out = load_digits("test").images[:args.bpd_images]
     bound = _timed(lambda: _bpd(model, held_out, trainer.schedule, "epsilon", args.bpd_timesteps), timings, "bpd")
     _say(f"variational bound on {held_out.shape[0]} held-out digits: {bound['bpd']:.3f} bits/dim (L_T "
-         f"{bound['prior_bpd']:.5f}, L_0 {bound['decoder_bpd']:.3f}; {args.bpd_timesteps} log-spaced strata of t)")
+         f"{bound['prior_bpd']:.5f}, L_0 {bound['decoder_bpd']:.3f}; {bound['strata']} log-spaced strata of t)")
     speed = _timed(lambda: _throughput(model, trainer.schedule, args.bench_batch, args.bench_steps), timings, "bench")
     _say(f"sampling throughput, {args.bench_batch} images x {args.bench_steps} DDIM steps: fused "
          f"{speed['fused']:.1f} images/s, reference backend {speed['reference']:.1f} images/s "

@@ -451,8 +451,9 @@ class Sampler:
                 seeds' device (a tensor's), else the CPU.
             dtype: float32, float16 or bfloat16: the dtype of x and of what the model receives; None: the
                 model's (an nn.Module's first floating-point parameter's, as diffusers' pipelines take
-                ``unet.dtype``), float32 for a plain callable. A float32 model samples in bfloat16 under
-                ``torch.autocast``, or with ``dtype=torch.bfloat16`` when its forward casts for itself.
+                ``unet.dtype``), float32 for a plain callable. Under ``torch.autocast`` a float32 model computes
+                in bfloat16 while x stays float32; ``dtype=torch.bfloat16`` keeps x in bfloat16 too (for a model
+                whose forward casts for itself).
             model_kwargs: keyword arguments of every model call, e.g. ``{"class_labels": labels}`` for a
                 class-conditional model, with ``labels[b]`` for ``seeds[b]`` (an image then depends on its seed
                 and its own conditioning only); tensors are moved to ``device``. Under ``cuda_graph`` the

@@ -189,6 +189,14 @@ def test_bench_dispatches_to_the_checkout(tmp_path, monkeypatch, capsys):
 def test_info(capsys):
     assert cli.main(["info"]) == 0
     assert "backends" in json.loads(capsys.readouterr().out)
+    assert cli.main(["info", "--threads", "0"]) == 2
+    _one_line_error(capsys, "--threads must be >= 1, got 0")
+
+
+def test_bench_names_a_device_it_cannot_use(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "--device", "cuda", "--quick"]) == 2
+    _one_line_error(capsys, "--device cuda: this machine has no CUDA device")
 
 
 def test_a_source_checkout_without_its_extension_says_so(tmp_path):
