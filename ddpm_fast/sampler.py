@@ -336,7 +336,8 @@ class Sampler:
                 raise ValueError(f"Sampler: give num_steps or timesteps, got both (num_steps={num_steps!r})")
             if method != "ddpm":  # DDIM steps T // N back from each timestep (diffusers' rule): no custom sequence
                 raise ValueError("Sampler: timesteps (a custom sequence) apply to method='ddpm' only, as diffusers' "
-                                 "set_timesteps(timesteps=...) does; DDIM takes num_steps and timestep_spacing")
+                                 "set_timesteps(timesteps=...) does; DDIM takes num_steps and timestep_spacing (to "
+                                 "from_scheduler too, where they override a DDPM scheduler's custom timesteps)")
             try:
                 timesteps = _check_timesteps(timesteps, T)
             except (TypeError, ValueError) as error:
@@ -845,7 +846,8 @@ def write_atomically(path, data: bytes) -> None:
     folder, synced, then os.replace."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):  # else mkstemp's error names the temporary file, not the one asked for
-        raise FileNotFoundError(f"cannot write {os.fspath(path)!r}: its folder {folder!r} does not exist")
+        why = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise FileNotFoundError(f"cannot write {os.fspath(path)!r}: its folder {folder!r} {why}")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; an output is meant to be read by others
