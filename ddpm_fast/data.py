@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,10 +175,20 @@ def _image_pixels(image, size: int, channels: int) -> np.ndarray:
     return pixels[:, :, None] if channels == 1 else pixels
 
 
+def _read_image(file: Path, size: int, channels: int) -> torch.Tensor:
+    """One image file -> (channels, size, size), uint8 or float32 in [0, 1] (see _image_pixels)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(file) as image:
+            return torch.from_numpy(_image_pixels(image, size, channels)).permute(2, 0, 1)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"cannot read image {str(file)!r}: {error}") from None
+
+
 def load_image_folder(path, size: int = 32, channels: int = 3) -> ImageDataset:
     """Every PNG / JPEG under ``path`` (sorted, recursive) as (N, channels, size, size) in [-1, 1]."""
     try:
-        from PIL import Image, UnidentifiedImageError
+        import PIL  # noqa: F401
     except ImportError as error:
         raise DatasetError("reading an image folder needs Pillow (pip install pillow)") from error
     if channels not in (1, 3):
@@ -196,15 +207,15 @@ def load_image_folder(path, size: int = 32, channels: int = 3) -> ImageDataset:
     # Filled in place: the dataset's memory once, not a list, a stack and copies. 8-bit values stay uint8; the
     # first 16-bit image turns the whole dataset into float32 in [0, 1], then [-1, 1].
     images = torch.empty((len(files), channels, size, size), dtype=torch.uint8)
-    for i, file in enumerate(files):
-        try:
-            with Image.open(file) as image:
-                pixels = torch.from_numpy(_image_pixels(image, size, channels)).permute(2, 0, 1)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
-            raise DatasetError(f"cannot read image {str(file)!r}: {error}") from None
-        if pixels.dtype == torch.float32 and images.dtype == torch.uint8:
-            images = images.float().div_(255.0)
-        images[i] = pixels if pixels.dtype == images.dtype else pixels.float().div_(255.0)
+    # Decoded and resized by a few threads (Pillow lets go of the GIL there), placed in order by this one.
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
+        for i, pixels in enumerate(pool.map(lambda file: _read_image(file, size, channels), files)):
+            if pixels.dtype == torch.float32 and images.dtype == torch.uint8:
+                images = images.float().div_(255.0)
+            images[i] = pixels if pixels.dtype == images.dtype else pixels.float().div_(255.0)
+    finally:  # after a bad file, the images not yet read are not read
+        pool.shutdown(wait=True, cancel_futures=True)
     return ImageDataset(root.name or str(root), images if images.dtype == torch.uint8 else _to_unit_range(images),
                         None, flip=True)
 
