@@ -157,14 +157,13 @@ def _save_samples(images, seeds, out: Path, non_finite=()) -> tuple[Path, Path]:
 
     import numpy as np
 
-    from .sampler import write_atomically
+    from .sampler import seed_list, write_atomically
     from .train import write_sample_grid
-    has_nan = (~images.isfinite()).flatten(1).any(1).tolist()
-    broken = [seed for seed, bad in zip(seeds, has_nan) if bad or seed in set(non_finite)]
+    has_nan, non_finite = (~images.isfinite()).flatten(1).any(1).tolist(), set(non_finite)
+    broken = [seed for seed, bad in zip(seeds, has_nan) if bad or seed in non_finite]
     if broken:  # the grid shows them as flat colour, which reads as a bad sample, not a broken model
-        shown = ", ".join(map(str, broken[:8])) + (", ..." if len(broken) > 8 else "")
-        print(f"{PROG}: warning: {len(broken)} of {len(images)} samples hold NaN or inf values (seeds {shown}; a "
-              "diverged model?)", file=sys.stderr)
+        print(f"{PROG}: warning: {len(broken)} of {len(images)} samples hold NaN or inf values "
+              f"(seeds {seed_list(broken)}; a diverged model?)", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_sample_grid(images, out)
     npz, buffer = out.with_suffix(".npz"), io.BytesIO()

@@ -85,10 +85,15 @@ class ImageDataset:
         return tuple(self.data.shape[1:])
 
 
+def _to_unit_range(pixels01: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1], in place (the caller's own tensor: a dataset's memory is not held twice)."""
+    return pixels01.mul_(2.0).sub_(1.0).clamp_(-1.0, 1.0).contiguous()
+
+
 # Byte x's value in [-1, 1]: x / 255 * 2 - 1 in float32 on the CPU, as the loaders computed it. A table, not
 # arithmetic, so that every device gives these values (CUDA divides by a scalar as a multiply by its reciprocal,
 # 1 ulp off for 111 of the 256 bytes).
-_BYTE_VALUES = torch.arange(256, dtype=torch.float32).div_(255.0).mul_(2.0).sub_(1.0)
+_BYTE_VALUES = _to_unit_range(torch.arange(256, dtype=torch.float32).div_(255.0))
 _byte_values_on: dict[torch.device, torch.Tensor] = {}
 
 
@@ -101,11 +106,6 @@ def to_unit_range(data: torch.Tensor) -> torch.Tensor:
     if table is None:  # copied once per device: a copy per batch would make the host wait for the GPU
         table = _byte_values_on[data.device] = _BYTE_VALUES.to(data.device)
     return table[data.long()]
-
-
-def _to_unit_range(pixels01: torch.Tensor) -> torch.Tensor:
-    """[0, 1] -> [-1, 1], in place (the caller's own tensor: a dataset's memory is not held twice)."""
-    return pixels01.mul_(2.0).sub_(1.0).clamp_(-1.0, 1.0).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------- digits

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 __all__ = ["barrier", "default_device", "gather", "init_from_env", "is_distributed", "mean_over_ranks",
@@ -136,9 +137,9 @@ def sample_sharded(sampler, seeds: Tensor, shape, device, **kwargs) -> Tensor | 
     n, world = seeds.shape[0], world_size()
     per_rank = -(-n // world)
     part = slice(rank() * per_rank, (rank() + 1) * per_rank)
-    if kwargs.get("model_kwargs"):  # per-sample conditioning (a tensor of len(seeds) rows) goes with its seeds
-        kwargs["model_kwargs"] = {k: v[part] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
-                                  for k, v in kwargs["model_kwargs"].items()}
+    if kwargs.get("model_kwargs"):  # per-sample conditioning (a tensor of len(seeds) rows) goes with its seeds,
+        kwargs["model_kwargs"] = pytree.tree_map(  # also inside containers, as the Sampler takes them
+            lambda v: v[part] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v, kwargs["model_kwargs"])
     images = sampler.sample(seeds[part].to(device), tuple(shape), device=device, **kwargs)
     # all_gather needs equal shapes: pad each shard to per_rank images (nccl and gloo both support it).
     padded = images.new_zeros((per_rank, *shape))

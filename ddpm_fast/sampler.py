@@ -272,12 +272,17 @@ class NonFiniteImagesWarning(RuntimeWarning):
         self.seeds = seeds
 
 
+def seed_list(seeds: Sequence[int], shown: int = 8) -> str:
+    """The first ``shown`` seeds, comma-separated, with "..." when there are more (for messages)."""
+    return ", ".join(map(str, seeds[:shown])) + (", ..." if len(seeds) > shown else "")
+
+
 def _warn_non_finite(x: Tensor, seeds: Tensor) -> None:
     """Warn, naming the seeds, when a sampled image holds NaN or infinity."""
     bad = ~torch.isfinite(x.flatten(1)).all(dim=1)
     if bad.any():
         names = seeds[bad.to(seeds.device)].tolist()
-        shown = ", ".join(map(str, names[:8])) + (", ..." if len(names) > 8 else "")
+        shown = seed_list(names)
         cause = "the model diverged" + (", or float16 overflowed" if x.dtype == torch.float16 else "")
         warnings.warn(NonFiniteImagesWarning(
             f"Sampler.sample: {len(names)} of {x.shape[0]} images end holding NaN or infinity (seeds {shown}; "
