@@ -634,6 +634,12 @@ class Trainer:
                 if stop_voted or (self.world == 1 and (out_of_time() or self.stop_requested)):
                     break
             read(keep=0)
+        except BaseException:
+            # The steps that finished before the failure keep their records (a device error may make them
+            # unreadable: the failure itself is what propagates).
+            with contextlib.suppress(Exception):
+                read(keep=0)
+            raise
         finally:
             bar.close()
         if self.out_dir is not None and losses and self.step % self.config.checkpoint_every:

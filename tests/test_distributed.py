@@ -32,12 +32,18 @@ sys.exit(status)
 """
 
 
-def _torchrun(tmp_path, *args, timeout=300, succeeds=True):
+def _torchrun_command(tmp_path, *args):
+    """The launch of DRIVER on 2 ranks, and its environment."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver), *args]
     # The CPU and gloo, even on a machine with GPUs (two ranks on one GPU is an NCCL error).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "CUDA_VISIBLE_DEVICES": ""}
+    return cmd, env
+
+
+def _torchrun(tmp_path, *args, timeout=300, succeeds=True):
+    cmd, env = _torchrun_command(tmp_path, *args)
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert (run.returncode == 0) == succeeds, run.stdout[-3000:] + run.stderr[-3000:]
     return run
@@ -76,6 +82,34 @@ def test_two_gloo_processes_train_and_sample(tmp_path):
     expected = Sampler(ema, schedule, method="ddim", num_steps=3).sample(seeds, (1, 16, 16))
     # Each image is a function of its seed; only the model's batch-size-dependent rounding differs.
     torch.testing.assert_close(gathered, expected, rtol=0, atol=1e-4)
+
+
+def test_ctrl_c_to_torchrun_ends_every_rank_after_one_step_with_its_checkpoint(tmp_path):
+    """Ctrl-C reaches torchrun's agent (its workers run in sessions of their own), which sends SIGINT on to every
+    rank: each asks to stop at its own moment, the vote rides the loss's all-reduce, and both ranks end after the
+    same step with a checkpoint of it, no logged step lost."""
+    import signal
+    import time
+    run = tmp_path / "run"
+    cmd, env = _torchrun_command(tmp_path, "train", "--out", str(run), "--steps", "100000", "--batch-size", "8",
+                                 "--checkpoint-every", "100000", "--device", "cpu")
+    log = run / "log.jsonl"
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as agent:
+        deadline = time.monotonic() + 240
+        while not (log.is_file() and log.read_text().count("\n") >= 3) and agent.poll() is None:
+            assert time.monotonic() < deadline, "no training steps logged within 240 s"
+            time.sleep(0.2)
+        agent.send_signal(signal.SIGINT)
+        try:
+            _, stderr = agent.communicate(timeout=120)
+        finally:
+            agent.kill()
+    said = " ".join(stderr.split())
+    assert said.count("stopping after this step to save a checkpoint") == 2, said[-3000:]
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == [f"step_{steps[-1]:08d}"], (checkpoints, steps[-1])
 
 
 def test_ranks_that_see_different_checkpoints_stop_before_training(tmp_path):

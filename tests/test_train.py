@@ -430,3 +430,22 @@ def test_trains_on_a_gpu_and_resumes(tmp_path, digits):
     assert resumed.resume() and resumed.step == 3
     more = resumed.train()
     assert len(more) == 2 and all(torch.isfinite(torch.tensor(more)))
+
+
+def test_a_failing_step_keeps_the_records_of_the_steps_before_it(tmp_path, digits, monkeypatch):
+    """A step reads its loss once the next step is queued: a failure in that next step must not drop the record of
+    the one before it, nor the failure."""
+    fails_at = int(torch.randint(2, 6, ()))
+    trainer = Trainer(_config(checkpoint_every=100), tmp_path, dataset=digits)
+    forward = trainer._forward
+
+    def failing(*args):
+        if trainer.step == fails_at - 1:
+            raise RuntimeError("out of memory (a stand-in)")
+        return forward(*args)
+
+    monkeypatch.setattr(trainer, "_forward", failing)
+    with pytest.raises(RuntimeError, match="a stand-in"):
+        trainer.train(steps=6)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, fails_at))
