@@ -197,6 +197,9 @@ def cmd_train(args) -> int:
         if trainer.dataset.name == "cifar10-test":
             _say(f"note: {args.data!r} holds CIFAR-10's test_batch only: training on its {len(trainer.dataset)} "
                  "test images")
+        if not trainer.data_on_device:
+            _say(f"note: the data ({trainer.dataset.data.nbytes / 2**30:.1f} GiB) stays in host memory, as it takes "
+                 f"more than a quarter of {trainer.device}'s free memory: each step copies its batch")
         if not args.no_resume and trainer.resume():
             changed = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in trainer.changed_on_resume.items())
             _say(f"resumed from step {trainer.step} ({args.out})" + (f"; changed since: {changed}" if changed else ""))

@@ -455,6 +455,15 @@ class _HostCopy:
         return self.host.tolist()
 
 
+def _holds_data(device: torch.device, data: Tensor) -> bool:
+    """Whether the Trainer keeps ``data`` on ``device``: always on the CPU; on a GPU when it takes at most a quarter
+    of the memory free there (the rest is the model's, its activations' and the optimizer's)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return data.nbytes <= free // 4
+
+
 @contextlib.contextmanager
 def _seeded_global_rng(seed: int, device: torch.device):
     """Inside, the global generators of the CPU and of ``device`` start from ``seed``; after, they are as they
@@ -511,7 +520,10 @@ class Trainer:
         self.step = 0
         self.changed_on_resume: dict[str, tuple] = {}  # setting -> (the checkpoint's, this run's), by resume()
         self.stop_requested = False  # set by request_stop(): train() ends after the step it is in, and saves
-        self.images = self.dataset.data.to(self.device)  # 8-bit data as uint8: a quarter of float32's memory
+        # 8-bit data stays uint8 (a quarter of float32's memory). On a GPU it fits when each step gathers its batch
+        # there; a dataset too large stays in host memory, and each step copies only its batch.
+        self.data_on_device = _holds_data(self.device, self.dataset.data)
+        self.images = self.dataset.data.to(self.device) if self.data_on_device else self.dataset.data
         self._forward = dist_utils.wrap_ddp(self.model, self.device)
 
     # ------------------------------------------------------------------------------------------ one step
@@ -536,7 +548,10 @@ class Trainer:
         indices, t, flip, seeds = reference._copy_to(
             torch.stack([draw.indices[part], draw.t[part], draw.flip[part].long(), draw.seeds[part]]),
             self.device).unbind()
-        x0 = to_unit_range(self.images[indices])
+        if self.data_on_device:
+            x0 = to_unit_range(self.images[indices])
+        else:  # gathered on the host, copied without waiting (from pinned memory), mapped on the device
+            x0 = to_unit_range(reference._copy_to(self.images[draw.indices[part]], self.device))
         if self.flip:
             x0 = torch.where(flip.bool()[:, None, None, None], x0.flip(-1), x0)
         x_t, target = q_sample(x0, t, self.schedule, seeds=seeds, target=c.prediction_type)

@@ -81,9 +81,9 @@ def test_error_from_a_real_process_is_one_line(tmp_path):
     assert run.stderr.strip().splitlines() == [expected]
 
 
-def test_train_device(tmp_path, monkeypatch):
+def test_train_device(tmp_path, monkeypatch, capsys):
     """train --device: the Trainer gets it ("cuda" alone: each rank's GPU); one GPU for every rank under torchrun
-    is refused; a machine without CUDA says so before any work."""
+    is refused; a machine without CUDA says so before any work. Data kept off the device is noted."""
     import ddpm_fast.train
     devices = []
     init = ddpm_fast.train.Trainer.__init__
@@ -92,6 +92,12 @@ def test_train_device(tmp_path, monkeypatch):
     assert cli.main(["train", "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "4",
                      "--device", "cpu"]) == 0
     assert devices == [torch.device("cpu")]
+    monkeypatch.setattr(ddpm_fast.train, "_holds_data", lambda device, data: False)
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(tmp_path / "run2"), "--steps", "1", "--batch-size", "4",
+                     "--device", "cpu"]) == 0
+    assert "note: the data (0.0 GiB) stays in host memory, as it takes more than a quarter of cpu's free memory: " \
+           "each step copies its batch" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(cli.UsageError, match="--device cuda: this machine has no CUDA device"):
         cli._train_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
