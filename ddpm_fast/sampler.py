@@ -83,7 +83,8 @@ def _seeds_tensor(seeds, device) -> Tensor:
     Returns (B,) int64 contiguous on ``device`` (the seeds' own device when ``device`` is None).
     """
     if not isinstance(seeds, (Tensor, Sequence)) and hasattr(seeds, "__array__"):  # a numpy array: np.arange(8)
-        seeds = torch.as_tensor(seeds)
+        # an object array (Python ints, as large as uint64's) reads as the list it holds
+        seeds = seeds.tolist() if getattr(getattr(seeds, "dtype", None), "kind", "") == "O" else torch.as_tensor(seeds)
     if isinstance(seeds, Tensor):
         if seeds.dtype.is_floating_point or seeds.dtype.is_complex or seeds.dtype == torch.bool:
             raise TypeError(f"Sampler.sample: seeds must be an int64 tensor or a list of ints, got dtype {seeds.dtype}")

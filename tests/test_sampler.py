@@ -1020,15 +1020,18 @@ def test_a_grid_into_a_missing_folder_names_the_path_given(tmp_path):
 
 
 def test_numpy_seeds_are_seeds(schedule):
-    """np.arange(B), a list of numpy integers and an int64 tensor give the same images."""
+    """np.arange(B), a list of numpy integers, an object array of ints and an int64 tensor give the same images."""
     import numpy as np
     sampler = Sampler(_Toy(1000), schedule, num_steps=2)
     seeds = torch.randint(0, 2**62, (3,))
     images = sampler.sample(seeds, SHAPE)
     assert torch.equal(sampler.sample(seeds.numpy(), SHAPE), images)
     assert torch.equal(sampler.sample(list(seeds.numpy()), SHAPE), images)
+    assert torch.equal(sampler.sample(np.array(seeds.tolist(), dtype=object), SHAPE), images)
     with pytest.raises(TypeError, match="seeds must be an int64 tensor or a list of ints, got dtype torch.float64"):
         sampler.sample(np.array([1.0, 2.0]), SHAPE)
+    with pytest.raises(TypeError, match=r"seeds\[1\] must be an int, got str 'b'"):
+        sampler.sample(np.array([1, "b"], dtype=object), SHAPE)
 
 
 def test_no_warnings_on_plain_sampling(schedule):
