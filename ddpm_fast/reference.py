@@ -432,7 +432,8 @@ def _threshold(x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch
     return torch.clamp(x0, -s, s) / s
 
 
-_FLOAT32 = torch.finfo(torch.float32)
+# Plain floats: torch 2.5's dynamo cannot compare a finfo's attributes inside a compiled function.
+_FLOAT32_TINY, _FLOAT32_MAX = float(torch.finfo(torch.float32).tiny), float(torch.finfo(torch.float32).max)
 
 
 def _check_float32_option(name: str, value) -> None:
@@ -440,11 +441,11 @@ def _check_float32_option(name: str, value) -> None:
     smallest normal number (it rounds to 0, or to a denormal that flush-to-zero reads as 0: the clipping or
     thresholding asked for would silently not happen) or a finite one above its largest (it becomes inf)."""
     value = float(value)
-    if value < _FLOAT32.tiny:
-        raise ValueError(f"{name} must be at least {_FLOAT32.tiny!r} (float32's smallest normal number: the kernels "
+    if value < _FLOAT32_TINY:
+        raise ValueError(f"{name} must be at least {_FLOAT32_TINY!r} (float32's smallest normal number: the kernels "
                          f"take it as float32, where a smaller value reads as 0, that is off), got {value!r}")
-    if _FLOAT32.max < value < math.inf:
-        raise ValueError(f"{name} must be at most {_FLOAT32.max!r} (float32's largest: the kernels take it as "
+    if _FLOAT32_MAX < value < math.inf:
+        raise ValueError(f"{name} must be at most {_FLOAT32_MAX!r} (float32's largest: the kernels take it as "
                          f"float32, where a larger value overflows) or inf, got {value!r}")
 
 

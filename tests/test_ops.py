@@ -1,5 +1,6 @@
 """The op layer: custom-op registration (opcheck), torch.compile, backend choice, build_info, randn."""
 
+import contextlib
 import re
 
 import pytest
@@ -161,15 +162,20 @@ def test_reference_traces_whole_under_torch_compile(schedule):
     t, seeds = torch.randint(0, 1000, (B,)), torch.randint(0, 2**62, (B,))
     x, w, shift = torch.randn(B, 4, 5, 3), torch.randn(4), torch.randn(B, 4)
 
+    # use_backend traces inside a compiled function from torch 2.7; before, each op is given backend= instead.
+    in_context = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 7)
+    kw = {} if in_context else {"backend": "torch"}
+
     def f(x, t, seeds, w, shift):
-        with ddpm_fast.use_backend("torch"):
-            x_t, eps = ddpm_fast.q_sample(x, t, schedule, seeds=seeds)
-            given, _ = ddpm_fast.q_sample(x, 5, schedule, noise=eps, target="v_prediction")
-            clipped, _ = ddpm_fast.step(x_t, t, x, tables[0], seeds=seeds, clip_range=1.0)
-            thresholded, _ = ddpm_fast.step(x_t, t, x, tables[0], noise=eps, thresholding=True, sample_max_value=2.0)
-            learned, _ = ddpm_fast.step(torch.cat([x_t, x_t.tanh()], 1), t, x, tables[1], seeds=seeds)
-            ddim, _ = ddpm_fast.step(x_t, tables[2].timesteps[:B], x, tables[2])  # eta = 0: no noise needed
-            h = ddpm_fast.group_norm_silu(x, w, None, 2, shift=shift)
+        with ddpm_fast.use_backend("torch") if in_context else contextlib.nullcontext():
+            x_t, eps = ddpm_fast.q_sample(x, t, schedule, seeds=seeds, **kw)
+            given, _ = ddpm_fast.q_sample(x, 5, schedule, noise=eps, target="v_prediction", **kw)
+            clipped, _ = ddpm_fast.step(x_t, t, x, tables[0], seeds=seeds, clip_range=1.0, **kw)
+            thresholded, _ = ddpm_fast.step(x_t, t, x, tables[0], noise=eps, thresholding=True, sample_max_value=2.0,
+                                            **kw)
+            learned, _ = ddpm_fast.step(torch.cat([x_t, x_t.tanh()], 1), t, x, tables[1], seeds=seeds, **kw)
+            ddim, _ = ddpm_fast.step(x_t, tables[2].timesteps[:B], x, tables[2], **kw)  # eta = 0: no noise needed
+            h = ddpm_fast.group_norm_silu(x, w, None, 2, shift=shift, **kw)
         return x_t, given, clipped, thresholded, learned, ddim, h
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)

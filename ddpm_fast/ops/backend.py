@@ -65,7 +65,8 @@ def get_backend() -> str | None:
 
 @contextlib.contextmanager
 def use_backend(backend: str | None):
-    """``with use_backend("torch"): ...`` forces a backend inside the block."""
+    """``with use_backend("torch"): ...`` forces a backend inside the block (inside a ``torch.compile``d function
+    from torch 2.7: older versions' dynamo cannot trace it; pass ``backend=`` to each op there)."""
     previous = get_backend()
     set_backend(backend)
     try:
