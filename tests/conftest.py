@@ -13,7 +13,6 @@ representative subset (``backend.subset(keep)``); on a GPU (and on the emulator)
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -22,10 +21,15 @@ import torch
 
 
 def _triton_version() -> tuple[int, int] | None:
-    if importlib.util.find_spec("triton") is None:
-        return None
-    import triton  # reads TRITON_INTERPRET only when a kernel is defined, after the choice below
-    return tuple(int(v) for v in triton.__version__.split(".")[:2])
+    """The installed triton's (major, minor), None without one; read without importing triton, whose import
+    reads TRITON_INTERPRET (set below)."""
+    from importlib.metadata import PackageNotFoundError, version
+    for distribution in ("triton", "pytorch-triton"):
+        try:
+            return tuple(int(v) for v in version(distribution).split(".")[:2])
+        except PackageNotFoundError:
+            pass
+    return None
 
 
 # Triton's interpreter runs these kernels from 3.4: 3.0-3.1 read a constexpr annotation written as a string

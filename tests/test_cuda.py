@@ -354,7 +354,9 @@ def test_automatic_choice_moves_past_a_group_too_wide_for_the_cuda_kernels(monke
     ran.clear()
     automatic = SimpleNamespace(name=None, device=DEVICE)
     ours = _gn_grads(x, p, 1, "silu", automatic)
-    assert ran and ("forward", "cuda") not in ran and ("backward", "cuda") not in ran, ran
+    # the next backend: triton's kernels where it runs, else the reference (which launches none)
+    triton_runs = ddpm_fast.build_info()["backends"]["triton"] == "available"
+    assert ran == ([("forward", "triton"), ("backward", "triton")] if triton_runs else []), ran
     same = _gn_grads(x, p, 1, "silu", "reference")
     truth = _gn_grads(x, p, 1, "silu", "reference", dtype=torch.float64)
     assert_grads_match(ours, same, truth, x, p, 1)
