@@ -70,13 +70,13 @@ def contract_philox(seed, j, stream_lo, stream_hi):
 
 
 @triton.jit
-def normal_at(seed, stream_lo, stream_hi, j, lane):
-    """The contract's normal of logical index ``i = 4 j + lane`` (``lane`` broadcasts against ``j``): one
-    Philox call per element of ``j``, Triton's randn4x conversion (steps 4-5), then the lane's value."""
+def contract_normals(seed, stream_lo, stream_hi, j):
+    """The contract's four normals of group ``j`` (logical indices 4 j .. 4 j + 3): one Philox call per element
+    of ``j``, then Triton's randn4x conversion (steps 4-5)."""
     x0, x1, x2, x3 = contract_philox(seed, j, stream_lo, stream_hi)
     z0, z1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(x0), tl.uint_to_uniform_float(x1))
     z2, z3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(x2), tl.uint_to_uniform_float(x3))
-    return tl.where(lane == 0, z0, tl.where(lane == 1, z1, tl.where(lane == 2, z2, z3)))
+    return z0, z1, z2, z3
 
 
 @triton.jit

@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from ..checks import bcs, batch_stride, check_t_range
-from ._common import LAUNCH_OPTIONS, check_sizes, configs, load_f32, normal_at, timestep_row
-from ._tiles import CHANNELS_LAST_BLOCKS, programs_per_sample, sample_tile
+from ._common import LAUNCH_OPTIONS, check_sizes, configs, load_f32, timestep_row
+from ._tiles import CHANNELS_LAST_BLOCKS, programs_per_sample, sample_tile, tile_normals
 
 OP = "q_sample"
 
@@ -42,7 +42,7 @@ def _q_sample_kernel(
 
     x0 = load_f32(x0_ptr + b * x0_bs, offsets, mask)
     if DRAW:
-        eps = normal_at(tl.load(seeds_ptr + b), stream_lo, stream_hi, j, lane)
+        eps = tile_normals(tl.load(seeds_ptr + b), stream_lo, stream_hi, j, lane, CHANNELS_LAST, S_MULTIPLE_OF_4)
     else:
         eps = load_f32(noise_ptr + b * noise_bs, offsets, mask)
     out = b * C * S + offsets

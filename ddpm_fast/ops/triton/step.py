@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from ..checks import bcs, batch_stride, check_t_range
-from ._common import LAUNCH_OPTIONS, check_sizes, configs, load_f32, normal_at, timestep_row
-from ._tiles import CHANNELS_LAST_BLOCKS, programs_per_sample, sample_tile
+from ._common import LAUNCH_OPTIONS, check_sizes, configs, load_f32, timestep_row
+from ._tiles import CHANNELS_LAST_BLOCKS, programs_per_sample, sample_tile, tile_normals
 
 OP = "step"
 NO_NOISE, GIVEN_NOISE, DRAWN_NOISE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # NOISE
@@ -70,7 +70,8 @@ def _step_kernel(
     elif std != 0.0:  # rows without noise (DDPM's t = 0, DDIM with eta = 0) draw and read nothing
         if NOISE == DRAWN_NOISE:
             # stream 2**32 + t (contracts.md): low word t, high word 1 (0 <= t < 2**32).
-            z = normal_at(tl.load(seeds_ptr + b), t & 0xFFFFFFFF, 1 + (t >> 32), j, lane)
+            z = tile_normals(tl.load(seeds_ptr + b), t & 0xFFFFFFFF, 1 + (t >> 32), j, lane, CHANNELS_LAST,
+                             S_MULTIPLE_OF_4)
         else:
             z = load_f32(noise_ptr + b * noise_bs, offsets, mask)
         if HAS_V:
