@@ -314,6 +314,9 @@ def test_autotuning_off_takes_the_middle_gpu_configuration(monkeypatch):
     assert [(c.kwargs, c.num_warps) for c in space] == [({"BLOCK": 2048}, 4)]
     monkeypatch.setattr(_common, "AUTOTUNE", True)
     assert len(_common.configs([{"BLOCK": 1024}, {"BLOCK": 2048}], {"BLOCK": 8192}, num_warps=(4, 8))) == 4
+    # 4096 elements on 4 warps (32 a thread) spill on sm_90: left out of the space
+    space = _common.configs([{"TILE": 1024}, {"TILE": 4096}], {"TILE": 4096}, num_warps=(4, 8))
+    assert [(c.kwargs["TILE"], c.num_warps) for c in space] == [(1024, 4), (1024, 8), (4096, 8)]
 
 
 def test_automatic_choice_never_picks_triton_for_cpu_tensors():

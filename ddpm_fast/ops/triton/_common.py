@@ -40,7 +40,9 @@ def configs(gpu: list[dict], interpreter: dict, num_warps: tuple[int, ...] = (4,
         return [triton.Config(interpreter, num_warps=1)]
     if not AUTOTUNE:
         return [triton.Config(gpu[len(gpu) // 2], num_warps=num_warps[0])]
-    return [triton.Config(kw, num_warps=w) for kw in gpu for w in num_warps]
+    # Over 16 elements a thread (4096 on 4 warps) the sm_90 code of the channels-last noise and GroupNorm backward
+    # kernels spills (Triton 3.6), and the others keep ~220 registers: unlikely the fastest, and each is a compile.
+    return [triton.Config(kw, num_warps=w) for kw in gpu for w in num_warps if max(kw.values()) <= 16 * 32 * w]
 
 
 def check_sizes(op: str, per_sample: int) -> None:
