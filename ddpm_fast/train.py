@@ -449,6 +449,10 @@ class _HostCopy:
             self.copied = torch.cuda.Event()
             self.copied.record(torch.cuda.current_stream(tensor.device))
 
+    def done(self) -> bool:
+        """Whether the copy has finished (never waits)."""
+        return self.copied is None or self.copied.query()
+
     def values(self) -> list:
         if self.copied is not None:
             self.copied.synchronize()
@@ -456,9 +460,10 @@ class _HostCopy:
 
 
 def _holds_data(device: torch.device, data: Tensor) -> bool:
-    """Whether the Trainer keeps ``data`` on ``device``: always on the CPU; on a GPU when it takes at most a quarter
-    of the memory free there (the rest is the model's, its activations' and the optimizer's)."""
-    if device.type != "cuda":
+    """Whether the Trainer keeps ``data`` on ``device``: always on the CPU, and data already on a GPU; host data on
+    a GPU when it takes at most a quarter of the memory free there (the rest is the model's, its activations'
+    and the optimizer's)."""
+    if device.type != "cuda" or data.device.type != "cpu":
         return True
     free, _ = torch.cuda.mem_get_info(device)
     return data.nbytes <= free // 4
@@ -522,7 +527,7 @@ class Trainer:
         self.stop_requested = False  # set by request_stop(): train() ends after the step it is in, and saves
         # 8-bit data stays uint8 (a quarter of float32's memory). On a GPU it fits when each step gathers its batch
         # there; a dataset too large stays in host memory, and each step copies only its batch.
-        self.data_on_device = _holds_data(self.device, self.dataset.data)
+        self.data_on_device = all(dist_utils.gather(_holds_data(self.device, self.dataset.data)))  # every rank's
         self.images = self.dataset.data.to(self.device) if self.data_on_device else self.dataset.data
         self._forward = dist_utils.wrap_ddp(self.model, self.device)
 
@@ -650,10 +655,12 @@ class Trainer:
                     break
             read(keep=0)
         except BaseException:
-            # The steps that finished before the failure keep their records (a device error may make them
-            # unreadable: the failure itself is what propagates).
+            # The steps that finished before the failure keep their records, those whose copy is done: a wait could
+            # hang on a collective that a failed rank never joined (a device error raises instead: the failure
+            # itself is what propagates).
             with contextlib.suppress(Exception):
-                read(keep=0)
+                while unread and unread[0][1].done():
+                    read(keep=len(unread) - 1)
             raise
         finally:
             bar.close()

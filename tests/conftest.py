@@ -34,21 +34,21 @@ def _triton_version() -> tuple[int, int] | None:
 
 # Triton's interpreter runs these kernels from 3.4: 3.0-3.1 read a constexpr annotation written as a string
 # (this package's `from __future__ import annotations`) as a plain argument, and with NumPy 2 its stores write
-# nothing; 3.2-3.3 ask for a GPU driver when an autotuned kernel is defined. Older ones leave the triton tests
-# skipped (build_info says why; the header below names the version).
-TRITON_INTERPRETER_FROM = (3, 4)
+# nothing; 3.2-3.3 ask for a GPU driver when an autotuned kernel is defined. With an older one and no GPU the
+# triton backend counts as missing, for this reason (the header and every skip say it).
+_found = _triton_version()
+TRITON_INTERPRETER_TOO_OLD = None
 if not torch.cuda.is_available():
     os.environ["DDPM_FAST_EMULATE_CUDA"] = "1"
-    if (_triton_version() or (0, 0)) >= TRITON_INTERPRETER_FROM:
+    if _found is not None and _found >= (3, 4):
         os.environ["TRITON_INTERPRET"] = "1"
+    elif _found is not None:
+        TRITON_INTERPRETER_TOO_OLD = (f"triton {_found[0]}.{_found[1]}'s CPU interpreter cannot run the kernels (the "
+                                      "tests need triton >= 3.4 there, or a GPU)")
 
 
 def pytest_report_header(config):
-    found = _triton_version()
-    if found is not None and not torch.cuda.is_available() and found < TRITON_INTERPRETER_FROM:
-        return (f"triton {found[0]}.{found[1]}: its CPU interpreter cannot run the kernels (triton >= "
-                f"{TRITON_INTERPRETER_FROM[0]}.{TRITON_INTERPRETER_FROM[1]} can): the triton backend's tests skip")
-    return None
+    return TRITON_INTERPRETER_TOO_OLD
 
 
 def _patch_triton_interpreter_index() -> None:
@@ -74,6 +74,9 @@ if os.environ.get("TRITON_INTERPRET") == "1" and (_triton_version() or (3, 7)) <
 
 import ddpm_fast  # noqa: E402  (after TRITON_INTERPRET is set)
 from ddpm_fast._native import cuda_emulator_missing_reason  # noqa: E402
+
+if TRITON_INTERPRETER_TOO_OLD is not None:  # what build_info() says of the triton backend, in every test
+    ddpm_fast._native._triton_missing_reason = lambda: TRITON_INTERPRETER_TOO_OLD
 
 # DDPM_FAST_EMULATOR_SCHEDULE=forward|reverse|random[:seed]: the order in which the CUDA kernels' emulator
 # runs threads and blocks between barriers, for the whole session (a missing barrier shows up in some

@@ -91,19 +91,26 @@ def test_ctrl_c_to_torchrun_ends_every_rank_after_one_step_with_its_checkpoint(t
     import signal
     import time
     run = tmp_path / "run"
-    cmd, env = _torchrun_command(tmp_path, "train", "--out", str(run), "--steps", "100000", "--batch-size", "8",
+    # Steps enough to outlast the test; finite, so that ranks a failed test leaves behind end by themselves.
+    cmd, env = _torchrun_command(tmp_path, "train", "--out", str(run), "--steps", "2000", "--batch-size", "8",
                                  "--checkpoint-every", "100000", "--device", "cpu")
     log = run / "log.jsonl"
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as agent:
+    agent = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
         deadline = time.monotonic() + 240
         while not (log.is_file() and log.read_text().count("\n") >= 3) and agent.poll() is None:
             assert time.monotonic() < deadline, "no training steps logged within 240 s"
             time.sleep(0.2)
         agent.send_signal(signal.SIGINT)
-        try:
-            _, stderr = agent.communicate(timeout=120)
-        finally:
-            agent.kill()
+        _, stderr = agent.communicate(timeout=120)
+    finally:
+        if agent.poll() is None:  # the agent passes SIGTERM on to its ranks
+            agent.terminate()
+            try:
+                agent.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.communicate()
     said = " ".join(stderr.split())
     assert said.count("stopping after this step to save a checkpoint") == 2, said[-3000:]
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]

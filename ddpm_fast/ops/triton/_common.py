@@ -34,8 +34,9 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
 def configs(gpu: list[dict], interpreter: dict, num_warps: tuple[int, ...] = (4,)) -> list[triton.Config]:
-    """The autotuning space: ``gpu`` block settings x ``num_warps`` on a GPU, one ``interpreter`` setting on the CPU,
-    the middle ``gpu`` setting alone when autotuning is off."""
+    """The autotuning space: ``gpu`` block settings (each one element count: BLOCK, TILE) x ``num_warps`` on a GPU,
+    but for more than 16 elements a thread; one ``interpreter`` setting on the CPU; the middle ``gpu`` setting
+    alone when autotuning is off."""
     if INTERPRET:
         return [triton.Config(interpreter, num_warps=1)]
     if not AUTOTUNE:

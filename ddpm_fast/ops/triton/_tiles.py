@@ -77,6 +77,14 @@ def sample_tile(pid, C, S, CHANNELS_LAST: tl.constexpr, S_MULTIPLE_OF_4: tl.cons
 
 
 @triton.jit
+def _lanes_last(seed, stream_lo, stream_hi, j):
+    """The four normals of each group in ``j`` on a new last axis, in lane order."""
+    z0, z1, z2, z3 = contract_normals(seed, stream_lo, stream_hi, j)
+    # join(join(z0, z2), join(z1, z3)) holds z0 z1 / z2 z3 on its last two axes: row-major, the lanes in order
+    return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), j.shape + [4])
+
+
+@triton.jit
 def tile_normals(seed, stream_lo, stream_hi, j, lane, CHANNELS_LAST: tl.constexpr, S_MULTIPLE_OF_4: tl.constexpr):
     """The contract's normal of each element of a :func:`sample_tile` (logical index ``4 j + lane``). Where the
     tile has an axis of the four lanes, one Philox call per group serves its four elements, joined into that
@@ -84,13 +92,9 @@ def tile_normals(seed, stream_lo, stream_hi, j, lane, CHANNELS_LAST: tl.constexp
     hold a group's lanes (4x the instructions of the whole kernel, on the GPU). Odd spatial sizes in
     channels_last have no such axis: one call per element."""
     if not CHANNELS_LAST:  # j (R, 1), lane (1, 4)
-        z0, z1, z2, z3 = contract_normals(seed, stream_lo, stream_hi, tl.reshape(j, (j.shape[0],)))
-        # join(join(z0, z2), join(z1, z3)) is (R, 2, 2) holding z0 z1 / z2 z3: row-major, the lanes in order
-        z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (j.shape[0], 4))
+        z = _lanes_last(seed, stream_lo, stream_hi, tl.reshape(j, (j.shape[0],)))
     elif S_MULTIPLE_OF_4:  # j (R, 1, BLOCK_C), lane (1, 4, 1)
-        z0, z1, z2, z3 = contract_normals(seed, stream_lo, stream_hi, tl.reshape(j, (j.shape[0], j.shape[2])))
-        z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (j.shape[0], j.shape[2], 4))
-        z = tl.permute(z, (0, 2, 1))
+        z = tl.permute(_lanes_last(seed, stream_lo, stream_hi, tl.reshape(j, (j.shape[0], j.shape[2]))), (0, 2, 1))
     else:  # j and lane (BLOCK_S, BLOCK_C)
         z0, z1, z2, z3 = contract_normals(seed, stream_lo, stream_hi, j)
         z = tl.where(lane == 0, z0, tl.where(lane == 1, z1, tl.where(lane == 2, z2, z3)))
