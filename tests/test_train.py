@@ -423,7 +423,12 @@ def _as_bytes(data: ImageDataset) -> ImageDataset:
 def _batches(monkeypatch) -> list:
     """The [-1, 1] batches the Trainer maps from its data from now on, in order."""
     seen, mapped = [], train_mod.to_unit_range
-    monkeypatch.setattr(train_mod, "to_unit_range", lambda data: seen.append(mapped(data).cpu()) or seen[-1])
+
+    def record(data):
+        batch = mapped(data)
+        seen.append(batch.cpu())
+        return batch  # on its own device: the step goes on there
+    monkeypatch.setattr(train_mod, "to_unit_range", record)
     return seen
 
 
