@@ -513,14 +513,15 @@ class Sampler:
         step_seeds = seeds if self.table.adds_noise else None  # DDIM with eta = 0 draws nothing
         trajectory = [x] if return_trajectory else None
 
-        # The model's tensors, found once per call: the keys of the hoisted casts and of the graph read them.
+        # The model's tensors and what its keyword arguments bake in, found once per call: the keys of the
+        # hoisted casts and of the graph read them.
         slots = parameter_slots(self.model) if isinstance(self.model, torch.nn.Module) else []
-        storage = storage_key(slots)
+        inputs = (storage_key(slots), _kwargs_key(model_kwargs))
         with self._explained_dtype_errors(x):
-            casts = self._weight_casts(x, ts[0], model_kwargs, storage)
+            casts = self._weight_casts(x, ts[0], model_kwargs, inputs)
             with casts.swapped(slots) if casts is not None else contextlib.nullcontext():
                 # The casts themselves in the key: compared by identity, and kept alive while a graph reads them.
-                graphed = (self._graphed_loop(x, ts, step_seeds, model_kwargs, (storage, casts)) if cuda_graph
+                graphed = (self._graphed_loop(x, ts, step_seeds, model_kwargs, (*inputs, casts)) if cuda_graph
                            else None)
                 if graphed is not None:
                     x = graphed.x  # the graph's own buffer: each replay advances it by one step in place
@@ -559,16 +560,16 @@ class Sampler:
                             f"{in_its_dtype}convert it (model.to({x.dtype})) or sample under torch.autocast "
                             f"({error})") from error
 
-    def _weight_casts(self, x: Tensor, t: Tensor, model_kwargs: Mapping, storage: tuple) -> WeightCasts | None:
+    def _weight_casts(self, x: Tensor, t: Tensor, model_kwargs: Mapping, inputs: tuple) -> WeightCasts | None:
         """The model's weight casts to hoist out of the loop (None: nothing to hoist), recorded by one forward
-        on ``x``, ``t`` the first time this model (``storage``: its tensors), batch, keyword arguments and
-        autocast state are seen."""
+        on ``x``, ``t`` the first time this model (``inputs``: its tensors' storage and its keyword arguments'
+        key), batch and autocast state are seen."""
         model = self.model
         if not isinstance(model, torch.nn.Module):
             return None
         dev = x.device.type
         key = (id(model), tuple(x.shape), x.dtype, x.device, torch.is_autocast_enabled(dev),
-               torch.get_autocast_dtype(dev), storage, _kwargs_key(model_kwargs))
+               torch.get_autocast_dtype(dev), inputs)
         if self._casts is None or self._casts[0] != key:
             # A compiled model, or one holding a compiled module, makes its casts inside its own graph (Inductor
             # fuses them into the kernels that read them). Recording it under a dispatch mode would make dynamo
@@ -579,17 +580,17 @@ class Sampler:
 
     # ---------------------------------------------------------------------------------------- CUDA graph
 
-    def _graph_key(self, x: Tensor, seeded: bool, model_kwargs: Mapping, model_key: tuple) -> tuple:
+    def _graph_key(self, x: Tensor, seeded: bool, model_key: tuple) -> tuple:
         """What a captured graph bakes in besides the values in its buffers: the batch's shape, dtype and
         device, whether the step draws noise, the step's options and table (kernel arguments), the autocast
         state, the model and ``model_key``: its tensors' storage (a graph reads parameters by address, so
-        ``model.half()`` or ``model.to(...)`` after a capture needs a new one) and its hoisted casts."""
+        ``model.half()`` or ``model.to(...)`` after a capture needs a new one), what its keyword arguments bake in
+        (:func:`_kwargs_key`) and its hoisted casts."""
         dev = x.device.type
         autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         options = (self.clip_range, self.thresholding, self.dynamic_thresholding_ratio, self.sample_max_value,
                    id(self.table), self.backend or get_backend())
-        return (tuple(x.shape), x.dtype, x.device, seeded, options, autocast, id(self.model), model_key,
-                _kwargs_key(model_kwargs))
+        return tuple(x.shape), x.dtype, x.device, seeded, options, autocast, id(self.model), model_key
 
     def _graphed_loop(self, x: Tensor, ts: Tensor, seeds: Tensor | None, model_kwargs: Mapping,
                       model_key: tuple) -> "_GraphedStep | None":
@@ -603,7 +604,7 @@ class Sampler:
         if reason is not None:
             warnings.warn(f"Sampler.sample: {reason}; using the eager loop", RuntimeWarning, stacklevel=3)
             return None
-        key = self._graph_key(x, seeds is not None, model_kwargs, model_key)
+        key = self._graph_key(x, seeds is not None, model_key)
         if self._graph is None or self._graph.key != key:
             self._graph = None  # free the old graph's memory pool before capturing a new one
             try:

@@ -469,6 +469,15 @@ def _holds_data(device: torch.device, data: Tensor) -> bool:
     return data.nbytes <= free // 4
 
 
+def _gathered_to(data: Tensor, indices: Tensor, device: torch.device) -> Tensor:
+    """``data[indices]`` (host tensors) on ``device``. On the way to a GPU, gathered straight into pinned memory
+    and copied without waiting (gathering first and pinning after would copy the batch twice on the host)."""
+    if device.type != "cuda":
+        return data[indices].to(device)
+    batch = torch.empty((indices.numel(), *data.shape[1:]), dtype=data.dtype, pin_memory=True)
+    return torch.index_select(data, 0, indices, out=batch).to(device, non_blocking=True)
+
+
 @contextlib.contextmanager
 def _seeded_global_rng(seed: int, device: torch.device):
     """Inside, the global generators of the CPU and of ``device`` start from ``seed``; after, they are as they
@@ -555,8 +564,8 @@ class Trainer:
             self.device).unbind()
         if self.data_on_device:
             x0 = to_unit_range(self.images[indices])
-        else:  # gathered on the host, copied without waiting (from pinned memory), mapped on the device
-            x0 = to_unit_range(reference._copy_to(self.images[draw.indices[part]], self.device))
+        else:
+            x0 = to_unit_range(_gathered_to(self.images, draw.indices[part], self.device))
         if self.flip:
             x0 = torch.where(flip.bool()[:, None, None, None], x0.flip(-1), x0)
         x_t, target = q_sample(x0, t, self.schedule, seeds=seeds, target=c.prediction_type)

@@ -69,7 +69,7 @@ def _patch_triton_interpreter_index() -> None:
     interpreter._patch_lang_tensor = patch_lang_tensor
 
 
-if os.environ.get("TRITON_INTERPRET") == "1" and (_triton_version() or (3, 7)) < (3, 7):
+if os.environ.get("TRITON_INTERPRET") == "1" and (_found or (3, 7)) < (3, 7):
     _patch_triton_interpreter_index()
 
 import ddpm_fast  # noqa: E402  (after TRITON_INTERPRET is set)
