@@ -226,7 +226,7 @@ def test_q_sample_misaligned_equals_aligned(schedule, dtype, shape):
 @pytest.mark.parametrize("post", [{}, {"clip_range": 1.0}, {"thresholding": True, "sample_max_value": 3.0}])
 def test_step_misaligned_and_channels_last_agree(schedule, dtype, post):
     """The flat 16-byte walk, the scalar walk (misaligned) and the channels-last tile walk (noise drawn per
-    tile) give the same step; with thresholding each sample's quantile comes from one block."""
+    tile) give the same step; with thresholding each sample's quantile comes from its cluster of blocks."""
     table = ddpm_table(schedule, variance_type="learned_range")
     shape = (3, 5, 9, 7)
     x = _randn(shape, 14, dtype).to(DEVICE)

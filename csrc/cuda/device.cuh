@@ -5,12 +5,15 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cooperative_groups.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "kernels.h"
 
@@ -105,6 +108,26 @@ __device__ __forceinline__ bool t_ok(int64_t t, int64_t num_t) { return t >= 0 &
 // silu(v) = v * sigmoid(v); expf overflows to inf for v < -88, giving -0 (PyTorch: a denormal).
 __device__ __forceinline__ float sigmoid_f(float v) { return 1.0f / (1.0f + ::expf(-v)); }
 
+// Thread-block clusters (sm_90): a barrier over the K blocks of this cluster, and p in the shared memory of
+// block `rank` of it. K == 1 (or code compiled for an older architecture): no barrier, p itself.
+__device__ __forceinline__ void cluster_sync(int K) {
+#if DDPM_CLUSTERS
+  if (K > 1) cooperative_groups::this_cluster().sync();
+#else
+  (void)K;
+#endif
+}
+
+template <class P>
+__device__ __forceinline__ P* cluster_ptr(P* p, int K, int rank) {
+#if DDPM_CLUSTERS
+  if (K > 1) return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#else
+  (void)K, (void)rank;
+#endif
+  return p;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host helpers.
 // ---------------------------------------------------------------------------------------------
@@ -148,6 +171,45 @@ inline const DeviceProps& device_props() {
 }
 
 constexpr unsigned kMaxGridY = 65535;  // samples beyond it are looped over inside the kernels
+constexpr int kMaxCluster = 8;         // the portable cluster size
+
+// Whether the kernels of this build (`kernel`: any of them) can use thread-block clusters on the current
+// device: an sm_90 GPU running code compiled for sm_90 (a build for older architectures runs on an H100
+// through PTX compiled for them, where the cluster code is compiled out). Cached per device.
+inline bool clusters_available(const void* kernel) {
+  static std::atomic<int> known[64];  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const int cached = dev >= 0 && dev < 64 ? known[dev].load(std::memory_order_relaxed) : 0;
+  if (cached) return cached == 1;
+  cudaFuncAttributes attr{};
+  const bool ok = device_props().major >= 9 &&
+                  cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
+                  attr.ptxVersion >= 90;
+  if (dev >= 0 && dev < 64) known[dev].store(ok ? 1 : 2, std::memory_order_relaxed);
+  return ok;
+}
+
+// kernel(args...) on stream s: `blocks` blocks of `threads` along x, in clusters of K of them when K > 1.
+template <class... Params, class... Args>
+cudaError_t launch_in_clusters(void (*kernel)(Params...), unsigned blocks, int threads, size_t smem, int K,
+                               cudaStream_t s, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(unsigned(threads));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  if (K > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = unsigned(K);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
 
 }  // namespace ddpm_fast::cuda
 

@@ -36,9 +36,6 @@
 // cache, the reductions, and the host-side plan and launch.
 #pragma once
 
-#include <cooperative_groups.h>
-
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <mutex>
@@ -51,12 +48,10 @@
 
 namespace ddpm_fast::cuda::gn {
 
-
 constexpr int kMaxThreads = 256;  // with 2 blocks per SM: <= 128 registers, no spills (ptxas -v)
 constexpr int kFlush = 16;        // accesses summed in float before flushing into double
 // Accesses of one thread loaded before their uses: 64 bytes in flight per thread on the 16-byte path.
 constexpr int kBytesInFlight = 64;
-constexpr int kMaxCluster = 8;    // portable cluster size
 // Channels of one group: a region's per-channel shared-memory arrays grow with it, and the launch raises
 // where they do not fit (the backward's reach 3632 channels on an H200, 2608 on an A100, 1584 on an L4);
 // group_norm_refusal tells the automatic backend choice beforehand.
@@ -98,25 +93,6 @@ __device__ __forceinline__ int64_t chunk_pixels(const Geo& g, int rank) {
   const int64_t s0 = rank * g.chunk;
   const int64_t s1 = s0 + g.chunk < g.S ? s0 + g.chunk : g.S;
   return s1 - s0;
-}
-
-__device__ __forceinline__ void cluster_sync(int K) {
-#if DDPM_CLUSTERS
-  if (K > 1) cooperative_groups::this_cluster().sync();
-#else
-  (void)K;
-#endif
-}
-
-// p in the shared memory of block `rank` of this cluster (p itself when K == 1).
-template <class P>
-__device__ __forceinline__ P* cluster_ptr(P* p, int K, int rank) {
-#if DDPM_CLUSTERS
-  if (K > 1) return cooperative_groups::this_cluster().map_shared_rank(p, rank);
-#else
-  (void)K, (void)rank;
-#endif
-  return p;
 }
 
 // Element offset within a sample of (channel c, pixel s).
@@ -335,23 +311,6 @@ inline int64_t divisor_at_most(int64_t G, int64_t limit) {
   return 1;
 }
 
-// Whether the kernels of this build (`kernel`: any of them) can use thread-block clusters on the current
-// device: an sm_90 GPU running code compiled for sm_90 (a build for older architectures runs on an H100
-// through PTX compiled for them, where the cluster code is compiled out). Cached per device.
-inline bool clusters_available(const void* kernel) {
-  static std::atomic<int> known[64];  // 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  cudaGetDevice(&dev);
-  const int cached = dev < 64 ? known[dev].load(std::memory_order_relaxed) : 0;
-  if (cached) return cached == 1;
-  cudaFuncAttributes attr{};
-  const bool ok = device_props().major >= 9 &&
-                  cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
-                  attr.ptxVersion >= 90;
-  if (dev < 64) known[dev].store(ok ? 1 : 2, std::memory_order_relaxed);
-  return ok;
-}
-
 // The launchers' refusals as the messages they raise ("" when there is none): a group wider than
 // kMaxChannels (bad input: ValueError), a block needing more shared memory than the current device gives
 // one (a device limit: RuntimeError). group_norm_refusal asks them before a launch.
@@ -472,21 +431,7 @@ void launch(const char* op, Kernel kernel, const Args& args, const Geo& g, size_
   if (smem > 48 * 1024) allow_max_smem(op, reinterpret_cast<const void*>(kernel));
   const int64_t blocks = g.B * g.RPS * g.K;
   DDPM_CHECK_RT(blocks <= int64_t(INT32_MAX), op, ": ", blocks, " blocks exceed a CUDA grid");
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(blocks));
-  cfg.blockDim = dim3(unsigned(g.threads));
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  if (g.K > 1) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = unsigned(g.K);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-  }
-  check_status(op, int(cudaLaunchKernelEx(&cfg, kernel, args, g)));
+  check_status(op, int(launch_in_clusters(kernel, unsigned(blocks), g.threads, smem, g.K, s, args, g)));
 }
 
 inline bool all_aligned16(std::initializer_list<const void*> ptrs) {

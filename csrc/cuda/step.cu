@@ -4,10 +4,12 @@
 //   prev = mean + std * sigma * z   (z given, or Philox(seeds[b], 2^32 + t[b], i); only when std != 0)
 //
 // Without thresholding: the flat or tile walk of elementwise.cuh over the whole grid.
-// Dynamic thresholding: one block per sample finds s = quantile(|x0|, ratio) exactly as the CPU
+// Dynamic thresholding: the blocks of one sample find s = quantile(|x0|, ratio) exactly as the CPU
 // kernel (a radix select on the bit patterns of |x0|: four 8-bit passes, plus one pass for the next
-// larger value when linear interpolation needs it), then applies the step to its sample with s in
-// shared memory. No scratch memory is needed, so the launch stays allocation-free and graph-safe.
+// larger value when linear interpolation needs it), then apply the step to their sample with s in
+// shared memory. A sample takes one block, or on sm_90 a cluster of up to 8 when the batch is smaller
+// than the SMs, whose blocks combine their digit counts through distributed shared memory. No scratch
+// memory is needed, so the launch stays allocation-free and graph-safe.
 //
 // Device-side guards (the host cannot read t without a sync): a sample whose t is outside
 // [0, num_t), or whose row adds noise (std != 0) while neither noise nor seeds was given, gets NaN
@@ -139,18 +141,45 @@ struct StepOp {
 // torch.quantile's linear interpolation in float32).
 // ---------------------------------------------------------------------------------------------
 constexpr int kThrThreads = 512;
+constexpr int kDigits = 256;  // radix of the select: 8 bits a pass; one thread per digit sums the cluster's counts
+static_assert(kThrThreads >= kDigits && kDigits % 32 == 0, "whole warps of digits");
 
+// Dynamic shared memory (the blocks of a cluster read each other's).
 struct SelectShared {
-  unsigned int hist[256];
-  unsigned int max_key, next_key;
-  unsigned int prefix;
-  long long k;
-  unsigned int ties;
+  unsigned int hist[2][kDigits];  // this block's digit counts; passes alternate, so that the peers can still
+                                  // read one pass's counts while this block fills the next
+  unsigned int warp_sums[kDigits / 32];  // the cluster's counts of each warp's 32 digits
+  unsigned int max_key, next_key; // this block's
+  unsigned int cluster_max;
+  unsigned int digit, below, count;  // the digit holding rank k, the candidates below it, its count
 };
 
+// The keys (bit patterns of |x0|) of this block's part of sample b: the warps of the cluster take chunks of
+// 128 elements in turn, alternating between the blocks (a small sample still spreads over all of them), each
+// lane loading its four keys before using them. f(key, valid) is called by every lane of the warp together
+// (f may use warp intrinsics).
+template <class Key, class F>
+__device__ __forceinline__ void for_each_key(int64_t n, int K, int rank, Key key, F f) {
+  const int lane = int(threadIdx.x % 32);
+  const int64_t warps = int64_t(K) * (blockDim.x / 32);
+  for (int64_t base = (int64_t(threadIdx.x / 32) * K + rank) * 128; base < n; base += warps * 128) {
+    unsigned int kv[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = base + 32 * j + lane;
+      kv[j] = i < n ? key(i) : 0u;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) f(kv[j], base + 32 * j + lane < n);
+  }
+}
+
+// The quantile of sample b over the K blocks of this cluster (K == 1: this block alone), the same value in
+// every block. Radix select on the keys: per pass, every block counts the 8-bit digits of its candidates,
+// then each block sums the cluster's counts and finds the digit holding rank k itself (no broadcast).
 template <typename T>
-__device__ float block_quantile(const StepOp<T>& op, const typename StepOp<T>::Row& r, int64_t b, float q,
-                                SelectShared& sh) {
+__device__ float cluster_quantile(const StepOp<T>& op, const typename StepOp<T>::Row& r, int64_t b, float q,
+                                  int K, int rank, SelectShared& sh) {
   const int64_t n = op.n;
   const T* xp = op.x + b * op.x_bs;
   const T* mp = op.m + b * op.m_bs;
@@ -163,48 +192,76 @@ __device__ float block_quantile(const StepOp<T>& op, const typename StepOp<T>::R
   int64_t hi = int64_t(::ceilf(pos));
   hi = hi > n - 1 ? n - 1 : hi;
 
-  if (threadIdx.x == 0) {
-    sh.max_key = 0;
-    sh.prefix = 0;
-    sh.k = lo;
-  }
+  if (threadIdx.x == 0) sh.max_key = 0;
+  long long k = lo;  // rank among the candidates (the keys that share the digits found so far)
+  unsigned int prefix = 0, ties = 0;
   for (int pass = 0; pass < 4; ++pass) {
     const int shift = 24 - 8 * pass;
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) sh.hist[i] = 0;
+    unsigned int* hist = sh.hist[pass & 1];
+    for (int i = threadIdx.x; i < kDigits; i += blockDim.x) hist[i] = 0;
     __syncthreads();
-    const unsigned int prefix = sh.prefix;
+    // |x0|'s leading digits are nearly all equal: the lanes of a warp holding the same digit add once.
     unsigned int local_max = 0;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const unsigned int kv = key(i);
+    for_each_key(n, K, rank, key, [&](unsigned int kv, bool valid) {
       if (pass == 0) local_max = kv > local_max ? kv : local_max;
-      if (pass == 0 || (kv >> (shift + 8)) == (prefix >> (shift + 8))) atomicAdd(&sh.hist[(kv >> shift) & 255u], 1u);
-    }
+      const bool counted = valid && (pass == 0 || (kv >> (shift + 8)) == (prefix >> (shift + 8)));
+      const unsigned int digit = counted ? (kv >> shift) & 255u : unsigned(kDigits);
+      const unsigned int peers = __match_any_sync(0xffffffffu, digit);
+      if (counted && int(threadIdx.x % 32) == __ffs(int(peers)) - 1) atomicAdd(&hist[digit], unsigned(__popc(peers)));
+    });
     if (pass == 0) atomicMax(&sh.max_key, local_max);
     __syncthreads();
-    if (threadIdx.x == 0) {  // the digit holding rank k among the candidates
-      long long k = sh.k, below = 0;
-      unsigned int d = 0;
-      while (below + sh.hist[d] <= k) below += sh.hist[d++];
-      sh.k = k - below;
-      sh.prefix = prefix | (d << shift);
-      if (pass == 3) sh.ties = sh.hist[d] - unsigned(k - below);  // keys equal to it at or after rank lo
+    cluster_sync(K);
+    // The cluster's count of digit d = threadIdx.x, its inclusive prefix sum (a shuffle scan per warp of 32
+    // digits, plus the warps before), and the digit whose range holds rank k.
+    unsigned int total = 0, incl = 0;
+    const int lane = int(threadIdx.x % 32), warp = int(threadIdx.x / 32);
+    if (threadIdx.x < kDigits) {
+      for (int p = 0; p < K; ++p) total += cluster_ptr(hist, K, p)[threadIdx.x];
+      incl = total;
+      for (int off = 1; off < 32; off <<= 1) {
+        const unsigned int up = __shfl_up_sync(0xffffffffu, incl, unsigned(off));
+        if (lane >= off) incl += up;
+      }
+      if (lane == 31) sh.warp_sums[warp] = incl;
+    }
+    if (pass == 0 && threadIdx.x == 0) {
+      unsigned int m = 0;
+      for (int p = 0; p < K; ++p) {
+        const unsigned int v = *cluster_ptr(&sh.max_key, K, p);
+        m = v > m ? v : m;
+      }
+      sh.cluster_max = m;
     }
     __syncthreads();
+    if (threadIdx.x < kDigits) {
+      for (int w = 0; w < warp; ++w) incl += sh.warp_sums[w];
+      const unsigned int excl = incl - total;
+      if (excl <= k && k < incl) sh.digit = threadIdx.x, sh.below = excl, sh.count = total;
+    }
+    __syncthreads();
+    k -= sh.below;
+    prefix |= sh.digit << shift;
+    if (pass == 3) ties = sh.count - unsigned(k);  // keys equal to it at or after rank lo
   }
-  const unsigned int max_key = sh.max_key, klo = sh.prefix;
+  const unsigned int max_key = sh.cluster_max, klo = prefix;
   if (max_key > 0x7f800000u) return nan_f();  // a NaN in |x0|: torch.quantile gives NaN
   unsigned int khi = klo;
-  if (hi > lo && sh.ties < 2) {  // the next value up is the smallest key above klo
+  if (hi > lo && ties < 2) {  // the next value up is the smallest key above klo
     if (threadIdx.x == 0) sh.next_key = max_key;
     __syncthreads();
     unsigned int local_min = max_key;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const unsigned int kv = key(i);
-      if (kv > klo && kv < local_min) local_min = kv;
-    }
+    for_each_key(n, K, rank, key, [&](unsigned int kv, bool valid) {
+      if (valid && kv > klo && kv < local_min) local_min = kv;
+    });
     atomicMin(&sh.next_key, local_min);
     __syncthreads();
-    khi = sh.next_key;
+    cluster_sync(K);
+    khi = max_key;
+    for (int p = 0; p < K; ++p) {
+      const unsigned int v = *cluster_ptr(&sh.next_key, K, p);
+      khi = v < khi ? v : khi;
+    }
   }
   const float below = __uint_as_float(klo), above = __uint_as_float(khi);
   const float w = __fsub_rn(pos, float(lo));
@@ -212,17 +269,23 @@ __device__ float block_quantile(const StepOp<T>& op, const typename StepOp<T>::R
   return w < 0.5f ? __fadd_rn(below, __fmul_rn(w, diff)) : __fsub_rn(above, __fmul_rn(diff, __fsub_rn(1.0f, w)));
 }
 
-// One block per sample: the quantile, then the step over the whole sample.
-template <typename T, int N, bool kVecOk, bool kTiled>
+// A cluster of K = `cluster` blocks per sample (kClustered), or one block (where clusters are unavailable or
+// the batch fills the GPU; K a constant there, which keeps the registers of two blocks per SM): the quantile,
+// then the step over the sample, each block taking every K-th unit or tile.
+template <typename T, int N, bool kVecOk, bool kTiled, bool kClustered>
 __global__ void __launch_bounds__(kThrThreads)
-    step_threshold_kernel(StepOp<T> op, int64_t B, int64_t C, int64_t S, ClTiling tl, float ratio, float max_value) {
-  __shared__ SelectShared sh;
-  __shared__ float zs[kTiled ? kTileElems : 1];
-  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    step_threshold_kernel(StepOp<T> op, int64_t B, int64_t C, int64_t S, ClTiling tl, float ratio, float max_value,
+                          int cluster) {
+  const int K = kClustered ? cluster : 1;
+  DDPM_DYNAMIC_SHARED(smem);
+  SelectShared& sh = *reinterpret_cast<SelectShared*>(smem);
+  float* zs = reinterpret_cast<float*>(smem + sizeof(SelectShared));  // kTileElems floats when kTiled
+  const int rank = int(blockIdx.x % unsigned(K));
+  for (int64_t b = blockIdx.x / unsigned(K); b < B; b += gridDim.x / unsigned(K)) {
     typename StepOp<T>::Row r = op.row(b);
     float s = 1.0f;
-    if (r.ok) {  // uniform per block
-      const float q = block_quantile(op, r, b, ratio, sh);
+    if (r.ok) {  // uniform per cluster
+      const float q = cluster_quantile(op, r, b, ratio, K, rank, sh);
       s = q < 1.0f ? 1.0f : q;  // torch.clamp(q, 1, max): NaN stays NaN
       s = s > max_value ? max_value : s;
     }
@@ -231,12 +294,13 @@ __global__ void __launch_bounds__(kThrThreads)
     r.div = s;
     r.thr = true;
     if constexpr (kTiled) {
-      for (int64_t tile = 0; tile < tl.count(); ++tile) tile_sample(op, r, b, C, S, tl, tile, zs);
+      for (int64_t tile = rank; tile < tl.count(); tile += K) tile_sample(op, r, b, C, S, tl, tile, zs);
     } else {
-      flat_sample<N, kVecOk>(op, r, b, op.n, threadIdx.x, blockDim.x);
+      flat_sample<N, kVecOk>(op, r, b, op.n, int64_t(rank) * blockDim.x + threadIdx.x, int64_t(K) * blockDim.x);
     }
     __syncthreads();  // sh is reused by the next sample
   }
+  cluster_sync(K);  // the peers' shared memory was read: no block may leave before they are done
 }
 
 template <typename T>
@@ -249,18 +313,21 @@ void run(const StepOp<T>& op, int64_t B, int64_t C, int64_t S, bool channels_las
   const bool vec = vec_ok(op.x, op.x_bs, B, e) && vec_ok(op.m, op.m_bs, B, e) && vec_ok(op.v, op.v_bs, B, e) &&
                    vec_ok(op.noise, op.noise_bs, B, e) && vec_ok(op.prev, n, B, e) && vec_ok(op.x0_out, n, B, e);
   if (threshold_ratio > 0.0f) {
-    const unsigned grid = unsigned(std::min<int64_t>(B, int64_t(1) << 20));
-    const ClTiling tl = cl_tiling(C, S);
-    constexpr int NV = kVec<T>;
-    const auto launch = [&](auto kernel) {
-      DDPM_LAUNCH(grid, kThrThreads, 0, s, kernel)(op, B, C, S, tl, threshold_ratio, sample_max_value);
+    // Samples fewer than SMs: each takes a cluster of K blocks (sm_90), so that batch 1 is not one SM's work.
+    const auto kernel_of = [&](auto clustered) {
+      constexpr bool kC = decltype(clustered)::value;
+      return tiled ? step_threshold_kernel<T, 4, false, true, kC>
+             : vec ? step_threshold_kernel<T, kVec<T>, true, false, kC>
+                   : step_threshold_kernel<T, 4, false, false, kC>;
     };
-    if (tiled)
-      launch(step_threshold_kernel<T, 4, false, true>);
-    else if (vec)
-      launch(step_threshold_kernel<T, NV, true, false>);
-    else
-      launch(step_threshold_kernel<T, 4, false, false>);
+    const int64_t sms = device_props().sms;
+    const bool clustered = B < sms && clusters_available(reinterpret_cast<const void*>(kernel_of(std::true_type{})));
+    const int K = clustered ? int(std::min<int64_t>(kMaxCluster, ceil_div<int64_t>(sms, B))) : 1;
+    const auto kernel = clustered ? kernel_of(std::true_type{}) : kernel_of(std::false_type{});
+    const int64_t clusters = std::min<int64_t>(B, (int64_t(1) << 20) / K);
+    const size_t smem = sizeof(SelectShared) + (tiled ? kTileElems * sizeof(float) : 0);
+    check_status("step", int(launch_in_clusters(kernel, unsigned(clusters * K), kThrThreads, smem, K, s, op, B, C, S,
+                                                cl_tiling(C, S), threshold_ratio, sample_max_value, K)));
     return;
   }
   if (tiled)
