@@ -32,6 +32,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <tuple>
@@ -153,39 +154,41 @@ inline constexpr ddpm_fast::emulator::BuiltinVector<ddpm_fast::emulator::Builtin
 
 inline void __syncthreads() { ::ddpm_fast::emulator::sync_block(); }
 
+namespace ddpm_fast::emulator {
+// A shuffle `name`: every lane of the mask publishes value, then takes lane src's (src == its own lane:
+// its own value back).
+template <class T>
+T shuffle(const char* name, unsigned mask, T value, unsigned src, int width) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "a shuffle moves at most 8 bytes");
+  thread_local char why[96];  // not on the fiber's stack, which a fault never unwinds
+  const unsigned me = lane();
+  if (width != 32 || src >= 32 || !(mask >> src & 1u) || !(mask >> me & 1u)) {
+    std::snprintf(why, sizeof(why), "%s: %s", name,
+                  width != 32 ? "only width 32 is emulated" : "the lane or its peer is not in the mask");
+    fault(why);
+  }
+  uint64_t* slots = warp_slots();
+  std::memcpy(&slots[me], &value, sizeof(T));
+  sync_warp(mask);
+  T out;
+  std::memcpy(&out, &slots[src], sizeof(T));
+  sync_warp(mask);  // the slots are rewritten by the next shuffle
+  return out;
+}
+}  // namespace ddpm_fast::emulator
+
 template <class T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
-  static_assert(sizeof(T) <= sizeof(uint64_t), "a shuffle moves at most 8 bytes");
   namespace emu = ::ddpm_fast::emulator;
-  if (width != 32) emu::fault("__shfl_xor_sync: only width 32 is emulated");
-  uint64_t* slots = emu::warp_slots();
-  const unsigned me = emu::lane(), peer = me ^ unsigned(lane_mask);
-  if (peer >= 32 || !(mask >> peer & 1u) || !(mask >> me & 1u))
-    emu::fault("__shfl_xor_sync: the lane or its peer is not in the mask");
-  std::memcpy(&slots[me], &value, sizeof(T));
-  emu::sync_warp(mask);
-  T out;
-  std::memcpy(&out, &slots[peer], sizeof(T));
-  emu::sync_warp(mask);  // the slots are rewritten by the next shuffle
-  return out;
+  return emu::shuffle("__shfl_xor_sync", mask, value, emu::lane() ^ unsigned(lane_mask), width);
 }
 
 // This lane's value from lane - delta, or its own where that is below lane 0.
 template <class T>
 T __shfl_up_sync(unsigned mask, T value, unsigned delta, int width = 32) {
-  static_assert(sizeof(T) <= sizeof(uint64_t), "a shuffle moves at most 8 bytes");
   namespace emu = ::ddpm_fast::emulator;
-  if (width != 32) emu::fault("__shfl_up_sync: only width 32 is emulated");
-  uint64_t* slots = emu::warp_slots();
   const unsigned me = emu::lane();
-  if (!(mask >> me & 1u) || (me >= delta && !(mask >> (me - delta) & 1u)))
-    emu::fault("__shfl_up_sync: the lane or its peer is not in the mask");
-  std::memcpy(&slots[me], &value, sizeof(T));
-  emu::sync_warp(mask);
-  T out = value;
-  if (me >= delta) std::memcpy(&out, &slots[me - delta], sizeof(T));
-  emu::sync_warp(mask);  // the slots are rewritten by the next shuffle
-  return out;
+  return emu::shuffle("__shfl_up_sync", mask, value, me >= delta ? me - delta : me, width);
 }
 
 // The lanes of the mask whose value equals this lane's (mask: every lane of the warp, as for shuffles).
