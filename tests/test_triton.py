@@ -20,7 +20,7 @@ if TRITON != "available":
 import triton  # noqa: E402  (only where the backend runs)
 import triton.language as tl  # noqa: E402
 
-from ddpm_fast.ops.triton._common import contract_philox  # noqa: E402
+from ddpm_fast.ops.triton._common import LAUNCH_OPTIONS, contract_philox  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -64,6 +64,49 @@ def test_philox_counter_mapping_is_the_contract():
         dim=-1)
     key = torch.stack([seeds & 0xFFFFFFFF, (seeds >> 32) & 0xFFFFFFFF], dim=-1)[:, None, :]
     assert torch.equal(ours, reference.philox4x32_10(counter, key))
+
+
+def test_streams_past_2_31_draw_the_contract_noise(schedule):
+    """The launcher hands the stream's low word to the kernel as the int32 of its bits (one argument type for
+    every stream); the kernel reads it back as uint32, so streams at and past 2**31 draw the contract's noise."""
+    g = torch.Generator().manual_seed(17)
+    x0 = torch.rand((2, 3, 4, 5), generator=g) * 2 - 1
+    t = torch.tensor([10, 600])
+    seeds = torch.randint(-2**62, 2**62, (2,), generator=g)
+    for stream in (2**31 - 1, 2**31, 2**31 + 12345, 2**32 - 1):
+        _, eps = ddpm_fast.q_sample(x0.to(DEVICE), t.to(DEVICE), schedule, seeds=seeds.to(DEVICE), stream=stream,
+                                    backend="triton")
+        ref = reference.philox_normal(seeds, stream, x0[0].numel()).reshape(x0.shape)
+        torch.testing.assert_close(eps.cpu(), ref, rtol=0, atol=NOISE_ROUNDING, msg=f"stream {stream}")
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="compiled kernels: the interpreter compiles nothing")
+def test_values_outside_addresses_compile_no_variants(schedule, monkeypatch):
+    """Triton compiles a variant per value class of an int argument (== 1, divisible by 16, int32 or int64) and
+    per constexpr: the stream (a new one per training step), the table's length and, in NCHW, C (which the
+    channels-last tile sizes follow) must reuse one compiled kernel each."""
+    from ddpm_fast.ops.triton import q_sample as triton_q_sample
+    from ddpm_fast.ops.triton import step as triton_step
+
+    compiled = {}  # {kernel: {the configuration autotuning chose (one where it is off): compiled kernels}}
+    for module, name in ((triton_q_sample, "_q_sample_kernel"), (triton_step, "_step_kernel")):
+        kernel = getattr(module, name)
+
+        def run(*args, _run=kernel.run, _kernel=kernel, _name=name, **kwargs):
+            launched = _run(*args, **kwargs)  # the CompiledKernel that ran
+            compiled.setdefault(_name, {}).setdefault(str(_kernel.best_config), set()).add(id(launched))
+            return launched
+        monkeypatch.setattr(kernel, "run", run)
+    for C in (3, 5):
+        x0 = torch.rand(2, C, 4, 5, device=DEVICE)
+        t, seeds = torch.tensor([3, 900], device=DEVICE), torch.tensor([1, 2], device=DEVICE)
+        for stream in (0, 1, 7, 32, 2**31 + 3):
+            ddpm_fast.q_sample(x0, t, schedule, seeds=seeds, stream=stream, backend="triton")
+        for table in (ddpm_table(schedule), ddpm_table(NoiseSchedule(64, "linear"))):  # 1000 and 64 rows
+            ddpm_fast.step(x0, table.timesteps[:2].to(DEVICE), x0, table, seeds=seeds, clip_range=1.0,
+                           backend="triton")
+    assert set(compiled) == {"_q_sample_kernel", "_step_kernel"}
+    assert all(len(kernels) == 1 for per_config in compiled.values() for kernels in per_config.values()), compiled
 
 
 @pytest.mark.parametrize("shape, channels_last", [
@@ -290,7 +333,7 @@ def test_missing_noise_raises_on_cpu_tensors_and_is_nan_in_kernel(schedule):
     triton_step._step_kernel[lambda meta: (2 * programs_per_sample(meta, 3, 16, False),)](
         x, 48, x, 48, x, 0, t, table, table.shape[0], x, 0, t, prev, prev, t, 0.0, 3, 16,
         NOISE=triton_step.NO_NOISE, HAS_V=False, WRITE_X0=False, THRESHOLD=False, CLIP=False, CHANNELS_LAST=False,
-        S_MULTIPLE_OF_4=True)
+        S_MULTIPLE_OF_4=False, **LAUNCH_OPTIONS)  # as the launcher passes them
     assert prev[0].isfinite().all() and prev[1].isnan().all()
 
 

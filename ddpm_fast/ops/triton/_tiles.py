@@ -20,10 +20,13 @@ from ._common import contract_normals
 
 
 def _block_c(args: dict) -> int:
+    if not args["CHANNELS_LAST"]:
+        return 1  # unused by the NCHW tile: one value, not one per C, so that C adds no compiled variant
     return min(triton.next_power_of_2(args["C"]), 128, args["BLOCK"] // 4)
 
 
-# triton.heuristics: a channels-last tile of BLOCK elements, up to 128 channels wide.
+# triton.heuristics: a channels-last tile of BLOCK elements, up to 128 channels wide (BLOCK_C = 1, BLOCK_S = BLOCK
+# in NCHW, where neither is read).
 CHANNELS_LAST_BLOCKS = {"BLOCK_C": _block_c, "BLOCK_S": lambda args: args["BLOCK"] // _block_c(args)}
 
 

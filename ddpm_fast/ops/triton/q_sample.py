@@ -20,14 +20,16 @@ OP = "q_sample"
                                  num_warps=(4, 8)),
                  key=["C", "S", "CHANNELS_LAST", "DRAW"])
 @triton.heuristics(CHANNELS_LAST_BLOCKS)
-@triton.jit
+# num_t (a bound check) and the stream words (Philox counter values) take no part in addresses: specialized on
+# their values (== 1, divisible by 16) they would compile a kernel per stream class (a new stream per step).
+@triton.jit(do_not_specialize=["num_t", "stream_lo", "stream_hi"])
 def _q_sample_kernel(
     x0_ptr, x0_bs,        # (B, C, S) storage dtype, dense per sample, batch stride x0_bs
     t_ptr,                # (B,) int64
     table_ptr, num_t,     # (T, 2) float32: sqrt(ac), sqrt(1 - ac)
     noise_ptr, noise_bs,  # (B, C, S) like x0, or unused when DRAW
     seeds_ptr,            # (B,) int64 when DRAW
-    stream_lo, stream_hi,  # the Philox stream's uint32 halves
+    stream_lo, stream_hi,  # the Philox stream's uint32 halves, as int32 (bit patterns: one argument type)
     xt_ptr, target_ptr,   # (B, C, S) dense outputs
     C, S,
     DRAW: tl.constexpr, V_TARGET: tl.constexpr, CHANNELS_LAST: tl.constexpr, S_MULTIPLE_OF_4: tl.constexpr,
@@ -69,6 +71,13 @@ def launch(x0, t, table, noise, seeds, stream, target, x_t, out_target, layout):
 
     _q_sample_kernel[grid](
         x0, batch_stride(x0), t, table, table.shape[0], x0 if draw else noise, 0 if draw else batch_stride(noise),
-        seeds if draw else t, stream & 0xFFFFFFFF, stream >> 32, x_t, out_target, C, S,
-        DRAW=draw, V_TARGET=target == 1, CHANNELS_LAST=channels_last, S_MULTIPLE_OF_4=S % 4 == 0,
+        seeds if draw else t, _int32_bits(stream & 0xFFFFFFFF), _int32_bits(stream >> 32), x_t, out_target, C, S,
+        DRAW=draw, V_TARGET=target == 1, CHANNELS_LAST=channels_last,
+        S_MULTIPLE_OF_4=channels_last and S % 4 == 0,  # read by the channels-last tiles only
         **LAUNCH_OPTIONS)
+
+
+def _int32_bits(word: int) -> int:
+    """A uint32 word as the int32 of the same bits: Triton types an int argument by its value (int32 below 2**31,
+    else int64), a second compiled variant for streams past 2**31; the kernel reads it back as uint32."""
+    return word - 2**32 if word >= 2**31 else word

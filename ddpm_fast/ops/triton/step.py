@@ -28,7 +28,7 @@ NO_NOISE, GIVEN_NOISE, DRAWN_NOISE = tl.constexpr(0), tl.constexpr(1), tl.conste
                                  num_warps=(4, 8)),
                  key=["C", "S", "CHANNELS_LAST", "NOISE", "HAS_V", "WRITE_X0"])
 @triton.heuristics(CHANNELS_LAST_BLOCKS)
-@triton.jit
+@triton.jit(do_not_specialize=["num_t"])  # a bound check, in no address: no variant per table length
 def _step_kernel(
     x_ptr, x_bs,          # (B, C, S) the sample x_t, storage dtype, dense per sample, batch stride x_bs
     m_ptr, m_bs,          # (B, C, S) the model output (prediction part)
@@ -144,4 +144,5 @@ def launch(sample, model_output, variance, t, table, noise, seeds, clip_range, t
         t, table, table.shape[0], sample if noise is None else noise, 0 if noise is None else batch_stride(noise),
         t if seeds is None else seeds, prev, prev if x0 is None else x0, thr, float(clip_range), C, S,
         NOISE=noise_kind, HAS_V=variance is not None, WRITE_X0=x0 is not None, THRESHOLD=thresholding,
-        CLIP=clip_range > 0.0, CHANNELS_LAST=channels_last, S_MULTIPLE_OF_4=S % 4 == 0, **LAUNCH_OPTIONS)
+        CLIP=clip_range > 0.0, CHANNELS_LAST=channels_last,
+        S_MULTIPLE_OF_4=channels_last and S % 4 == 0, **LAUNCH_OPTIONS)  # read by the channels-last tiles only
