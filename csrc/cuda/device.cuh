@@ -190,24 +190,32 @@ inline bool clusters_available(const void* kernel) {
   return ok;
 }
 
-// kernel(args...) on stream s: `blocks` blocks of `threads` along x, in clusters of K of them when K > 1.
-template <class... Params, class... Args>
-cudaError_t launch_in_clusters(void (*kernel)(Params...), unsigned blocks, int threads, size_t smem, int K,
-                               cudaStream_t s, Args&&... args) {
+// The configuration of `blocks` blocks of `threads` along x on stream s, in clusters of K of them when K > 1
+// (`attr` holds the cluster attribute the configuration points to).
+inline cudaLaunchConfig_t launch_config(unsigned blocks, int threads, size_t smem, int K, cudaStream_t s,
+                                        cudaLaunchAttribute& attr) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(blocks);
   cfg.blockDim = dim3(unsigned(threads));
   cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
-  cudaLaunchAttribute attr[1];
   if (K > 1) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = unsigned(K);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = unsigned(K);
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    cfg.attrs = &attr;
     cfg.numAttrs = 1;
   }
+  return cfg;
+}
+
+// kernel(args...) on stream s: `blocks` blocks of `threads` along x, in clusters of K of them when K > 1.
+template <class... Params, class... Args>
+cudaError_t launch_in_clusters(void (*kernel)(Params...), unsigned blocks, int threads, size_t smem, int K,
+                               cudaStream_t s, Args&&... args) {
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = launch_config(blocks, threads, smem, K, s, attr);
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 

@@ -14,6 +14,10 @@
 // Device-side guards (the host cannot read t without a sync): a sample whose t is outside
 // [0, num_t), or whose row adds noise (std != 0) while neither noise nor seeds was given, gets NaN
 // in prev and x0_out; the table is never indexed with a bad t.
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "elementwise.cuh"
 
 namespace ddpm_fast::cuda {
@@ -156,8 +160,7 @@ struct SelectShared {
 
 // The keys (bit patterns of |x0|) of this block's part of sample b: the warps of the cluster take chunks of
 // 128 elements in turn, alternating between the blocks (a small sample still spreads over all of them), each
-// lane loading its four keys before using them. f(key, valid) is called by every lane of the warp together
-// (f may use warp intrinsics).
+// lane loading its four keys before using them.
 template <class Key, class F>
 __device__ __forceinline__ void for_each_key(int64_t n, int K, int rank, Key key, F f) {
   const int lane = int(threadIdx.x % 32);
@@ -200,18 +203,15 @@ __device__ float cluster_quantile(const StepOp<T>& op, const typename StepOp<T>:
     unsigned int* hist = sh.hist[pass & 1];
     for (int i = threadIdx.x; i < kDigits; i += blockDim.x) hist[i] = 0;
     __syncthreads();
-    // |x0|'s leading digits are nearly all equal: the lanes of a warp holding the same digit add once.
+    // An increment by one of shared memory compiles to ATOMS.POPC.INC: the lanes of a warp adding to the same
+    // digit (|x0|'s leading digits are nearly all equal) are merged by the hardware.
     unsigned int local_max = 0;
     for_each_key(n, K, rank, key, [&](unsigned int kv, bool valid) {
       if (pass == 0) local_max = kv > local_max ? kv : local_max;
-      const bool counted = valid && (pass == 0 || (kv >> (shift + 8)) == (prefix >> (shift + 8)));
-      const unsigned int digit = counted ? (kv >> shift) & 255u : unsigned(kDigits);
-      const unsigned int peers = __match_any_sync(0xffffffffu, digit);
-      if (counted && int(threadIdx.x % 32) == __ffs(int(peers)) - 1) atomicAdd(&hist[digit], unsigned(__popc(peers)));
+      if (valid && (pass == 0 || (kv >> (shift + 8)) == (prefix >> (shift + 8)))) atomicAdd(&hist[(kv >> shift) & 255u], 1u);
     });
     if (pass == 0) atomicMax(&sh.max_key, local_max);
-    __syncthreads();
-    cluster_sync(K);
+    if (K > 1) cluster_sync(K); else __syncthreads();
     // The cluster's count of digit d = threadIdx.x, its inclusive prefix sum (a shuffle scan per warp of 32
     // digits, plus the warps before), and the digit whose range holds rank k.
     unsigned int total = 0, incl = 0;
@@ -255,8 +255,7 @@ __device__ float cluster_quantile(const StepOp<T>& op, const typename StepOp<T>:
       if (valid && kv > klo && kv < local_min) local_min = kv;
     });
     atomicMin(&sh.next_key, local_min);
-    __syncthreads();
-    cluster_sync(K);
+    if (K > 1) cluster_sync(K); else __syncthreads();
     khi = max_key;
     for (int p = 0; p < K; ++p) {
       const unsigned int v = *cluster_ptr(&sh.next_key, K, p);
@@ -303,6 +302,34 @@ __global__ void __launch_bounds__(kThrThreads)
   cluster_sync(K);  // the peers' shared memory was read: no block may leave before they are done
 }
 
+// Blocks per sample of the thresholded step: with fewer samples than SMs (sm_90), the largest cluster size
+// K <= 8 at which all B clusters are resident at once (clusters of one GPC; ask the occupancy calculator,
+// once per kernel, device and K), so that batch 1 is not one SM's work and no second wave forms; else 1.
+inline int threshold_cluster(const void* kernel, int64_t B, size_t smem) {
+  const int64_t sms = device_props().sms;
+  if (B * 2 > sms || !clusters_available(kernel)) return 1;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int>, int> known;  // (kernel, device, K) -> resident clusters
+  const auto resident = [&](int K) {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto [it, fresh] = known.try_emplace({kernel, dev, K}, 0);
+    if (fresh) {
+      cudaLaunchAttribute attr;
+      const cudaLaunchConfig_t cfg = launch_config(unsigned(K), kThrThreads, smem, K, nullptr, attr);
+      if (cudaOccupancyMaxActiveClusters(&it->second, kernel, &cfg) != cudaSuccess) {
+        cudaGetLastError();  // a refused query is no launch error: no cluster of this size then
+        it->second = 0;
+      }
+    }
+    return it->second;
+  };
+  for (int K = int(std::min<int64_t>(kMaxCluster, sms / B)); K > 1; --K)
+    if (resident(K) >= B) return K;
+  return 1;
+}
+
 template <typename T>
 void run(const StepOp<T>& op, int64_t B, int64_t C, int64_t S, bool channels_last, float threshold_ratio,
          float sample_max_value, cudaStream_t s) {
@@ -313,19 +340,18 @@ void run(const StepOp<T>& op, int64_t B, int64_t C, int64_t S, bool channels_las
   const bool vec = vec_ok(op.x, op.x_bs, B, e) && vec_ok(op.m, op.m_bs, B, e) && vec_ok(op.v, op.v_bs, B, e) &&
                    vec_ok(op.noise, op.noise_bs, B, e) && vec_ok(op.prev, n, B, e) && vec_ok(op.x0_out, n, B, e);
   if (threshold_ratio > 0.0f) {
-    // Samples fewer than SMs: each takes a cluster of K blocks (sm_90), so that batch 1 is not one SM's work.
+    DDPM_CHECK(n < (int64_t(1) << 32), "step: dynamic thresholding counts a sample's elements in 32 bits, got ",
+               n, " elements per sample");
     const auto kernel_of = [&](auto clustered) {
       constexpr bool kC = decltype(clustered)::value;
       return tiled ? step_threshold_kernel<T, 4, false, true, kC>
              : vec ? step_threshold_kernel<T, kVec<T>, true, false, kC>
                    : step_threshold_kernel<T, 4, false, false, kC>;
     };
-    const int64_t sms = device_props().sms;
-    const bool clustered = B < sms && clusters_available(reinterpret_cast<const void*>(kernel_of(std::true_type{})));
-    const int K = clustered ? int(std::min<int64_t>(kMaxCluster, ceil_div<int64_t>(sms, B))) : 1;
-    const auto kernel = clustered ? kernel_of(std::true_type{}) : kernel_of(std::false_type{});
-    const int64_t clusters = std::min<int64_t>(B, (int64_t(1) << 20) / K);
     const size_t smem = sizeof(SelectShared) + (tiled ? kTileElems * sizeof(float) : 0);
+    const int K = threshold_cluster(reinterpret_cast<const void*>(kernel_of(std::true_type{})), B, smem);
+    const auto kernel = K > 1 ? kernel_of(std::true_type{}) : kernel_of(std::false_type{});
+    const int64_t clusters = std::min<int64_t>(B, (int64_t(1) << 20) / K);
     check_status("step", int(launch_in_clusters(kernel, unsigned(clusters * K), kThrThreads, smem, K, s, op, B, C, S,
                                                 cl_tiling(C, S), threshold_ratio, sample_max_value, K)));
     return;

@@ -10,6 +10,7 @@
 #define cudaDeviceGetAttribute ::ddpm_fast::emulator::device_get_attribute
 #define cudaFuncGetAttributes ::ddpm_fast::emulator::func_get_attributes
 #define cudaFuncSetAttribute ::ddpm_fast::emulator::func_set_attribute
+#define cudaOccupancyMaxActiveClusters ::ddpm_fast::emulator::occupancy_max_active_clusters
 #define cudaMemsetAsync ::ddpm_fast::emulator::memset_async
 #define cudaGetLastError ::ddpm_fast::emulator::get_last_error
 #define cudaGetErrorName ::ddpm_fast::emulator::error_name

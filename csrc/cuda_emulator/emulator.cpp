@@ -26,11 +26,12 @@ namespace {
 struct Device {
   const char* name;
   int major, minor, sms, smem_per_sm, smem_optin, max_grid_y;
+  int gpc_sms[8];  // SMs per GPC (a cluster's blocks share one GPC); sm_90 only
 };
 constexpr Device kDevices[] = {
-    {"H200 (emulated)", 9, 0, 132, 233472, 232448, 65535},
-    {"A100 (emulated)", 8, 0, 108, 167936, 166912, 65535},
-    {"L4 (emulated)", 8, 9, 58, 102400, 101376, 65535},  // sm_89: the least shared memory of the targets
+    {"H200 (emulated)", 9, 0, 132, 233472, 232448, 65535, {16, 16, 16, 16, 16, 16, 18, 18}},
+    {"A100 (emulated)", 8, 0, 108, 167936, 166912, 65535, {}},
+    {"L4 (emulated)", 8, 9, 58, 102400, 101376, 65535, {}},  // sm_89: the least shared memory of the targets
 };
 constexpr int kDeviceCount = int(sizeof(kDevices) / sizeof(kDevices[0]));
 constexpr size_t kStaticSmemLimit = 48 * 1024;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
@@ -417,6 +418,17 @@ cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void*) {
   attr->maxThreadsPerBlock = 1024;
   attr->ptxVersion = kDevices[current_device].major * 10;  // code compiled for the device's architecture
   attr->binaryVersion = attr->ptxVersion;
+  return cudaSuccess;
+}
+
+cudaError_t occupancy_max_active_clusters(int* clusters, const void*, const cudaLaunchConfig_t* config) {
+  unsigned size = 1;
+  for (unsigned i = 0; i < config->numAttrs; ++i)
+    if (config->attrs[i].id == cudaLaunchAttributeClusterDimension) size = config->attrs[i].val.clusterDim.x;
+  const Device& dev = kDevices[current_device];
+  if (dev.major < 9 || size < 1 || size > kMaxCluster) return cudaErrorInvalidValue;
+  *clusters = 0;
+  for (int sms : dev.gpc_sms) *clusters += sms / int(size);  // one block per SM: registers are not emulated
   return cudaSuccess;
 }
 

@@ -1,19 +1,19 @@
 // The CUDA kernels of csrc/cuda, compiled for the host and run with CUDA's execution model, so that their
-// logic (indexing, the 16-byte and scalar paths, shared memory, barriers, warp shuffles and matches,
-// thread-block clusters, atomics, the in-kernel noise) is tested on a machine without a GPU. Test vehicle only: the
+// logic (indexing, the 16-byte and scalar paths, shared memory, barriers, warp shuffles, thread-block
+// clusters, atomics, the in-kernel noise) is tested on a machine without a GPU. Test vehicle only: the
 // module it builds (ddpm_fast._cuda_emulator) is never chosen automatically and never shipped in a wheel.
 //
 // How: each launch runs its grid one cluster at a time (one block when there is no cluster); every thread
 // of the cluster is a fiber on the calling OS thread, resumed until it reaches a barrier (__syncthreads, a
-// shuffle or match, a cluster sync). One block runs until none of its threads can go on, then the next, so blocks
+// shuffle, a cluster sync). One block runs until none of its threads can go on, then the next, so blocks
 // never advance in lockstep. Each block has its own dynamic shared memory, filled with 0xff bytes (NaN as
 // float or double) when the block starts and again when it leaves, so a read of a value nobody wrote, or of
 // a peer's memory before its cluster sync or after it left, shows up. The order of the threads and of the
 // blocks is selectable (forward, reverse, random): a missing barrier makes the result depend on it.
 // It checks what a GPU would refuse or fault on: launch configurations an H200 rejects, dynamic shared
-// memory above 48 KB without the kernel's attribute, misaligned vector loads and stores, shuffles and
-// matches that do not include every lane, and barriers that threads still running never reach (a hang on
-// a GPU: here an error naming the kernel). A __syncthreads counts the threads still running, as the hardware does.
+// memory above 48 KB without the kernel's attribute, misaligned vector loads and stores, shuffles that
+// do not include every lane, and barriers that threads still running never reach (a hang on a GPU: here
+// an error naming the kernel). A __syncthreads counts the threads still running, as the hardware does.
 //
 // Not covered: timing, the memory model between blocks (they run one after another), registers, and
 // __launch_bounds__ (not checked). Three emulated devices: 0 an H200 (sm_90, 132 SMs, clusters), 1 an
@@ -98,6 +98,8 @@ cudaError_t get_device_count(int* count);
 cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int device);
 cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void* kernel);
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value);
+// Clusters of the config's size resident at once: the GPCs' SMs over the size, one block per SM.
+cudaError_t occupancy_max_active_clusters(int* clusters, const void* kernel, const cudaLaunchConfig_t* config);
 cudaError_t memset_async(void* p, int value, size_t count, cudaStream_t stream);
 cudaError_t get_last_error();
 const char* error_name(cudaError_t err);
@@ -190,23 +192,6 @@ T __shfl_up_sync(unsigned mask, T value, unsigned delta, int width = 32) {
   const unsigned me = emu::lane();
   return emu::shuffle("__shfl_up_sync", mask, value, me >= delta ? me - delta : me, width);
 }
-
-// The lanes of the mask whose value equals this lane's (mask: every lane of the warp, as for shuffles).
-inline unsigned __match_any_sync(unsigned mask, unsigned value) {
-  namespace emu = ::ddpm_fast::emulator;
-  uint64_t* slots = emu::warp_slots();
-  const unsigned me = emu::lane();
-  if (!(mask >> me & 1u)) emu::fault("__match_any_sync: the lane is not in the mask");
-  slots[me] = value;
-  emu::sync_warp(mask);
-  unsigned peers = 0;
-  for (unsigned l = 0; l < 32; ++l)
-    if ((mask >> l & 1u) && slots[l] == value) peers |= 1u << l;
-  emu::sync_warp(mask);  // the slots are rewritten by the next shuffle
-  return peers;
-}
-inline int __ffs(int v) { return v ? __builtin_ctz(unsigned(v)) + 1 : 0; }
-inline int __popc(unsigned v) { return __builtin_popcount(v); }
 
 template <class T>
 T __ldg(const T* p) {
