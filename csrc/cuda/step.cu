@@ -7,8 +7,8 @@
 // Dynamic thresholding: the blocks of one sample find s = quantile(|x0|, ratio) exactly as the CPU
 // kernel (a radix select on the bit patterns of |x0|: four 8-bit passes, plus one pass for the next
 // larger value when linear interpolation needs it), then apply the step to their sample with s in
-// shared memory. A sample takes one block, or on sm_90 a cluster of up to 8 when the batch is smaller
-// than the SMs, whose blocks combine their digit counts through distributed shared memory. No scratch
+// shared memory. A sample takes one block, or on sm_90 a cluster of up to 8 when the batch is at most half
+// the SMs (threshold_cluster), whose blocks combine their digit counts through distributed shared memory. No scratch
 // memory is needed, so the launch stays allocation-free and graph-safe.
 //
 // Device-side guards (the host cannot read t without a sync): a sample whose t is outside
