@@ -131,12 +131,13 @@ PROFILE_MAX=$(($(left) < 90 ? $(left) : 90))
 stage profile 40 90 "$PY" benchmarks/profile_sampling.py --device cuda --record --max-seconds $((PROFILE_MAX - 25))
 stage dram-bytes 40 90 "$PY" benchmarks/dram_bytes.py --backend cuda
 if command -v compute-sanitizer >/dev/null; then
-  # memcheck: out-of-bounds / misaligned accesses of every GroupNorm path and the noise kernels;
-  # racecheck: the shared-memory reductions (timeout runs commands, not functions: hence bash -c).
+  # memcheck: out-of-bounds / misaligned accesses of every GroupNorm path, the noise kernels and the
+  # thresholded step; racecheck: the shared-memory reductions, GroupNorm's and the thresholded step's cluster
+  # radix select (timeout runs commands, not functions: hence bash -c).
   SANITIZE_TESTS="env DDPM_FAST_TRITON_AUTOTUNE=0 $PY -m pytest tests/test_cuda.py -x -v --no-header -p no:cacheprovider"
   stage sanitize 60 150 bash -c "compute-sanitizer --tool memcheck --error-exitcode 9 $SANITIZE_TESTS \
-    -k 'group_norm or noise or timestep' && compute-sanitizer --tool racecheck --error-exitcode 9 \
-    $SANITIZE_TESTS -k 'group_norm_forward_backward and float32'"
+    -k 'group_norm or noise or timestep or threshold' && compute-sanitizer --tool racecheck --error-exitcode 9 \
+    $SANITIZE_TESTS -k '(group_norm_forward_backward and float32) or threshold_quantile'"
 fi
 
 if [ -n "${OUT:-}" ]; then
