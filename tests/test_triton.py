@@ -402,24 +402,27 @@ def compile_for_sm90(kernel, types, constexprs):
     triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "enable_fp_fusion": False})
 
-ints = {name: "i32" for name in ("C", "S", "G", "Cg", "CHUNK", "SPLIT", "num_t", "stream_hi")}
-ints.update({name: "i64" for name in ("x0_bs", "noise_bs", "x_bs", "m_bs", "v_bs", "stream_lo")})
+ints = {name: "i32" for name in ("C", "S", "G", "Cg", "CHUNK", "SPLIT", "num_t", "stream_lo", "stream_hi")}
+ints.update({name: "i64" for name in ("x0_bs", "noise_bs", "x_bs", "m_bs", "v_bs")})
 ints.update(t_ptr="*i64", seeds_ptr="*i64", group_size="fp32", eps="fp32", clip="fp32")
 
 def types(dtype):
     return {**ints, **{name: "*" + dtype for name in ("x0_ptr", "noise_ptr", "xt_ptr", "target_ptr", "x_ptr", "m_ptr",
                                                       "v_ptr", "prev_ptr", "y_ptr", "dy_ptr", "dx_ptr")}}
 
-# each tile shape of the elementwise kernels, with the heaviest options
-for dtype, cl, s4 in (("fp16", False, True), ("bf16", True, True), ("fp32", True, False)):
+# each tile shape of the elementwise kernels, with the heaviest options (NCHW: the tile constants the launchers
+# pass there, which the NCHW tile does not read)
+for dtype, cl, s4 in (("fp16", False, False), ("bf16", True, True), ("fp32", True, False)):
+    tile = dict(BLOCK_S=512, BLOCK_C=4) if cl else dict(BLOCK_S=2048, BLOCK_C=1)
     compile_for_sm90(q_sample._q_sample_kernel, types(dtype), dict(
-        DRAW=True, V_TARGET=True, CHANNELS_LAST=cl, S_MULTIPLE_OF_4=s4, BLOCK=2048, BLOCK_S=512, BLOCK_C=4))
+        DRAW=True, V_TARGET=True, CHANNELS_LAST=cl, S_MULTIPLE_OF_4=s4, BLOCK=2048, **tile))
+    tile = dict(BLOCK_S=32, BLOCK_C=32) if cl else dict(BLOCK_S=1024, BLOCK_C=1)
     compile_for_sm90(step._step_kernel, types(dtype), dict(
         NOISE=2, HAS_V=True, WRITE_X0=True, THRESHOLD=cl, CLIP=not cl, CHANNELS_LAST=cl, S_MULTIPLE_OF_4=s4,
-        BLOCK=1024, BLOCK_S=32, BLOCK_C=32))
+        BLOCK=1024, **tile))
 compile_for_sm90(step._step_kernel, types("fp32"), dict(
-    NOISE=0, HAS_V=False, WRITE_X0=False, THRESHOLD=False, CLIP=False, CHANNELS_LAST=False, S_MULTIPLE_OF_4=True,
-    BLOCK=1024, BLOCK_S=32, BLOCK_C=32))
+    NOISE=0, HAS_V=False, WRITE_X0=False, THRESHOLD=False, CLIP=False, CHANNELS_LAST=False, S_MULTIPLE_OF_4=False,
+    BLOCK=1024, BLOCK_S=1024, BLOCK_C=1))
 # group_norm: the fused one-chunk kernels and both kernels of the split path, full and bare options
 for dtype, cl, full in (("bf16", True, True), ("fp32", False, True), ("fp16", False, False)):
     flags = dict(HAS_W=full, HAS_BIAS=full, HAS_BIN=full, HAS_SCALE=full, HAS_SHIFT=full, SILU=full,
