@@ -1,8 +1,9 @@
 """The reverse step: our kernels (one column per native backend, noise drawn in the kernel) against "eager" (the
 step as users write it: the table's coefficients gathered on the device, clipping, torch.randn_like noise, no host
 sync), torch.compile of it, "reference" (the reference drawing the same contract noise from the seeds, checking t
-on the host) and, where installed, diffusers' DDPMScheduler.step. The target rows clip; extra rows threshold
-dynamically (a per-sample quantile of |x0| first: batch 1 is where one block per sample would be slow)."""
+on the host) and, where installed, diffusers' DDPMScheduler.step. The target rows clip; the extra rows
+(threshold_cases) threshold dynamically: a per-sample quantile of |x0| first, an exact radix select in the CUDA
+kernel (several passes over the sample), torch.topk on the Triton path."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import ddpm_fast
 from ddpm_fast import reference
 
 SHAPES = {"cpu": [(64, 3, 64, 64)], "cuda": [(256, 3, 32, 32), (128, 3, 256, 256)]}
-THRESHOLD_SHAPES = {"cpu": [(4, 3, 64, 64)], "cuda": [(1, 3, 256, 256), (256, 3, 32, 32)]}
+# Batch 1 (a cluster of blocks per sample) and large batches: small images (a sample's reads stay in L2 between
+# the select's passes) and large ones (they do not: each pass reads x and the model output from DRAM again).
+THRESHOLD_SHAPES = {"cpu": [(4, 3, 64, 64)], "cuda": [(1, 3, 256, 256), (256, 3, 32, 32), (128, 3, 256, 256)]}
 RATIO, MAX_VALUE = 0.995, 1.5  # dynamic thresholding: diffusers' default ratio, a bound above 1 (it binds)
 
 
@@ -100,6 +103,12 @@ def cases(device: torch.device, full: bool = False):
             impls["diffusers"] = lambda mo=mo, x=x: diffusers_step(mo, x)
         yield Case("DDPM step (eps, clip, fixed_small)", shape, x.dtype, "NCHW", bytes=3 * x.nbytes, impls=impls,
                    note="reads x and the model output, writes x_prev")
+
+
+def threshold_cases(device: torch.device):
+    """The extra rows: the step with dynamic thresholding (table.py runs them last)."""
+    table = ddpm_fast.ddpm_table(ddpm_fast.NoiseSchedule(), prediction_type="epsilon", variance_type="fixed_small")
+    g = torch.Generator(device=device).manual_seed(1)
     for shape in THRESHOLD_SHAPES[device.type]:
         yield _threshold_case(shape, device, table, g)
 
