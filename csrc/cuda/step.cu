@@ -6,10 +6,11 @@
 // Without thresholding: the flat or tile walk of elementwise.cuh over the whole grid.
 // Dynamic thresholding: the blocks of one sample find s = quantile(|x0|, ratio) exactly as the CPU
 // kernel (a radix select on the bit patterns of |x0|: four 8-bit passes, plus one pass for the next
-// larger value when linear interpolation needs it), then apply the step to their sample with s in
-// shared memory. A sample takes one block, or on sm_90 a cluster of up to 8 when the batch is at most half
-// the SMs (threshold_cluster), whose blocks combine their digit counts through distributed shared memory. No scratch
-// memory is needed, so the launch stays allocation-free and graph-safe.
+// larger value when linear interpolation needs it and the last pass's counts do not show it), then apply
+// the step to their sample with s in shared memory. A sample takes one block, or on sm_90 a cluster of up
+// to 8 when the batch is at most half the SMs (threshold_cluster), whose blocks combine their digit counts
+// through distributed shared memory. No scratch memory is needed, so the launch stays allocation-free and
+// graph-safe.
 //
 // Device-side guards (the host cannot read t without a sync): a sample whose t is outside
 // [0, num_t), or whose row adds noise (std != 0) while neither noise nor seeds was given, gets NaN
@@ -156,6 +157,7 @@ struct SelectShared {
   unsigned int max_key, next_key; // this block's
   unsigned int cluster_max;
   unsigned int digit, below, count;  // the digit holding rank k, the candidates below it, its count
+  unsigned int next_digit;           // the last pass's smallest counted digit above it (kDigits: none)
 };
 
 // The keys (bit patterns of |x0|) of this block's part of sample b: the warps of the cluster take chunks of
@@ -233,6 +235,7 @@ __device__ float cluster_quantile(const StepOp<T>& op, const typename StepOp<T>:
       }
       sh.cluster_max = m;
     }
+    if (pass == 3 && threadIdx.x == 0) sh.next_digit = kDigits;
     __syncthreads();
     if (threadIdx.x < kDigits) {
       for (int w = 0; w < warp; ++w) incl += sh.warp_sums[w];
@@ -242,12 +245,20 @@ __device__ float cluster_quantile(const StepOp<T>& op, const typename StepOp<T>:
     __syncthreads();
     k -= sh.below;
     prefix |= sh.digit << shift;
-    if (pass == 3) ties = sh.count - unsigned(k);  // keys equal to it at or after rank lo
+    if (pass == 3) {
+      ties = sh.count - unsigned(k);  // keys equal to it at or after rank lo
+      // The keys counted in this pass share klo's first three digits: the smallest counted digit above klo's
+      // is the next key up, where there is one.
+      if (threadIdx.x < kDigits && total > 0 && threadIdx.x > sh.digit) atomicMin(&sh.next_digit, threadIdx.x);
+      __syncthreads();
+    }
   }
   const unsigned int max_key = sh.cluster_max, klo = prefix;
   if (max_key > 0x7f800000u) return nan_f();  // a NaN in |x0|: torch.quantile gives NaN
   unsigned int khi = klo;
-  if (hi > lo && ties < 2) {  // the next value up is the smallest key above klo
+  if (hi > lo && ties < 2 && sh.next_digit < kDigits) {
+    khi = (klo & ~255u) | sh.next_digit;
+  } else if (hi > lo && ties < 2) {  // the next key up differs in an earlier digit: one more pass over the keys
     if (threadIdx.x == 0) sh.next_key = max_key;
     __syncthreads();
     unsigned int local_min = max_key;
