@@ -41,15 +41,29 @@ def _diffusers_step(t_value: int, **config):
     return step
 
 
-def _threshold_case(shape, device, table, g) -> Case:
+T_VALUE = 500  # every sample's timestep
+
+
+def _inputs(shape, device, g):
+    """x_t, the model output (both standard normal), the timesteps and the seeds of one benchmarked step."""
     x = torch.randn(shape, generator=g, device=device)
     mo = torch.randn(shape, generator=g, device=device)
-    t_value = 500
-    t = torch.full((shape[0],), t_value, device=device)
+    t = torch.full((shape[0],), T_VALUE, device=device)
     seeds = torch.randint(0, 2**62, (shape[0],), generator=g, device=device)
+    return x, mo, t, seeds
+
+
+def _coefficients(coef, t, x):
+    """The contract's step coefficients of t (no learned variance), each broadcast against x: x0 = ax x + am m;
+    the mean p0 x0 + p1 x + p2 m; std z."""
+    return coef[t, :6].view(-1, 6, *[1] * (x.dim() - 1)).unbind(1)
+
+
+def _threshold_case(shape, device, table, g) -> Case:
+    x, mo, t, seeds = _inputs(shape, device, g)
 
     def eager(coef=table.table(device)):
-        ax, am, p0, p1, p2, std = coef[t, :6].view(-1, 6, 1, 1, 1).unbind(1)
+        ax, am, p0, p1, p2, std = _coefficients(coef, t, x)
         x0 = ax * x + am * mo
         s = torch.quantile(x0.abs().flatten(1), RATIO, dim=1).clamp(1.0, MAX_VALUE).view(-1, 1, 1, 1)
         x0 = torch.minimum(torch.maximum(x0, -s), s) / s
@@ -60,7 +74,7 @@ def _threshold_case(shape, device, table, g) -> Case:
                                       sample_max_value=MAX_VALUE, return_pred_original=False, backend=backend)[0]
 
     impls = {**natives(device, ours), "eager": eager, "compile": torch.compile(eager)}
-    diffusers_step = _diffusers_step(t_value, clip_sample=False, thresholding=True, dynamic_thresholding_ratio=RATIO,
+    diffusers_step = _diffusers_step(T_VALUE, clip_sample=False, thresholding=True, dynamic_thresholding_ratio=RATIO,
                                      sample_max_value=MAX_VALUE)
     if diffusers_step is not None:
         impls["diffusers"] = lambda: diffusers_step(mo, x)
@@ -74,16 +88,10 @@ def cases(device: torch.device, full: bool = False):
     table = ddpm_fast.ddpm_table(schedule, prediction_type="epsilon", variance_type="fixed_small")
     g = torch.Generator(device=device).manual_seed(0)
     for shape in SHAPES[device.type]:
-        x = torch.randn(shape, generator=g, device=device)
-        mo = torch.randn(shape, generator=g, device=device)
-        t_value = 500
-        t = torch.full((shape[0],), t_value, device=device)
-        seeds = torch.randint(0, 2**62, (shape[0],), generator=g, device=device)
+        x, mo, t, seeds = _inputs(shape, device, g)
 
-        def eager(x=x, mo=mo, t=t, coef=table.table(device)):
-            # The contract's step for this table (no learned variance): x0 = ax x + am m, clipped; the mean
-            # p0 x0 + p1 x + p2 m; std z.
-            ax, am, p0, p1, p2, std = coef[t, :6].view(-1, 6, *[1] * (x.dim() - 1)).unbind(1)
+        def eager(x=x, mo=mo, t=t, coef=table.table(device)):  # the contract's step for this table, clipped
+            ax, am, p0, p1, p2, std = _coefficients(coef, t, x)
             x0 = (ax * x + am * mo).clamp(-1.0, 1.0)
             return p0 * x0 + p1 * x + p2 * mo + std * torch.randn_like(x)
 
@@ -98,7 +106,7 @@ def cases(device: torch.device, full: bool = False):
             "reference": lambda x=x, mo=mo, t=t, seeds=seeds: reference.step(mo, t, x, table, seeds=seeds,
                                                                            clip_range=1.0)[0],
         }
-        diffusers_step = _diffusers_step(t_value, clip_sample=True)
+        diffusers_step = _diffusers_step(T_VALUE, clip_sample=True)
         if diffusers_step is not None:
             impls["diffusers"] = lambda mo=mo, x=x: diffusers_step(mo, x)
         yield Case("DDPM step (eps, clip, fixed_small)", shape, x.dtype, "NCHW", bytes=3 * x.nbytes, impls=impls,

@@ -256,21 +256,23 @@ __device__ float cluster_quantile(const StepOp<T>& op, const typename StepOp<T>:
   const unsigned int max_key = sh.cluster_max, klo = prefix;
   if (max_key > 0x7f800000u) return nan_f();  // a NaN in |x0|: torch.quantile gives NaN
   unsigned int khi = klo;
-  if (hi > lo && ties < 2 && sh.next_digit < kDigits) {
-    khi = (klo & ~255u) | sh.next_digit;
-  } else if (hi > lo && ties < 2) {  // the next key up differs in an earlier digit: one more pass over the keys
-    if (threadIdx.x == 0) sh.next_key = max_key;
-    __syncthreads();
-    unsigned int local_min = max_key;
-    for_each_key(n, K, rank, key, [&](unsigned int kv, bool valid) {
-      if (valid && kv > klo && kv < local_min) local_min = kv;
-    });
-    atomicMin(&sh.next_key, local_min);
-    if (K > 1) cluster_sync(K); else __syncthreads();
-    khi = max_key;
-    for (int p = 0; p < K; ++p) {
-      const unsigned int v = *cluster_ptr(&sh.next_key, K, p);
-      khi = v < khi ? v : khi;
+  if (hi > lo && ties < 2) {  // the next key up is needed
+    if (sh.next_digit < kDigits) {
+      khi = (klo & ~255u) | sh.next_digit;
+    } else {  // it differs in an earlier digit: one more pass over the keys
+      if (threadIdx.x == 0) sh.next_key = max_key;
+      __syncthreads();
+      unsigned int local_min = max_key;
+      for_each_key(n, K, rank, key, [&](unsigned int kv, bool valid) {
+        if (valid && kv > klo && kv < local_min) local_min = kv;
+      });
+      atomicMin(&sh.next_key, local_min);
+      if (K > 1) cluster_sync(K); else __syncthreads();
+      khi = max_key;
+      for (int p = 0; p < K; ++p) {
+        const unsigned int v = *cluster_ptr(&sh.next_key, K, p);
+        khi = v < khi ? v : khi;
+      }
     }
   }
   const float below = __uint_as_float(klo), above = __uint_as_float(khi);

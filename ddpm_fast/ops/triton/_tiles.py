@@ -21,13 +21,15 @@ from ._common import contract_normals
 
 def _block_c(args: dict) -> int:
     if not args["CHANNELS_LAST"]:
-        return 1  # unused by the NCHW tile: one value, not one per C, so that C adds no compiled variant
+        return 1
     return min(triton.next_power_of_2(args["C"]), 128, args["BLOCK"] // 4)
 
 
-# triton.heuristics: a channels-last tile of BLOCK elements, up to 128 channels wide (BLOCK_C = 1, BLOCK_S = BLOCK
-# in NCHW, where neither is read).
-CHANNELS_LAST_BLOCKS = {"BLOCK_C": _block_c, "BLOCK_S": lambda args: args["BLOCK"] // _block_c(args)}
+# triton.heuristics: a channels-last tile of BLOCK elements, up to 128 channels wide, and whether its spatial runs
+# hold whole Philox groups (BLOCK_C = 1, BLOCK_S = BLOCK and S_MULTIPLE_OF_4 = False in NCHW, where none is read:
+# one value each, so that C and S add no compiled variant).
+CHANNELS_LAST_BLOCKS = {"BLOCK_C": _block_c, "BLOCK_S": lambda args: args["BLOCK"] // _block_c(args),
+                        "S_MULTIPLE_OF_4": lambda args: bool(args["CHANNELS_LAST"]) and args["S"] % 4 == 0}
 
 
 def programs_per_sample(meta: dict, C: int, S: int, channels_last: bool) -> int:

@@ -72,9 +72,7 @@ def launch(x0, t, table, noise, seeds, stream, target, x_t, out_target, layout):
     _q_sample_kernel[grid](
         x0, batch_stride(x0), t, table, table.shape[0], x0 if draw else noise, 0 if draw else batch_stride(noise),
         seeds if draw else t, _int32_bits(stream & 0xFFFFFFFF), _int32_bits(stream >> 32), x_t, out_target, C, S,
-        DRAW=draw, V_TARGET=target == 1, CHANNELS_LAST=channels_last,
-        S_MULTIPLE_OF_4=channels_last and S % 4 == 0,  # read by the channels-last tiles only
-        **LAUNCH_OPTIONS)
+        DRAW=draw, V_TARGET=target == 1, CHANNELS_LAST=channels_last, **LAUNCH_OPTIONS)
 
 
 def _int32_bits(word: int) -> int:

@@ -144,5 +144,4 @@ def launch(sample, model_output, variance, t, table, noise, seeds, clip_range, t
         t, table, table.shape[0], sample if noise is None else noise, 0 if noise is None else batch_stride(noise),
         t if seeds is None else seeds, prev, prev if x0 is None else x0, thr, float(clip_range), C, S,
         NOISE=noise_kind, HAS_V=variance is not None, WRITE_X0=x0 is not None, THRESHOLD=thresholding,
-        CLIP=clip_range > 0.0, CHANNELS_LAST=channels_last,
-        S_MULTIPLE_OF_4=channels_last and S % 4 == 0, **LAUNCH_OPTIONS)  # read by the channels-last tiles only
+        CLIP=clip_range > 0.0, CHANNELS_LAST=channels_last, **LAUNCH_OPTIONS)
