@@ -1,4 +1,5 @@
-"""DRAM bytes and kernel time of each fused op at the issue's target shapes, read from Nsight Compute.
+"""DRAM bytes and kernel time of each fused op at the issue's target shapes (and the largest thresholded step),
+read from Nsight Compute.
 
     python benchmarks/dram_bytes.py [--backend cuda|triton]     # runs itself under ncu, prints a table
 
@@ -30,12 +31,16 @@ _CHILD = "DDPM_DRAM_BYTES_CHILD"
 def _run_case(backend: str, index: int) -> int:
     """The child under ncu: warm case ``index`` up (autotuning, first launches), then run it once between
     cudaProfilerStart / Stop. Exit code 4: no such case."""
+    from bench_step import threshold_cases  # noqa: PLC0415
     from table import _cases  # noqa: PLC0415
 
-    cases = [c for c in _cases(torch.device("cuda"), targets_only=True) if backend in c.impls]
-    # GroupNorm first: whether its normalize pass re-reads x from DRAM is the question here, and a stage that
-    # runs out of time (a fresh process per case) keeps the cases it printed
-    cases.sort(key=lambda c: not c.op.startswith("group_norm"))
+    device = torch.device("cuda")
+    # The largest thresholded step too: whether the select's later passes find the samples in the L2
+    largest_threshold = max(threshold_cases(device), key=lambda c: c.bytes)
+    cases = [c for c in _cases(device, targets_only=True) + [largest_threshold] if backend in c.impls]
+    # GroupNorm first, then that step: whether a pass re-reads its input from DRAM is the question here, and a
+    # stage that runs out of time (a fresh process per case) keeps the cases it printed
+    cases.sort(key=lambda c: (not c.op.startswith("group_norm"), c is not largest_threshold))
     if index >= len(cases):
         return 4
     case = cases[index]

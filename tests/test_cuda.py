@@ -256,7 +256,7 @@ def test_step_misaligned_and_channels_last_agree(schedule, dtype, post):
 
 def test_threshold_quantile_with_ties_and_nan(schedule):
     """x0 on a coarse grid makes many |x0| equal, so the quantile's two neighbours are often the same key
-    (the ties branch) and sometimes not (the next-key pass); a NaN in one sample makes only that sample NaN,
+    (a tie) and sometimes not (the next key up); a NaN in one sample makes only that sample NaN,
     as torch.quantile does."""
     table = ddim_table(schedule, sampling_timesteps(1000, 50, "leading", steps_offset=1), prediction_type="sample")
     shape = (4, 3, 16, 16)
@@ -276,23 +276,25 @@ def test_threshold_quantile_with_ties_and_nan(schedule):
 
 def test_threshold_next_value_within_and_beyond_the_last_digit(schedule):
     """Linear interpolation needs the value just above the quantile's rank. Where it shares all but the last
-    8-bit digit of its float32 bits with the one at that rank (1.5 and 1.5 + 5 ulps), the last pass's counts
-    give it; where it differs earlier (1.5 and 2.0), one more pass over the sample finds it. Both give
-    torch.quantile's value (60% of the way: 3 ulps up in the first case, so a neighbour off by one ulp shows)."""
+    10-bit digit of its float32 bits with the one at that rank (1.5 and 1.5 + 5 ulps), the last pass's counts
+    give it; where it differs earlier (1.5 and 2.0), the last pass's smallest key above its candidates; a tie
+    (1.5 and 1.5) is the value itself. Each gives torch.quantile's value (60% of the way: 3 ulps up in the
+    first case, so a neighbour off by one ulp shows)."""
     table = ddim_table(schedule, sampling_timesteps(1000, 50, "leading", steps_offset=1), prediction_type="sample")
     v0 = torch.tensor(1.5)
+    nexts = ((v0.view(torch.int32) + 5).view(torch.float32), torch.tensor(2.0), v0)
     rows = []
-    for v1 in ((v0.view(torch.int32) + 5).view(torch.float32), torch.tensor(2.0)):
+    for v1 in nexts:
         values = torch.cat([torch.full((50,), 0.25), v0[None], v1[None], torch.full((48,), 3.0)])
         signs = torch.randint(0, 2, (100,), generator=_gen(len(rows))) * 2 - 1.0
         rows.append(values[torch.randperm(100, generator=_gen(7 + len(rows)))] * signs)
-    mo = torch.stack(rows).view(2, 1, 10, 10)  # x0 = mo (prediction "sample"); rank 50 of 100 holds 1.5
-    x, t = _randn(mo.shape, 23), torch.tensor([981, 501])
+    mo = torch.stack(rows).view(3, 1, 10, 10)  # x0 = mo (prediction "sample"); rank 50 of 100 holds 1.5
+    x, t = _randn(mo.shape, 23), torch.tensor([981, 501, 21])
     kwargs = dict(thresholding=True, dynamic_thresholding_ratio=50.6 / 99, sample_max_value=8.0)
     _, x0 = ddpm_fast.step(mo.to(DEVICE), t.to(DEVICE), x.to(DEVICE), table, backend="cuda", **kwargs)
     _, ref_x0 = reference.step(mo, t, x, table, **kwargs)
     s = 0.25 / ref_x0.abs().amin(dim=(1, 2, 3))  # the 0.25s, below the bound, end at 0.25 / s
-    assert (s > v0).all() and s[0] < (v0.view(torch.int32) + 5).view(torch.float32) and s[1] < 2.0
+    assert (s[:2] > v0).all() and (s[:2] < torch.stack(nexts[:2])).all() and s[2] == v0
     assert torch.equal(x0.cpu(), ref_x0)  # x0 = mo exactly (no product to round): s must be torch.quantile's
 
 

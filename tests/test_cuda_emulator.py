@@ -141,7 +141,8 @@ def test_thresholding_splits_a_small_batch_over_a_cluster(emulated, device, shap
     the emulated GPCs of 16 and 18 SMs), one block on an A100; the blocks count digits of their own keys, then
     each sums the cluster's counts. Every split selects the reference's quantile exactly, on coarse values
     (ties: the same key on both sides of the quantile; a NaN in one sample makes that sample NaN) and on
-    continuous ones (the next-key pass), in both layouts (channels-last noise: the tile walk)."""
+    continuous ones (the next key from above the last pass's candidates), in both layouts (channels-last
+    noise: the tile walk)."""
     emulated.set_device(device)
     table = ddpm_table(NoiseSchedule(1000, "linear"), prediction_type="sample")  # x0 = the model output
     g = torch.Generator().manual_seed(sum(shape))
@@ -165,6 +166,25 @@ def test_thresholding_splits_a_small_batch_over_a_cluster(emulated, device, shap
             assert ((q > 1) & (q < 8)).sum() == q.isfinite().sum() > 0  # s is the quantile, not a bound
             torch.testing.assert_close(x0, ref_x0, rtol=2**-22, atol=0, equal_nan=True)
             torch.testing.assert_close(prev, ref_prev, rtol=2**-21, atol=2**-22, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape, cluster", [((70, 1, 224, 224), 3), ((70, 1, 160, 160), 1)])
+def test_thresholding_keeps_a_large_batch_in_the_l2(emulated, shape, cluster):
+    """With more samples than half the SMs, a sample takes the smallest cluster at which the x and m of the
+    samples in flight fit in half the H200's L2 (50 MiB), so that the select's later passes read them there:
+    70 samples of 224x224 (28 MB) do not in one block each, nor 66 clusters of 2; 42 clusters of 3 do. 70 of
+    160x160 (14 MB) fit in one block each. The quantile is the reference's either way."""
+    emulated.set_device(H200)
+    table = ddpm_table(NoiseSchedule(1000, "linear"), prediction_type="sample")  # x0 = the model output
+    g = torch.Generator().manual_seed(sum(shape))
+    x, mo, noise = (torch.randn(shape, generator=g) for _ in range(3))
+    t = torch.randint(0, 1000, shape[:1], generator=g)
+    kwargs = dict(thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=8.0)
+    prev, x0 = ddpm_fast.step(mo, t, x, table, noise=noise, backend="cuda", **kwargs)
+    assert emulated.take_stats()["max_cluster"] == cluster
+    ref_prev, ref_x0 = reference.step(mo, t, x, table, noise=noise, **kwargs)
+    torch.testing.assert_close(x0, ref_x0, rtol=2**-22, atol=0)
+    torch.testing.assert_close(prev, ref_prev, rtol=2**-21, atol=2**-22)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

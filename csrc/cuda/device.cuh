@@ -143,7 +143,7 @@ inline bool vec_ok(const void* p, int64_t batch_stride, int64_t B, size_t elem) 
 // The device properties the launchers read, queried once per device: at batch 1 a launch is a few
 // microseconds, and the queries were seven runtime calls of each.
 struct DeviceProps {
-  int sms = 1, major = 0, smem_per_sm = 0, smem_optin = 0;
+  int sms = 1, major = 0, smem_per_sm = 0, smem_optin = 0, l2_bytes = 0;
 };
 
 inline void query_props(int dev, DeviceProps& p) {
@@ -151,6 +151,7 @@ inline void query_props(int dev, DeviceProps& p) {
   cudaDeviceGetAttribute(&p.major, cudaDevAttrComputeCapabilityMajor, dev);
   cudaDeviceGetAttribute(&p.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
   cudaDeviceGetAttribute(&p.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  cudaDeviceGetAttribute(&p.l2_bytes, cudaDevAttrL2CacheSize, dev);
   p.sms = std::max(p.sms, 1);
 }
 

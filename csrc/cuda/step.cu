@@ -5,12 +5,12 @@
 //
 // Without thresholding: the flat or tile walk of elementwise.cuh over the whole grid.
 // Dynamic thresholding: the blocks of one sample find s = quantile(|x0|, ratio) exactly as the CPU
-// kernel (a radix select on the bit patterns of |x0|: four 8-bit passes, plus one pass for the next
-// larger value when linear interpolation needs it and the last pass's counts do not show it), then apply
+// kernel (a radix select on the bit patterns of |x0|: three passes over the sample, digits of 11, 10 and
+// 10 bits; the last pass also finds the next larger value that linear interpolation needs), then apply
 // the step to their sample with s in shared memory. A sample takes one block, or on sm_90 a cluster of up
-// to 8 when the batch is at most half the SMs (threshold_cluster), whose blocks combine their digit counts
-// through distributed shared memory. No scratch memory is needed, so the launch stays allocation-free and
-// graph-safe.
+// to 8 (threshold_cluster: to fill the GPU with a small batch, or to keep a large batch's samples in flight
+// in the L2), whose blocks combine their digit counts through distributed shared memory. No scratch memory
+// is needed, so the launch stays allocation-free and graph-safe.
 //
 // Device-side guards (the host cannot read t without a sync): a sample whose t is outside
 // [0, num_t), or whose row adds noise (std != 0) while neither noise nor seeds was given, gets NaN
@@ -146,18 +146,25 @@ struct StepOp {
 // torch.quantile's linear interpolation in float32).
 // ---------------------------------------------------------------------------------------------
 constexpr int kThrThreads = 512;
-constexpr int kDigits = 256;  // radix of the select: 8 bits a pass; one thread per digit sums the cluster's counts
-static_assert(kThrThreads >= kDigits && kDigits % 32 == 0, "whole warps of digits");
+// The select's digits: 11, 10 and 10 bits, the 31 bits of a key (|x0|'s sign bit is 0), so three passes over
+// the sample. Each thread sums, scans and tests 2 or 4 consecutive digits.
+constexpr int kPasses = 3;
+constexpr int kMaxDigits = 2048;
+constexpr int kMaxDigitsPerThread = kMaxDigits / kThrThreads;
+static_assert(kMaxDigits % kThrThreads == 0 && 1024 % kThrThreads == 0, "every thread owns whole digits");
+constexpr unsigned int kNoKey = 0xffffffffu;
 
 // Dynamic shared memory (the blocks of a cluster read each other's).
 struct SelectShared {
-  unsigned int hist[2][kDigits];  // this block's digit counts; passes alternate, so that the peers can still
-                                  // read one pass's counts while this block fills the next
-  unsigned int warp_sums[kDigits / 32];  // the cluster's counts of each warp's 32 digits
-  unsigned int max_key, next_key; // this block's
-  unsigned int cluster_max;
-  unsigned int digit, below, count;  // the digit holding rank k, the candidates below it, its count
-  unsigned int next_digit;           // the last pass's smallest counted digit above it (kDigits: none)
+  unsigned int hist[2][kMaxDigits];  // this block's digit counts; consecutive passes (across samples too)
+                                     // alternate, so that the peers can still read one pass's counts while
+                                     // this block fills the next
+  unsigned int warp_sums[kThrThreads / 32];  // the cluster's counts of each warp's digits
+  unsigned int max_key;     // this block's largest key (a NaN in |x0| when above +inf's)
+  unsigned int min_above;   // this block's smallest key above the last pass's candidates
+  unsigned int cluster_max, cluster_min_above;
+  unsigned int digit, below;  // the digit holding rank k, the candidates below it
+  unsigned int next_digit;           // the last pass's digit holding rank k + 1 (kMaxDigits: none)
 };
 
 // The keys (bit patterns of |x0|) of this block's part of sample b: the warps of the cluster take chunks of
@@ -175,16 +182,20 @@ __device__ __forceinline__ void for_each_key(int64_t n, int K, int rank, Key key
       kv[j] = i < n ? key(i) : 0u;
     }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) f(kv[j], base + 32 * j + lane < n);
+    for (int j = 0; j < 4; ++j)
+      if (base + 32 * j + lane < n) f(kv[j]);
   }
 }
 
 // The quantile of sample b over the K blocks of this cluster (K == 1: this block alone), the same value in
-// every block. Radix select on the keys: per pass, every block counts the 8-bit digits of its candidates,
-// then each block sums the cluster's counts and finds the digit holding rank k itself (no broadcast).
+// every block. Radix select on the keys: per pass, every block counts the digits of its candidates (the keys
+// that share the digits found so far), then each block sums the cluster's counts and finds the digit holding
+// rank k itself (no broadcast). The next key up, which linear interpolation needs, is the last pass's digit
+// holding rank k + 1, or else the smallest key above the candidates, which the last pass finds too: three
+// passes over the sample in all. `phase` counts the block's passes (it picks the histogram buffer).
 template <typename T>
 __device__ float cluster_quantile(const StepOp<T>& op, const typename StepOp<T>::Row& r, int64_t b, float q,
-                                  int K, int rank, SelectShared& sh) {
+                                  int K, int rank, unsigned int& phase, SelectShared& sh) {
   const int64_t n = op.n;
   const T* xp = op.x + b * op.x_bs;
   const T* mp = op.m + b * op.m_bs;
@@ -197,84 +208,82 @@ __device__ float cluster_quantile(const StepOp<T>& op, const typename StepOp<T>:
   int64_t hi = int64_t(::ceilf(pos));
   hi = hi > n - 1 ? n - 1 : hi;
 
-  if (threadIdx.x == 0) sh.max_key = 0;
-  long long k = lo;  // rank among the candidates (the keys that share the digits found so far)
-  unsigned int prefix = 0, ties = 0;
-  for (int pass = 0; pass < 4; ++pass) {
-    const int shift = 24 - 8 * pass;
-    unsigned int* hist = sh.hist[pass & 1];
-    for (int i = threadIdx.x; i < kDigits; i += blockDim.x) hist[i] = 0;
+  unsigned int k = unsigned(lo);  // rank among the candidates (n < 2^32: the host checks)
+  unsigned int prefix = 0;
+  const int lane = int(threadIdx.x % 32), warp = int(threadIdx.x / 32);
+  for (int pass = 0; pass < kPasses; ++pass, ++phase) {
+    const bool first = pass == 0, last = pass == kPasses - 1;
+    const int shift = 20 - 10 * pass, top = shift + (first ? 11 : 10), digits = 1 << (top - shift);
+    const int per_thread = digits / kThrThreads;
+    unsigned int* hist = sh.hist[phase & 1];
+    for (int i = threadIdx.x; i < digits; i += kThrThreads) hist[i] = 0;
+    if (threadIdx.x == 0) {
+      if (first) sh.max_key = 0;
+      if (last) sh.min_above = kNoKey;
+      sh.next_digit = kMaxDigits;
+    }
     __syncthreads();
     // An increment by one of shared memory compiles to ATOMS.POPC.INC: the lanes of a warp adding to the same
     // digit (|x0|'s leading digits are nearly all equal) are merged by the hardware.
-    unsigned int local_max = 0;
-    for_each_key(n, K, rank, key, [&](unsigned int kv, bool valid) {
-      if (pass == 0) local_max = kv > local_max ? kv : local_max;
-      if (valid && (pass == 0 || (kv >> (shift + 8)) == (prefix >> (shift + 8)))) atomicAdd(&hist[(kv >> shift) & 255u], 1u);
+    unsigned int local_max = 0, local_min = kNoKey;
+    for_each_key(n, K, rank, key, [&](unsigned int kv) {
+      if (first) local_max = kv > local_max ? kv : local_max;
+      if ((kv >> top) == (prefix >> top))
+        atomicAdd(&hist[(kv >> shift) & unsigned(digits - 1)], 1u);
+      else if (last && (kv >> top) > (prefix >> top) && kv < local_min)
+        local_min = kv;
     });
-    if (pass == 0) atomicMax(&sh.max_key, local_max);
+    if (first) atomicMax(&sh.max_key, local_max);
+    if (last) atomicMin(&sh.min_above, local_min);
     if (K > 1) cluster_sync(K); else __syncthreads();
-    // The cluster's count of digit d = threadIdx.x, its inclusive prefix sum (a shuffle scan per warp of 32
-    // digits, plus the warps before), and the digit whose range holds rank k.
-    unsigned int total = 0, incl = 0;
-    const int lane = int(threadIdx.x % 32), warp = int(threadIdx.x / 32);
-    if (threadIdx.x < kDigits) {
-      for (int p = 0; p < K; ++p) total += cluster_ptr(hist, K, p)[threadIdx.x];
-      incl = total;
-      for (int off = 1; off < 32; off <<= 1) {
-        const unsigned int up = __shfl_up_sync(0xffffffffu, incl, unsigned(off));
-        if (lane >= off) incl += up;
-      }
-      if (lane == 31) sh.warp_sums[warp] = incl;
+    // The cluster's counts of this thread's digits, their sum, and its inclusive prefix sum over the threads
+    // (a shuffle scan per warp, plus the warps before).
+    const int d0 = int(threadIdx.x) * per_thread;
+    unsigned int total[kMaxDigitsPerThread], sum = 0;
+#pragma unroll
+    for (int j = 0; j < kMaxDigitsPerThread; ++j) {
+      total[j] = 0;
+      if (j < per_thread)
+        for (int p = 0; p < K; ++p) total[j] += cluster_ptr(hist, K, p)[d0 + j];
+      sum += total[j];
     }
-    if (pass == 0 && threadIdx.x == 0) {
-      unsigned int m = 0;
+    unsigned int incl = sum;
+    for (int off = 1; off < 32; off <<= 1) {
+      const unsigned int up = __shfl_up_sync(0xffffffffu, incl, unsigned(off));
+      if (lane >= off) incl += up;
+    }
+    if (lane == 31) sh.warp_sums[warp] = incl;
+    if (threadIdx.x == 0 && (first || last)) {
+      unsigned int mx = 0, mn = kNoKey;
       for (int p = 0; p < K; ++p) {
-        const unsigned int v = *cluster_ptr(&sh.max_key, K, p);
-        m = v > m ? v : m;
+        const unsigned int vmax = *cluster_ptr(&sh.max_key, K, p), vmin = *cluster_ptr(&sh.min_above, K, p);
+        mx = vmax > mx ? vmax : mx;
+        mn = vmin < mn ? vmin : mn;
       }
-      sh.cluster_max = m;
+      if (first) sh.cluster_max = mx;
+      if (last) sh.cluster_min_above = mn;
     }
-    if (pass == 3 && threadIdx.x == 0) sh.next_digit = kDigits;
     __syncthreads();
-    if (threadIdx.x < kDigits) {
-      for (int w = 0; w < warp; ++w) incl += sh.warp_sums[w];
-      const unsigned int excl = incl - total;
-      if (excl <= k && k < incl) sh.digit = threadIdx.x, sh.below = excl, sh.count = total;
+    unsigned int excl = incl - sum;
+    for (int w = 0; w < warp; ++w) excl += sh.warp_sums[w];
+#pragma unroll
+    for (int j = 0; j < kMaxDigitsPerThread; ++j) {
+      if (j < per_thread) {
+        const unsigned int end = excl + total[j];
+        if (excl <= k && k < end) sh.digit = unsigned(d0 + j), sh.below = excl;
+        if (last && excl <= k + 1 && k + 1 < end) sh.next_digit = unsigned(d0 + j);
+        excl = end;
+      }
     }
     __syncthreads();
     k -= sh.below;
     prefix |= sh.digit << shift;
-    if (pass == 3) {
-      ties = sh.count - unsigned(k);  // keys equal to it at or after rank lo
-      // The keys counted in this pass share klo's first three digits: the smallest counted digit above klo's
-      // is the next key up, where there is one.
-      if (threadIdx.x < kDigits && total > 0 && threadIdx.x > sh.digit) atomicMin(&sh.next_digit, threadIdx.x);
-      __syncthreads();
-    }
   }
-  const unsigned int max_key = sh.cluster_max, klo = prefix;
-  if (max_key > 0x7f800000u) return nan_f();  // a NaN in |x0|: torch.quantile gives NaN
+  if (sh.cluster_max > 0x7f800000u) return nan_f();  // a NaN in |x0|: torch.quantile gives NaN
+  const unsigned int klo = prefix;
   unsigned int khi = klo;
-  if (hi > lo && ties < 2) {  // the next key up is needed
-    if (sh.next_digit < kDigits) {
-      khi = (klo & ~255u) | sh.next_digit;
-    } else {  // it differs in an earlier digit: one more pass over the keys
-      if (threadIdx.x == 0) sh.next_key = max_key;
-      __syncthreads();
-      unsigned int local_min = max_key;
-      for_each_key(n, K, rank, key, [&](unsigned int kv, bool valid) {
-        if (valid && kv > klo && kv < local_min) local_min = kv;
-      });
-      atomicMin(&sh.next_key, local_min);
-      if (K > 1) cluster_sync(K); else __syncthreads();
-      khi = max_key;
-      for (int p = 0; p < K; ++p) {
-        const unsigned int v = *cluster_ptr(&sh.next_key, K, p);
-        khi = v < khi ? v : khi;
-      }
-    }
-  }
+  if (hi > lo)  // the next key up: a tie, a larger last digit, or above the last pass's candidates
+    khi = sh.next_digit < kMaxDigits ? (klo & ~1023u) | sh.next_digit : sh.cluster_min_above;
   const float below = __uint_as_float(klo), above = __uint_as_float(khi);
   const float w = __fsub_rn(pos, float(lo));
   const float diff = __fsub_rn(above, below);
@@ -293,11 +302,12 @@ __global__ void __launch_bounds__(kThrThreads)
   SelectShared& sh = *reinterpret_cast<SelectShared*>(smem);
   float* zs = reinterpret_cast<float*>(smem + sizeof(SelectShared));  // kTileElems floats when kTiled
   const int rank = int(blockIdx.x % unsigned(K));
+  unsigned int phase = 0;
   for (int64_t b = blockIdx.x / unsigned(K); b < B; b += gridDim.x / unsigned(K)) {
     typename StepOp<T>::Row r = op.row(b);
     float s = 1.0f;
     if (r.ok) {  // uniform per cluster
-      const float q = cluster_quantile(op, r, b, ratio, K, rank, sh);
+      const float q = cluster_quantile(op, r, b, ratio, K, rank, phase, sh);
       s = q < 1.0f ? 1.0f : q;  // torch.clamp(q, 1, max): NaN stays NaN
       s = s > max_value ? max_value : s;
     }
@@ -315,12 +325,19 @@ __global__ void __launch_bounds__(kThrThreads)
   cluster_sync(K);  // the peers' shared memory was read: no block may leave before they are done
 }
 
-// Blocks per sample of the thresholded step: with fewer samples than SMs (sm_90), the largest cluster size
-// K <= 8 at which all B clusters are resident at once (clusters of one GPC; ask the occupancy calculator,
-// once per kernel, device and K), so that batch 1 is not one SM's work and no second wave forms; else 1.
-inline int threshold_cluster(const void* kernel, int64_t B, size_t smem) {
-  const int64_t sms = device_props().sms;
-  if (B * 2 > sms || !clusters_available(kernel)) return 1;
+// Blocks per sample of the thresholded step: a cluster of K <= 8 on sm_90, else 1. The K = 1 kernels hold up to
+// two blocks per SM (their registers), the clustered ones one; how many clusters of K are resident at once, the
+// occupancy calculator says (asked once per kernel, device and K).
+// - A batch of at most half the SMs: the largest K at which all B clusters are resident, so that batch 1 is
+//   not one SM's work and no second wave forms.
+// - A larger batch: the smallest K at which the x and m of the samples in flight (`sample_bytes` each) fit in
+//   half the L2, so that the select's later passes and the step read them there, not from DRAM (float32
+//   (128,3,256,256): 200 MB, read four times); K = 1 where they fit anyway or no K makes them fit. Half: the
+//   outputs stream through the L2 too, and an H100/H200's L2 is two partitions.
+inline int threshold_cluster(const void* kernel, int64_t B, size_t smem, int64_t sample_bytes) {
+  if (!clusters_available(kernel)) return 1;
+  const DeviceProps& props = device_props();
+  const int64_t sms = props.sms;
   int dev = 0;
   cudaGetDevice(&dev);
   static std::mutex mutex;
@@ -336,10 +353,17 @@ inline int threshold_cluster(const void* kernel, int64_t B, size_t smem) {
         it->second = 0;
       }
     }
-    return it->second;
+    return int64_t(it->second);
   };
-  for (int K = int(std::min<int64_t>(kMaxCluster, sms / B)); K > 1; --K)
-    if (resident(K) >= B) return K;
+  if (B * 2 <= sms) {
+    for (int K = int(std::min<int64_t>(kMaxCluster, sms / B)); K > 1; --K)
+      if (resident(K) >= B) return K;
+    return 1;
+  }
+  const auto fit = [&](int64_t in_flight) { return std::min(in_flight, B) * sample_bytes <= props.l2_bytes / 2; };
+  if (fit(2 * sms)) return 1;
+  for (int K = 2; K <= kMaxCluster; ++K)
+    if (resident(K) > 0 && fit(resident(K))) return K;
   return 1;
 }
 
@@ -362,7 +386,8 @@ void run(const StepOp<T>& op, int64_t B, int64_t C, int64_t S, bool channels_las
                    : step_threshold_kernel<T, 4, false, false, kC>;
     };
     const size_t smem = sizeof(SelectShared) + (tiled ? kTileElems * sizeof(float) : 0);
-    const int K = threshold_cluster(reinterpret_cast<const void*>(kernel_of(std::true_type{})), B, smem);
+    const int K = threshold_cluster(reinterpret_cast<const void*>(kernel_of(std::true_type{})), B, smem,
+                                    2 * n * int64_t(e));
     const auto kernel = K > 1 ? kernel_of(std::true_type{}) : kernel_of(std::false_type{});
     const int64_t clusters = std::min<int64_t>(B, (int64_t(1) << 20) / K);
     check_status("step", int(launch_in_clusters(kernel, unsigned(clusters * K), kThrThreads, smem, K, s, op, B, C, S,

@@ -25,13 +25,13 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 struct Device {
   const char* name;
-  int major, minor, sms, smem_per_sm, smem_optin, max_grid_y;
+  int major, minor, sms, smem_per_sm, smem_optin, max_grid_y, l2_bytes;
   int gpc_sms[8];  // SMs per GPC (a cluster's blocks share one GPC); sm_90 only
 };
 constexpr Device kDevices[] = {
-    {"H200 (emulated)", 9, 0, 132, 233472, 232448, 65535, {16, 16, 16, 16, 16, 16, 18, 18}},
-    {"A100 (emulated)", 8, 0, 108, 167936, 166912, 65535, {}},
-    {"L4 (emulated)", 8, 9, 58, 102400, 101376, 65535, {}},  // sm_89: the least shared memory of the targets
+    {"H200 (emulated)", 9, 0, 132, 233472, 232448, 65535, 50 << 20, {16, 16, 16, 16, 16, 16, 18, 18}},
+    {"A100 (emulated)", 8, 0, 108, 167936, 166912, 65535, 40 << 20, {}},
+    {"L4 (emulated)", 8, 9, 58, 102400, 101376, 65535, 48 << 20, {}},  // sm_89: the least shared memory of the targets
 };
 constexpr int kDeviceCount = int(sizeof(kDevices) / sizeof(kDevices[0]));
 constexpr size_t kStaticSmemLimit = 48 * 1024;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
@@ -408,6 +408,7 @@ cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int device) {
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = d->smem_optin; break;
     case cudaDevAttrMaxSharedMemoryPerBlock: *value = int(kStaticSmemLimit); break;
     case cudaDevAttrMaxGridDimY: *value = d->max_grid_y; break;
+    case cudaDevAttrL2CacheSize: *value = d->l2_bytes; break;
     default: return cudaErrorInvalidValue;  // not emulated
   }
   return cudaSuccess;
