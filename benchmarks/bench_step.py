@@ -2,8 +2,8 @@
 step as users write it: the table's coefficients gathered on the device, clipping, torch.randn_like noise, no host
 sync), torch.compile of it, "reference" (the reference drawing the same contract noise from the seeds, checking t
 on the host) and, where installed, diffusers' DDPMScheduler.step. The target rows clip; the extra rows
-(threshold_cases) threshold dynamically: a per-sample quantile of |x0| first, an exact radix select in the CUDA
-kernel (several passes over the sample), torch.topk on the Triton path."""
+(threshold_cases) threshold dynamically: a per-sample quantile of |x0| first, an exact radix select (CUDA: one
+kernel, three passes over the sample; Triton: four counting kernels and a finishing one before the step's)."""
 
 from __future__ import annotations
 

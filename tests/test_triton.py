@@ -142,6 +142,148 @@ def test_multi_tile_samples_match_the_reference(schedule, shape, channels_last):
     assert_matches_reference(prev.cpu(), ref_prev, ref64_prev, magnitude=terms)
 
 
+# Dynamic thresholding's radix select (ops/triton/_select.py): its s against torch.quantile bit for bit (the select is
+# exact, and x0 = ax * x + am * m is computed here with the kernels' rounding: float32 products, then the sum).
+# IDENTITY's one row makes x0 the model output itself (0 * x + 1 * m), for keys built on purpose.
+IDENTITY = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+NO_BOUND = 2.0**100  # a sample_max_value that binds nowhere here
+
+
+def _assert_thresholds(x, m, t, table, ratio):
+    """s of _select.thresholds is clamp(torch.quantile(|x0|, ratio), 1, NO_BOUND) exactly, NaN where it is NaN; the
+    inputs keep it above 1, where the clamp would hide a wrong quantile."""
+    from ddpm_fast.ops.triton._select import thresholds
+
+    ours = thresholds(x.to(DEVICE), m.to(DEVICE), t.to(DEVICE), table.to(DEVICE), ratio, NO_BOUND).cpu()
+    rows = table[t]
+    x0 = rows[:, :1] * x.float().flatten(1) + rows[:, 1:2] * m.float().flatten(1)
+    expected = torch.quantile(x0.abs(), ratio, dim=1).clamp(1.0, NO_BOUND)
+    assert (expected[~expected.isnan()] > 1).all(), expected
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def _with_x0(m):
+    """(x, m, t, table) whose x0 is m itself: a zero x_t at IDENTITY's row."""
+    return torch.zeros_like(m), m, torch.zeros(m.shape[0], dtype=torch.int64), IDENTITY
+
+
+def _ulps_above(value, ulps):
+    return (torch.tensor(value).view(torch.int32) + ulps).view(torch.float32)
+
+
+def _select_case(name, g):
+    """(x, m, t, table, ratios) of a named case."""
+    table = ddpm_table(NoiseSchedule(1000, "linear")).table()
+    if name == "per-sample t":  # real coefficients, each sample at its own t
+        x, m = torch.randn((3, 3, 9, 7), generator=g) * 3, torch.randn((3, 3, 9, 7), generator=g) * 3
+        return x, m, torch.tensor([999, 500, 3]), table, [0.995]
+    if name in ("float16", "bfloat16"):  # storage read as float32, as the step kernel reads it
+        x, m = (torch.randn((2, 2, 8, 8), generator=g) * 3 for _ in range(2))
+        return x.to(getattr(torch, name)), m.to(getattr(torch, name)), torch.tensor([700, 40]), table, [0.9]
+    if name == "ties":  # quarter steps: runs of equal keys at rank lo and across lo, lo + 1; a sample all equal
+        m = torch.randint(-12, 13, (3, 2, 10, 10), generator=g) / 4
+        m[2] = 2.5
+        return (*_with_x0(m), [0.9, 0.995])
+    if name == "whole position":  # ratio * (n - 1) exactly 25 and 75: no interpolation (lo == hi)
+        return (*_with_x0(1 + torch.rand((2, 1, 101), generator=g) * 9), [0.25, 0.75])
+    if name == "ratio 1":  # the maximum
+        return (*_with_x0(1 + torch.rand((2, 3, 5, 5), generator=g) * 9), [1.0])
+    if name == "n = 1, 2":  # one key (lo = hi = 0); two keys, interpolated half way
+        return (*_with_x0(1 + torch.rand((3, 1, 1), generator=g) * 9), [0.5]), \
+            (*_with_x0(1 + torch.rand((3, 2, 1), generator=g) * 9), [0.5])
+    if name == "next value":
+        # Rank lo + 1 holds 1.5 + 5 ulps (its first three 8-bit digits are rank lo's 1.5's: the last pass's counts
+        # give it), 1.5 + 256 ulps or 2.0 (an earlier digit differs: the smallest key above the last candidates),
+        # or 1.5 itself (a tie at lo). pos = 50.6, 60% of the way: a neighbour off by one ulp shows.
+        rows = []
+        for v1 in (_ulps_above(1.5, 5), _ulps_above(1.5, 256), torch.tensor(2.0), torch.tensor(1.5)):
+            values = torch.cat([torch.full((50,), 1.25), torch.tensor([1.5, v1]), torch.full((48,), 3.0)])
+            signs = torch.randint(0, 2, (100,), generator=g) * 2 - 1.0
+            rows.append(values[torch.randperm(100, generator=g)] * signs)
+        return (*_with_x0(torch.stack(rows).view(4, 1, 10, 10)), [50.6 / 99])
+    if name == "NaN in one sample":  # s is NaN there, also where the NaN's rank is not near pos; the others' as ever
+        x, m = torch.randn((3, 2, 6, 6), generator=g) * 3, torch.randn((3, 2, 6, 6), generator=g) * 3
+        m[1, 1, 2, 3] = float("nan")
+        return x, m, torch.tensor([900, 900, 900]), table, [0.5, 0.995]
+    if name == "inf":  # the quantile on +inf (lerp(inf, inf) is NaN); one inf, the largest: w < 0.5 or not
+        m = 1 + torch.rand((2, 1, 100), generator=g) * 9
+        m[0, 0, 10:] = float("inf")
+        m[1, 0, 7] = -float("inf")  # |x0| = +inf
+        return (*_with_x0(m), [0.5, 0.99, 0.995])
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("name", ["per-sample t", "float16", "bfloat16", "ties", "whole position", "ratio 1",
+                                  "n = 1, 2", "next value", "NaN in one sample", "inf"])
+def test_threshold_select_is_torch_quantile(name):
+    case = _select_case(name, torch.Generator().manual_seed(len(name)))
+    for x, m, t, table, ratios in case if isinstance(case[0], tuple) else [case]:
+        for ratio in ratios:
+            _assert_thresholds(x, m, t, table, ratio)
+
+
+def test_threshold_select_over_several_programs_per_sample(monkeypatch):
+    """Blocks of 256 keys, 3 a program: 3441 keys make 14 blocks in 5 programs, whose last holds a partial block
+    and one wholly past the end (under the interpreter one program takes a whole sample otherwise)."""
+    from ddpm_fast.ops.triton import _select
+
+    for name, value in (("BLOCK", 256), ("MAX_TILES", 3), ("TARGET_PROGRAMS", 1)):
+        monkeypatch.setattr(_select, name, value)
+    assert _select.tiling(2, 3441) == (3, 5)
+    g = torch.Generator().manual_seed(3)
+    x, m = torch.randn((2, 3, 31, 37), generator=g) * 3, torch.randn((2, 3, 31, 37), generator=g) * 3
+    x[0], m[0] = 0.0, torch.randint(-40, 41, (3, 31, 37), generator=g) / 8  # ties spread over the programs
+    for ratio in (0.5, 0.995):
+        _assert_thresholds(x, m, torch.tensor([900, 500]), ddpm_table(NoiseSchedule(1000, "linear")).table(), ratio)
+
+
+def test_threshold_select_tiling(monkeypatch):
+    """The GPU's tiling: programs of whole blocks, none empty, about TARGET_PROGRAMS of them where the batch allows
+    (the benchmarked shapes below), more blocks a program only where the grid's second axis would overflow."""
+    from ddpm_fast.ops.triton import _select
+
+    monkeypatch.setattr(_select, "BLOCK", 2048)
+    monkeypatch.setattr(_select, "MAX_TILES", 8)
+    assert _select.tiling(1, 3 * 256 * 256) == (1, 96)
+    assert _select.tiling(256, 3 * 32 * 32) == (1, 2)
+    assert _select.tiling(128, 3 * 256 * 256) == (8, 12)
+    for B, n in ((1, 1), (3, 2049), (64, 10**6), (1, 2**31 - 2**16), (5000, 777)):
+        tiles, programs = _select.tiling(B, n)
+        blocks = triton.cdiv(n, 2048)
+        assert (programs - 1) * tiles < blocks <= programs * tiles and programs <= _select.MAX_GRID_Y, (B, n)
+        assert tiles <= 8 or programs == _select.MAX_GRID_Y or triton.cdiv(blocks, tiles - 1) > _select.MAX_GRID_Y
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "batch strides", "learned_range"])
+def test_thresholded_step_layouts(schedule, layout):
+    """The launcher hands the select each layout's samples (dense per sample, batch strides of views, the
+    prediction half of learned_range's model output): x0 equals the reference's bit for bit (s is exact), prev to
+    test_step.py's bound."""
+    from test_step import assert_step_matches
+
+    variance = "learned_range" if layout == "learned_range" else "fixed_small"
+    table = ddpm_table(schedule, variance_type=variance)
+    g = torch.Generator().manual_seed(len(layout))
+    shape = (3, 3, 9, 10)
+    x, noise = torch.randn(shape, generator=g) * 2, torch.randn(shape, generator=g)
+    mo = torch.randn((3, 6, 9, 10), generator=g) * 2
+    if variance == "learned_range":
+        mo[:, 3:] = torch.rand((3, 3, 9, 10), generator=g) * 2 - 1
+    else:
+        mo = mo[:, :3] if layout == "batch strides" else mo[:, :3].contiguous()
+    if layout == "channels_last":
+        x, mo = x.contiguous(memory_format=torch.channels_last), mo.contiguous(memory_format=torch.channels_last)
+    if layout == "batch strides":
+        x = torch.cat([x, x], dim=1)[:, :3]
+    t = torch.tensor([999, 420, 35])
+    kwargs = dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0)
+    prev, x0 = ddpm_fast.step(mo.to(DEVICE), t.to(DEVICE), x.to(DEVICE), table, noise.to(DEVICE), backend="triton",
+                              **kwargs)
+    _, ref_x0 = reference.step(mo, t, x, table, noise=noise, **kwargs)
+    assert torch.equal(x0.cpu(), ref_x0)
+    assert_step_matches(prev.cpu(), x0.cpu(), table, x, mo, noise, t, **kwargs)
+
+
 @pytest.mark.parametrize("shape, groups", [
     ((1, 4, 48, 48), 1),  # a group of 9216 elements: several spatial tiles per group
     ((2, 8192, 1), 1),    # 8192 channels in one group: several channel tiles
@@ -306,14 +448,16 @@ def test_bad_timestep_poisons_only_its_sample_in_kernel(schedule, monkeypatch):
 
     monkeypatch.setattr(triton_q_sample, "check_t_range", lambda *args: None)
     monkeypatch.setattr(triton_step, "check_t_range", lambda *args: None)
-    x0 = torch.randn(3, 3, 4, 4, device=DEVICE)
-    t = torch.tensor([3, 1000, -1], device=DEVICE)
-    seeds = torch.tensor([1, 2, 3], device=DEVICE)
+    x0 = torch.randn(4, 3, 4, 4, device=DEVICE)
+    t = torch.tensor([3, 1000, -1, 2**40], device=DEVICE)  # 2**40: far outside, a fault where a kernel read that row
+    seeds = torch.tensor([1, 2, 3, 4], device=DEVICE)
     table = ddpm_table(schedule)
     outputs = [*torch.ops.ddpm_fast.q_sample(x0, t, schedule.q_table(DEVICE), None, seeds, 0, 1, "triton"),
                *torch.ops.ddpm_fast.step(x0, x0, None, t, table.table(DEVICE), None, seeds, 1.0, 0.0, 1.0, True,
-                                         "triton")]
-    for out in outputs:  # x_t, the v target, prev, x0
+                                         "triton"),
+               *torch.ops.ddpm_fast.step(x0, x0, None, t, table.table(DEVICE), None, seeds, 0.0, 0.995, 1.0, True,
+                                         "triton")]  # thresholded: the select reads the table at a clamped row
+    for out in outputs:  # x_t, the v target, prev, x0, thresholded prev and x0
         assert out[0].isfinite().all() and out[1:].isnan().all()
 
 
@@ -389,7 +533,7 @@ _COMPILE_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from ddpm_fast.ops.triton import group_norm, q_sample, step
+from ddpm_fast.ops.triton import _select, group_norm, q_sample, step
 
 def jit_function(kernel):
     while not isinstance(kernel, triton.runtime.jit.JITFunction):
@@ -404,7 +548,9 @@ def compile_for_sm90(kernel, types, constexprs):
 
 ints = {name: "i32" for name in ("C", "S", "G", "Cg", "CHUNK", "SPLIT", "num_t", "stream_lo", "stream_hi")}
 ints.update({name: "i64" for name in ("x0_bs", "noise_bs", "x_bs", "m_bs", "v_bs")})
-ints.update(t_ptr="*i64", seeds_ptr="*i64", group_size="fp32", eps="fp32", clip="fp32")
+ints.update({name: "i32" for name in ("n", "rank", "tiles", "need_next")})
+ints.update(t_ptr="*i64", seeds_ptr="*i64", group_size="fp32", eps="fp32", clip="fp32", hist_ptr="*i32", w="fp32",
+            max_value="fp32")
 
 def types(dtype):
     return {**ints, **{name: "*" + dtype for name in ("x0_ptr", "noise_ptr", "xt_ptr", "target_ptr", "x_ptr", "m_ptr",
@@ -423,6 +569,11 @@ for dtype, cl, s4 in (("fp16", False, False), ("bf16", True, True), ("fp32", Tru
 compile_for_sm90(step._step_kernel, types("fp32"), dict(
     NOISE=0, HAS_V=False, WRITE_X0=False, THRESHOLD=False, CLIP=False, CHANNELS_LAST=False, S_MULTIPLE_OF_4=False,
     BLOCK=1024, BLOCK_S=1024, BLOCK_C=1))
+# the thresholding select: its first, a middle and its last pass (each its own code), and the finish
+for dtype, p in (("fp32", 0), ("bf16", 1), ("fp16", _select.PASSES - 1)):
+    compile_for_sm90(_select._pass_kernel, types(dtype), dict(
+        PASS=p, BINS=_select.TOP_BINS if p == 0 else _select.RADIX, BLOCK=2048))
+compile_for_sm90(_select._finish_kernel, ints, {})
 # group_norm: the fused one-chunk kernels and both kernels of the split path, full and bare options
 for dtype, cl, full in (("bf16", True, True), ("fp32", False, True), ("fp16", False, False)):
     flags = dict(HAS_W=full, HAS_BIAS=full, HAS_BIN=full, HAS_SCALE=full, HAS_SHIFT=full, SILU=full,

@@ -5,19 +5,19 @@
     prev = mean + std * sigma * z   (z given, or Philox(seeds[b], 2**32 + t[b], i); only where std != 0)
 
 Mirrors csrc/cpu/step.cpp. One program is one tile of one sample (see _tiles.py); float32 math. Dynamic
-thresholding needs each sample's quantile of |x0| first: a small torch step on the device (top-k, no host
-sync) computes it exactly as reference.step does (torch.quantile's linear interpolation), then the kernel
-reads one float per sample.
+thresholding needs each sample's quantile of |x0| first: Triton kernels compute it on the device (_select.py:
+an exact radix select, no host sync, torch.quantile's linear interpolation as reference.step), then the step
+kernel reads one float per sample.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from ..checks import bcs, batch_stride, check_t_range
 from ._common import LAUNCH_OPTIONS, check_sizes, configs, load_f32, timestep_row
+from ._select import thresholds
 from ._tiles import CHANNELS_LAST_BLOCKS, programs_per_sample, sample_tile, tile_normals
 
 OP = "step"
@@ -87,28 +87,6 @@ def _step_kernel(
     if WRITE_X0:
         x0c = tl.where(valid, x0c, float("nan"))
         tl.store(x0_ptr + out, x0c.to(x0_ptr.dtype.element_ty), mask=mask)
-
-
-def thresholds(sample, model_output, t, table, ratio: float, sample_max_value: float) -> torch.Tensor:
-    """Dynamic thresholding's s per sample, (B,) float32 on the device, as reference.step defines it:
-    ``clamp(quantile(|x0|, ratio), 1, sample_max_value)`` with torch.quantile's linear interpolation
-    (position ``ratio * (n - 1)`` in float32, ``torch.lerp`` between its neighbours, NaN if any is NaN).
-    Only the top ``n - floor(pos)`` values are needed: ``topk`` instead of a full sort."""
-    B = sample.shape[0]
-    rows = table[t.clamp(0, table.shape[0] - 1)]  # a bad t gives NaN in the kernel; here it must not fault
-    view = (B,) + (1,) * (sample.dim() - 1)
-    x0 = rows[:, 0].reshape(view) * sample.float() + rows[:, 1].reshape(view) * model_output.float()
-    a = x0.abs().reshape(B, -1)
-    n = a.shape[1]
-    pos = torch.tensor(ratio, dtype=torch.float32) * (n - 1)  # float32, as torch.quantile computes it
-    low = min(int(pos), n - 1)
-    high = min(int(torch.ceil(pos)), n - 1)
-    top = torch.topk(a, n - low, dim=1).values  # descending: top[:, -1] is rank low, top[:, -2] rank low + 1
-    below = top[:, -1]
-    above = top[:, -1 - (high - low)]
-    q = torch.lerp(below, above, (pos - low).item())
-    q = torch.where(a.isnan().any(dim=1), float("nan"), q)
-    return q.clamp(min=1.0, max=sample_max_value).contiguous()
 
 
 def launch(sample, model_output, variance, t, table, noise, seeds, clip_range, threshold_ratio, sample_max_value,
