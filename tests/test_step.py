@@ -196,6 +196,26 @@ def test_no_noise_term_where_std_is_zero(backend, schedule):
     assert torch.equal(prev, clean) and torch.isfinite(ref).all()
 
 
+def test_thresholding_interpolates_as_torch_lerp(backend, schedule):
+    """s is torch.quantile's value bit for bit, and its interpolation is torch.lerp: one fma, w d + below (w < 0.5)
+    or (w - 1) d + above, d = above - below. Where the two neighbours lie far apart (magnitudes 0.1 to 1000 here),
+    rounding w d first gives another last bit in several % of the rows, and then every |x0| < s differs from the
+    reference (x0 = the model output exactly: prediction "sample")."""
+    table = ddim_table(schedule, sampling_timesteps(1000, 50, "leading", steps_offset=1), prediction_type="sample")
+    g = torch.Generator().manual_seed(41)
+    B = 64
+    scales = torch.tensor([0.1, 0.5, 0.9, 2.0, 50.0, 300.0, 1000.0])
+    values = torch.rand(B, 7, generator=g) * scales[torch.argsort(torch.rand(B, 7, generator=g), dim=1)]
+    model_output = (values * (torch.randint(0, 2, (B, 7), generator=g) * 2 - 1)).view(B, 7, 1, 1)
+    sample = torch.randn(model_output.shape, generator=g)
+    t = table.timesteps[torch.randint(0, len(table.timesteps), (B,), generator=g)]
+    for ratio in (0.51, 0.61, 0.3):  # w = pos - floor(pos): 0.06, 0.66, 0.8
+        kwargs = dict(thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=1e4)
+        _, x0 = _step(backend, model_output, t, sample, table, **kwargs)
+        _, ref_x0 = reference.step(model_output, t, sample, table, **kwargs)
+        assert torch.equal(x0, ref_x0), f"ratio {ratio}"
+
+
 @pytest.mark.parametrize("post", [POST[0], POST[1], POST[3]])
 def test_nan_propagates_like_the_reference(backend, schedule, post):
     """A NaN from a diverged model must surface, not be clamped into a plausible pixel."""

@@ -227,8 +227,9 @@ float quantile_linear(const uint32_t* keys, int64_t n, uint32_t max_key, float q
       if (keys[i] > klo && keys[i] < khi) khi = keys[i];
   }
   const float below = vm::as_float(klo), above = vm::as_float(khi);
-  const float w = pos - float(lo);
-  return w < 0.5f ? below + w * (above - below) : above - (above - below) * (1.0f - w);
+  const float w = pos - float(lo), diff = above - below;
+  // torch.lerp: one fma (w - 1 is exact for w >= 0.5)
+  return w < 0.5f ? std::fma(w, diff, below) : std::fma(w - 1.0f, diff, above);
 }
 
 // Bit patterns of |x0| of sample b into keys (n values, memory order); returns their maximum.

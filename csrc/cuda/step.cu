@@ -287,7 +287,8 @@ __device__ float cluster_quantile(const StepOp<T>& op, const typename StepOp<T>:
   const float below = __uint_as_float(klo), above = __uint_as_float(khi);
   const float w = __fsub_rn(pos, float(lo));
   const float diff = __fsub_rn(above, below);
-  return w < 0.5f ? __fadd_rn(below, __fmul_rn(w, diff)) : __fsub_rn(above, __fmul_rn(diff, __fsub_rn(1.0f, w)));
+  // torch.lerp: one fma (w - 1 is exact for w >= 0.5)
+  return w < 0.5f ? __fmaf_rn(w, diff, below) : __fmaf_rn(__fsub_rn(w, 1.0f), diff, above);
 }
 
 // A cluster of K = `cluster` blocks per sample (kClustered), or one block (where clusters are unavailable or
