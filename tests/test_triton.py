@@ -215,7 +215,14 @@ def _select_case(name, g):
 
 @pytest.mark.parametrize("name", ["per-sample t", "float16", "bfloat16", "ties", "whole position", "ratio 1",
                                   "n = 1, 2", "next value", "NaN in one sample", "inf"])
-def test_threshold_select_is_torch_quantile(name):
+@pytest.mark.parametrize("kernels", ["one per sample", "passes"])
+def test_threshold_select_is_torch_quantile(name, kernels, monkeypatch):
+    """Both paths: one program a sample (samples of at most MAX_TILES blocks: all of these under the interpreter),
+    and the passes' kernels with their shared counts (forced here)."""
+    from ddpm_fast.ops.triton import _select
+
+    if kernels == "passes":
+        monkeypatch.setattr(_select, "MAX_TILES", 0)
     case = _select_case(name, torch.Generator().manual_seed(len(name)))
     for x, m, t, table, ratios in case if isinstance(case[0], tuple) else [case]:
         for ratio in ratios:
@@ -569,11 +576,13 @@ for dtype, cl, s4 in (("fp16", False, False), ("bf16", True, True), ("fp32", Tru
 compile_for_sm90(step._step_kernel, types("fp32"), dict(
     NOISE=0, HAS_V=False, WRITE_X0=False, THRESHOLD=False, CLIP=False, CHANNELS_LAST=False, S_MULTIPLE_OF_4=False,
     BLOCK=1024, BLOCK_S=1024, BLOCK_C=1))
-# the thresholding select: its first, a middle and its last pass (each its own code), and the finish
+# the thresholding select: its first, a middle and its last pass (each its own code), the finish, and all of
+# them in one program
 for dtype, p in (("fp32", 0), ("bf16", 1), ("fp16", _select.PASSES - 1)):
     compile_for_sm90(_select._pass_kernel, types(dtype), dict(
         PASS=p, BINS=_select.TOP_BINS if p == 0 else _select.RADIX, BLOCK=2048))
 compile_for_sm90(_select._finish_kernel, ints, {})
+compile_for_sm90(_select._sample_kernel, types("bf16"), dict(BLOCK=2048))
 # group_norm: the fused one-chunk kernels and both kernels of the split path, full and bare options
 for dtype, cl, full in (("bf16", True, True), ("fp32", False, True), ("fp16", False, False)):
     flags = dict(HAS_W=full, HAS_BIAS=full, HAS_BIN=full, HAS_SCALE=full, HAS_SHIFT=full, SILU=full,
