@@ -169,7 +169,8 @@ struct SelectShared {
 
 // The keys (bit patterns of |x0|) of this block's part of sample b: the warps of the cluster take chunks of
 // 128 elements in turn, alternating between the blocks (a small sample still spreads over all of them), each
-// lane loading its four keys before using them.
+// lane loading its four keys before using them (unconditionally, past the end from the last element: loads
+// behind a branch would issue one key at a time).
 template <class Key, class F>
 __device__ __forceinline__ void for_each_key(int64_t n, int K, int rank, Key key, F f) {
   const int lane = int(threadIdx.x % 32);
@@ -179,7 +180,7 @@ __device__ __forceinline__ void for_each_key(int64_t n, int K, int rank, Key key
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t i = base + 32 * j + lane;
-      kv[j] = i < n ? key(i) : 0u;
+      kv[j] = key(i < n ? i : n - 1);
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j)
@@ -254,14 +255,15 @@ __device__ float cluster_quantile(const StepOp<T>& op, const typename StepOp<T>:
     }
     if (lane == 31) sh.warp_sums[warp] = incl;
     if (threadIdx.x == 0 && (first || last)) {
-      unsigned int mx = 0, mn = kNoKey;
+      // The cluster's largest key (first pass) or smallest key above the candidates (last pass), each read in its
+      // own pass only: a peer may be resetting the other one for its next sample.
+      unsigned int* own = first ? &sh.max_key : &sh.min_above;
+      unsigned int r = *own;
       for (int p = 0; p < K; ++p) {
-        const unsigned int vmax = *cluster_ptr(&sh.max_key, K, p), vmin = *cluster_ptr(&sh.min_above, K, p);
-        mx = vmax > mx ? vmax : mx;
-        mn = vmin < mn ? vmin : mn;
+        const unsigned int v = *cluster_ptr(own, K, p);
+        r = first ? (v > r ? v : r) : (v < r ? v : r);
       }
-      if (first) sh.cluster_max = mx;
-      if (last) sh.cluster_min_above = mn;
+      (first ? sh.cluster_max : sh.cluster_min_above) = r;
     }
     __syncthreads();
     unsigned int excl = incl - sum;
@@ -326,17 +328,18 @@ __global__ void __launch_bounds__(kThrThreads)
   cluster_sync(K);  // the peers' shared memory was read: no block may leave before they are done
 }
 
-// Blocks per sample of the thresholded step: a cluster of K <= 8 on sm_90, else 1. The K = 1 kernels hold up to
-// two blocks per SM (their registers), the clustered ones one; how many clusters of K are resident at once, the
-// occupancy calculator says (asked once per kernel, device and K).
+// Blocks per sample of the thresholded step: a cluster of K <= 8 on sm_90, else 1. How many samples are in flight
+// at once, the occupancy calculator says (asked once per kernel, device and K): blocks of the one-block kernel
+// (`single`), clusters of the clustered one (`clustered`).
 // - A batch of at most half the SMs: the largest K at which all B clusters are resident, so that batch 1 is
 //   not one SM's work and no second wave forms.
 // - A larger batch: the smallest K at which the x and m of the samples in flight (`sample_bytes` each) fit in
 //   half the L2, so that the select's later passes and the step read them there, not from DRAM (float32
 //   (128,3,256,256): 200 MB, read four times); K = 1 where they fit anyway or no K makes them fit. Half: the
 //   outputs stream through the L2 too, and an H100/H200's L2 is two partitions.
-inline int threshold_cluster(const void* kernel, int64_t B, size_t smem, int64_t sample_bytes) {
-  if (!clusters_available(kernel)) return 1;
+inline int threshold_cluster(const void* clustered, const void* single, int64_t B, size_t smem,
+                             int64_t sample_bytes) {
+  if (!clusters_available(clustered)) return 1;
   const DeviceProps& props = device_props();
   const int64_t sms = props.sms;
   int dev = 0;
@@ -344,14 +347,20 @@ inline int threshold_cluster(const void* kernel, int64_t B, size_t smem, int64_t
   static std::mutex mutex;
   static std::map<std::tuple<const void*, int, int>, int> known;  // (kernel, device, K) -> resident clusters
   const auto resident = [&](int K) {
+    const void* kernel = K > 1 ? clustered : single;
     std::lock_guard<std::mutex> lock(mutex);
     const auto [it, fresh] = known.try_emplace({kernel, dev, K}, 0);
     if (fresh) {
       cudaLaunchAttribute attr;
       const cudaLaunchConfig_t cfg = launch_config(unsigned(K), kThrThreads, smem, K, nullptr, attr);
-      if (cudaOccupancyMaxActiveClusters(&it->second, kernel, &cfg) != cudaSuccess) {
+      const cudaError_t err = K > 1 ? cudaOccupancyMaxActiveClusters(&it->second, kernel, &cfg)
+                                    : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&it->second, kernel, kThrThreads,
+                                                                                    smem);
+      if (err != cudaSuccess) {
         cudaGetLastError();  // a refused query is no launch error: no cluster of this size then
         it->second = 0;
+      } else if (K == 1) {
+        it->second *= int(sms);
       }
     }
     return int64_t(it->second);
@@ -362,8 +371,7 @@ inline int threshold_cluster(const void* kernel, int64_t B, size_t smem, int64_t
     return 1;
   }
   const auto fit = [&](int64_t in_flight) { return std::min(in_flight, B) * sample_bytes <= props.l2_bytes / 2; };
-  if (fit(2 * sms)) return 1;
-  for (int K = 2; K <= kMaxCluster; ++K)
+  for (int K = 1; K <= kMaxCluster; ++K)
     if (resident(K) > 0 && fit(resident(K))) return K;
   return 1;
 }
@@ -387,7 +395,8 @@ void run(const StepOp<T>& op, int64_t B, int64_t C, int64_t S, bool channels_las
                    : step_threshold_kernel<T, 4, false, false, kC>;
     };
     const size_t smem = sizeof(SelectShared) + (tiled ? kTileElems * sizeof(float) : 0);
-    const int K = threshold_cluster(reinterpret_cast<const void*>(kernel_of(std::true_type{})), B, smem,
+    const int K = threshold_cluster(reinterpret_cast<const void*>(kernel_of(std::true_type{})),
+                                    reinterpret_cast<const void*>(kernel_of(std::false_type{})), B, smem,
                                     2 * n * int64_t(e));
     const auto kernel = K > 1 ? kernel_of(std::true_type{}) : kernel_of(std::false_type{});
     const int64_t clusters = std::min<int64_t>(B, (int64_t(1) << 20) / K);

@@ -11,6 +11,7 @@
 #define cudaFuncGetAttributes ::ddpm_fast::emulator::func_get_attributes
 #define cudaFuncSetAttribute ::ddpm_fast::emulator::func_set_attribute
 #define cudaOccupancyMaxActiveClusters ::ddpm_fast::emulator::occupancy_max_active_clusters
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor ::ddpm_fast::emulator::occupancy_max_active_blocks_per_multiprocessor
 #define cudaMemsetAsync ::ddpm_fast::emulator::memset_async
 #define cudaGetLastError ::ddpm_fast::emulator::get_last_error
 #define cudaGetErrorName ::ddpm_fast::emulator::error_name

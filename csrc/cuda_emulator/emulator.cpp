@@ -433,6 +433,14 @@ cudaError_t occupancy_max_active_clusters(int* clusters, const void*, const cuda
   return cudaSuccess;
 }
 
+cudaError_t occupancy_max_active_blocks_per_multiprocessor(int* blocks, const void*, int threads, size_t smem) {
+  const Device& dev = kDevices[current_device];
+  if (threads < 1 || threads > 1024) return cudaErrorInvalidValue;
+  // the threads' and the shared memory's limits (registers are not emulated)
+  *blocks = std::min<int>(2048 / threads, smem == 0 ? 32 : int(size_t(dev.smem_per_sm) / smem));
+  return cudaSuccess;
+}
+
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorNotSupported;  // not emulated
   if (value < 0 || value > kDevices[current_device].smem_optin) return cudaErrorInvalidValue;

@@ -100,6 +100,7 @@ cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void* kernel);
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value);
 // Clusters of the config's size resident at once: the GPCs' SMs over the size, one block per SM.
 cudaError_t occupancy_max_active_clusters(int* clusters, const void* kernel, const cudaLaunchConfig_t* config);
+cudaError_t occupancy_max_active_blocks_per_multiprocessor(int* blocks, const void* kernel, int threads, size_t smem);
 cudaError_t memset_async(void* p, int value, size_t count, cudaStream_t stream);
 cudaError_t get_last_error();
 const char* error_name(cudaError_t err);
