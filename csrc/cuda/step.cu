@@ -164,7 +164,7 @@ struct SelectShared {
   unsigned int min_above;   // this block's smallest key above the last pass's candidates
   unsigned int cluster_max, cluster_min_above;
   unsigned int digit, below;  // the digit holding rank k, the candidates below it
-  unsigned int next_digit;           // the last pass's digit holding rank k + 1 (kMaxDigits: none)
+  unsigned int next_digit;    // the last pass's digit holding rank k + 1 (kMaxDigits: none)
 };
 
 // The keys (bit patterns of |x0|) of this block's part of sample b: the warps of the cluster take chunks of
@@ -346,7 +346,7 @@ inline int threshold_cluster(const void* clustered, const void* single, int64_t 
   cudaGetDevice(&dev);
   static std::mutex mutex;
   static std::map<std::tuple<const void*, int, int>, int> known;  // (kernel, device, K) -> resident clusters
-  const auto resident = [&](int K) {
+  const auto resident = [&](int K) {                              // (blocks for K = 1)
     const void* kernel = K > 1 ? clustered : single;
     std::lock_guard<std::mutex> lock(mutex);
     const auto [it, fresh] = known.try_emplace({kernel, dev, K}, 0);
