@@ -345,10 +345,11 @@ inline int threshold_cluster(const void* clustered, const void* single, int64_t 
   int dev = 0;
   cudaGetDevice(&dev);
   static std::mutex mutex;
-  static std::map<std::tuple<const void*, int, int>, int> known;  // (kernel, device, K) -> resident clusters
-  const auto resident = [&](int K) {                              // (blocks for K = 1)
+  // (kernel, device, K) -> resident clusters (blocks for K = 1)
+  static std::map<std::tuple<const void*, int, int>, int> known;
+  std::lock_guard<std::mutex> lock(mutex);  // once a launch
+  const auto resident = [&](int K) {
     const void* kernel = K > 1 ? clustered : single;
-    std::lock_guard<std::mutex> lock(mutex);
     const auto [it, fresh] = known.try_emplace({kernel, dev, K}, 0);
     if (fresh) {
       cudaLaunchAttribute attr;
@@ -394,11 +395,11 @@ void run(const StepOp<T>& op, int64_t B, int64_t C, int64_t S, bool channels_las
              : vec ? step_threshold_kernel<T, kVec<T>, true, false, kC>
                    : step_threshold_kernel<T, 4, false, false, kC>;
     };
+    const auto clustered = kernel_of(std::true_type{}), single = kernel_of(std::false_type{});
     const size_t smem = sizeof(SelectShared) + (tiled ? kTileElems * sizeof(float) : 0);
-    const int K = threshold_cluster(reinterpret_cast<const void*>(kernel_of(std::true_type{})),
-                                    reinterpret_cast<const void*>(kernel_of(std::false_type{})), B, smem,
-                                    2 * n * int64_t(e));
-    const auto kernel = K > 1 ? kernel_of(std::true_type{}) : kernel_of(std::false_type{});
+    const int K = threshold_cluster(reinterpret_cast<const void*>(clustered), reinterpret_cast<const void*>(single),
+                                    B, smem, 2 * n * int64_t(e));
+    const auto kernel = K > 1 ? clustered : single;
     const int64_t clusters = std::min<int64_t>(B, (int64_t(1) << 20) / K);
     check_status("step", int(launch_in_clusters(kernel, unsigned(clusters * K), kThrThreads, smem, K, s, op, B, C, S,
                                                 cl_tiling(C, S), threshold_ratio, sample_max_value, K)));
