@@ -148,20 +148,23 @@ def test_preference_orders_each_op_by_the_geometric_mean_of_its_cases(tmp_path, 
             row("q_sample (noise drawn)", (128, 3, 256, 256), 80.0, 72.0),
             row("DDPM step (eps, clip, fixed_small)", (256, 3, 32, 32), 5.0, 6.0),
             row("DDPM step (eps, clip, fixed_small)", (128, 3, 256, 256), 80.0, 80.0),
+            row("DDPM step (eps, thresholding)", (128, 3, 256, 256), 400.0, 200.0),  # its own entry
             row("group_norm_silu fwd (scale/shift)", (128, 128, 32, 32), 30.0)]  # no triton time: no verdict
     prefs = preference.preference(rows)
-    assert set(prefs) == {"q_sample", "step"}
+    assert set(prefs) == {"q_sample", "step", "step_thresholding"}
     assert prefs["q_sample"]["order"] == ("triton", "cuda") and prefs["q_sample"]["geomean"] == pytest.approx(
         (0.8 * 0.9) ** 0.5)
     assert prefs["step"]["order"] == ("cuda", "triton") and prefs["step"]["worst"] == pytest.approx(1.2)
     assert "(256, 3, 32, 32)" in prefs["step"]["worst_case"]
+    assert prefs["step_thresholding"]["order"] == ("triton", "cuda") and prefs["step_thresholding"]["cases"] == 1
 
     path = tmp_path / "ops-cuda-x.json"
     path.write_text(json.dumps({"rows": rows}))
     assert preference.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "worst 1.20 OVER" in out and "worst 0.90 ok" in out
-    assert "CUDA_PREFERENCE = {\"q_sample\": ('triton', 'cuda'), \"step\": ('cuda', 'triton')}" in out
+    assert ("CUDA_PREFERENCE = {\"q_sample\": ('triton', 'cuda'), \"step\": ('cuda', 'triton'), "
+            "\"step_thresholding\": ('triton', 'cuda')}") in out
 
 
 def test_eager_baselines_do_the_op_s_work():

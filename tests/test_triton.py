@@ -4,6 +4,8 @@ guards, its launch configurations, and the automatic backend choice around it.
 On a machine without a CUDA device these run on Triton's CPU interpreter (conftest sets TRITON_INTERPRET).
 """
 
+import importlib
+
 import pytest
 import torch
 from _tolerance import NOISE_ROUNDING, assert_matches_reference
@@ -533,6 +535,30 @@ def test_cuda_tensors_prefer_per_op_table_and_fall_back_to_triton(monkeypatch):
     # an extension built without CUDA: triton
     monkeypatch.setattr(backend_choice, "_runs_on", lambda name, device: "no CUDA" if name == "cuda" else None)
     assert backend_choice.resolve("q_sample", ("cpu", "cuda", "triton"), cuda, None) == "triton"
+
+
+def test_a_thresholded_step_takes_its_own_preference_entry(monkeypatch):
+    """Its time is the select's, so CUDA_PREFERENCE orders it apart from the plain step: resolve reads the entry
+    that ddpm_fast.step names."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(backend_choice, "_runs_on", lambda name, device: None)
+    monkeypatch.setitem(backend_choice.CUDA_PREFERENCE, "step", ("cuda", "triton"))
+    monkeypatch.setitem(backend_choice.CUDA_PREFERENCE, "step_thresholding", ("triton", "cuda"))
+    native = ("cpu", "cuda", "triton")
+    assert backend_choice.resolve("step", native, cuda, None) == "cuda"
+    assert backend_choice.resolve("step", native, cuda, None, preference="step_thresholding") == "triton"
+
+    step_op = importlib.import_module("ddpm_fast.ops.step")  # (the package's name `step` is the op's function)
+    named = []
+    real = step_op.resolve
+    monkeypatch.setattr(step_op, "resolve", lambda *args, **kwargs: named.append(kwargs["preference"])
+                        or real(*args, **kwargs))
+    table = ddpm_table(NoiseSchedule(1000, "linear"))
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    x, m = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    for thresholding in (False, True):
+        ddpm_fast.step(m, 500, x, table, seeds=torch.tensor([1, 2]), thresholding=thresholding)
+    assert named == ["step", "step_thresholding"]
 
 
 # Compiles representative kernel variants for an H100/H200 (sm_90) in a subprocess without TRITON_INTERPRET:

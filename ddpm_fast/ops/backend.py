@@ -32,10 +32,12 @@ BACKENDS = ("cuda", "triton", "cpu", "torch")
 # of the op's benchmark cases in the newest GPU record of benchmarks/results/ (`python benchmarks/table.py
 # --device cuda --record`; `python benchmarks/preference.py` prints this table from it). No GPU record
 # compares them yet, so the compiled kernels lead everywhere; a GPU session that records both updates this
-# table (and the README's backend section) from its numbers.
+# table (and the README's backend section) from its numbers. The step with dynamic thresholding has an entry of
+# its own: its time is mostly the per-sample select, whose kernels differ from the step's.
 CUDA_PREFERENCE = {
     "q_sample": ("cuda", "triton"),
     "step": ("cuda", "triton"),
+    "step_thresholding": ("cuda", "triton"),
     "group_norm_silu": ("cuda", "triton"),
 }
 
@@ -130,8 +132,9 @@ def _auto_order(op: str, device_type: str) -> tuple[str, ...]:
 
 
 def resolve(op: str, native: tuple[str, ...], device: torch.device, backend: str | None,
-            refuses: Callable[[str], str | None] | None = None) -> str:
+            refuses: Callable[[str], str | None] | None = None, preference: str | None = None) -> str:
     """The backend that runs ``op`` on ``device``; ``native`` lists the backends with kernels for it.
+    ``preference`` names the :data:`CUDA_PREFERENCE` entry of a variant of the op (default: ``op``'s).
 
     ``refuses(candidate)``, when given, says why a candidate's kernels cannot take this call (a shape past a
     device limit): the automatic choice moves on to the next; an explicit request raises before anything
@@ -150,7 +153,7 @@ def resolve(op: str, native: tuple[str, ...], device: torch.device, backend: str
             raise RuntimeError(f"{op}: backend {requested!r} cannot take this call: {reason} "
                                f"(backend=None chooses one that can)")
         return requested
-    for candidate in _auto_order(op, device.type):
+    for candidate in _auto_order(preference or op, device.type):
         if candidate == "torch" or (candidate in native and _runs_on(candidate, device) is None
                                     and (refuses is None or refuses(candidate) is None)):
             return candidate

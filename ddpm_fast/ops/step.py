@@ -117,7 +117,8 @@ def step(model_output: Tensor, t, sample: Tensor, table, noise: Tensor | None = 
     t = timesteps(OP, t, sample.shape[0], sample.device)
 
     chosen = resolve(OP, tuple(_LAUNCHERS), sample.device, backend,
-                     derivative_refusal((model_output, sample, noise), has_backward=False))
+                     derivative_refusal((model_output, sample, noise), has_backward=False),
+                     preference="step_thresholding" if thresholding else OP)
     if chosen == "torch":
         prev, x0 = reference.step(model_output, t, sample, table, noise=noise, seeds=seeds, clip_range=clip_range,
                                   thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
