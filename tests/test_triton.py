@@ -23,6 +23,7 @@ import triton  # noqa: E402  (only where the backend runs)
 import triton.language as tl  # noqa: E402
 
 from ddpm_fast.ops.triton._common import LAUNCH_OPTIONS, contract_philox  # noqa: E402
+from ddpm_fast.ops.triton._tiles import sample_tile  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -113,8 +114,11 @@ def test_values_outside_addresses_compile_no_variants(schedule, monkeypatch):
 
 @pytest.mark.parametrize("shape, channels_last", [
     ((2, 3, 64, 72), False),  # 13824 elements per sample: two NCHW tiles
+    ((2, 4, 64, 64), False),  # 16384: whole tiles only (8192 here, 1024-4096 on a GPU), no partial last one
     ((2, 3, 64, 72), True),   # channels_last: several spatial tiles, S a multiple of 4
     ((1, 160, 5, 3), True),   # 160 channels: two channel tiles; S = 15 draws per element
+    ((2, 160, 8, 9), True),   # two channel tiles x two spatial tiles (64 pixels, 128 channels), S a multiple of 4
+    ((1, 160, 5, 13), True),  # the same with S = 65, one draw per element
 ])
 def test_multi_tile_samples_match_the_reference(schedule, shape, channels_last):
     """Samples spread over several programs (the CI shapes elsewhere fit in one tile under the interpreter)."""
@@ -142,6 +146,126 @@ def test_multi_tile_samples_match_the_reference(schedule, shape, channels_last):
     terms = p0.abs() * ((ax * x0).abs() + (am * model_output).abs()) + (p1 * x0).abs() + (p2 * model_output).abs() \
         + (std * z).abs()  # what float32 rounding scales with (test_step.py derives it the same way)
     assert_matches_reference(prev.cpu(), ref_prev, ref64_prev, magnitude=terms)
+
+
+@triton.jit
+def _tile_kernel(out_ptr, C, S, CHANNELS_LAST: tl.constexpr, S_MULTIPLE_OF_4: tl.constexpr, BLOCK: tl.constexpr,
+                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program p's sample_tile as four rows of BLOCK int64 (in tile order): offset from the batch's start, j, lane,
+    mask."""
+    b, offsets, j, lane, mask = sample_tile(tl.program_id(0), C, S, CHANNELS_LAST, S_MULTIPLE_OF_4, BLOCK, BLOCK_S,
+                                            BLOCK_C)
+    zero = offsets.to(tl.int64) * 0  # j and lane broadcast to the tile's shape
+    row = out_ptr + tl.program_id(0) * 4 * BLOCK + tl.arange(0, BLOCK)
+    tl.store(row, tl.reshape(b * C * S + offsets + zero, (BLOCK,)))
+    tl.store(row + BLOCK, tl.reshape(j + zero, (BLOCK,)))
+    tl.store(row + 2 * BLOCK, tl.reshape(lane + zero, (BLOCK,)))
+    tl.store(row + 3 * BLOCK, tl.reshape(mask.to(tl.int64) + zero, (BLOCK,)))
+
+
+@pytest.mark.parametrize("B, C, S, channels_last", [
+    (3, 5, 21, False),   # 105 elements per sample, BLOCK 64: a partial last tile
+    (2, 4, 32, False),   # 128: whole tiles only
+    (2, 20, 16, True),   # 16-channel tiles x 4-pixel tiles: 2 x 4 tiles, S a multiple of 4
+    (2, 20, 15, True),   # 2 x 4 tiles, odd S (tile counts with a common factor: a wrong order of the tiles shows)
+    (1, 3, 8, True),     # fewer channels than a channel tile
+])
+def test_sample_tiles_cover_each_element_once(B, C, S, channels_last):
+    """The elementwise kernels' tiling (_tiles.sample_tile, small blocks so that a few elements make many tiles of
+    each kind): over the grid, the unmasked elements are each element of the batch exactly once (no element
+    twice, none past a sample's end: under the interpreter's in-order programs a stray store past the end is
+    overwritten by the next sample's program, or lands past the buffer), each with j, lane of its logical NCHW
+    index 4 j + lane."""
+    from ddpm_fast.ops.triton._tiles import CHANNELS_LAST_BLOCKS, programs_per_sample
+
+    meta = {"C": C, "S": S, "CHANNELS_LAST": channels_last, "BLOCK": 64}
+    meta.update({name: rule(meta) for name, rule in CHANNELS_LAST_BLOCKS.items()})
+    grid = B * programs_per_sample(meta, C, S, channels_last)
+    out = torch.full((grid, 4, 64), -1, dtype=torch.int64, device=DEVICE)
+    _tile_kernel[(grid,)](out, C, S, channels_last, meta["S_MULTIPLE_OF_4"], 64, meta["BLOCK_S"], meta["BLOCK_C"])
+    offset, j, lane, mask = out.cpu().transpose(0, 1).reshape(4, -1)
+    offset, j, lane = offset[mask == 1], j[mask == 1], lane[mask == 1]
+    assert torch.equal(offset.sort().values, torch.arange(B * C * S)), "each element once"
+    within = offset % (C * S)
+    logical = (within % C) * S + within // C if channels_last else within
+    assert torch.equal(4 * j + lane, logical) and ((lane >= 0) & (lane < 4)).all()
+
+
+def test_q_sample_reads_each_input_at_its_batch_stride(schedule):
+    """x0 and noise as every 2nd / 3rd sample of larger batches: dense per sample, so read in place, each at its
+    own batch stride (2 C S and 3 C S). (Such a view of channels_last storage is not channels_last to the op
+    layer, which copies it: NCHW only.)"""
+    g = torch.Generator().manual_seed(37)
+    x0 = (torch.rand((6, 3, 5, 4), generator=g) * 2 - 1)[::2]
+    noise = torch.randn((9, 3, 5, 4), generator=g)[::3]
+    t = torch.randint(0, 1000, (3,), generator=g)
+    x_t, v = ddpm_fast.q_sample(x0.to(DEVICE), t.to(DEVICE), schedule, noise.to(DEVICE), target="v_prediction",
+                                backend="triton")
+    assert_matches_reference(x_t.cpu(), reference.q_sample(x0, t, schedule, noise=noise)[0],
+                             reference.q_sample(x0.double(), t, schedule, noise=noise.double())[0], what="x_t")
+    assert_matches_reference(v.cpu(), reference.training_target(x0, noise, t, schedule, "v_prediction"),
+                             reference.training_target(x0.double(), noise.double(), t, schedule, "v_prediction"),
+                             what="v")
+
+
+def test_step_variance_with_its_own_batch_stride(schedule):
+    """The step op takes learned_range's variance as a tensor of its own (ddpm_fast.step passes both halves of one
+    model output, of one batch stride): a variance of another batch stride than the model output's is read at
+    its own."""
+    from test_step import assert_step_matches
+
+    table = ddpm_table(schedule, variance_type="learned_range")
+    g = torch.Generator().manual_seed(23)
+    shape = (3, 2, 4, 5)
+    x, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    m = torch.randn((3, 5, 4, 5), generator=g)[:, 1:3]  # dense per sample, batch stride 100
+    v = torch.rand(shape, generator=g) * 2 - 1  # contiguous, batch stride 40
+    t = torch.tensor([999, 500, 20])
+    prev, x0 = torch.ops.ddpm_fast.step(x.to(DEVICE), m.to(DEVICE), v.to(DEVICE), t.to(DEVICE), table.table(DEVICE),
+                                        noise.to(DEVICE), None, 0.0, 0.0, 1.0, True, "triton")
+    assert_step_matches(prev.cpu(), x0.cpu(), table, x, torch.cat([m, v], dim=1), noise, t)
+
+
+def test_step_noise_of_timesteps_past_2_16():
+    """The drawn noise's stream is 2**32 + t with t's whole low word: a table of 70000 rows, t past 2**16 (betas
+    small enough that alpha_cumprod stays far from 0 there)."""
+    from test_step import assert_step_matches
+
+    table = ddpm_table(NoiseSchedule(70000, "linear", beta_start=1e-7, beta_end=2e-5))
+    g = torch.Generator().manual_seed(29)
+    x, m = torch.randn((3, 2, 4, 5), generator=g), torch.randn((3, 2, 4, 5), generator=g)
+    t = torch.tensor([2**16 + 7, 69999, 40000])
+    seeds = torch.randint(-2**62, 2**62, (3,), generator=g)
+    prev, x0 = ddpm_fast.step(m.to(DEVICE), t.to(DEVICE), x.to(DEVICE), table, seeds=seeds.to(DEVICE),
+                              backend="triton")
+    assert_step_matches(prev.cpu(), x0.cpu(), table, x, m, None, t, seeds=seeds)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+def test_elementwise_kernels_write_nothing_past_their_outputs(schedule, layout):
+    """q_sample's and step's outputs as the first samples of larger buffers: the sample after them keeps its values
+    (the interpreter's programs run in order, so only a store past the last sample's end can show; the tiles
+    themselves: test_sample_tiles_cover_each_element_once)."""
+    from ddpm_fast.ops.triton import q_sample as triton_q_sample
+    from ddpm_fast.ops.triton import step as triton_step
+
+    g = torch.Generator().manual_seed(len(layout))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    shape = (2, 5, 7, 3)  # 105 elements a sample: the last tile partial in either layout
+    # inputs too as the first samples of larger tensors: a read past the end stays inside an allocation
+    x0, m = (torch.randn((3, *shape[1:]), generator=g).contiguous(memory_format=fmt).to(DEVICE)[:2] for _ in range(2))
+    t = torch.randint(1, 1000, (2,), generator=g).to(DEVICE)
+    seeds = torch.randint(-2**62, 2**62, (2,), generator=g).to(DEVICE)
+    buffers = [torch.randn((3, *shape[1:]), generator=g).contiguous(memory_format=fmt).to(DEVICE) for _ in range(4)]
+    before = [buf[2].clone() for buf in buffers]
+    triton_q_sample.launch(x0, t, schedule.q_table(DEVICE), None, seeds, 7, 1, buffers[0][:2], buffers[1][:2],
+                           int(layout == "channels_last"))
+    table = ddpm_table(schedule).table(DEVICE)
+    triton_step.launch(x0, m, None, t, table, None, seeds, 1.0, 0.0, 1.0, buffers[2][:2], buffers[3][:2],
+                       int(layout == "channels_last"))
+    for i, (buf, kept) in enumerate(zip(buffers, before)):
+        assert torch.equal(buf[2], kept), f"output {i} wrote past its end"
+        assert buf[:2].isfinite().all()
 
 
 # Dynamic thresholding's radix select (ops/triton/_select.py): its s against torch.quantile bit for bit (the select is
@@ -203,6 +327,12 @@ def _select_case(name, g):
             signs = torch.randint(0, 2, (100,), generator=g) * 2 - 1.0
             rows.append(values[torch.randperm(100, generator=g)] * signs)
         return (*_with_x0(torch.stack(rows).view(4, 1, 10, 10)), [50.6 / 99])
+    if name == "zeros":  # half the keys 0 (x0 exactly 0: zero padding), ranks lo, lo + 1 the last 0 and the
+        # smallest non-zero: a block's padding lanes (also keys 0) must count nowhere
+        m = torch.where(torch.rand((2, 3, 10, 10), generator=g) < 0.5, 0.0, 4 + torch.rand((2, 3, 10, 10), generator=g))
+        zeros = int((m[0] == 0).sum())
+        m[1] = m[0].flatten()[torch.randperm(300, generator=g)].view(3, 10, 10)  # the same keys in another order
+        return (*_with_x0(m), [(zeros - 0.5) / 299])
     if name == "NaN in one sample":  # s is NaN there, also where the NaN's rank is not near pos; the others' as ever
         x, m = torch.randn((3, 2, 6, 6), generator=g) * 3, torch.randn((3, 2, 6, 6), generator=g) * 3
         m[1, 1, 2, 3] = float("nan")
@@ -216,7 +346,7 @@ def _select_case(name, g):
 
 
 @pytest.mark.parametrize("name", ["per-sample t", "float16", "bfloat16", "ties", "whole position", "ratio 1",
-                                  "n = 1, 2", "next value", "NaN in one sample", "inf"])
+                                  "n = 1, 2", "next value", "zeros", "NaN in one sample", "inf"])
 @pytest.mark.parametrize("kernels", ["one per sample", "passes"])
 def test_threshold_select_is_torch_quantile(name, kernels, monkeypatch):
     """Both paths: one program a sample (samples of at most MAX_TILES blocks: all of these), and the passes'
@@ -343,7 +473,7 @@ def _force_split(monkeypatch, split):
 _GROUP_NORM_INPUTS = ("x", "weight", "bias", "bias_in", "scale", "shift")
 
 
-def _group_norm_with_grads(x, p, groups, backend, dtype=None):
+def _group_norm_with_grads(x, p, groups, backend, dtype=None, act="silu"):
     """(output, gradients of sum(output * upstream) by input name) of group_norm_silu through ``backend``
     ("triton", or "reference" in ``dtype``), on the CPU."""
     device = DEVICE if backend == "triton" else torch.device("cpu")
@@ -351,10 +481,10 @@ def _group_norm_with_grads(x, p, groups, backend, dtype=None):
               for k, v in {"x": x, **p}.items() if v is not None}
     args = [leaves.get(k) for k in _GROUP_NORM_INPUTS]
     if backend == "triton":
-        y = ddpm_fast.group_norm_silu(*args[:3], groups, bias_in=args[3], scale=args[4], shift=args[5],
+        y = ddpm_fast.group_norm_silu(*args[:3], groups, bias_in=args[3], scale=args[4], shift=args[5], act=act,
                                       backend="triton")
     else:
-        y = reference.group_norm_silu(*args[:3], groups, bias_in=args[3], scale=args[4], shift=args[5])
+        y = reference.group_norm_silu(*args[:3], groups, bias_in=args[3], scale=args[4], shift=args[5], act=act)
     upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=y.dtype)
     grads = torch.autograd.grad((y * upstream).sum(), list(leaves.values()))
     return y.detach().cpu(), {k: g.cpu() for k, g in zip(leaves, grads)}
@@ -382,6 +512,20 @@ def test_group_norm_split_path_matches_reference(monkeypatch, shape, groups, for
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)
         assert ours["x"].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_group_norm_backward_without_activation(monkeypatch, split):
+    """act="none": the backward kernels take dy itself, no SiLU derivative (the other backward tests use SiLU)."""
+    from test_group_norm import _inputs, assert_grads_match
+
+    _force_split(monkeypatch, split)
+    x, p = _inputs((2, 6, 5, 7), "both", torch.float32, seed=31)
+    y, ours = _group_norm_with_grads(x, p, 3, "triton", act="none")
+    y_same, same = _group_norm_with_grads(x, p, 3, "reference", act="none")
+    y_truth, truth = _group_norm_with_grads(x, p, 3, "reference", dtype=torch.float64, act="none")
+    assert_matches_reference(y, y_same, y_truth)
+    assert_grads_match(ours, same, truth, x, p, 3, act="none")
 
 
 def test_group_norm_split_path_is_deterministic(monkeypatch):
