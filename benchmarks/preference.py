@@ -19,13 +19,13 @@ import sys
 # The start of a benchmark case's op name -> the op's entry in CUDA_PREFERENCE. A thresholded step's case
 # ("DDPM step (eps, thresholding)") counts for the entry of its own: its select kernels decide its time.
 OPS = {"q_sample": "q_sample", "DDPM step": "step", "DDIM step": "step", "group_norm_silu": "group_norm_silu"}
+TRITON_WITHIN = 1.15
 
 
 def _entry(case_op: str) -> str | None:
     """The CUDA_PREFERENCE entry a benchmark case is evidence for, or None."""
     op = next((name for prefix, name in OPS.items() if case_op.startswith(prefix)), None)
     return "step_thresholding" if op == "step" and "thresholding" in case_op else op
-TRITON_WITHIN = 1.15
 
 
 def preference(rows: list[dict]) -> dict[str, dict]:
