@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _fuzz import storage_variant
 from _tolerance import FLOOR, NOISE_ROUNDING, assert_matches_reference
 from test_group_norm import _grads as _gn_grads, _inputs as _gn_test_inputs, assert_grads_match
 from test_step import _magnitudes  # the per-element size of the terms a step's rounding scales with
@@ -230,24 +229,6 @@ def test_q_sample_misaligned_equals_aligned(schedule, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES)
-def test_q_sample_reads_each_input_at_its_own_batch_stride_and_alignment(schedule, dtype):
-    """x0 and the given noise each every other sample of a twice larger batch (batch stride 2 x C x H x W, the
-    outputs dense; every sample starts on 16 bytes, so the 16-byte path runs), then the noise alone one element
-    past 16 bytes beside an aligned x0 (the whole call takes the scalar path)."""
-    shape = (3, 4, 8, 8)
-    x0, noise = _randn(shape, 47, dtype), _randn(shape, 48, dtype)
-    t = torch.randint(0, 1000, (shape[0],), generator=_gen(49))
-    ref_x_t, _ = reference.q_sample(x0, t, schedule, noise=noise)
-    ref64, _ = reference.q_sample(x0.double(), t, schedule, noise=noise.double())
-    strided = [storage_variant(v, "batch_strided", DEVICE) for v in (x0, noise)]
-    assert strided[0].stride(0) == 2 * x0[0].numel()
-    for x0_in, noise_in in (strided, (x0.to(DEVICE), _misaligned(noise.to(DEVICE)))):
-        x_t, eps = ddpm_fast.q_sample(x0_in, t.to(DEVICE), schedule, noise=noise_in, backend="cuda")
-        assert_matches_reference(x_t.cpu(), ref_x_t, ref64, what="x_t")
-        assert torch.equal(eps.cpu(), noise)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES)
 @pytest.mark.parametrize("post", [{}, {"clip_range": 1.0}, {"thresholding": True, "sample_max_value": 3.0}])
 def test_step_misaligned_and_channels_last_agree(schedule, dtype, post):
     """The flat 16-byte walk, the scalar walk (misaligned) and the channels-last tile walk (noise drawn per
@@ -275,41 +256,6 @@ def test_step_misaligned_and_channels_last_agree(schedule, dtype, post):
     ref = reference.step(mo.cpu(), t.cpu(), x.cpu(), table, noise=noise.to(dtype), **post)
     ref64 = reference.step(mo.cpu().double(), t.cpu(), x.cpu().double(), table, noise=noise.double(), **post)
     x0_terms, prev_terms = _magnitudes(table, t.cpu(), x.cpu(), mo.cpu(), noise)
-    assert_matches_reference(x0.cpu(), ref[1], ref64[1], what="pred_original_sample", magnitude=x0_terms)
-    assert_matches_reference(prev.cpu(), ref[0], ref64[0], what="prev_sample", magnitude=prev_terms)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES)
-def test_step_reads_each_input_at_its_own_batch_stride(schedule, dtype):
-    """x, the model output and the given noise each every other sample of a twice larger batch (every sample on
-    16 bytes: the 16-byte path); learned_range reads the variance half of the model output at its stride. Then,
-    through the op itself, a variance of its own at twice the model output's batch stride; and the noise alone
-    one element past 16 bytes (the scalar path). Last, the variance half alone off 16 bytes: one sample of
-    C x H x W = 18, x and the model output on 16 bytes."""
-    table = ddpm_table(schedule, variance_type="learned_range")
-    shape = (3, 4, 8, 8)
-    x, m, noise = (_randn(shape, seed, dtype) for seed in (50, 51, 52))
-    var = (torch.rand(shape, generator=_gen(53)) * 2 - 1).to(dtype)
-    mo, t = torch.cat([m, var], dim=1), torch.tensor([999, 500, 3])
-    ref = reference.step(mo, t, x, table, noise=noise)
-    ref64 = reference.step(mo.double(), t, x.double(), table, noise=noise.double())
-    x0_terms, prev_terms = _magnitudes(table, t, x, mo, noise)
-    x_in, mo_in, noise_in, var_in = (storage_variant(v, "batch_strided", DEVICE) for v in (x, mo, noise, var))
-    public = ddpm_fast.step(mo_in, t.to(DEVICE), x_in, table, noise=noise_in, backend="cuda")
-    own_var = torch.ops.ddpm_fast.step(x_in, m.to(DEVICE), var_in, t.to(DEVICE), table.table(DEVICE), noise_in, None,
-                                       0.0, 0.0, 1.0, True, "cuda")
-    noise_moved = ddpm_fast.step(mo.to(DEVICE), t.to(DEVICE), x.to(DEVICE), table, noise=_misaligned(noise.to(DEVICE)),
-                                 backend="cuda")
-    for prev, x0 in (public, own_var, noise_moved):
-        assert_matches_reference(x0.cpu(), ref[1], ref64[1], what="pred_original_sample", magnitude=x0_terms)
-        assert_matches_reference(prev.cpu(), ref[0], ref64[0], what="prev_sample", magnitude=prev_terms)
-    x, m, var, noise = (v[:1, :2, :3, :3].contiguous() for v in (x, m, var, noise))
-    mo, t = torch.cat([m, var], dim=1), t[1:2]
-    assert mo[:, 2:].data_ptr() % 16 != 0
-    prev, x0 = ddpm_fast.step(mo.to(DEVICE), t.to(DEVICE), x.to(DEVICE), table, noise=noise.to(DEVICE), backend="cuda")
-    ref, ref64 = reference.step(mo, t, x, table, noise=noise), reference.step(mo.double(), t, x.double(), table,
-                                                                             noise=noise.double())
-    x0_terms, prev_terms = _magnitudes(table, t, x, mo, noise)
     assert_matches_reference(x0.cpu(), ref[1], ref64[1], what="pred_original_sample", magnitude=x0_terms)
     assert_matches_reference(prev.cpu(), ref[0], ref64[0], what="prev_sample", magnitude=prev_terms)
 
@@ -543,35 +489,6 @@ def test_group_norm_backward_with_misaligned_dy(dtype, channels_last):
     dy = torch.randn(x.shape, generator=_gen(44)).to(dtype)
     moved = _misaligned((dy.contiguous(memory_format=torch.channels_last) if channels_last else dy).to(DEVICE))
     _assert_gn_matches_reference(x, w, b, extra, 4, dy, moved)
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_group_norm_backward_without_activation(channels_last):
-    """act="none": the backward takes dy itself, not dy * silu'(y1) (every other backward test here has SiLU);
-    batch 2 x 3 groups splits each region over a cluster."""
-    x, p = _gn_test_inputs((2, 6, 9, 11), "both", torch.float32, seed=45, channels_last=channels_last)
-    cuda = SimpleNamespace(name="cuda", device=DEVICE)
-    ours = _gn_grads(x, p, 3, "none", cuda)
-    same = _gn_grads(x, p, 3, "none", "reference")
-    truth = _gn_grads(x, p, 3, "none", "reference", dtype=torch.float64)
-    assert_grads_match(ours, same, truth, x, p, 3, act="none")
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_group_norm_shift_passes_over_an_outlier_at_either_end(channels_last):
-    """The statistics' shift of a chunk of a channel is the median of five of its pixels (the first, the last,
-    three between): each channel's first pixel 100 std below its mean and its last 100 std above leave it near
-    the mean, where a shift at either end (the least or the greatest of the five, the first or the last
-    pixel) costs the float sums ~1e-4 of rstd. test_group_norm.py's outlier lies above the mean only."""
-    g = _gen(46)
-    x = torch.randn(2, 4, 64, 64, generator=g) + torch.empty(2, 4, 1, 1).uniform_(-3, 3, generator=g)
-    x[:, :, 0, 0] -= 100.0
-    x[:, :, -1, -1] += 100.0
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = ddpm_fast.group_norm_silu(x.to(DEVICE), None, None, 2, act="none", backend="cuda")
-    ref = reference.group_norm_silu(x, None, None, 2, act="none")
-    assert_matches_reference(y.cpu(), ref, reference.group_norm_silu(x.double(), None, None, 2, act="none"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES)

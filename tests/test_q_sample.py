@@ -122,6 +122,27 @@ def test_non_contiguous_inputs(backend, schedule):
     assert_matches_reference(x_t, ref, ref64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_input_at_its_own_batch_stride_and_alignment(backend, schedule, dtype):
+    """x0 every 2nd and the noise every 3rd sample of larger batches (each sample dense and on 16 bytes: read in
+    place, each at its own batch stride, on the vector paths); then the noise alone one element past 16 bytes
+    beside an aligned x0 (the scalar paths)."""
+    x0, noise, t, _ = _inputs((3, 4, 8, 8), dtype, seed=47)
+    every_2nd = storage_variant(x0, "batch_strided", backend.device)
+    every_3rd = torch.empty((9, 4, 8, 8), dtype=dtype, device=backend.device)[::3].copy_(noise)
+    misaligned = storage_variant(noise, "misaligned", backend.device)
+    ref_x_t, ref_v = reference.q_sample(x0, t, schedule, noise=noise)[0], \
+        reference.training_target(x0, noise, t, schedule, "v_prediction")
+    x0_64, noise_64 = x0.double(), noise.double()
+    ref64_x_t, ref64_v = reference.q_sample(x0_64, t, schedule, noise=noise_64)[0], \
+        reference.training_target(x0_64, noise_64, t, schedule, "v_prediction")
+    for x0_in, noise_in in ((every_2nd, every_3rd), (backend.to(x0), misaligned)):
+        x_t, v = ddpm_fast.q_sample(x0_in, backend.to(t), schedule, noise_in, target="v_prediction",
+                                    backend=backend.name)
+        assert_matches_reference(x_t.cpu(), ref_x_t, ref64_x_t, what="x_t")
+        assert_matches_reference(v.cpu(), ref_v, ref64_v, what="v")
+
+
 def test_scalar_timestep_and_empty_batch(backend, schedule):
     x0, noise, _, _ = _inputs((2, 3, 4, 4), torch.float32, seed=7)
     x_t, _ = _q_sample(backend, x0, 999, schedule, noise)

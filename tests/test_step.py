@@ -168,6 +168,31 @@ def test_per_sample_timesteps_equal_separate_steps(backend, schedule):
         assert torch.equal(p, prev[b:b + 1]) and torch.equal(x, x0[b:b + 1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_input_at_its_own_batch_stride_and_alignment(backend, schedule, dtype):
+    """x, the model output and the noise each every other sample of a twice larger batch (each sample on 16
+    bytes: the vector paths), learned_range reading the variance half at the model output's stride; through the
+    op itself, a variance of its own at twice the model output's batch stride; the noise alone one element past
+    16 bytes (the scalar paths). Last, the variance half alone off 16 bytes: one sample of C x H x W = 18."""
+    table = ddpm_table(schedule, variance_type="learned_range")
+    x, mo, noise, _, _ = _inputs(table, (3, 4, 8, 8), dtype, seed=50)
+    t = torch.tensor([999, 500, 3])
+    on = lambda v, kind: storage_variant(v, kind, backend.device)  # noqa: E731
+    x_in, mo_in, noise_in = (on(v, "batch_strided") for v in (x, mo, noise))
+    public = ddpm_fast.step(mo_in, backend.to(t), x_in, table, noise=noise_in, backend=backend.name)
+    own_variance = torch.ops.ddpm_fast.step(x_in, backend.to(mo[:, :4].contiguous()), on(mo[:, 4:], "batch_strided"),
+                                            backend.to(t), table.table(backend.device), noise_in, None, 0.0, 0.0, 1.0,
+                                            True, backend.name)
+    noise_moved = ddpm_fast.step(backend.to(mo), backend.to(t), backend.to(x), table, noise=on(noise, "misaligned"),
+                                 backend=backend.name)
+    for prev, x0 in (public, own_variance, noise_moved):
+        assert_step_matches(prev.cpu(), x0.cpu(), table, x, mo, noise, t)
+    x, noise = x[1:2, :2, :3, :3].contiguous(), noise[1:2, :2, :3, :3].contiguous()
+    mo = torch.cat([mo[1:2, :2, :3, :3], mo[1:2, 4:6, :3, :3]], dim=1)
+    assert mo[:, 2:].data_ptr() % 16 != 0
+    _check(backend, table, x, mo, noise, t[1:2])
+
+
 def test_ddpm_adds_no_noise_at_t0(backend, schedule):
     table = ddpm_table(schedule)
     sample, model_output, noise, _, _ = _inputs(table, (2, 3, 4, 4), torch.float32, seed=3)

@@ -5,6 +5,7 @@ On a machine without a CUDA device these run on Triton's CPU interpreter (confte
 """
 
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -189,41 +190,6 @@ def test_sample_tiles_cover_each_element_once(B, C, S, channels_last):
     within = offset % (C * S)
     logical = (within % C) * S + within // C if channels_last else within
     assert torch.equal(4 * j + lane, logical) and ((lane >= 0) & (lane < 4)).all()
-
-
-def test_q_sample_reads_each_input_at_its_batch_stride(schedule):
-    """x0 and noise as every 2nd / 3rd sample of larger batches: dense per sample, so read in place, each at its
-    own batch stride (2 C S and 3 C S). (Such a view of channels_last storage is not channels_last to the op
-    layer, which copies it: NCHW only.)"""
-    g = torch.Generator().manual_seed(37)
-    x0 = (torch.rand((6, 3, 5, 4), generator=g) * 2 - 1)[::2]
-    noise = torch.randn((9, 3, 5, 4), generator=g)[::3]
-    t = torch.randint(0, 1000, (3,), generator=g)
-    x_t, v = ddpm_fast.q_sample(x0.to(DEVICE), t.to(DEVICE), schedule, noise.to(DEVICE), target="v_prediction",
-                                backend="triton")
-    assert_matches_reference(x_t.cpu(), reference.q_sample(x0, t, schedule, noise=noise)[0],
-                             reference.q_sample(x0.double(), t, schedule, noise=noise.double())[0], what="x_t")
-    assert_matches_reference(v.cpu(), reference.training_target(x0, noise, t, schedule, "v_prediction"),
-                             reference.training_target(x0.double(), noise.double(), t, schedule, "v_prediction"),
-                             what="v")
-
-
-def test_step_variance_with_its_own_batch_stride(schedule):
-    """The step op takes learned_range's variance as a tensor of its own (ddpm_fast.step passes both halves of one
-    model output, of one batch stride): a variance of another batch stride than the model output's is read at
-    its own."""
-    from test_step import assert_step_matches
-
-    table = ddpm_table(schedule, variance_type="learned_range")
-    g = torch.Generator().manual_seed(23)
-    shape = (3, 2, 4, 5)
-    x, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    m = torch.randn((3, 5, 4, 5), generator=g)[:, 1:3]  # dense per sample, batch stride 100
-    v = torch.rand(shape, generator=g) * 2 - 1  # contiguous, batch stride 40
-    t = torch.tensor([999, 500, 20])
-    prev, x0 = torch.ops.ddpm_fast.step(x.to(DEVICE), m.to(DEVICE), v.to(DEVICE), t.to(DEVICE), table.table(DEVICE),
-                                        noise.to(DEVICE), None, 0.0, 0.0, 1.0, True, "triton")
-    assert_step_matches(prev.cpu(), x0.cpu(), table, x, torch.cat([m, v], dim=1), noise, t)
 
 
 def test_step_noise_of_timesteps_past_2_16():
@@ -470,71 +436,41 @@ def _force_split(monkeypatch, split):
     monkeypatch.setattr(triton_group_norm, "choose_split", lambda groups, Cg, S, device: split)
 
 
-_GROUP_NORM_INPUTS = ("x", "weight", "bias", "bias_in", "scale", "shift")
+TRITON_BACKEND = SimpleNamespace(name="triton", device=DEVICE)  # test_group_norm's helpers take a conftest Backend
 
 
-def _group_norm_with_grads(x, p, groups, backend, dtype=None, act="silu"):
-    """(output, gradients of sum(output * upstream) by input name) of group_norm_silu through ``backend``
-    ("triton", or "reference" in ``dtype``), on the CPU."""
-    device = DEVICE if backend == "triton" else torch.device("cpu")
-    leaves = {k: v.detach().to(device=device, dtype=dtype or v.dtype).requires_grad_()
-              for k, v in {"x": x, **p}.items() if v is not None}
-    args = [leaves.get(k) for k in _GROUP_NORM_INPUTS]
-    if backend == "triton":
-        y = ddpm_fast.group_norm_silu(*args[:3], groups, bias_in=args[3], scale=args[4], shift=args[5], act=act,
-                                      backend="triton")
-    else:
-        y = reference.group_norm_silu(*args[:3], groups, bias_in=args[3], scale=args[4], shift=args[5], act=act)
-    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=y.dtype)
-    grads = torch.autograd.grad((y * upstream).sum(), list(leaves.values()))
-    return y.detach().cpu(), {k: g.cpu() for k, g in zip(leaves, grads)}
-
-
-@pytest.mark.parametrize("shape, groups, form, dtype, channels_last, split", [
-    ((1, 4, 5, 7), 2, "both", torch.float32, False, 3),             # odd H x W: chunks of 12, 12, 11 pixels
-    ((1, 8, 6, 6), 2, "bias_in", torch.float16, True, 3),           # channels_last chunks of 12 pixels
-    ((1, 6, 4, 5), 2, "scale_shift", torch.bfloat16, True, 3),      # 3 channels per group (not a power of 2)
-    ((1, 3, 7, 3), 3, "plain", torch.float32, False, 2),            # one channel per group, no affine
-    ((1, 2, 96, 96), 1, "scale_shift", torch.bfloat16, False, 2),   # chunks of 4608 pixels: 3 tiles each
-    ((2, 4100, 2), 1, "both", torch.float32, False, 2),             # 4100 channels: two channel tiles per chunk
+@pytest.mark.parametrize("shape, groups, form, dtype, channels_last, split, act", [
+    ((1, 4, 5, 7), 2, "both", torch.float32, False, 3, "silu"),            # odd H x W: chunks of 12, 12, 11 pixels
+    ((1, 8, 6, 6), 2, "bias_in", torch.float16, True, 3, "silu"),          # channels_last chunks of 12 pixels
+    ((1, 6, 4, 5), 2, "scale_shift", torch.bfloat16, True, 3, "silu"),     # 3 channels per group (not a power of 2)
+    ((1, 3, 7, 3), 3, "plain", torch.float32, False, 2, "silu"),           # one channel per group, no affine
+    ((1, 2, 96, 96), 1, "scale_shift", torch.bfloat16, False, 2, "silu"),  # chunks of 4608 pixels: 3 tiles each
+    ((2, 4100, 2), 1, "both", torch.float32, False, 2, "silu"),            # 4100 channels: two channel tiles a chunk
+    ((2, 6, 5, 7), 3, "both", torch.float32, False, 3, "none"),            # the backward takes dy itself
 ])
-def test_group_norm_split_path_matches_reference(monkeypatch, shape, groups, form, dtype, channels_last, split):
+def test_group_norm_split_path_matches_reference(monkeypatch, shape, groups, form, dtype, channels_last, split, act):
     """Forward and every gradient through the split path, against the reference (test_group_norm.py's bounds)."""
-    from test_group_norm import _inputs, assert_grads_match
+    from test_group_norm import _inputs, _output_and_grads, assert_grads_match
 
     _force_split(monkeypatch, split)
     x, p = _inputs(shape, form, dtype, seed=sum(shape), channels_last=channels_last, affine=form != "plain")
-    y, ours = _group_norm_with_grads(x, p, groups, "triton")
-    y_same, same = _group_norm_with_grads(x, p, groups, "reference")
-    y_truth, truth = _group_norm_with_grads(x, p, groups, "reference", dtype=torch.float64)
+    y, ours = _output_and_grads(x, p, groups, act, TRITON_BACKEND)
+    y_same, same = _output_and_grads(x, p, groups, act, "reference")
+    y_truth, truth = _output_and_grads(x, p, groups, act, "reference", dtype=torch.float64)
     assert_matches_reference(y, y_same, y_truth)
-    assert_grads_match(ours, same, truth, x, p, groups)
+    assert_grads_match(ours, same, truth, x, p, groups, act=act)
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)
         assert ours["x"].is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("split", [1, 3])
-def test_group_norm_backward_without_activation(monkeypatch, split):
-    """act="none": the backward kernels take dy itself, no SiLU derivative (the other backward tests use SiLU)."""
-    from test_group_norm import _inputs, assert_grads_match
-
-    _force_split(monkeypatch, split)
-    x, p = _inputs((2, 6, 5, 7), "both", torch.float32, seed=31)
-    y, ours = _group_norm_with_grads(x, p, 3, "triton", act="none")
-    y_same, same = _group_norm_with_grads(x, p, 3, "reference", act="none")
-    y_truth, truth = _group_norm_with_grads(x, p, 3, "reference", dtype=torch.float64, act="none")
-    assert_matches_reference(y, y_same, y_truth)
-    assert_grads_match(ours, same, truth, x, p, 3, act="none")
-
-
 def test_group_norm_split_path_is_deterministic(monkeypatch):
     """The partials are merged in a fixed order (no atomics): two runs agree bit for bit."""
-    from test_group_norm import _inputs
+    from test_group_norm import _inputs, _output_and_grads
 
     _force_split(monkeypatch, 3)
     x, p = _inputs((1, 2, 5, 7), "both", torch.float32, seed=5)
-    (y1, first), (y2, second) = (_group_norm_with_grads(x, p, 1, "triton") for _ in range(2))
+    (y1, first), (y2, second) = (_output_and_grads(x, p, 1, "silu", TRITON_BACKEND) for _ in range(2))
     assert torch.equal(y1, y2)
     for name in first:
         assert torch.equal(first[name], second[name]), name
