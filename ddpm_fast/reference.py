@@ -57,17 +57,36 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-D x laid out so, else contiguous: the two layouts of contracts.md, so every
-    backend returns the same (the kernels write channels_last_3d input as contiguous output)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of an op's outputs for input ``x``, on every backend: channels_last for a 4-D x whose
+    samples are each stored NHWC (and not also NCHW), whatever its batch stride (``x[::2]`` of a channels_last
+    batch stays channels_last, as in PyTorch's elementwise ops); else contiguous. contracts.md's layouts are
+    NCHW and 4-D channels_last: channels_last_3d input gives contiguous output."""
+    if x.dim() != 4 or x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
-    return torch.contiguous_format
+    nhwc = samples_are_dense(x, torch.channels_last) and not samples_are_dense(x, torch.contiguous_format)
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
+def samples_are_dense(x: torch.Tensor, memory_format: torch.memory_format) -> bool:
+    """Whether every sample x[b] is dense in ``memory_format`` (contiguous, or channels_last for 4-D x), whatever
+    the batch stride: what the kernels read in place, each tensor with its own batch stride."""
+    if x.is_contiguous(memory_format=memory_format):
+        return True  # the common case, without the loop below (~4 us a tensor)
+    sizes, strides = x.shape[1:], x.stride()[1:]
+    if memory_format == torch.channels_last:
+        c, h, w = sizes
+        expected = (1, w * c, c)
+    else:
+        expected = [math.prod(sizes[i + 1:]) for i in range(len(sizes))]
+    return all(s == e for s, e, n in zip(strides, expected, sizes) if n > 1)
 
 
 def _like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """out cast to x's dtype and laid out in x's memory format."""
-    return out.to(dtype=x.dtype).contiguous(memory_format=_memory_format(x))
+    return out.to(dtype=x.dtype).contiguous(memory_format=memory_format_of(x))
 
 
 def check_dense(name: str, x: torch.Tensor, prefix: str = "") -> None:

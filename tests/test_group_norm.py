@@ -68,9 +68,13 @@ def test_forward_matches_reference(backend, shape, groups, form, dtype, act):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, groups", [((2, 32, 8, 8), 8), ((1, 6, 5, 7), 3), ((2, 12, 4, 4), 12)])
-def test_channels_last(backend, shape, groups, dtype):
-    x, p = _inputs(shape, "both", dtype, seed=1, channels_last=True)
-    y = _group_norm(backend, x, p, groups)
+@pytest.mark.parametrize("kind", ["contiguous_channels_last", "batch_strided_channels_last"])
+def test_channels_last(backend, shape, groups, dtype, kind):
+    """channels_last, and channels_last samples at a batch stride of their own (every other one of a larger batch):
+    the output is channels_last."""
+    backend.subset(keep=kind == "contiguous_channels_last" or dtype == torch.float32)
+    x, p = _inputs(shape, "both", dtype, seed=1)
+    y = _group_norm(backend, storage_variant(x, kind, backend.device), p, groups)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_matches_reference(y, _reference(x, groups, p, "silu"), _reference(x, groups, p, "silu", torch.float64))
 

@@ -76,18 +76,21 @@ def test_drawn_noise_matches_reference_generator(backend, schedule, shape, dtype
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 6, 5, 7), (2, 5, 4, 6)])  # H x W odd, and a multiple of 4
 def test_channels_last_equals_contiguous(backend, schedule, dtype, shape):
-    """The noise is a function of the logical index, so the memory layout must not change a single value."""
+    """The noise is a function of the logical index, so the memory layout must not change a single value:
+    channels_last, and channels_last samples at a batch stride of their own (every other one of a larger batch,
+    read in place: the outputs are channels_last)."""
     x0, noise, t, seeds = _inputs(shape, dtype, seed=3)
     x0, noise, t, seeds = backend.to(x0, noise, t, seeds)
     for kwargs in ({"seeds": seeds}, {"noise": noise}):
         dense = ddpm_fast.q_sample(x0, t, schedule, target="v_prediction", backend=backend.name, **kwargs)
-        cl_kwargs = {k: (v.contiguous(memory_format=torch.channels_last) if k == "noise" else v)
-                     for k, v in kwargs.items()}
-        cl = ddpm_fast.q_sample(x0.contiguous(memory_format=torch.channels_last), t, schedule,
-                                target="v_prediction", backend=backend.name, **cl_kwargs)
-        for a, b in zip(dense, cl):
-            assert b.is_contiguous(memory_format=torch.channels_last)
-            assert torch.equal(a, b)
+        for kind in ("contiguous_channels_last", "batch_strided_channels_last"):
+            cl_kwargs = {k: (storage_variant(v, kind, backend.device) if k == "noise" else v)
+                         for k, v in kwargs.items()}
+            cl = ddpm_fast.q_sample(storage_variant(x0, kind, backend.device), t, schedule,
+                                    target="v_prediction", backend=backend.name, **cl_kwargs)
+            for a, b in zip(dense, cl):
+                assert b.is_contiguous(memory_format=torch.channels_last)
+                assert torch.equal(a, b)
 
 
 def test_noise_independent_of_batch_composition(backend, schedule):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers import scheduling_ddpm
 
-from _fuzz import run_cases
+from _fuzz import run_cases, storage_variant
 import ddpm_fast
 from ddpm_fast.reference import (
     INITIAL_NOISE_STREAM,
@@ -341,14 +341,17 @@ def test_channels_last_equals_nchw():
     table = ddpm_table(NoiseSchedule(), prediction_type="v_prediction", variance_type="learned_range")
     x, m, z = _step_inputs(table, SHAPE, seed=21)
     t = torch.tensor([10, 999, 0])
-    cl = {k: v.contiguous(memory_format=torch.channels_last) for k, v in dict(x=x, m=m, z=z).items()}
     ref = step(m, t, x, table, noise=z, **_clip_kwargs("threshold"))
-    got = step(cl["m"], t, cl["x"], table, noise=cl["z"], **_clip_kwargs("threshold"))
     seeds = torch.tensor([4, 5, 6])
-    ref_s, got_s = step(m, t, x, table, seeds=seeds), step(cl["m"], t, cl["x"], table, seeds=seeds)
-    for r, g in zip(ref + ref_s, got + got_s):
-        assert g.is_contiguous(memory_format=torch.channels_last)
-        assert torch.equal(r, g)
+    ref_s = step(m, t, x, table, seeds=seeds)
+    # channels_last, and channels_last samples at a batch stride of their own (every other one of a larger batch)
+    for kind in ("contiguous_channels_last", "batch_strided_channels_last"):
+        cl = {k: storage_variant(v, kind, "cpu") for k, v in dict(x=x, m=m, z=z).items()}
+        got = step(cl["m"], t, cl["x"], table, noise=cl["z"], **_clip_kwargs("threshold"))
+        got_s = step(cl["m"], t, cl["x"], table, seeds=seeds)
+        for r, g in zip(ref + ref_s, got + got_s):
+            assert g.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(r, g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

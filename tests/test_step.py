@@ -149,9 +149,11 @@ def test_noise_is_independent_of_layout_and_batch(backend, schedule, shape):
     sample, model_output, _, t, seeds = _inputs(table, shape, torch.float32, seed=1)
     t[:] = 500
     prev, _ = _step(backend, model_output, t, sample, table, seeds=seeds)
-    cl = [v.contiguous(memory_format=torch.channels_last) for v in (model_output, sample)]
-    prev_cl, _ = _step(backend, cl[0], t, cl[1], table, seeds=seeds)
-    assert torch.equal(prev, prev_cl)
+    # channels_last, and channels_last samples at a batch stride of their own (read in place)
+    for kind in ("contiguous_channels_last", "batch_strided_channels_last"):
+        cl = [storage_variant(v, kind, backend.device) for v in (model_output, sample)]
+        prev_cl, _ = _step(backend, cl[0], t, cl[1], table, seeds=seeds)
+        assert prev_cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(prev, prev_cl)
     alone, _ = _step(backend, model_output[2:3], t[2:3], sample[2:3], table, seeds=seeds[2:3])
     assert torch.equal(alone, prev[2:3])
 

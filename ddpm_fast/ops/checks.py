@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..reference import check_dense
+from ..reference import check_dense, memory_format_of, samples_are_dense
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -79,35 +79,18 @@ def seeds_tensor(op: str, seeds, batch: int, device: torch.device) -> torch.Tens
 
 
 def layout_of(x: torch.Tensor) -> int:
-    """CHANNELS_LAST for a 4-D tensor stored NHWC (and not also NCHW-contiguous), else CONTIGUOUS."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return CHANNELS_LAST
-    return CONTIGUOUS
+    """The layout (contracts.md) in which the kernels read x and write the outputs: reference.memory_format_of."""
+    return CHANNELS_LAST if memory_format_of(x) == torch.channels_last else CONTIGUOUS
 
 
 def memory_format(layout: int) -> torch.memory_format:
     return torch.channels_last if layout == CHANNELS_LAST else torch.contiguous_format
 
 
-def _sample_is_dense(x: torch.Tensor, layout: int) -> bool:
-    """Whether every sample x[b] is dense in ``layout`` (the batch stride may be anything)."""
-    if x.is_contiguous() if layout == CONTIGUOUS else x.is_contiguous(memory_format=torch.channels_last):
-        return True  # the common case, without the loop below (~4 us a tensor)
-    sizes, strides = x.shape[1:], x.stride()[1:]
-    if layout == CHANNELS_LAST:
-        c, h, w = sizes
-        expected = (1, w * c, c)
-        return all(s == e for s, e, n in zip(strides, expected, sizes) if n > 1)
-    expected, running = [], 1
-    for n in reversed(sizes):
-        expected.append(running)
-        running *= n
-    return all(s == e for s, e, n in zip(strides, reversed(expected), sizes) if n > 1)
-
-
 def dense(x: torch.Tensor, layout: int) -> torch.Tensor:
     """``x`` itself when each sample is dense in ``layout``, else a copy that is."""
-    return x if _sample_is_dense(x, layout) else x.contiguous(memory_format=memory_format(layout))
+    fmt = memory_format(layout)
+    return x if samples_are_dense(x, fmt) else x.contiguous(memory_format=fmt)
 
 
 def batch_stride(x: torch.Tensor) -> int:
