@@ -146,11 +146,23 @@ def _cpu_unless_marked_gpu(request, monkeypatch):
         monkeypatch.setattr(distributed, "default_device", lambda: torch.device("cpu"))
 
 
+def _torch_threads(count: int):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test: networks at 8x8 take microseconds per op, and on a loaded 2-core
     machine two OpenMP threads waiting at barriers made the tiny UNet's forward 60x slower (0.6 s, not 10 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from _torch_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """torch (and so the cpu kernels, which take torch's thread count) on two threads for the test: the kernels
+    split work over threads only past ~64K-256K elements, and a test of that split must not depend on the
+    machine's default (one thread under some CI runners' limits)."""
+    yield from _torch_threads(2)

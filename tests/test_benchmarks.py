@@ -195,20 +195,23 @@ def test_eager_baselines_do_the_op_s_work():
 
 
 def test_gpu_check_selections_collect_tests():
-    """Every -k selection in scripts/gpu_check.sh's sanitizer stage selects tests (one once matched none, so
-    racecheck never ran, and the stage failed with pytest's exit code 5)."""
+    """Every -k selection in scripts/gpu_check.sh's sanitizer stage selects tests of each file it names (one once
+    matched none, so racecheck never ran, and the stage failed with pytest's exit code 5)."""
     import re
     import subprocess
 
     root = Path(__file__).parents[1]
     script = (root / "scripts" / "gpu_check.sh").read_text()
-    selections = re.findall(r"-k '([^']+)'", script)
+    step_cuda = re.search(r'STEP_CUDA="([^"]+)"', script).group(1)
+    selections = [k.replace("$STEP_CUDA", step_cuda) for k in re.findall(r"-k '([^']+)'", script)]
     assert len(selections) == 2, selections
+    files = ["tests/test_cuda.py", "tests/test_step.py"]
     for selection in selections:
-        run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_cuda.py", "--collect-only", "-q",
-                              "-p", "no:cacheprovider", "-k", selection], cwd=root, capture_output=True, text=True)
-        assert run.returncode == 0 and re.search(r"^[1-9]\d*(/\d+)? tests? collected", run.stdout.splitlines()[-1]), (
-            selection, run.stdout[-500:], run.stderr[-500:])
+        run = subprocess.run([sys.executable, "-m", "pytest", *files, "--collect-only", "-q", "-p", "no:cacheprovider",
+                              "-k", selection], cwd=root, capture_output=True, text=True)
+        assert run.returncode == 0, (selection, run.stdout[-500:], run.stderr[-500:])
+        collected = {line.split("::")[0] for line in run.stdout.splitlines() if "::" in line}
+        assert collected == set(files), (selection, collected)
 
 
 def test_op_table_record_holds_every_finished_row_as_it_goes(tmp_path, monkeypatch):

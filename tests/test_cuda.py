@@ -21,7 +21,7 @@ import ddpm_fast
 from ddpm_fast import reference
 from ddpm_fast._native import cuda_emulator_missing_reason
 from ddpm_fast.ops import backend as backend_choice, group_norm as group_norm_module
-from ddpm_fast.schedule import NoiseSchedule, ddim_table, ddpm_table, sampling_timesteps
+from ddpm_fast.schedule import NoiseSchedule, ddpm_table
 
 
 def _cuda_missing() -> str | None:
@@ -260,50 +260,6 @@ def test_step_misaligned_and_channels_last_agree(schedule, dtype, post):
     assert_matches_reference(prev.cpu(), ref[0], ref64[0], what="prev_sample", magnitude=prev_terms)
 
 
-def test_threshold_quantile_with_ties_and_nan(schedule):
-    """x0 on a coarse grid makes many |x0| equal, so the quantile's two neighbours are often the same key
-    (a tie) and sometimes not (the next key up); a NaN in one sample makes only that sample NaN,
-    as torch.quantile does."""
-    table = ddim_table(schedule, sampling_timesteps(1000, 50, "leading", steps_offset=1), prediction_type="sample")
-    shape = (4, 3, 16, 16)
-    x = _randn(shape, 18).to(DEVICE)
-    mo = (torch.randint(-40, 41, shape, generator=_gen(19)) / 10.0).to(DEVICE)  # x0 = mo (prediction "sample")
-    mo[3, 1, 2, 3] = float("nan")
-    t = torch.tensor([981, 501, 21, 1]).to(DEVICE)
-    for ratio in (0.5, 0.9, 0.995, 1.0):
-        prev, x0 = ddpm_fast.step(mo, t, x, table, thresholding=True, dynamic_thresholding_ratio=ratio,
-                                  sample_max_value=3.5, backend="cuda")
-        ref_prev, ref_x0 = reference.step(mo, t, x, table, thresholding=True, dynamic_thresholding_ratio=ratio,
-                                          sample_max_value=3.5)
-        torch.testing.assert_close(x0[:3], ref_x0[:3], rtol=2**-22, atol=0)
-        torch.testing.assert_close(prev[:3], ref_prev[:3], rtol=2**-21, atol=2**-22)
-        assert torch.isnan(x0[3]).all() and torch.isnan(ref_x0[3]).all()
-
-
-def test_threshold_next_value_within_and_beyond_the_last_digit(schedule):
-    """Linear interpolation needs the value just above the quantile's rank. Where it shares all but the last
-    10-bit digit of its float32 bits with the one at that rank (1.5 and 1.5 + 5 ulps), the last pass's counts
-    give it; where it differs earlier (1.5 and 2.0), the last pass's smallest key above its candidates; a tie
-    (1.5 and 1.5) is the value itself. Each gives torch.quantile's value (60% of the way: 3 ulps up in the
-    first case, so a neighbour off by one ulp shows)."""
-    table = ddim_table(schedule, sampling_timesteps(1000, 50, "leading", steps_offset=1), prediction_type="sample")
-    v0 = torch.tensor(1.5)
-    nexts = ((v0.view(torch.int32) + 5).view(torch.float32), torch.tensor(2.0), v0)
-    rows = []
-    for v1 in nexts:
-        values = torch.cat([torch.full((50,), 0.25), v0[None], v1[None], torch.full((48,), 3.0)])
-        signs = torch.randint(0, 2, (100,), generator=_gen(len(rows))) * 2 - 1.0
-        rows.append(values[torch.randperm(100, generator=_gen(7 + len(rows)))] * signs)
-    mo = torch.stack(rows).view(3, 1, 10, 10)  # x0 = mo (prediction "sample"); rank 50 of 100 holds 1.5
-    x, t = _randn(mo.shape, 23), torch.tensor([981, 501, 21])
-    kwargs = dict(thresholding=True, dynamic_thresholding_ratio=50.6 / 99, sample_max_value=8.0)
-    _, x0 = ddpm_fast.step(mo.to(DEVICE), t.to(DEVICE), x.to(DEVICE), table, backend="cuda", **kwargs)
-    _, ref_x0 = reference.step(mo, t, x, table, **kwargs)
-    s = 0.25 / ref_x0.abs().amin(dim=(1, 2, 3))  # the 0.25s, below the bound, end at 0.25 / s
-    assert (s[:2] > v0).all() and (s[:2] < torch.stack(nexts[:2])).all() and s[2] == v0
-    assert torch.equal(x0.cpu(), ref_x0)  # x0 = mo exactly (no product to round): s must be torch.quantile's
-
-
 # --------------------------------------------------------------------------------------------------
 # the timestep guard and the launch-error path
 # --------------------------------------------------------------------------------------------------
@@ -327,24 +283,6 @@ def test_timesteps_out_of_range_give_nan_not_out_of_bounds_reads(schedule):
         torch.cuda.synchronize()  # no illegal address was raised by the kernels
     good, _ = ddpm_fast.q_sample(x[:1], t[:1], schedule, seeds=seeds[:1], backend="cuda")
     assert torch.equal(good, x_t[:1])
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_a_noisy_row_without_noise_or_seeds_gives_nan(schedule, channels_last):
-    """The step op (below the public function, which refuses a table that adds noise without noise or seeds) takes
-    neither where no sample draws (std == 0: DDPM at t = 0). The launcher cannot read t to check that, so a sample
-    whose row adds noise gets NaN in both outputs (the absent seeds are never read), and the samples at t = 0
-    their step."""
-    table = ddpm_table(schedule)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    x, mo = (_randn((3, 3, 6, 6), seed).contiguous(memory_format=layout) for seed in (54, 55))
-    t = torch.tensor([0, 500, 0])
-    prev, x0 = torch.ops.ddpm_fast.step(x.to(DEVICE), mo.to(DEVICE), None, t.to(DEVICE), table.table(DEVICE), None,
-                                        None, 0.0, 0.0, 1.0, True, "cuda")
-    assert torch.isnan(prev[1]).all() and torch.isnan(x0[1]).all()
-    ref_prev, ref_x0 = reference.step(mo[0::2], t[0::2], x[0::2], table)
-    torch.testing.assert_close(x0[0::2].cpu(), ref_x0, rtol=2**-22, atol=2**-22)
-    torch.testing.assert_close(prev[0::2].cpu(), ref_prev, rtol=2**-21, atol=2**-22)
 
 
 def test_launch_failure_raises_naming_the_op():

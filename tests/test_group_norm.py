@@ -177,6 +177,8 @@ def assert_grads_match(ours: dict, same: dict, truth: dict, x, p: dict, groups: 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, groups, form, channels_last",
                          [(*case, False) for case in CASES] + [(*case, True) for case in CASES if len(case[0]) == 4])
+
+
 def test_backward_matches_reference(backend, shape, groups, form, dtype, channels_last):
     backend.subset(keep=shape[0] * groups <= 8 or (dtype == torch.float32 and not channels_last))
     x, p = _inputs(shape, form, dtype, seed=groups, channels_last=channels_last, affine=form != "plain")
@@ -223,7 +225,11 @@ def test_eps_must_be_a_number(backend):
     for name in (backend.name, "torch"):
         with pytest.raises(TypeError, match=r"group_norm_silu: eps must be a float, got str '1e-05'"):
             ddpm_fast.group_norm_silu(backend.to(x), None, None, 2, "1e-05", backend=name)
-    assert torch.equal(_group_norm(backend, x, p, 2, eps=np.float32(0.125)), _group_norm(backend, x, p, 2, eps=0.125))
+    y = _group_norm(backend, x, p, 2, eps=0.125)
+    assert torch.equal(_group_norm(backend, x, p, 2, eps=np.float32(0.125)), y)
+    # and the eps given is the one used (0.125 against a variance ~9 moves rstd by ~0.7 %)
+    assert_matches_reference(y, _reference(x, 2, p, "silu", eps=0.125), _reference(x, 2, p, "silu", torch.float64,
+                                                                                 eps=0.125))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -251,6 +257,53 @@ def test_channels_last_3d_gives_contiguous_output(backend):
     y, ref = _group_norm(backend, x, p, 2), _reference(x, 2, p, "silu")
     assert y.is_contiguous() and ref.is_contiguous()
     assert_matches_reference(y, ref, _reference(x, 2, p, "silu", torch.float64))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape, groups", [((3, 4, 149, 151), 1), ((1, 6, 211, 213), 3)])
+def test_few_large_groups_split_over_two_threads(backend, two_threads, shape, groups, channels_last):
+    """~270K elements in 3 groups (three samples of one, one of three): too few for two threads to take whole
+    groups (or samples) each, so the cpu kernels split each sample along the spatial axis into chunks, the last
+    one shorter, on two threads (partial sums reduced in order, then the normalization; the backward alike).
+    The output and every gradient against the reference."""
+    backend.subset(keep=False)  # the interpreter would take minutes; the split is the cpu kernels' own
+    x, p = _inputs(shape, "both", torch.float32, seed=21, channels_last=channels_last)
+    y = _group_norm(backend, x, p, groups)
+    assert_matches_reference(y, _reference(x, groups, p, "silu"), _reference(x, groups, p, "silu", torch.float64))
+    ours = _grads(x, p, groups, "silu", backend)
+    same = _grads(x, p, groups, "silu", "reference")
+    truth = _grads(x, p, groups, "silu", "reference", dtype=torch.float64)
+    assert_grads_match(ours, same, truth, x, p, groups)
+
+
+@pytest.mark.parametrize("act", ["silu", "none"])
+def test_one_element_per_group_with_bias_in(backend, act):
+    """(B, C, 1, 1) with a group per channel: each group is the one value h = x + bias_in, its mean is h and
+    h - mean is exactly 0, as in PyTorch's separate add, so y is act(bias * (1 + scale) + shift). Only if h is
+    rounded before the mean is subtracted: x + (bias_in - mean) leaves h's rounding error, which rstd = 1 /
+    sqrt(eps) (~316) magnifies."""
+    x, p = _inputs((3, 8, 1, 1), "both", torch.float32, seed=23)
+    y = _group_norm(backend, x, p, 8, act)
+    assert_matches_reference(y, _reference(x, 8, p, act), _reference(x, 8, p, act, torch.float64))
+
+
+# Triton's interpreter evaluates exp with NumPy, which warns where it overflows to inf (as meant here).
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_silu_far_from_zero(backend, channels_last):
+    """Pre-activations far below -88.7, where exp(-y) overflows float32 (silu -> -0, its derivative -> 0, as
+    in PyTorch: y / inf), and far above (silu -> y, derivative -> 1): a shift of -200, -95, +95 or +200 on
+    some channels of a sample. An exp that saturates instead of overflowing gives y / 2 and a gradient of
+    dy / 2 there."""
+    x, p = _inputs((2, 8, 3, 5), "scale_shift", torch.float32, seed=24, channels_last=channels_last)
+    p["shift"][0, :4] = torch.tensor([-200.0, -95.0, 95.0, 200.0])
+    p["shift"][1, 4:] = torch.tensor([-300.0, -90.0, 90.0, 300.0])
+    y = _group_norm(backend, x, p, 4)
+    assert_matches_reference(y, _reference(x, 4, p, "silu"), _reference(x, 4, p, "silu", torch.float64))
+    ours = _grads(x, p, 4, "silu", backend)
+    same = _grads(x, p, 4, "silu", "reference")
+    truth = _grads(x, p, 4, "silu", "reference", dtype=torch.float64)
+    assert_grads_match(ours, same, truth, x, p, 4)
 
 
 def _random_case(rng, small: bool) -> dict:

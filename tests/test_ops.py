@@ -44,6 +44,8 @@ def test_build_info_reports_every_backend():
     (0, r"no NVIDIA driver is installed \(cudaErrorInsufficientDriver: .*\)"),  # no driver at all (this machine)
     (13000, r"no CUDA device \(cudaErrorInsufficientDriver: .*\)"),  # a driver of the same major version: not it
 ])
+
+
 def test_cuda_reason_names_a_driver_older_than_the_build(monkeypatch, driver, expected):
     """A wheel's statically linked CUDA runtime needs a driver of its major version; with an older one the
     runtime reports no device, and the reason says which versions meet, not just the runtime's error."""
@@ -220,6 +222,22 @@ def test_randn_matches_reference(dtype):
     atol = NOISE_ROUNDING + {torch.float32: 0, torch.float16: 6 * 2**-10, torch.bfloat16: 6 * 2**-7}[dtype]
     torch.testing.assert_close(ours.float(), ref.to(dtype).float(), rtol=0, atol=atol)
     torch.testing.assert_close(ddpm_fast.randn(seeds, (3, 5, 7), stream=9, backend="torch"), ref.reshape(4, 3, 5, 7))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_randn_half_dtypes_round_the_float32_normals_as_torch(dtype):
+    """The cpu kernels store float32 math in float16 / bfloat16 with their own branch-free conversion (every op's
+    half output goes through it): 2**20 normals stored in ``dtype`` are the float32 ones rounded as torch rounds
+    them, bit for bit: to nearest, ties to even (~130 exact ties here) and, in float16, the subnormals below
+    2**-14 (~30 of them) too. A tolerance of one ulp, as the op tests allow, would pass a conversion that
+    truncates or rounds ties up."""
+    seeds = torch.tensor([5, -3**30])
+    z32 = ddpm_fast.randn(seeds, (2**19,), stream=4, backend="cpu")
+    if dtype == torch.float16:
+        assert ((z32.abs() < 2**-14) & (z32.abs() >= 2**-24)).sum() >= 10  # the subnormal range is reached
+    ours = ddpm_fast.randn(seeds, (2**19,), stream=4, dtype=dtype, backend="cpu")
+    assert torch.equal(ours.view(torch.int16), z32.to(dtype).view(torch.int16))
 
 
 # --------------------------------------------------------------------------------------------------

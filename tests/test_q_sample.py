@@ -16,6 +16,7 @@ SHAPES = [
     (3, 5, 3, 3),    # C not a multiple of 4 or 8
     (2, 6, 9),       # 3-D (B, C, L)
     (5, 7),          # 2-D (B, D): S = 1
+    (2, 3, 37, 29),  # 3219 elements a sample: a 2048-element chunk, then a partial one
 ]
 
 
@@ -74,7 +75,13 @@ def test_drawn_noise_matches_reference_generator(backend, schedule, shape, dtype
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(3, 6, 5, 7), (2, 5, 4, 6)])  # H x W odd, and a multiple of 4
+@pytest.mark.parametrize("shape", [
+    (3, 6, 5, 7), (2, 5, 4, 6),  # H x W odd, and a multiple of 4
+    (2, 72, 3, 5),   # C > 64: tiles of 64 channels and of the 8 left, each pixel's channels in two runs
+    (1, 3, 3, 227),  # 681 pixels: a tile of 680, then one of a single pixel whose runs start mid-group
+])
+
+
 def test_channels_last_equals_contiguous(backend, schedule, dtype, shape):
     """The noise is a function of the logical index, so the memory layout must not change a single value:
     channels_last, and channels_last samples at a batch stride of their own (every other one of a larger batch,
@@ -189,6 +196,37 @@ def test_channels_last_3d_gives_contiguous_outputs(backend, schedule):
     assert_matches_reference(x_t, ref_x_t, reference.q_sample(x0.double(), t, schedule, noise=noise.double())[0])
     assert_matches_reference(v, ref_v, reference.training_target(x0.double(), noise.double(), t, schedule,
                                                                  "v_prediction"), what="v")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_infinite_half_inputs_stay_infinite(backend, schedule, dtype):
+    """An overflowed activation: +-inf in a float16 / bfloat16 x0 (and a NaN) read as such, so x_t is +-inf (NaN)
+    there as in the reference, not the largest finite value's multiple; every other element as usual."""
+    x0, noise, t, _ = _inputs((2, 3, 4, 5), dtype, seed=17)
+    x0[0, 1, 2, 3], x0[1, 0, 0, 0], x0[1, 2, 3, 4] = float("inf"), float("-inf"), float("nan")
+    x_t, v = _q_sample(backend, x0, t, schedule, noise, target="v_prediction")
+    ref_x_t, _ = reference.q_sample(x0, t, schedule, noise=noise)
+    assert torch.equal(x_t.isinf(), ref_x_t.isinf()) and x_t.isinf().sum() == 2
+    assert_matches_reference(x_t, ref_x_t, reference.q_sample(x0.double(), t, schedule, noise=noise.double())[0])
+    ref_v = reference.training_target(x0, noise, t, schedule, "v_prediction")
+    assert_matches_reference(v, ref_v, reference.training_target(x0.double(), noise.double(), t, schedule,
+                                                                  "v_prediction"), what="v")
+
+
+def test_two_threads_write_every_chunk(backend, schedule, two_threads):
+    """2 x 65536 elements of drawn noise: enough work for the cpu kernels to run two threads, which claim chunks
+    of 2048-element items from a shared counter until none is left. Every element, the last item's included,
+    against the reference generator."""
+    backend.subset(keep=False)  # the interpreter's cost; the claiming is the cpu kernels' own
+    x0, _, t, seeds = _inputs((2, 4, 128, 128), torch.float32, seed=16)
+    x_t, v = _q_sample(backend, x0, t, schedule, seeds=seeds, stream=3, target="v_prediction")
+    noise = reference.philox_normal(seeds, 3, x0[0].numel()).reshape(x0.shape)
+    ref_x_t, _ = reference.q_sample(x0, t, schedule, noise=noise)
+    ref64_x_t, _ = reference.q_sample(x0.double(), t, schedule, noise=noise.double())
+    assert_matches_reference(x_t, ref_x_t, ref64_x_t, what="x_t", known_input_error=NOISE_ROUNDING)
+    ref_v = reference.training_target(x0, noise, t, schedule, "v_prediction")
+    ref64_v = reference.training_target(x0.double(), noise.double(), t, schedule, "v_prediction")
+    assert_matches_reference(v, ref_v, ref64_v, what="v", known_input_error=NOISE_ROUNDING)
 
 
 def test_torch_backend_is_the_reference(schedule):

@@ -134,7 +134,10 @@ def test_ddim_every_configuration(backend, schedule, eta, prediction, post, use_
     ((1, 3, 5, 7), False),   # batch 1, odd H x W: a partial Philox group at the end of each sample
     ((3, 5, 3, 3), True),    # C = 5 channels_last: channel runs not a multiple of any vector width
     ((2, 4, 10), False),     # 3-D
+    ((1, 3, 37, 29), False),  # 3219 elements a sample: a 2048-element chunk, then a partial one
 ])
+
+
 @pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
 def test_dtypes_layouts_shapes_with_seeds(backend, schedule, dtype, shape, channels_last, variance):
     table = ddpm_table(schedule, prediction_type="epsilon", variance_type=variance)
@@ -143,7 +146,12 @@ def test_dtypes_layouts_shapes_with_seeds(backend, schedule, dtype, shape, chann
     assert prev.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-@pytest.mark.parametrize("shape", [(6, 3, 5, 7), (3, 5, 4, 6)])  # H x W odd, and a multiple of 4
+@pytest.mark.parametrize("shape", [
+    (6, 3, 5, 7), (3, 5, 4, 6),  # H x W odd, and a multiple of 4
+    (3, 72, 3, 5),  # C > 64: channels-last tiles of 64 channels and of the 8 left
+])
+
+
 def test_noise_is_independent_of_layout_and_batch(backend, schedule, shape):
     table = ddpm_table(schedule)
     sample, model_output, _, t, seeds = _inputs(table, shape, torch.float32, seed=1)
@@ -305,6 +313,102 @@ def test_channels_last_3d_gives_contiguous_outputs(backend, schedule):
     ref_prev, ref_x0 = reference.step(model_output, t, sample, table, noise=noise, clip_range=1.0)
     assert prev.is_contiguous() and x0.is_contiguous() and ref_prev.is_contiguous() and ref_x0.is_contiguous()
     assert_step_matches(prev, x0, table, sample, model_output, noise, t, clip_range=1.0)
+
+
+def test_threshold_quantile_reads_each_input_at_its_own_batch_stride(backend, schedule):
+    """Dynamic thresholding's quantile pass reads x0 = ax * x + am * m of each sample before the step does: with
+    the sample (then the model output) every other sample of a twice larger batch beside a dense other, each is
+    read at its own stride there too. No quantile here reaches sample_max_value, so each sample's threshold is
+    its own quantile (a bound reached would hide a quantile taken from another sample's values)."""
+    table = ddpm_table(schedule, variance_type="learned_range")
+    sample, model_output, noise, t, _ = _inputs(table, (3, 4, 6, 5), torch.float32, seed=10)
+    post = {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1e4}
+    for kinds in (("batch_strided", "contiguous"), ("contiguous", "batch_strided")):
+        x_in, mo_in = (storage_variant(v, kind, backend.device) for v, kind in zip((sample, model_output), kinds))
+        prev, x0 = _step(backend, mo_in, t, x_in, table, noise, **post)
+        assert_step_matches(prev, x0, table, sample, model_output, noise, t, **post)
+
+
+def test_threshold_quantile_with_ties_and_nan(backend, schedule):
+    """x0 on a coarse grid makes many |x0| equal, so the quantile's two neighbours are often the same value (a
+    tie) and sometimes not (the next value up); a NaN in one sample makes that sample NaN whatever the ratio (its
+    rank need not reach the NaN), as torch.quantile does, and leaves the others alone."""
+    table = ddim_table(schedule, sampling_timesteps(1000, 50, "leading", steps_offset=1), prediction_type="sample")
+    g = torch.Generator().manual_seed(19)
+    shape = (4, 3, 16, 16)
+    sample = torch.randn(shape, generator=g)
+    model_output = torch.randint(-40, 41, shape, generator=g) / 10.0  # x0 = the model output (prediction "sample")
+    model_output[3, 1, 2, 3] = float("nan")
+    t = torch.tensor([981, 501, 21, 1])
+    for ratio in (0.5, 0.9, 0.995, 1.0):
+        kwargs = dict(thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=3.5)
+        prev, x0 = _step(backend, model_output, t, sample, table, **kwargs)
+        ref_prev, ref_x0 = reference.step(model_output, t, sample, table, **kwargs)
+        assert torch.equal(x0[:3], ref_x0[:3]), f"ratio {ratio}"  # x0 = mo / s exactly: s must be torch's
+        assert_step_matches(prev[:3], None, table, sample[:3], model_output[:3], None, t[:3], **kwargs)
+        assert torch.isnan(x0[3]).all() and torch.isnan(prev[3]).all() and torch.isnan(ref_x0[3]).all()
+
+
+def test_threshold_next_value_within_and_beyond_the_last_digit(backend, schedule):
+    """Linear interpolation needs the value just above the quantile's rank. Where it shares all but the last
+    10-bit digit of its float32 bits with the one at that rank (1.5 and 1.5 + 5 ulps), the last pass's counts
+    give it; where it differs earlier (1.5 and 2.0), the smallest key above the candidates; a tie of exactly
+    two (1.5 and 1.5, then 3.0) is the value itself. Each gives torch.quantile's value (60% of the way: 3 ulps
+    up in the first case, so a neighbour off by one ulp shows)."""
+    table = ddim_table(schedule, sampling_timesteps(1000, 50, "leading", steps_offset=1), prediction_type="sample")
+    g = torch.Generator().manual_seed(23)
+    v0 = torch.tensor(1.5)
+    nexts = ((v0.view(torch.int32) + 5).view(torch.float32), torch.tensor(2.0), v0)
+    rows = []
+    for v1 in nexts:
+        values = torch.cat([torch.full((50,), 0.25), v0[None], v1[None], torch.full((48,), 3.0)])
+        signs = torch.randint(0, 2, (100,), generator=g) * 2 - 1.0
+        rows.append(values[torch.randperm(100, generator=g)] * signs)
+    model_output = torch.stack(rows).view(3, 1, 10, 10)  # x0 = the model output; rank 50 of 100 holds 1.5
+    sample, t = torch.randn(model_output.shape, generator=g), torch.tensor([981, 501, 21])
+    kwargs = dict(thresholding=True, dynamic_thresholding_ratio=50.6 / 99, sample_max_value=8.0)
+    _, x0 = _step(backend, model_output, t, sample, table, **kwargs)
+    _, ref_x0 = reference.step(model_output, t, sample, table, **kwargs)
+    s = 0.25 / ref_x0.abs().amin(dim=(1, 2, 3))  # the 0.25s, below the bound, end at 0.25 / s
+    assert (s[:2] > v0).all() and (s[:2] < torch.stack(nexts[:2])).all() and s[2] == v0
+    assert torch.equal(x0, ref_x0)  # x0 = the model output exactly (no product to round): s must be torch's
+
+
+def test_op_with_a_noisy_row_without_noise_or_seeds(backend, schedule):
+    """Below the public function (which refuses a table that adds noise without noise or seeds), the step op takes
+    neither where no sample draws (std == 0: DDPM at t = 0), so it must not draw from absent seeds for a row that
+    adds noise: with t on the CPU the cpu and triton backends refuse the call by name; the CUDA kernels (their
+    emulator too), which do not read t on the host, make that sample NaN and step the others."""
+    table = ddpm_table(schedule)
+    sample, model_output, _, _, _ = _inputs(table, (3, 3, 4, 5), torch.float32, seed=11)
+    t = torch.tensor([0, 500, 0])
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x, mo = (backend.to(v).contiguous(memory_format=layout) for v in (sample, model_output))
+        run = lambda: torch.ops.ddpm_fast.step(x, mo, None, backend.to(t), table.table(backend.device),  # noqa: E731
+                                               None, None, 0.0, 0.0, 1.0, True, backend.name)
+        if backend.name != "cuda" and backend.device.type == "cpu":
+            with pytest.raises(ValueError, match=r"step: timestep t\[1\] = 500 adds noise .* but neither noise "
+                                                 r"nor seeds was given"):
+                run()
+        else:
+            prev, x0 = (v.cpu() for v in run())
+            assert torch.isnan(prev[1]).all() and torch.isnan(x0[1]).all()
+            assert_step_matches(prev[0::2], x0[0::2], table, sample[0::2], model_output[0::2], None, t[0::2])
+
+
+def test_nan_in_the_predicted_variance_propagates(backend, schedule):
+    """learned_range: a NaN in the variance half of the model output makes sigma = exp(NaN) NaN at that
+    element of prev_sample, as in the reference, where a step adds noise (an exp that maps NaN to a finite
+    value would hide a diverged model behind a huge but plausible-looking pixel); nowhere else."""
+    table = ddpm_table(schedule, variance_type="learned_range")
+    sample, model_output, noise, _, seeds = _inputs(table, (2, 3, 4, 4), torch.float32, seed=12)
+    t = torch.tensor([500, 37])
+    model_output[1, 3 + 2, 3, 1] = float("nan")
+    ref_prev, _ = reference.step(model_output, t, sample, table, noise=noise)
+    assert ref_prev.isnan().sum() == 1 and ref_prev[1, 2, 3, 1].isnan()
+    for kwargs in (dict(noise=noise), dict(seeds=seeds)):
+        prev, x0 = _step(backend, model_output, t, sample, table, **kwargs)
+        assert torch.equal(prev.isnan(), ref_prev.isnan()) and torch.isfinite(x0).all()
 
 
 def _random_table(rng):
