@@ -32,6 +32,7 @@ py::dict build_info() {
   py::dict info;
   info["version"] = DDPM_FAST_VERSION;
   info["compiler"] = compiler();
+  info["cpu_philox"] = cpu::philox_path();
 #ifdef DDPM_FAST_WITH_CUDA
   info["cuda_compiled"] = true;
   info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);

@@ -1,6 +1,7 @@
 """The op layer: custom-op registration (opcheck), torch.compile, backend choice, build_info, randn."""
 
 import contextlib
+import os
 import re
 
 import pytest
@@ -222,6 +223,29 @@ def test_randn_matches_reference(dtype):
     atol = NOISE_ROUNDING + {torch.float32: 0, torch.float16: 6 * 2**-10, torch.bfloat16: 6 * 2**-7}[dtype]
     torch.testing.assert_close(ours.float(), ref.to(dtype).float(), rtol=0, atol=atol)
     torch.testing.assert_close(ddpm_fast.randn(seeds, (3, 5, 7), stream=9, backend="torch"), ref.reshape(4, 3, 5, 7))
+
+
+@needs_cpu_kernels
+def test_randn_on_the_portable_philox_path(tmp_path):
+    """CPUs without AVX2 + FMA, and ARM ones, draw the noise with the portable Philox loops, which an x86 machine
+    never takes by itself: DDPM_FAST_PORTABLE_PHILOX=1 takes them in a fresh process. The reference's normals for
+    streams with either word of the counter set, and 555 per sample (not a whole number of Philox groups)."""
+    import subprocess
+    import sys
+
+    streams = (9, 2**32 + 7, 2**33)
+    script = ("import sys, torch, ddpm_fast\n"
+              "assert ddpm_fast.build_info()['cpu_philox'] == 'portable', ddpm_fast.build_info()\n"
+              "seeds = torch.tensor([0, 1, -1, 2**62])\n"
+              f"torch.save([ddpm_fast.randn(seeds, (3, 5, 37), stream=s, backend='cpu') for s in {streams}], "
+              "sys.argv[1])\n")
+    assert ddpm_fast.build_info()["cpu_philox"] in ("avx2", "portable")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "z.pt")], check=True, timeout=120,
+                   env={**os.environ, "DDPM_FAST_PORTABLE_PHILOX": "1"})
+    seeds = torch.tensor([0, 1, -1, 2**62])
+    for stream, z in zip(streams, torch.load(tmp_path / "z.pt")):
+        ref = reference.philox_normal(seeds, stream, 555).reshape(4, 3, 5, 37)
+        torch.testing.assert_close(z, ref, rtol=0, atol=NOISE_ROUNDING, msg=f"stream {stream}")
 
 
 @needs_cpu_kernels

@@ -54,4 +54,7 @@ void group_norm_backward(const void* dy, const void* x,        // (B, C, S) dtyp
 void normal(const int64_t* seeds, uint64_t stream, void* out, int64_t B, int64_t N, DType dtype,
             int num_threads);
 
+// The Philox path the noise takes in this process: "avx2" (AVX2 + FMA intrinsics) or "portable".
+const char* philox_path();
+
 }  // namespace ddpm_fast::cpu

@@ -9,6 +9,7 @@
 // GCC vectorizes with our polynomial log / sincos (vec_math.h).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "kernels.h"
@@ -133,12 +134,27 @@ DDPM_TARGET_CLONES void store_block(const float* DDPM_RESTRICT z, typename Stora
   for (int64_t k = 0; k < n; ++k) out[k] = Storage<D>::store(z[k]);
 }
 
+// AVX2 + FMA intrinsics where the CPU has them, else the portable loops (as on ARM). DDPM_FAST_PORTABLE_PHILOX=1,
+// read once, takes the portable ones anyway: how the tests reach them on an x86 machine.
+bool avx2_philox() {
+#if defined(DDPM_HAVE_AVX2_PHILOX)
+  static const bool avx2 = [] {
+    const char* portable = std::getenv("DDPM_FAST_PORTABLE_PHILOX");
+    return !(portable && std::strcmp(portable, "1") == 0) && cpu_has_avx2_fma();
+  }();
+  return avx2;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
+
+const char* philox_path() { return avx2_philox() ? "avx2" : "portable"; }
 
 void normal_groups(PhiloxKey key, uint64_t stream, uint64_t j0, int64_t n, float* z) {
 #if defined(DDPM_HAVE_AVX2_PHILOX)
-  static const bool avx2 = cpu_has_avx2_fma();
-  if (avx2) {
+  if (avx2_philox()) {
     normal_groups_avx2(key, stream, j0, n, z);
     return;
   }
