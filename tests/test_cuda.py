@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _fuzz import storage_variant
 from _tolerance import FLOOR, NOISE_ROUNDING, assert_matches_reference
 from test_group_norm import _grads as _gn_grads, _inputs as _gn_test_inputs, assert_grads_match
 from test_step import _magnitudes  # the per-element size of the terms a step's rounding scales with
@@ -62,14 +63,8 @@ def _seeds(batch, seed):
 def _misaligned(x: torch.Tensor) -> torch.Tensor:
     """A copy of x (same shape, dtype, memory format) whose data pointer is one element past a 16-byte
     boundary, so every 16-byte access is impossible and the kernels must take their scalar path."""
-    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
-    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    if cl:
-        B, C, H, W = x.shape
-        out = buf[1:].view(B, H, W, C).permute(0, 3, 1, 2)
-    else:
-        out = buf[1:].view(x.shape)
-    out.copy_(x)
+    cl = reference.memory_format_of(x) == torch.channels_last
+    out = storage_variant(x, "misaligned_channels_last" if cl else "misaligned", x.device)
     assert out.data_ptr() % 16 != 0
     return out
 
