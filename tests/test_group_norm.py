@@ -55,6 +55,12 @@ def _reference(x, groups, p, act, dtype=None, eps=1e-5):
                                      shift=cast(p.get("shift")), act=act)
 
 
+def _assert_output_matches(y, x, groups, p, act="silu", eps=1e-5):
+    """y, group_norm_silu of (x, p) on a backend, against the reference in x's dtype and in float64."""
+    assert_matches_reference(y, _reference(x, groups, p, act, eps=eps), _reference(x, groups, p, act, torch.float64,
+                                                                                   eps=eps))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, groups, form", CASES)
 @pytest.mark.parametrize("act", ["silu", "none"])
@@ -63,7 +69,7 @@ def test_forward_matches_reference(backend, shape, groups, form, dtype, act):
     x, p = _inputs(shape, form, dtype, seed=shape[1] + groups, affine=form != "plain")
     y = _group_norm(backend, x, p, groups, act)
     assert y.dtype == dtype and y.shape == x.shape
-    assert_matches_reference(y, _reference(x, groups, p, act), _reference(x, groups, p, act, torch.float64))
+    _assert_output_matches(y, x, groups, p, act)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -76,7 +82,7 @@ def test_channels_last(backend, shape, groups, dtype, kind):
     x, p = _inputs(shape, "both", dtype, seed=1)
     y = _group_norm(backend, storage_variant(x, kind, backend.device), p, groups)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    assert_matches_reference(y, _reference(x, groups, p, "silu"), _reference(x, groups, p, "silu", torch.float64))
+    _assert_output_matches(y, x, groups, p)
 
 
 def _grads(x, p, groups, act, backend, dtype=None, seed=0, eps=1e-5):
@@ -158,6 +164,15 @@ def _float32_terms(x, p, groups, act, eps, seed=0):
             "bias": dy0.sum((0, *spatial)), "scale": (dy * y0_terms).sum(spatial), "shift": dy.sum(spatial)}
 
 
+def _assert_backward_matches(backend, x, p, groups, act="silu") -> dict:
+    """Every gradient through ``backend`` against the reference's (assert_grads_match); returns ours."""
+    ours = _grads(x, p, groups, act, backend)
+    same = _grads(x, p, groups, act, "reference")
+    truth = _grads(x, p, groups, act, "reference", dtype=torch.float64)
+    assert_grads_match(ours, same, truth, x, p, groups, act=act)
+    return ours
+
+
 def assert_grads_match(ours: dict, same: dict, truth: dict, x, p: dict, groups: int, eps=1e-5,
                        act="silu") -> None:
     """Every gradient (by input name) within the reference's own rounding of the float64 truth, plus the
@@ -177,15 +192,10 @@ def assert_grads_match(ours: dict, same: dict, truth: dict, x, p: dict, groups: 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, groups, form, channels_last",
                          [(*case, False) for case in CASES] + [(*case, True) for case in CASES if len(case[0]) == 4])
-
-
 def test_backward_matches_reference(backend, shape, groups, form, dtype, channels_last):
     backend.subset(keep=shape[0] * groups <= 8 or (dtype == torch.float32 and not channels_last))
     x, p = _inputs(shape, form, dtype, seed=groups, channels_last=channels_last, affine=form != "plain")
-    ours = _grads(x, p, groups, "silu", backend)
-    same = _grads(x, p, groups, "silu", "reference")
-    truth = _grads(x, p, groups, "silu", "reference", dtype=torch.float64)
-    assert_grads_match(ours, same, truth, x, p, groups)
+    ours = _assert_backward_matches(backend, x, p, groups)
     if channels_last:
         assert ours["x"].is_contiguous(memory_format=torch.channels_last)
 
@@ -195,10 +205,7 @@ def test_backward_without_activation(backend, channels_last):
     """act="none": the backward takes dy itself, not dy * silu'(y1) (the backward tests above have SiLU). Batch 2
     x 3 groups: the cuda kernels split each group over a cluster of blocks."""
     x, p = _inputs((2, 6, 9, 11), "both", torch.float32, seed=45, channels_last=channels_last)
-    ours = _grads(x, p, 3, "none", backend)
-    same = _grads(x, p, 3, "none", "reference")
-    truth = _grads(x, p, 3, "none", "reference", dtype=torch.float64)
-    assert_grads_match(ours, same, truth, x, p, 3, act="none")
+    _assert_backward_matches(backend, x, p, 3, "none")
 
 
 def test_broadcast_time_embedding_shapes(backend):
@@ -228,8 +235,7 @@ def test_eps_must_be_a_number(backend):
     y = _group_norm(backend, x, p, 2, eps=0.125)
     assert torch.equal(_group_norm(backend, x, p, 2, eps=np.float32(0.125)), y)
     # and the eps given is the one used (0.125 against a variance ~9 moves rstd by ~0.7 %)
-    assert_matches_reference(y, _reference(x, 2, p, "silu", eps=0.125), _reference(x, 2, p, "silu", torch.float64,
-                                                                                 eps=0.125))
+    _assert_output_matches(y, x, 2, p, eps=0.125)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -246,7 +252,7 @@ def test_outliers_at_either_end_cost_no_accuracy(backend, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     p = {"weight": None, "bias": None}
     y = _group_norm(backend, x, p, 2, act="none")
-    assert_matches_reference(y, _reference(x, 2, p, "none"), _reference(x, 2, p, "none", torch.float64))
+    _assert_output_matches(y, x, 2, p, "none")
 
 
 def test_channels_last_3d_gives_contiguous_output(backend):
@@ -269,11 +275,8 @@ def test_few_large_groups_split_over_two_threads(backend, two_threads, shape, gr
     backend.subset(keep=False)  # the interpreter would take minutes; the split is the cpu kernels' own
     x, p = _inputs(shape, "both", torch.float32, seed=21, channels_last=channels_last)
     y = _group_norm(backend, x, p, groups)
-    assert_matches_reference(y, _reference(x, groups, p, "silu"), _reference(x, groups, p, "silu", torch.float64))
-    ours = _grads(x, p, groups, "silu", backend)
-    same = _grads(x, p, groups, "silu", "reference")
-    truth = _grads(x, p, groups, "silu", "reference", dtype=torch.float64)
-    assert_grads_match(ours, same, truth, x, p, groups)
+    _assert_output_matches(y, x, groups, p)
+    _assert_backward_matches(backend, x, p, groups)
 
 
 @pytest.mark.parametrize("act", ["silu", "none"])
@@ -284,7 +287,7 @@ def test_one_element_per_group_with_bias_in(backend, act):
     sqrt(eps) (~316) magnifies."""
     x, p = _inputs((3, 8, 1, 1), "both", torch.float32, seed=23)
     y = _group_norm(backend, x, p, 8, act)
-    assert_matches_reference(y, _reference(x, 8, p, act), _reference(x, 8, p, act, torch.float64))
+    _assert_output_matches(y, x, 8, p, act)
 
 
 # Triton's interpreter evaluates exp with NumPy, which warns where it overflows to inf (as meant here).
@@ -299,11 +302,8 @@ def test_silu_far_from_zero(backend, channels_last):
     p["shift"][0, :4] = torch.tensor([-200.0, -95.0, 95.0, 200.0])
     p["shift"][1, 4:] = torch.tensor([-300.0, -90.0, 90.0, 300.0])
     y = _group_norm(backend, x, p, 4)
-    assert_matches_reference(y, _reference(x, 4, p, "silu"), _reference(x, 4, p, "silu", torch.float64))
-    ours = _grads(x, p, 4, "silu", backend)
-    same = _grads(x, p, 4, "silu", "reference")
-    truth = _grads(x, p, 4, "silu", "reference", dtype=torch.float64)
-    assert_grads_match(ours, same, truth, x, p, 4)
+    _assert_output_matches(y, x, 4, p)
+    _assert_backward_matches(backend, x, p, 4)
 
 
 def _random_case(rng, small: bool) -> dict:

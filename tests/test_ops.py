@@ -45,8 +45,6 @@ def test_build_info_reports_every_backend():
     (0, r"no NVIDIA driver is installed \(cudaErrorInsufficientDriver: .*\)"),  # no driver at all (this machine)
     (13000, r"no CUDA device \(cudaErrorInsufficientDriver: .*\)"),  # a driver of the same major version: not it
 ])
-
-
 def test_cuda_reason_names_a_driver_older_than_the_build(monkeypatch, driver, expected):
     """A wheel's statically linked CUDA runtime needs a driver of its major version; with an older one the
     runtime reports no device, and the reason says which versions meet, not just the runtime's error."""

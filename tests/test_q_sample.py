@@ -44,6 +44,17 @@ def _q_sample(backend, x0, t, schedule, noise=None, seeds=None, **kwargs):
     return x_t.cpu(), target.cpu()
 
 
+def _assert_x_t_and_v_match(x_t, v, x0, noise, t, schedule, known_input_error=0.0):
+    """x_t and the v target of (x0, noise, t) against the reference in x0's dtype and in float64."""
+    x0_64, noise_64 = x0.double(), noise.double()
+    assert_matches_reference(x_t.cpu(), reference.q_sample(x0, t, schedule, noise=noise)[0],
+                             reference.q_sample(x0_64, t, schedule, noise=noise_64)[0], what="x_t",
+                             known_input_error=known_input_error)
+    assert_matches_reference(v.cpu(), reference.training_target(x0, noise, t, schedule, "v_prediction"),
+                             reference.training_target(x0_64, noise_64, t, schedule, "v_prediction"), what="v",
+                             known_input_error=known_input_error)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("target", ["epsilon", "v_prediction"])
@@ -80,8 +91,6 @@ def test_drawn_noise_matches_reference_generator(backend, schedule, shape, dtype
     (2, 72, 3, 5),   # C > 64: tiles of 64 channels and of the 8 left, each pixel's channels in two runs
     (1, 3, 3, 227),  # 681 pixels: a tile of 680, then one of a single pixel whose runs start mid-group
 ])
-
-
 def test_channels_last_equals_contiguous(backend, schedule, dtype, shape):
     """The noise is a function of the logical index, so the memory layout must not change a single value:
     channels_last, and channels_last samples at a batch stride of their own (every other one of a larger batch,
@@ -141,16 +150,10 @@ def test_each_input_at_its_own_batch_stride_and_alignment(backend, schedule, dty
     every_2nd = storage_variant(x0, "batch_strided", backend.device)
     every_3rd = torch.empty((9, 4, 8, 8), dtype=dtype, device=backend.device)[::3].copy_(noise)
     misaligned = storage_variant(noise, "misaligned", backend.device)
-    ref_x_t, ref_v = reference.q_sample(x0, t, schedule, noise=noise)[0], \
-        reference.training_target(x0, noise, t, schedule, "v_prediction")
-    x0_64, noise_64 = x0.double(), noise.double()
-    ref64_x_t, ref64_v = reference.q_sample(x0_64, t, schedule, noise=noise_64)[0], \
-        reference.training_target(x0_64, noise_64, t, schedule, "v_prediction")
     for x0_in, noise_in in ((every_2nd, every_3rd), (backend.to(x0), misaligned)):
         x_t, v = ddpm_fast.q_sample(x0_in, backend.to(t), schedule, noise_in, target="v_prediction",
                                     backend=backend.name)
-        assert_matches_reference(x_t.cpu(), ref_x_t, ref64_x_t, what="x_t")
-        assert_matches_reference(v.cpu(), ref_v, ref64_v, what="v")
+        _assert_x_t_and_v_match(x_t, v, x0, noise, t, schedule)
 
 
 def test_scalar_timestep_and_empty_batch(backend, schedule):
@@ -207,10 +210,7 @@ def test_infinite_half_inputs_stay_infinite(backend, schedule, dtype):
     x_t, v = _q_sample(backend, x0, t, schedule, noise, target="v_prediction")
     ref_x_t, _ = reference.q_sample(x0, t, schedule, noise=noise)
     assert torch.equal(x_t.isinf(), ref_x_t.isinf()) and x_t.isinf().sum() == 2
-    assert_matches_reference(x_t, ref_x_t, reference.q_sample(x0.double(), t, schedule, noise=noise.double())[0])
-    ref_v = reference.training_target(x0, noise, t, schedule, "v_prediction")
-    assert_matches_reference(v, ref_v, reference.training_target(x0.double(), noise.double(), t, schedule,
-                                                                  "v_prediction"), what="v")
+    _assert_x_t_and_v_match(x_t, v, x0, noise, t, schedule)
 
 
 def test_two_threads_write_every_chunk(backend, schedule, two_threads):
@@ -221,12 +221,7 @@ def test_two_threads_write_every_chunk(backend, schedule, two_threads):
     x0, _, t, seeds = _inputs((2, 4, 128, 128), torch.float32, seed=16)
     x_t, v = _q_sample(backend, x0, t, schedule, seeds=seeds, stream=3, target="v_prediction")
     noise = reference.philox_normal(seeds, 3, x0[0].numel()).reshape(x0.shape)
-    ref_x_t, _ = reference.q_sample(x0, t, schedule, noise=noise)
-    ref64_x_t, _ = reference.q_sample(x0.double(), t, schedule, noise=noise.double())
-    assert_matches_reference(x_t, ref_x_t, ref64_x_t, what="x_t", known_input_error=NOISE_ROUNDING)
-    ref_v = reference.training_target(x0, noise, t, schedule, "v_prediction")
-    ref64_v = reference.training_target(x0.double(), noise.double(), t, schedule, "v_prediction")
-    assert_matches_reference(v, ref_v, ref64_v, what="v", known_input_error=NOISE_ROUNDING)
+    _assert_x_t_and_v_match(x_t, v, x0, noise, t, schedule, known_input_error=NOISE_ROUNDING)
 
 
 def test_torch_backend_is_the_reference(schedule):

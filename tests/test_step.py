@@ -136,8 +136,6 @@ def test_ddim_every_configuration(backend, schedule, eta, prediction, post, use_
     ((2, 4, 10), False),     # 3-D
     ((1, 3, 37, 29), False),  # 3219 elements a sample: a 2048-element chunk, then a partial one
 ])
-
-
 @pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
 def test_dtypes_layouts_shapes_with_seeds(backend, schedule, dtype, shape, channels_last, variance):
     table = ddpm_table(schedule, prediction_type="epsilon", variance_type=variance)
@@ -150,8 +148,6 @@ def test_dtypes_layouts_shapes_with_seeds(backend, schedule, dtype, shape, chann
     (6, 3, 5, 7), (3, 5, 4, 6),  # H x W odd, and a multiple of 4
     (3, 72, 3, 5),  # C > 64: channels-last tiles of 64 channels and of the 8 left
 ])
-
-
 def test_noise_is_independent_of_layout_and_batch(backend, schedule, shape):
     table = ddpm_table(schedule)
     sample, model_output, _, t, seeds = _inputs(table, shape, torch.float32, seed=1)
