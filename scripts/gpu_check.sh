@@ -134,14 +134,16 @@ if command -v compute-sanitizer >/dev/null; then
   # memcheck: out-of-bounds / misaligned accesses of every GroupNorm path, the noise kernels and the
   # thresholded step; racecheck: the shared-memory reductions, GroupNorm's and the thresholded step's cluster
   # radix select (timeout runs commands, not functions: hence bash -c).
-  # The thresholding and noisy-row tests run on every backend in test_step.py: their cuda cases.
-  SANITIZE_TESTS="env DDPM_FAST_TRITON_AUTOTUNE=0 $PY -m pytest tests/test_cuda.py tests/test_step.py -x -v \
-    --no-header -p no:cacheprovider"
+  # The GroupNorm strategies, thresholding and noisy-row tests run on every backend in test_group_norm.py and
+  # test_step.py: their cuda cases.
+  SANITIZE_TESTS="env DDPM_FAST_TRITON_AUTOTUNE=0 $PY -m pytest tests/test_cuda.py tests/test_step.py \
+    tests/test_group_norm.py -x -v --no-header -p no:cacheprovider"
   STEP_CUDA="(test_step.py and cuda and (threshold_quantile or threshold_next or noisy_row))"
+  GN_CUDA="(test_group_norm.py and cuda and (strategies or misaligned_upstream or without_activation or outliers))"
   stage sanitize 60 150 bash -c "compute-sanitizer --tool memcheck --error-exitcode 9 $SANITIZE_TESTS \
-    -k '(test_cuda.py and (group_norm or noise or timestep or threshold)) or $STEP_CUDA' && \
+    -k '(test_cuda.py and (group_norm or noise or timestep or threshold)) or $STEP_CUDA or $GN_CUDA' && \
     compute-sanitizer --tool racecheck --error-exitcode 9 $SANITIZE_TESTS \
-    -k '(test_cuda.py and group_norm_forward_backward and float32) or $STEP_CUDA'"
+    -k '(test_group_norm.py and cuda and kernel_strategies and float32) or $STEP_CUDA'"
 fi
 
 if [ -n "${OUT:-}" ]; then

@@ -202,16 +202,20 @@ def test_gpu_check_selections_collect_tests():
 
     root = Path(__file__).parents[1]
     script = (root / "scripts" / "gpu_check.sh").read_text()
-    step_cuda = re.search(r'STEP_CUDA="([^"]+)"', script).group(1)
-    selections = [k.replace("$STEP_CUDA", step_cuda) for k in re.findall(r"-k '([^']+)'", script)]
+    selections = re.findall(r"-k '([^']+)'", script)
     assert len(selections) == 2, selections
-    files = ["tests/test_cuda.py", "tests/test_step.py"]
+    for name, value in re.findall(r'(\w+_CUDA)="([^"]+)"', script):
+        selections = [k.replace(f"${name}", value) for k in selections]
+    files = re.search(r"pytest ((?:tests/\w+\.py\s+(?:\\\s+)?)+)", script).group(1).replace("\\", " ").split()
+    assert len(files) == 3, files
     for selection in selections:
+        named = {f for f in files if Path(f).name in selection}
+        assert named and "$" not in selection, selection
         run = subprocess.run([sys.executable, "-m", "pytest", *files, "--collect-only", "-q", "-p", "no:cacheprovider",
                               "-k", selection], cwd=root, capture_output=True, text=True)
         assert run.returncode == 0, (selection, run.stdout[-500:], run.stderr[-500:])
         collected = {line.split("::")[0] for line in run.stdout.splitlines() if "::" in line}
-        assert collected == set(files), (selection, collected)
+        assert collected == named, (selection, collected)
 
 
 def test_op_table_record_holds_every_finished_row_as_it_goes(tmp_path, monkeypatch):

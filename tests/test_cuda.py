@@ -1,7 +1,9 @@
 """CUDA-kernel specifics that the shared op tests (test_q_sample / test_step / test_group_norm, run on every
 backend) do not reach: CUDA-graph capture, the 16-byte and the scalar paths (misaligned pointers, odd
-sizes), the channels-last noise tiles, the cluster split of small batch x groups and groups wider than one
-block, the device-side timestep guard, the launch-error path, and the noise against the CPU kernels'.
+sizes), the channels-last noise tiles, GroupNorm's misaligned path against its aligned one and its run-to-run
+determinism (its strategies, such as the cluster split of small batch x groups, are test_group_norm.py's
+test_kernel_strategies, on every backend), the device-side timestep guard, the launch-error path, and the noise
+against the CPU kernels'.
 
 Every test runs the cuda backend: on a CUDA device (an extension built with DDPM_FAST_CUDA=ON), or
 without one on the CPU through the emulator of the CUDA kernels that development builds carry
@@ -15,7 +17,9 @@ import pytest
 import torch
 from _fuzz import storage_variant
 from _tolerance import FLOOR, NOISE_ROUNDING, assert_matches_reference
-from test_group_norm import _grads as _gn_grads, _inputs as _gn_test_inputs, assert_grads_match
+from conftest import Backend
+from test_group_norm import (_group_norm as _gn_forward, _inputs as _gn_test_inputs,
+                             _output_and_grads as _gn_output_and_grads, assert_output_and_grads_match)
 from test_step import _magnitudes  # the per-element size of the terms a step's rounding scales with
 
 import ddpm_fast
@@ -36,6 +40,7 @@ def _cuda_missing() -> str | None:
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_cuda_missing() is not None, reason=str(_cuda_missing()))]
 # The kernels' device: the GPU, or the CPU through the emulator.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA = Backend("cuda", torch.device(DEVICE), interpreted=False)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_NAMES = ["float32", "float16", "bfloat16"]  # ids that -k can select (gpu_check.sh's racecheck)
@@ -333,95 +338,15 @@ def test_automatic_choice_moves_past_a_group_too_wide_for_the_cuda_kernels(monke
         ddpm_fast.group_norm_silu(*(v.to(DEVICE) for v in (x, p["weight"], p["bias"])), 1)
     assert ran == [("forward", "cuda")]
     ran.clear()
-    automatic = SimpleNamespace(name=None, device=DEVICE)
-    ours = _gn_grads(x, p, 1, "silu", automatic)
+    assert_output_and_grads_match(SimpleNamespace(name=None, device=DEVICE), x, p, 1)
     # the next backend: triton's kernels where it runs, else the reference (which launches none)
     triton_runs = ddpm_fast.build_info()["backends"]["triton"] == "available"
     assert ran == ([("forward", "triton"), ("backward", "triton")] if triton_runs else []), ran
-    same = _gn_grads(x, p, 1, "silu", "reference")
-    truth = _gn_grads(x, p, 1, "silu", "reference", dtype=torch.float64)
-    assert_grads_match(ours, same, truth, x, p, 1)
 
 
 # --------------------------------------------------------------------------------------------------
-# GroupNorm: small batch x groups (cluster split), wide groups, one channel per group, misalignment
+# GroupNorm: the scalar path against the 16-byte one, determinism
 # --------------------------------------------------------------------------------------------------
-
-
-def _gn_inputs(shape, dtype, seed, channels_last, form):
-    g = _gen(seed)
-    B, C = shape[:2]
-    x = (torch.randn(shape, generator=g) * 3 + 2).to(dtype)  # an offset mean: no E[x^2] - E[x]^2
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    w, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
-    extra = {}
-    if form in ("bias_in", "both"):
-        extra["bias_in"] = torch.randn(B, C, generator=g)
-    if form in ("scale_shift", "both"):
-        extra["scale"] = torch.randn(B, C, generator=g) * 0.5
-        extra["shift"] = torch.randn(B, C, generator=g)
-    return x, w, b, extra
-
-
-def _gn_run(fn, x, w, b, extra, groups, dy, **kwargs):
-    leaves = [x, w, b, *extra.values()]
-    leaves = [v.detach().clone().requires_grad_() for v in leaves]
-    xx, ww, bb, *rest = leaves
-    y = fn(xx, ww, bb, groups, **dict(zip(extra, rest)), **kwargs)
-    grads = torch.autograd.grad(y, leaves, dy.to(y.dtype))
-    return y, grads
-
-
-GN_CASES = [
-    # (shape, groups, form): why
-    ((1, 320, 64, 64), 32, "scale_shift"),  # batch 1: 32 groups split over clusters of 8 blocks
-    ((2, 4, 128, 128), 1, "both"),          # one group of 64K elements: far wider than one block
-    ((3, 12, 5, 7), 12, "bias_in"),          # one channel per group, odd H x W
-    ((2, 1024, 2, 3), 1, "scale_shift"),     # 1024 channels in one group: a region wider than 512 channels
-    ((4, 256, 4, 4), 32, "both"),            # 4 x 4 spatial: many groups per block
-    ((1, 264, 3, 3), 44, "both"),            # channels_last: 264 channels take 16-byte accesses, a region's 66 not
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES)
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("shape, groups, form", GN_CASES)
-def test_group_norm_forward_backward_against_reference(shape, groups, form, dtype, channels_last):
-    x, w, b, extra = _gn_inputs(shape, dtype, 24, channels_last, form)
-    dy = torch.randn(shape, generator=_gen(25))
-    _assert_gn_matches_reference(x, w, b, extra, groups, dy, dy.to(DEVICE))
-
-
-def _assert_gn_matches_reference(x, w, b, extra, groups, dy, dy_on_device):
-    """The cuda forward and every gradient (upstream gradient dy_on_device: dy's values in a storage of the
-    caller's choice) against the reference, in x's dtype and in float64."""
-    shape, dtype, fmt = x.shape, x.dtype, torch.contiguous_format if x.is_contiguous() else torch.channels_last
-    dev = {k: v.to(DEVICE) for k, v in extra.items()}
-    y, grads = _gn_run(ddpm_fast.group_norm_silu, x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), dev, groups, dy_on_device,
-                       backend="cuda")
-    ref_y, ref_grads = _gn_run(reference.group_norm_silu, x, w, b, extra, groups, dy)
-    ref64 = {k: v.double() for k, v in extra.items()}
-    y64, grads64 = _gn_run(reference.group_norm_silu, x.double(), w.double(), b.double(), ref64, groups,
-                           dy.double())
-    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
-    assert_matches_reference(y.cpu(), ref_y, y64, what="y")
-    names = ["dx", "dweight", "dbias", *("d" + k for k in extra)]
-    for name, ours, ref, truth in zip(names, grads, ref_grads, grads64):
-        # Gradients are sums over up to S (or B * S) terms of size |dy|: rounding scales with that count.
-        terms = float(shape[2] * shape[3]) ** 0.5 * (shape[0] if name in ("dweight", "dbias") else 1)
-        assert_matches_reference(ours.cpu(), ref, truth, dtype=ours.dtype, what=name, magnitude=terms)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_NAMES[:2])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_group_norm_backward_with_misaligned_dy(dtype, channels_last):
-    """An upstream gradient one element past 16 bytes beside an aligned x (autograd hands dy over as it is):
-    the backward reads dy on its scalar path too (a 16-byte load of it would fault) and gets the gradients."""
-    x, w, b, extra = _gn_inputs((2, 16, 6, 8), dtype, 43, channels_last, "both")
-    dy = torch.randn(x.shape, generator=_gen(44)).to(dtype)
-    moved = _misaligned((dy.contiguous(memory_format=torch.channels_last) if channels_last else dy).to(DEVICE))
-    _assert_gn_matches_reference(x, w, b, extra, 4, dy, moved)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES)
@@ -432,11 +357,9 @@ def test_group_norm_misaligned_equals_aligned(shape, dtype, channels_last):
     16-byte path in every dtype and layout; (2, 20, 5, 7) only in channels_last float32 (5 accesses of 4
     channels per pixel). The paths sum in different orders: the statistics agree to float32 rounding, so a
     half-precision output may round one ulp apart."""
-    x, w, b, extra = _gn_inputs(shape, dtype, 26, channels_last, "both")
-    x, w, b = x.to(DEVICE), w.to(DEVICE), b.to(DEVICE)
-    extra = {k: v.to(DEVICE) for k, v in extra.items()}
-    y = ddpm_fast.group_norm_silu(x, w, b, 4, backend="cuda", **extra)
-    y_s = ddpm_fast.group_norm_silu(_misaligned(x), w, b, 4, backend="cuda", **extra)
+    x, p = _gn_test_inputs(shape, "both", dtype, seed=26, channels_last=channels_last)
+    y = _gn_forward(CUDA, x.to(DEVICE), p, 4)
+    y_s = _gn_forward(CUDA, _misaligned(x.to(DEVICE)), p, 4)
     ulp = torch.finfo(dtype).eps if dtype != torch.float32 else 0.0
     torch.testing.assert_close(y_s.float(), y.float(), rtol=2**-20 + ulp, atol=2**-20)
 
@@ -444,14 +367,11 @@ def test_group_norm_misaligned_equals_aligned(shape, dtype, channels_last):
 def test_group_norm_is_deterministic_except_parameter_sums():
     """The forward and dx come out bit-identical run to run (fixed reduction order); dweight / dbias are
     atomics over samples and agree to rounding."""
-    x, w, b, extra = _gn_inputs((8, 64, 16, 16), torch.float32, 27, False, "scale_shift")
-    dy = torch.randn(x.shape, generator=_gen(28)).to(DEVICE)
-    args = (x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), {k: v.to(DEVICE) for k, v in extra.items()}, 8, dy)
-    y1, g1 = _gn_run(ddpm_fast.group_norm_silu, *args, backend="cuda")
-    y2, g2 = _gn_run(ddpm_fast.group_norm_silu, *args, backend="cuda")
-    assert torch.equal(y1, y2) and torch.equal(g1[0], g2[0])
-    for a, c in zip(g1[1:], g2[1:]):
-        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    x, p = _gn_test_inputs((8, 64, 16, 16), "scale_shift", torch.float32, seed=27)
+    (y1, g1), (y2, g2) = (_gn_output_and_grads(x, p, 8, "silu", CUDA) for _ in range(2))
+    assert torch.equal(y1, y2) and torch.equal(g1["x"], g2["x"])
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------

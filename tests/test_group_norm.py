@@ -10,6 +10,7 @@ import ddpm_fast
 from ddpm_fast import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_NAMES = ["float32", "float16", "bfloat16"]  # ids that -k can select (scripts/gpu_check.sh's racecheck)
 CASES = [
     # (shape, groups, form)
     ((2, 32, 8, 8), 8, "scale_shift"),   # improved-DDPM ResBlock
@@ -61,7 +62,7 @@ def _assert_output_matches(y, x, groups, p, act="silu", eps=1e-5):
                                                                                    eps=eps))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES)
 @pytest.mark.parametrize("shape, groups, form", CASES)
 @pytest.mark.parametrize("act", ["silu", "none"])
 def test_forward_matches_reference(backend, shape, groups, form, dtype, act):
@@ -72,7 +73,7 @@ def test_forward_matches_reference(backend, shape, groups, form, dtype, act):
     _assert_output_matches(y, x, groups, p, act)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES)
 @pytest.mark.parametrize("shape, groups", [((2, 32, 8, 8), 8), ((1, 6, 5, 7), 3), ((2, 12, 4, 4), 12)])
 @pytest.mark.parametrize("kind", ["contiguous_channels_last", "batch_strided_channels_last"])
 def test_channels_last(backend, shape, groups, dtype, kind):
@@ -91,8 +92,9 @@ def _grads(x, p, groups, act, backend, dtype=None, seed=0, eps=1e-5):
     return _output_and_grads(x, p, groups, act, backend, dtype, seed, eps)[1]
 
 
-def _output_and_grads(x, p, groups, act, backend, dtype=None, seed=0, eps=1e-5):
-    """(output, _grads' gradients by input name), on the CPU."""
+def _output_and_grads(x, p, groups, act, backend, dtype=None, seed=0, eps=1e-5, upstream="contiguous"):
+    """(output, _grads' gradients by input name), on the CPU. The upstream gradient reaches the backward in
+    the storage ``upstream`` names (tests/_fuzz.py's storage_variant)."""
     device = "cpu" if backend == "reference" else backend.device
     leaves = {k: v.detach().to(device=device, dtype=dtype or v.dtype).requires_grad_()
               for k, v in p.items() if v is not None}
@@ -103,8 +105,8 @@ def _output_and_grads(x, p, groups, act, backend, dtype=None, seed=0, eps=1e-5):
     else:
         y = ddpm_fast.group_norm_silu(xx, leaves.get("weight"), leaves.get("bias"), groups, eps, act=act,
                                       backend=backend.name, **kwargs)
-    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=y.dtype)
-    (y * w).sum().backward()
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    y.backward(storage_variant(dy, upstream, device))  # autograd hands a dy of the shape and dtype over as it is
     return y.detach().cpu(), {"x": xx.grad.cpu(), **{k: v.grad.cpu() for k, v in leaves.items()}}
 
 
@@ -164,11 +166,14 @@ def _float32_terms(x, p, groups, act, eps, seed=0):
             "bias": dy0.sum((0, *spatial)), "scale": (dy * y0_terms).sum(spatial), "shift": dy.sum(spatial)}
 
 
-def _assert_backward_matches(backend, x, p, groups, act="silu") -> dict:
-    """Every gradient through ``backend`` against the reference's (assert_grads_match); returns ours."""
-    ours = _grads(x, p, groups, act, backend)
-    same = _grads(x, p, groups, act, "reference")
-    truth = _grads(x, p, groups, act, "reference", dtype=torch.float64)
+def assert_output_and_grads_match(backend, x, p, groups, act="silu", upstream="contiguous") -> dict:
+    """The output and every gradient through ``backend`` (a conftest Backend, or anything with its ``name`` and
+    ``device``) against the reference's (assert_grads_match); returns our gradients."""
+    y, ours = _output_and_grads(x, p, groups, act, backend, upstream=upstream)
+    y_same, same = _output_and_grads(x, p, groups, act, "reference")
+    y_truth, truth = _output_and_grads(x, p, groups, act, "reference", dtype=torch.float64)
+    assert y.dtype == x.dtype and y.is_contiguous(memory_format=reference.memory_format_of(x))
+    assert_matches_reference(y, y_same, y_truth)
     assert_grads_match(ours, same, truth, x, p, groups, act=act)
     return ours
 
@@ -189,13 +194,13 @@ def assert_grads_match(ours: dict, same: dict, truth: dict, x, p: dict, groups: 
                                  float32_terms=float32_terms)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES)
 @pytest.mark.parametrize("shape, groups, form, channels_last",
                          [(*case, False) for case in CASES] + [(*case, True) for case in CASES if len(case[0]) == 4])
 def test_backward_matches_reference(backend, shape, groups, form, dtype, channels_last):
     backend.subset(keep=shape[0] * groups <= 8 or (dtype == torch.float32 and not channels_last))
     x, p = _inputs(shape, form, dtype, seed=groups, channels_last=channels_last, affine=form != "plain")
-    ours = _assert_backward_matches(backend, x, p, groups)
+    ours = assert_output_and_grads_match(backend, x, p, groups)
     if channels_last:
         assert ours["x"].is_contiguous(memory_format=torch.channels_last)
 
@@ -205,7 +210,38 @@ def test_backward_without_activation(backend, channels_last):
     """act="none": the backward takes dy itself, not dy * silu'(y1) (the backward tests above have SiLU). Batch 2
     x 3 groups: the cuda kernels split each group over a cluster of blocks."""
     x, p = _inputs((2, 6, 9, 11), "both", torch.float32, seed=45, channels_last=channels_last)
-    _assert_backward_matches(backend, x, p, 3, "none")
+    assert_output_and_grads_match(backend, x, p, 3, "none")
+
+
+# (shape, groups, form): shapes that take the kernels' strategies (the cuda kernels' in brackets)
+STRATEGY_CASES = [
+    ((1, 320, 64, 64), 32, "scale_shift"),  # batch 1 at 64 x 64 x 320 [32 groups split over clusters of 8 blocks]
+    ((2, 4, 128, 128), 1, "both"),          # one group of 64K elements [far wider than one block]
+    ((3, 12, 5, 7), 12, "bias_in"),          # one channel per group, odd H x W
+    ((2, 1024, 2, 3), 1, "scale_shift"),     # 1024 channels in one group [a region wider than 512 channels]
+    ((4, 256, 4, 4), 32, "both"),            # 4 x 4 spatial [many groups per block]
+    ((1, 264, 3, 3), 44, "both"),            # [channels_last: 264 channels take 16-byte accesses, a region's 66 not]
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape, groups, form", STRATEGY_CASES)
+def test_kernel_strategies(backend, shape, groups, form, dtype, channels_last):
+    """Each way the kernels divide a GroupNorm's work: the output and every gradient against the reference."""
+    backend.subset(keep=dtype == torch.float32 and not channels_last)
+    x, p = _inputs(shape, form, dtype, seed=24, channels_last=channels_last)
+    assert_output_and_grads_match(backend, x, p, groups)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_NAMES[:2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backward_with_a_misaligned_upstream_gradient(backend, dtype, channels_last):
+    """An upstream gradient one element past 16 bytes beside an aligned x (autograd hands dy over as it is): the
+    backward must read dy on a path that does not need it aligned (the cuda kernels' 16-byte loads would fault)."""
+    x, p = _inputs((2, 16, 6, 8), "both", dtype, seed=43, channels_last=channels_last)
+    upstream = "misaligned_channels_last" if channels_last else "misaligned"
+    assert_output_and_grads_match(backend, x, p, 4, upstream=upstream)
 
 
 def test_broadcast_time_embedding_shapes(backend):
@@ -276,7 +312,7 @@ def test_few_large_groups_split_over_two_threads(backend, two_threads, shape, gr
     x, p = _inputs(shape, "both", torch.float32, seed=21, channels_last=channels_last)
     y = _group_norm(backend, x, p, groups)
     _assert_output_matches(y, x, groups, p)
-    _assert_backward_matches(backend, x, p, groups)
+    assert_output_and_grads_match(backend, x, p, groups)
 
 
 @pytest.mark.parametrize("act", ["silu", "none"])
@@ -303,7 +339,7 @@ def test_silu_far_from_zero(backend, channels_last):
     p["shift"][1, 4:] = torch.tensor([-300.0, -90.0, 90.0, 300.0])
     y = _group_norm(backend, x, p, 4)
     _assert_output_matches(y, x, 4, p)
-    _assert_backward_matches(backend, x, p, 4)
+    assert_output_and_grads_match(backend, x, p, 4)
 
 
 def _random_case(rng, small: bool) -> dict:
