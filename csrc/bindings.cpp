@@ -33,6 +33,7 @@ py::dict build_info() {
   info["version"] = DDPM_FAST_VERSION;
   info["compiler"] = compiler();
   info["cpu_philox"] = cpu::philox_path();
+  info["cpu_clone"] = cpu::cpu_clone();
 #ifdef DDPM_FAST_WITH_CUDA
   info["cuda_compiled"] = true;
   info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
@@ -55,6 +56,12 @@ PYBIND11_MODULE(_C, m) {
 
   auto cpu = m.def_submodule("cpu", "C++ CPU kernels");
   bind::def_ops(cpu, &cpu::q_sample, &cpu::step, &cpu::group_norm_forward, &cpu::group_norm_backward, &cpu::normal);
+  cpu.def(
+      "vec_math",
+      [](const std::string& fn, uintptr_t x, uintptr_t a, uintptr_t b, int64_t n) {
+        cpu::vec_math(fn.c_str(), bind::ptr<const float>(x), bind::ptr<float>(a), bind::ptr<float>(b), n);
+      },
+      "Test hook: the CPU kernels' polynomial log / sincos / exp / silu of float32 x into a (and b: cos)");
 
 #ifdef DDPM_FAST_WITH_CUDA
   auto cuda = m.def_submodule("cuda", "CUDA kernels (launched on the caller's stream)");

@@ -147,8 +147,8 @@ def build_info() -> dict:
 
     info = {"version": __version__, "torch": torch.__version__}
     if _C is None:
-        info.update(compiler=None, cpu_philox=None, cuda_compiled=False, cuda_version=None, cuda_archs="",
-                    cuda_missing_reason=_IMPORT_ERROR)
+        info.update(compiler=None, cpu_philox=None, cpu_clone=None, cuda_compiled=False, cuda_version=None,
+                    cuda_archs="", cuda_missing_reason=_IMPORT_ERROR)
     else:
         info.update(_C.build_info())
         runtime = _cuda_runtime()

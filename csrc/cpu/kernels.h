@@ -57,4 +57,11 @@ void normal(const int64_t* seeds, uint64_t stream, void* out, int64_t B, int64_t
 // The Philox path the noise takes in this process: "avx2" (AVX2 + FMA intrinsics) or "portable".
 const char* philox_path();
 
+// The version of the kernels that the loader took on this CPU: "x86-64-v3" (GCC) or "avx2" (Clang), "baseline"
+// (the CPU lacks those), or "single" (built without clones: DDPM_FAST_CPU_DISPATCH=OFF, or not x86-64 glibc).
+const char* cpu_clone();
+
+// Test hook: vec_math.h's fn ("log", "sincos", "exp" or "silu") of x[0, n) into a (and b: sincos's cos).
+void vec_math(const char* fn, const float* x, float* a, float* b, int64_t n);
+
 }  // namespace ddpm_fast::cpu
