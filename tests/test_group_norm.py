@@ -310,8 +310,6 @@ def test_few_large_groups_split_over_two_threads(backend, two_threads, shape, gr
     The output and every gradient against the reference."""
     backend.subset(keep=False)  # the interpreter would take minutes; the split is the cpu kernels' own
     x, p = _inputs(shape, "both", torch.float32, seed=21, channels_last=channels_last)
-    y = _group_norm(backend, x, p, groups)
-    _assert_output_matches(y, x, groups, p)
     assert_output_and_grads_match(backend, x, p, groups)
 
 
@@ -337,8 +335,6 @@ def test_silu_far_from_zero(backend, channels_last):
     x, p = _inputs((2, 8, 3, 5), "scale_shift", torch.float32, seed=24, channels_last=channels_last)
     p["shift"][0, :4] = torch.tensor([-200.0, -95.0, 95.0, 200.0])
     p["shift"][1, 4:] = torch.tensor([-300.0, -90.0, 90.0, 300.0])
-    y = _group_norm(backend, x, p, 4)
-    _assert_output_matches(y, x, 4, p)
     assert_output_and_grads_match(backend, x, p, 4)
 
 
