@@ -247,7 +247,7 @@ DDPM_HD void philox_group(uint64_t seed, uint64_t stream, uint64_t j, uint32_t o
   out[3] = c3;
 }
 
-// Contract step 4: uint32 -> float32 uniform in [0, 1] (1.0 is reachable by rounding, as in Triton).
+// Contract step 4: uint32 -> float32 uniform in [0, 1 - 2^-24] (the float32 constant is just below 2^-31).
 // Reading x as int32 and taking -x - 1 where negative equals x ^ (x >> 31) (no overflow at INT32_MIN,
 // and branch-free so it vectorizes).
 DDPM_HD float philox_uniform(uint32_t x) {

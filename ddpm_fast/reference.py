@@ -39,8 +39,8 @@ INITIAL_NOISE_STREAM = 2**33
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers (Salmon et al. 2011)
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # key bumps (golden ratio, sqrt(3) - 1)
-# Triton's constant (randn4x). It rounds to exactly 2**-31 in float32, and float32(2**31 - 1) rounds up
-# to 2**31, so the top few words give u == 1.0 exactly: harmless (r = 0, or theta = 2 pi).
+# Triton's constant (randn4x). In float32 it is the float just below 2**-31, so the top words, whose int32 ->
+# float32 conversion rounds up to 2**31, give u = 1 - 2**-24: u lies in [0, 1 - 2**-24], never 1.
 _UINT_TO_UNIFORM = 4.6566127342e-10
 _TWO_PI = 6.283185307179586
 _MIN_UNIFORM = 1e-7  # keeps log(u) finite; Triton's choice

@@ -62,6 +62,19 @@ def test_stream_layout_one_call_serves_four_elements():
         assert got == pytest.approx(expected[: len(got)], abs=1e-5)
 
 
+def test_every_bit_of_a_63_bit_stream_reaches_the_counter():
+    """A stream may be any value in [0, 2**63): its high word is counter word 3 in full. The library's own streams
+    (< 2**34) set only its two lowest bits, so a draw that dropped the rest would pass every other test."""
+    seeds = torch.randint(-(2**63), 2**63 - 1, (3,))
+    streams = torch.randint(2**40, 2**63 - 1, (3,))  # high words >= 2**8, fresh each run
+    z = philox_normal(seeds, streams, 8)
+    for b in range(3):
+        u64, s = int(seeds[b]) % 2**64, int(streams[b])
+        key = torch.tensor([u64 & 0xFFFFFFFF, u64 >> 32])
+        counters = torch.tensor([[j, 0, s & 0xFFFFFFFF, s >> 32] for j in range(2)])
+        assert torch.equal(z[b], _bits_to_normal(philox4x32_10(counters, key)).flatten())
+
+
 def test_uniform_and_box_muller_on_edge_words():
     """Contract steps 4-6 on the words that sampled tests almost never see.
 
@@ -79,6 +92,8 @@ def test_uniform_and_box_muller_on_edge_words():
     folded = np.where(signed < 0, -signed - 1, signed)
     u = folded.astype(np.float32) * np.float32(4.6566127342e-10)
     assert np.array_equal(_uint32_to_uniform(bits).numpy(), u)
+    # the top words (int32 -> float32 rounds them up to 2**31) reach 1 - 2**-24, never 1
+    assert _uint32_to_uniform(torch.tensor([2**31 - 1, 2**31, 0xFFFFFFFF])).tolist() == [1 - 2**-24, 1 - 2**-24, 0.0]
 
     # Step 5 in float64 on those exact uniforms. float32 log / sqrt / cos / sin and the float32 2 pi
     # are each good to a few ulp: with r <= sqrt(-2 log 1e-7) < 5.7, |z| errors stay below ~1e-5.
@@ -141,6 +156,8 @@ def test_empty_and_errors():
         philox_normal(torch.tensor([1, 2]), torch.tensor([0, 1, 2]), 4)
     with pytest.raises(ValueError, match=r"stream must be in \[0, 2\*\*63\), got -1"):
         philox_normal(torch.tensor([1]), -1, 4)
+    with pytest.raises(ValueError, match=r"stream must be in \[0, 2\*\*63\), got min -1"):
+        philox_normal(torch.tensor([1, 2]), torch.tensor([5, -1]), 4)  # per-sample streams are checked as well
     with pytest.raises(ValueError, match=r"numel must be an int >= 0, got -4"):
         philox_normal(torch.tensor([1]), 0, -4)
     with pytest.raises(ValueError, match=r"counter must have shape \(\.\.\., 4\), got \(3,\)"):

@@ -194,6 +194,8 @@ def test_ddpm_last_step_adds_no_noise_and_needs_none():
     with_noise, _ = step(m, 0, x, table, noise=z)
     without, _ = step(m, 0, x, table)  # std == 0 at t == 0: neither noise nor seeds is required
     assert torch.equal(with_noise, without)
+    nan_noise, _ = step(m, 0, x, table, noise=torch.full_like(z, float("nan")))  # no noise term at all, as diffusers
+    assert torch.equal(nan_noise, without)
     with pytest.raises(ValueError, match="exactly one of noise and seeds must be given, got neither"):
         step(m, 1, x, table)
 
@@ -240,6 +242,45 @@ def test_ddim_spacings_and_final_alpha(spacing, set_alpha_to_one, prediction_typ
         # 1 - alpha_prev - sigma^2 is exactly 0 and rounds negative before its sqrt. Ours clamps it.
         nan_ok = rescale and t == 999
         _check_against_diffusers(table, theirs, twin, t, x, m, z, 1.0, _ddim_step_fn(eta, False), f"ddim {spacing}", nan_ok)
+
+
+def test_thresholding_is_diffusers_threshold_sample():
+    """pred_original_sample under thresholding is diffusers' _threshold_sample (float64 both): with quantiles
+    below 1 (s is raised to 1), between 1 and sample_max_value and above it (s is capped), at ratio 1 (allowed: the
+    maximum), and with a clip_range given too (ignored, as diffusers ignores clip_sample when thresholding). The
+    backends' tests compare against the reference only; this pins the reference itself. Prediction "sample" at
+    t = 0 makes x0 the model output exactly (ax = 0, am = 1), so only the thresholding is compared."""
+    table = ddpm_table(NoiseSchedule(), prediction_type="sample")
+    # quantiles s from ~0.3 to ~15
+    scales = torch.tensor([0.3, 0.8, 1.2, 1.6, 2.5, 6.0], dtype=torch.float64).reshape(-1, 1, 1, 1)
+    m = torch.randn((6,) + SHAPE[1:], dtype=torch.float64) * scales
+    x = torch.randn(m.shape, dtype=torch.float64)
+    for ratio, max_value in ((float(torch.empty(()).uniform_(0.6, 0.99)), 1.5), (1.0, 2.5)):
+        theirs = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=max_value)
+        _, x0c = step(m, 0, x, table, clip_range=0.5, thresholding=True, dynamic_thresholding_ratio=ratio,
+                      sample_max_value=max_value)
+        # The same float64 ops in the same order (quantile, clamp, divide): a few ulp at most, |x0c| <= 1.
+        torch.testing.assert_close(x0c, theirs._threshold_sample(m), rtol=0, atol=4 * torch.finfo(torch.float64).eps)
+
+
+def test_learned_range_extrapolates_past_the_unit_interval():
+    """The model's variance channels v are not bounded: diffusers' learned_range interpolates the log-variances
+    with f = (v + 1) / 2 whatever v is, so v outside [-1, 1] extrapolates, and sigma may exceed 1: at zero terminal
+    SNR, t = T - 1, beta = 1 (max_log = 0) while var = 1 - ap < 1 for a long step (two trailing steps: 999 -> 499).
+    Nothing may clamp v, f or sigma."""
+    schedule = NoiseSchedule(rescale_betas_zero_snr=True)
+    theirs = DDPMScheduler(prediction_type="v_prediction", variance_type="learned_range", rescale_betas_zero_snr=True,
+                           clip_sample=False, timestep_spacing="trailing")
+    theirs.set_timesteps(2)
+    twin = _float64_twin(theirs, schedule)
+    table = ddpm_table(schedule, theirs.timesteps, "v_prediction", "learned_range")
+    for i, t in enumerate(theirs.timesteps.tolist()):
+        x, m, _ = _step_inputs(table, SHAPE, seed=200 + 10 * i)
+        m[:, SHAPE[1]:] *= 3  # v in [-3, 3]
+        z = torch.randn(SHAPE, generator=_gen(1234))
+        # stock float32 diffusers may be NaN at t = 999 (its alphas_cumprod rounds): the float64 twin decides there
+        _check_against_diffusers(table, theirs, twin, t, x, m, z, None, _ddpm_step, f"learned_range v*3 t={t}",
+                                 theirs_may_be_nan=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,6 +352,19 @@ def test_randn_is_contiguous():
     z = ddpm_fast.randn(seeds, (3, 5, 7), backend="torch")  # 105 values a sample
     assert z.is_contiguous() and philox_normal(seeds, INITIAL_NOISE_STREAM, 105).is_contiguous()
     assert torch.equal(z.view(3, -1), philox_normal(seeds, INITIAL_NOISE_STREAM, 105))
+
+
+def test_stream_numbers_are_the_contracts():
+    """contracts.md fixes the streams: the initial noise x_T draws from stream 2**33 (randn's default), a reverse step
+    at t from 2**32 + t. Written out here, not imported: the kernels take the stream from the same Python constants,
+    so the backends would agree with a changed one, and a seed would silently give other images."""
+    seeds = torch.randint(-(2**63), 2**63 - 1, (2,))
+    assert torch.equal(ddpm_fast.randn(seeds, (3, 5), backend="torch").view(2, -1), philox_normal(seeds, 2**33, 15))
+    table = ddpm_table(NoiseSchedule(), prediction_type="epsilon", variance_type="fixed_large")
+    x, m, _ = _step_inputs(table, (2,) + SHAPE[1:], seed=47)
+    t = torch.randint(1, 1000, (2,))
+    z = philox_normal(seeds, 2**32 + t, math.prod(SHAPE[1:])).reshape(x.shape)
+    assert torch.equal(step(m, t, x, table, seeds=seeds)[0], step(m, t, x, table, noise=z)[0])
 
 
 def test_randn_shape_past_int64_is_named():
@@ -414,6 +468,30 @@ def test_q_sample_and_v_target_match_diffusers(beta_schedule):
     assert torch.equal(training_target(x0, noise, t, schedule, "sample"), x0)
 
 
+def test_a_zero_dim_tensor_t_is_every_sample_s_t():
+    """t may be a 0-d integer tensor (a sampler's loop variable): it means that t for every sample, as an int does."""
+    schedule = NoiseSchedule()
+    table = ddpm_table(schedule, prediction_type="v_prediction", variance_type="learned_range")
+    x, m, z = _step_inputs(table, SHAPE, seed=43)
+    t = int(torch.randint(1, 1000, ()))
+    assert torch.equal(q_sample(x, torch.tensor(t), schedule, noise=z)[0], q_sample(x, t, schedule, noise=z)[0])
+    for got, expected in zip(step(m, torch.tensor(t), x, table, noise=z), step(m, t, x, table, noise=z)):
+        assert torch.equal(got, expected)
+
+
+def test_training_targets_come_back_in_x0_dtype_and_layout():
+    """Every target is in x0's dtype and memory format (the docstring's promise, as q_sample's results), whatever
+    the noise's: epsilon's target is the noise, converted."""
+    schedule = NoiseSchedule()
+    x0 = _randn(SHAPE, 44).contiguous(memory_format=torch.channels_last)
+    noise = _randn(SHAPE, 45, torch.float64)
+    for prediction_type in PREDICTIONS:
+        target = training_target(x0, noise, torch.tensor([3, 500, 999]), schedule, prediction_type)
+        assert target.dtype == torch.float32, prediction_type
+        assert target.is_contiguous(memory_format=torch.channels_last), prediction_type
+    assert torch.equal(training_target(x0, noise, 7, schedule, "epsilon"), noise.float())
+
+
 def test_q_sample_is_the_contract_formula_on_q_table():
     schedule = NoiseSchedule(beta_schedule="scaled_linear")
     t = torch.tensor([3, 999, 512])
@@ -421,6 +499,19 @@ def test_q_sample_is_the_contract_formula_on_q_table():
     a, b = schedule.q_table("cpu")[t].reshape(3, 2, 1, 1, 1).unbind(1)
     assert torch.equal(q_sample(x0, t, schedule, noise=noise)[0], a * x0 + b * noise)
     assert torch.equal(training_target(x0, noise, t, schedule, "v_prediction"), a * noise - b * x0)
+
+
+def test_a_size_one_dim_does_not_decide_the_layout():
+    """A size-1 dim is only ever read at index 0, so its stride says nothing about the layout (PyTorch's
+    is_contiguous ignores it too): batch-strided NHWC samples of height 1 come back channels_last whatever that
+    stride, here one that no dense layout would give."""
+    schedule = NoiseSchedule()
+    x0 = _randn((2 * 42,), 48).as_strided((2, 3, 1, 7), (42, 1, 5, 3))  # NHWC samples 42 apart; H's stride is 5
+    noise = _randn(x0.shape, 49)
+    x_t, eps = q_sample(x0, 5, schedule, noise=noise)
+    assert x_t.is_contiguous(memory_format=torch.channels_last) and not x_t.is_contiguous()
+    assert eps.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x_t, q_sample(x0.contiguous(), 5, schedule, noise=noise)[0])
 
 
 def test_q_sample_seeds_and_layouts():
@@ -465,6 +556,21 @@ def test_l_simple_loss_hand_computed():
         assert got.dtype == torch.float32 and got.shape == ()
         assert got.item() == pytest.approx(value, rel=1e-6), prediction_type
         assert l_simple_loss(prediction, target, t, schedule, prediction_type).item() == pytest.approx(2.5, rel=1e-6)
+
+
+def test_l_simple_loss_of_half_inputs_is_float32():
+    """16-bit predictions and targets are upcast: the loss is float32 (the docstring's promise) and equals the
+    float32 inputs' loss, unweighted and min-SNR weighted; a float16 mean of squares would keep ~3 digits."""
+    schedule = NoiseSchedule()
+    t = torch.tensor([10, 900])
+    prediction, target = _randn((2, 3, 8, 8), 83), _randn((2, 3, 8, 8), 84)
+    for dtype in (torch.float16, torch.bfloat16):
+        p, q = prediction.to(dtype), target.to(dtype)
+        for gamma in (None, 5.0):
+            got = l_simple_loss(p, q, t, schedule, "v_prediction", min_snr_gamma=gamma)
+            assert got.dtype == torch.float32
+            upcast = l_simple_loss(p.float(), q.float(), t, schedule, "v_prediction", min_snr_gamma=gamma)
+            assert torch.equal(got, upcast)
 
 
 def test_l_simple_loss_random_and_zero_snr():
@@ -597,6 +703,10 @@ def test_bad_inputs_name_the_argument():
         q_sample(x, torch.tensor([1, 100]), schedule, noise=noise)
     with pytest.raises(ValueError, match=r"t must lie in \[0, 99\].*min -1"):
         step(noise, -1, x, table, noise=noise)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 99\] \(num_train_timesteps\), got min 100, max 100"):
+        step(noise, 100, x, table, noise=noise)  # an int t == T: named, not an IndexError from the table
+    with pytest.raises(TypeError, match=r"t must be an int64 tensor of shape \(2,\), got torch.bool"):
+        step(noise, torch.tensor([True, False]), x, table, noise=noise)
     with pytest.raises(ValueError, match=r"t must have shape \(2,\).*got \(3,\)"):
         step(noise, torch.tensor([1, 2, 3]), x, table, noise=noise)
     with pytest.raises(ValueError, match=r"seeds must have shape \(2,\).*got \(1,\)"):
@@ -618,6 +728,8 @@ def test_bad_inputs_name_the_argument():
         step(noise, 5, x, table, noise=noise, clip_range=-1)
     with pytest.raises(ValueError, match=r"dynamic_thresholding_ratio must be in \(0, 1\], got 1.5"):
         step(noise, 5, x, table, noise=noise, thresholding=True, dynamic_thresholding_ratio=1.5)
+    with pytest.raises(ValueError, match=r"sample_max_value must be >= 1, got 0.5"):
+        step(noise, 5, x, table, noise=noise, thresholding=True, sample_max_value=0.5)
     with pytest.raises(TypeError, match=r"table must be a StepTable"):
         step(noise, 5, x, schedule, noise=noise)
     with pytest.raises(ValueError, match=rf"t must lie in \[0, 99\] \(num_train_timesteps\), got min {2**70}"):
@@ -649,6 +761,10 @@ def test_group_norm_bad_inputs():
         group_norm_silu(x, None, None, 2, bias_in=torch.ones(6))
     with pytest.raises(ValueError, match=r"scale must have shape \(2, 6\) or be None, got \(1, 6\)"):
         group_norm_silu(x, None, None, 2, scale=torch.ones(1, 6))
+    with pytest.raises(ValueError, match=r"shift must have shape \(2, 6\) or be None, got \(6, 2\)"):
+        group_norm_silu(x, None, None, 2, shift=torch.ones(6, 2))  # the right count of values, transposed
+    with pytest.raises(ValueError, match=r"eps must be > 0, got 0"):
+        group_norm_silu(x, None, None, 2, eps=0)
     with pytest.raises(ValueError, match=r"act must be 'silu' or 'none', got 'relu'"):
         group_norm_silu(x, None, None, 2, act="relu")
     with pytest.raises(TypeError, match=r"x must be a floating-point tensor, got dtype torch.int64"):

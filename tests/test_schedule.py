@@ -74,6 +74,30 @@ def test_betas_and_alphas_cumprod_match_diffusers(name, rescale):
     assert ((d_betas - ours.betas).abs() <= beta_bound).all()
 
 
+def test_alphas_cumprod_is_the_float64_product():
+    """alphas_cumprod carries float64's accuracy (the module's promise: one rounding per float32 table entry, not
+    diffusers' float32 error, which the diffusers comparison above must allow for): against a running product of
+    1 - beta in Python floats, on fresh betas. Both round once per factor: <= 2 (t + 1) eps64 relative apart."""
+    betas = torch.rand(1000, dtype=torch.float64) * 0.03 + 1e-4
+    ours = NoiseSchedule(trained_betas=betas)
+    expected, product = [], 1.0
+    for b in betas.tolist():
+        product *= 1.0 - b
+        expected.append(product)
+    expected = torch.tensor(expected, dtype=torch.float64)
+    bound = 2 * torch.arange(1, 1001, dtype=torch.float64) * torch.finfo(torch.float64).eps
+    assert ((ours.alphas_cumprod - expected).abs() <= bound * expected).all()
+
+
+def test_trained_betas_may_end_at_one():
+    """A beta of exactly 1 is valid (zero terminal SNR): diffusers' rescaled betas given back as trained_betas make
+    the same schedule, alphas_cumprod ending at 0."""
+    rescaled = rescale_zero_terminal_snr(torch.rand(50, dtype=torch.float64) * 0.03 + 1e-4)
+    assert rescaled[-1].item() == 1.0
+    ours = NoiseSchedule(num_train_timesteps=50, trained_betas=rescaled)
+    assert torch.equal(ours.betas, rescaled) and ours.alphas_cumprod[-1].item() == 0.0
+
+
 def test_aliases_are_the_same_curve():
     assert BETA_SCHEDULES["quadratic"] is BETA_SCHEDULES["scaled_linear"]
     assert BETA_SCHEDULES["cosine"] is BETA_SCHEDULES["squaredcos_cap_v2"]
@@ -116,6 +140,12 @@ def test_rescale_zero_terminal_snr_properties():
     # sqrt(ac_new) is an affine function of sqrt(ac): its second differences against sqrt(ac) vanish.
     slope = (ac_new.sqrt()[1:] - ac_new.sqrt()[:-1]) / (ac.sqrt()[1:] - ac.sqrt()[:-1])
     assert torch.allclose(slope, slope[0].expand_as(slope), rtol=1e-9)
+
+
+def test_rescale_zero_terminal_snr_needs_two_betas():
+    """One beta has no last step distinct from its first: refused by name, not NaN from 0 / 0."""
+    with pytest.raises(ValueError, match=r"rescale_zero_terminal_snr needs at least 2 betas, got 1"):
+        rescale_zero_terminal_snr(torch.rand(1, dtype=torch.float64) * 0.03 + 1e-4)
 
 
 def test_schedule_from_config_ignores_sampler_keys():
@@ -313,6 +343,8 @@ def test_epsilon_at_zero_snr_unscheduled_row_is_the_only_non_finite_one():
         (dict(num_train_timesteps=3, trained_betas=[0.1, 0.0, 0.2]), r"trained_betas must all be in \(0, 1\], got trained_betas\[1\] = 0.0"),
         (dict(num_train_timesteps=3, trained_betas=[0.1, 1.2, 0.2]), r"trained_betas\[1\] = 1.2"),
         (dict(num_train_timesteps=4, trained_betas=[0.1, 0.2]), r"trained_betas must have num_train_timesteps=4 values, got 2"),
+        (dict(num_train_timesteps=2, trained_betas=[0.1, 0.2, 0.3]), r"num_train_timesteps=2 values, got 3"),
+        (dict(beta_schedule="sigmoid", beta_start=0.0), r"beta_start must be in \(0, 1\], got 0.0"),  # sigmoid's too
     ],
 )
 def test_noise_schedule_errors(kwargs, match):
@@ -340,14 +372,20 @@ def test_table_and_timestep_errors():
         sampling_timesteps(100, 10, "even")
     with pytest.raises(ValueError, match=r"timesteps must be strictly descending"):
         ddpm_table(sched, [10, 20])
+    with pytest.raises(ValueError, match=r"timesteps must be strictly descending, got \[20, 10, 10\]"):
+        ddim_table(sched, [20, 10, 10])  # a repeated step
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 99\].*max 100"):
         ddim_table(sched, [100, 50])
     with pytest.raises(TypeError, match=r"timesteps must hold integers"):
         ddim_table(sched, torch.tensor([50.0, 10.0]))
+    with pytest.raises(TypeError, match=r"timesteps must hold integers, got dtype torch.bool"):
+        ddpm_table(sched, torch.tensor([True, False]))
     with pytest.raises(ValueError, match=r"prediction_type must be one of .*got 'x0'"):
         ddim_table(sched, [50, 10], prediction_type="x0")
     with pytest.raises(ValueError, match=r"eta must be a finite number >= 0, got -0.5"):
         ddim_table(sched, [50, 10], eta=-0.5)
+    with pytest.raises(ValueError, match=r"eta must be a finite number >= 0, got inf"):
+        ddim_table(sched, [50, 10], eta=float("inf"))
     with pytest.raises(ValueError, match=r"eta=3.0 is too large"):
         ddim_table(sched, [50, 0], eta=3.0)
     with pytest.raises(ValueError, match=r"num_inference_steps must be in \[1, 100\], got 0"):
@@ -355,5 +393,7 @@ def test_table_and_timestep_errors():
     assert ddim_table(sched, [50, 10], num_inference_steps=4).prev_timestep(50) == 25  # T // N, not T // 2
     with pytest.raises(ValueError, match=r"t must be in \[0, 99\], got 100"):
         ddpm_table(sched).prev_timestep(100)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 99\], got min -1, max 5"):
+        ddpm_table(sched).prev_timestep(torch.tensor([5, -1]))  # -1 must not index the last row
     with pytest.raises(TypeError, match=r"schedule must be a NoiseSchedule"):
         ddpm_table("linear")
