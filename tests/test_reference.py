@@ -107,7 +107,8 @@ def _assert_accuracy(ours, theirs, truth, floor, what, theirs_may_be_nan=False):
     floor = float(floor)
     if theirs_may_be_nan and math.isnan(err_theirs):
         err_theirs = math.inf  # only the rounding budget below is meaningful then
-    assert err_ours <= 2 * err_theirs + floor, f"{what}: ours {err_ours:.3e}, diffusers {err_theirs:.3e}, floor {floor:.3e}"
+    assert err_ours <= 2 * err_theirs + floor, (
+        f"{what}: ours {err_ours:.3e}, diffusers {err_theirs:.3e}, floor {floor:.3e}")
     assert err_ours <= floor, f"{what}: ours {err_ours:.3e} exceeds its float32 rounding budget {floor:.3e}"
 
 
@@ -149,7 +150,8 @@ def _ddpm_step(scheduler, m, t, x, z, dtype):
         out = scheduler.step(m, t, x, generator=_gen(seed))
     else:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(scheduling_ddpm, "randn_tensor", lambda shape, generator=None, device=None, dtype=None, **kw: z.to(dtype))
+            mp.setattr(scheduling_ddpm, "randn_tensor",
+                       lambda shape, generator=None, device=None, dtype=None, **kw: z.to(dtype))
             out = scheduler.step(m, t, x)
     return out.prev_sample, out.pred_original_sample
 
@@ -185,7 +187,8 @@ def test_ddpm_step_matches_diffusers(chain, prediction_type, variance_type, clip
     for i, t in enumerate(ts):
         x, m, _ = _step_inputs(table, SHAPE, seed=100 * i)
         z = torch.randn(SHAPE, generator=_gen(1234))
-        _check_against_diffusers(table, theirs, twin, t, x, m, z, clip, _ddpm_step, f"ddpm {prediction_type}/{variance_type}")
+        _check_against_diffusers(table, theirs, twin, t, x, m, z, clip, _ddpm_step,
+                                 f"ddpm {prediction_type}/{variance_type}")
 
 
 def test_ddpm_last_step_adds_no_noise_and_needs_none():
@@ -218,7 +221,8 @@ def test_ddim_step_matches_diffusers(prediction_type, eta, clip, use_clipped):
     table = ddim_table(schedule, theirs.timesteps, prediction_type, eta, use_clipped_model_output=use_clipped)
     for i, t in enumerate([980, 500, 0]):
         x, m, z = _step_inputs(table, SHAPE, seed=10 + 100 * i)
-        _check_against_diffusers(table, theirs, twin, t, x, m, z, clip, _ddim_step_fn(eta, use_clipped), f"ddim {prediction_type}")
+        _check_against_diffusers(table, theirs, twin, t, x, m, z, clip, _ddim_step_fn(eta, use_clipped),
+                                 f"ddim {prediction_type}")
 
 
 @pytest.mark.parametrize(
@@ -241,7 +245,8 @@ def test_ddim_spacings_and_final_alpha(spacing, set_alpha_to_one, prediction_typ
         # diffusers' float32 DDIM returns NaN at t = 999 with zero terminal SNR and eta = 1: there
         # 1 - alpha_prev - sigma^2 is exactly 0 and rounds negative before its sqrt. Ours clamps it.
         nan_ok = rescale and t == 999
-        _check_against_diffusers(table, theirs, twin, t, x, m, z, 1.0, _ddim_step_fn(eta, False), f"ddim {spacing}", nan_ok)
+        _check_against_diffusers(table, theirs, twin, t, x, m, z, 1.0, _ddim_step_fn(eta, False), f"ddim {spacing}",
+                                 nan_ok)
 
 
 def test_thresholding_is_diffusers_threshold_sample():
@@ -297,7 +302,8 @@ def test_per_sample_timesteps_equal_per_sample_diffusers(kind):
         table = ddim_table(schedule, theirs.timesteps, "v_prediction", eta=1.0)
         diffusers_step, ts = _ddim_step_fn(1.0, False), [980, 0, 500, 20]
     else:
-        theirs = DDPMScheduler(prediction_type="v_prediction", variance_type="learned_range", **_diffusers_clip_config("threshold"))
+        theirs = DDPMScheduler(prediction_type="v_prediction", variance_type="learned_range",
+                               **_diffusers_clip_config("threshold"))
         if kind == "ddpm_n50":
             theirs.set_timesteps(50)
         table = ddpm_table(schedule, None if kind == "ddpm_full" else theirs.timesteps, "v_prediction", "learned_range")
@@ -311,7 +317,8 @@ def test_per_sample_timesteps_equal_per_sample_diffusers(kind):
         one = slice(b, b + 1)
         mine = step(m[one], t, x[one], table, noise=z[one], **_clip_kwargs("threshold"))
         assert torch.equal(prev[one], mine[0]) and torch.equal(x0c[one], mine[1])  # batch-independent
-        _check_against_diffusers(table, theirs, twin, t, x[one], m[one], z[one], "threshold", diffusers_step, f"{kind} b={b}")
+        _check_against_diffusers(table, theirs, twin, t, x[one], m[one], z[one], "threshold", diffusers_step,
+                                 f"{kind} b={b}")
 
 
 def test_seeds_path_equals_noise_path():
@@ -377,7 +384,8 @@ def test_randn_shape_past_int64_is_named():
 
 def test_float32_step_is_the_contract_formula_on_the_float32_table():
     """reference.step in float32 == contracts.md's formula evaluated on StepTable.table() (bit-exact)."""
-    table = ddpm_table(NoiseSchedule(beta_schedule="squaredcos_cap_v2"), prediction_type="epsilon", variance_type="learned_range")
+    table = ddpm_table(NoiseSchedule(beta_schedule="squaredcos_cap_v2"), prediction_type="epsilon",
+                       variance_type="learned_range")
     t = torch.tensor([999, 400, 2])
     shape = (3,) + SHAPE[1:]
     x, mv, z = _step_inputs(table, shape, seed=11)
@@ -524,7 +532,8 @@ def test_q_sample_seeds_and_layouts():
     assert torch.equal(x_t, q_sample(x0, 123, schedule, noise=expected_eps)[0])
     cl = x0.contiguous(memory_format=torch.channels_last)
     x_t_cl, eps_cl = q_sample(cl, 123, schedule, seeds=seeds, stream=17)
-    assert x_t_cl.is_contiguous(memory_format=torch.channels_last) and eps_cl.is_contiguous(memory_format=torch.channels_last)
+    assert x_t_cl.is_contiguous(memory_format=torch.channels_last)
+    assert eps_cl.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(x_t_cl, x_t) and torch.equal(eps_cl, eps)
     # float64 stays float64 (no float32 detour for the coefficients)
     x64, _ = q_sample(x0.double(), 123, schedule, noise=expected_eps.double())
@@ -719,10 +728,12 @@ def test_bad_inputs_name_the_argument():
         q_sample(x, 5, schedule)
     with pytest.raises(ValueError, match=r"stream must be an int in \[0, 2\*\*32\), got 4294967296"):
         q_sample(x, 5, schedule, seeds=torch.tensor([1, 2]), stream=2**32)
-    with pytest.raises(ValueError, match=r"model_output must have the shape of sample \(2, 3, 4, 4\), got \(2, 6, 4, 4\)"):
+    with pytest.raises(ValueError,
+                       match=r"model_output must have the shape of sample \(2, 3, 4, 4\), got \(2, 6, 4, 4\)"):
         step(torch.cat([noise, noise], 1), 5, x, table, noise=noise)
     learned = ddpm_table(schedule, variance_type="learned_range")
-    with pytest.raises(ValueError, match=r"model_output must have shape \(2, 6, 4, 4\).*learned_range.*got \(2, 3, 4, 4\)"):
+    with pytest.raises(ValueError,
+                       match=r"model_output must have shape \(2, 6, 4, 4\).*learned_range.*got \(2, 3, 4, 4\)"):
         step(noise, 5, x, learned, noise=noise)
     with pytest.raises(ValueError, match=r"clip_range must be > 0 or None, got -1"):
         step(noise, 5, x, table, noise=noise, clip_range=-1)
