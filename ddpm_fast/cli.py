@@ -241,8 +241,10 @@ def _train_device(text: str | None):
 @contextlib.contextmanager
 def _stop_on_interrupt(trainer):
     """The first Ctrl-C ends training after the current step, with a checkpoint (up to checkpoint_every steps
-    would be lost otherwise); a second one interrupts at once, as usual."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+    would be lost otherwise); a second one interrupts at once, as usual. A process started with SIGINT ignored
+    (`cmd &` in a script: the terminal's Ctrl-C is for the foreground) keeps ignoring it, as Python does."""
+    if (threading.current_thread() is not threading.main_thread()  # signal handlers belong to the main thread
+            or signal.getsignal(signal.SIGINT) == signal.SIG_IGN):
         yield
         return
 

@@ -354,38 +354,66 @@ def test_a_failed_write_keeps_the_previous_samples(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npz", "g.png"]  # no temporary file left
 
 
-def test_ctrl_c_saves_the_step_it_ends_and_a_second_stops_at_once(tmp_path, capsys, monkeypatch):
-    """The first SIGINT (Ctrl-C) lets the step finish, saves it and exits 130; resuming continues exactly as
-    the uninterrupted run; a second SIGINT raises at once, as before (nothing saved)."""
-    from ddpm_fast.train import Trainer, latest_checkpoint, load_model
-    run, whole = tmp_path / "run", tmp_path / "whole"
-    argv = ["--steps", "5", "--batch-size", "4", "--checkpoint-every", "1000"]
-    assert cli.main(["train", "--out", str(whole), *argv]) == 0
-    step = Trainer._queue_step
-    interrupt_at = int(torch.randint(1, 4, ()))
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT as an interactive Python has it: a test run started in the background of a script (`pytest &`)
+    inherits SIGINT ignored, which train keeps (test_train_started_with_ctrl_c_ignored_keeps_ignoring_it)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
-    def interrupted_step(self, signals=1):
+
+def _interrupting(monkeypatch, at: int, signals: int = 1):
+    """Trainer steps that send ``signals`` SIGINTs to this process right after step ``at``."""
+    from ddpm_fast.train import Trainer
+    step = Trainer._queue_step
+
+    def interrupted_step(self):
         loss = step(self)
-        if self.step == interrupt_at:
+        if self.step == at:
             for _ in range(signals):
                 signal.raise_signal(signal.SIGINT)  # the handler runs here, between bytecodes: mid-loop
         return loss
     monkeypatch.setattr(Trainer, "_queue_step", interrupted_step)
-    capsys.readouterr()
-    assert cli.main(["train", "--out", str(run), *argv]) == 130
+
+
+def test_ctrl_c_saves_the_step_it_ends_and_a_second_stops_at_once(tmp_path, capsys, monkeypatch, ctrl_c_raises):
+    """The first SIGINT (Ctrl-C) lets the step finish, saves it and exits 130; resuming continues exactly as
+    the uninterrupted run; a second SIGINT raises at once, as before (nothing saved)."""
+    from ddpm_fast.train import latest_checkpoint, load_model
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    argv = ["--steps", "5", "--batch-size", "4", "--checkpoint-every", "1000"]
+    assert cli.main(["train", "--out", str(whole), *argv]) == 0
+    interrupt_at = int(torch.randint(1, 4, ()))
+    with monkeypatch.context() as patch:
+        _interrupting(patch, interrupt_at)
+        capsys.readouterr()
+        assert cli.main(["train", "--out", str(run), *argv]) == 130
     assert f"interrupted at step {interrupt_at}, saved" in capsys.readouterr().err
     assert latest_checkpoint(run).name == f"step_{interrupt_at:08d}"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
-    monkeypatch.setattr(Trainer, "_queue_step", step)
     assert cli.main(["train", "--out", str(run), *argv]) == 0
     for a, b in zip(load_model(whole)[0].parameters(), load_model(run)[0].parameters()):
         assert torch.equal(a, b)
     # Twice: stop now, unsaved (the checkpoint of step 5 stays the newest).
-    monkeypatch.setattr(Trainer, "_queue_step", lambda self: interrupted_step(self, signals=2))
-    interrupt_at = 6
+    _interrupting(monkeypatch, at=6, signals=2)
     assert cli.main(["train", "--out", str(run), "--steps", "8", "--batch-size", "4"]) == 130
     assert "ddpm-fast train: interrupted" in capsys.readouterr().err
     assert latest_checkpoint(run).name == "step_00000005"
+
+
+def test_train_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path, monkeypatch):
+    """Started as `ddpm-fast train &` in a script, a run has SIGINT ignored (the terminal's Ctrl-C is for the
+    foreground): train runs to its last step through one and leaves it ignored, as Python itself does."""
+    from ddpm_fast.train import latest_checkpoint
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _interrupting(monkeypatch, at=1)
+        assert cli.main(["train", "--out", str(tmp_path), "--steps", "3", "--batch-size", "4"]) == 0
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert latest_checkpoint(tmp_path).name == "step_00000003"
 
 
 def test_no_resume_refuses_a_folder_with_checkpoints(tmp_path, capsys):

@@ -105,26 +105,6 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape", [SHAPE, ODD_SHAPE], ids=["8x8", "5x7"])
-@pytest.mark.parametrize("method,prediction_type,options", CASES,
-                         ids=[f"{m}-{p}-{'-'.join(o) or 'default'}" for m, p, o in CASES])
-def test_matches_reference_loop(schedule, method, prediction_type, options, shape):
-    """Derived tolerance (tests/_tolerance.py, STYLE.md point 4): the same loop is run with the reference ops
-    in float64 (the truth: float64 model, step and x_T, from the same float32 Philox normals) and in float32
-    (what plain PyTorch manages); our sampler (the C++ randn and step kernels) may be at most twice as far
-    from the truth as the float32 reference, plus one float32 rounding of the result's magnitude. That
-    bound absorbs the few ulp by which the backends' log / sin / cos may differ, propagated like any
-    other float32 rounding."""
-    model = _Toy(schedule.num_train_timesteps, learned=options.get("variance_type") == "learned_range")
-    sampler = Sampler(model, schedule, method=method, num_steps=12, prediction_type=prediction_type, **options)
-    seeds = torch.tensor([0, 7, -3, 2**62 + 5])
-    ours = sampler.sample(seeds, shape)
-    ref32 = _reference_loop(model, sampler, seeds, shape).clamp(-1, 1)
-    ref64 = _reference_loop(model, sampler, seeds, shape, torch.float64).clamp(-1, 1)
-    assert ours.shape == (4, *shape) and ours.dtype == torch.float32
-    assert_matches_reference(ours, ref32, ref64, what=f"{method} {prediction_type} images")
-
-
 # The kernel backends a CPU sampler can run on here: the C++ kernels, and the CUDA kernels on their emulator.
 SAMPLER_BACKENDS = ["cpu"] + (["cuda"] if _native.cuda_emulator_missing_reason() is None
                               and not torch.cuda.is_available() else [])
@@ -158,14 +138,11 @@ def _random_sampler_case(rng) -> dict:
                 dtype=rng.choice([torch.float32, torch.float32, torch.float16, torch.bfloat16]))
 
 
-def _check_random_sampler_case(case):
-    """Each step of the trajectory against the reference step from the sampler's own previous state (so the
-    rounding of earlier steps, which a chaotic trajectory amplifies, is not charged to later ones): the
-    scheduled timesteps, the streams, the seeds and the table, within each step's derived tolerance."""
-    schedule = NoiseSchedule(**case["schedule"])
-    options, shape, seeds, dtype = case["options"], case["shape"], torch.tensor(case["seeds"]), case["dtype"]
-    model = _Toy(schedule.num_train_timesteps, learned=options.get("variance_type") == "learned_range")
-    sampler = Sampler(model, schedule, backend=case["backend"], **options)
+def _assert_steps_match(sampler: Sampler, model, seeds: torch.Tensor, shape, dtype=torch.float32) -> torch.Tensor:
+    """The sampler's images, after checking x_T against the contract's normals and each step of the trajectory
+    against the reference step from the sampler's own previous state (so the rounding of earlier steps, which a
+    chaotic trajectory amplifies, is not charged to later ones): the scheduled timesteps, the streams, the seeds
+    and the table, within each step's derived tolerance. ``model`` gives the output tensor the sampler unwraps."""
     images, trajectory = sampler.sample(seeds, shape, dtype=dtype, return_trajectory=True)
     x_T = reference.philox_normal(seeds, reference.INITIAL_NOISE_STREAM, math.prod(shape)).reshape(-1, *shape)
     assert_matches_reference(trajectory[0], x_T.to(dtype), x_T.double(), what="x_T", known_input_error=NOISE_ROUNDING)
@@ -174,11 +151,42 @@ def _check_random_sampler_case(case):
                 sample_max_value=sampler.sample_max_value)
     for i, t in enumerate(sampler.timesteps.tolist()):
         x, ts = trajectory[i], torch.full((len(seeds),), t)
-        assert_step_matches(trajectory[i + 1], None, sampler.table, x, model(x, ts), None, ts,
+        with torch.no_grad():
+            out = model(x, ts)
+        assert_step_matches(trajectory[i + 1], None, sampler.table, x, out, None, ts,
                             seeds if sampler.table.adds_noise else None, **post)
     assert torch.equal(images, trajectory[-1].clamp(-1, 1))
+    return images
+
+
+def _check_random_sampler_case(case):
+    """Every step against the reference step (_assert_steps_match), and the last sample alone equal to the bit
+    to itself in the batch."""
+    schedule = NoiseSchedule(**case["schedule"])
+    options, shape, seeds, dtype = case["options"], case["shape"], torch.tensor(case["seeds"]), case["dtype"]
+    model = _Toy(schedule.num_train_timesteps, learned=options.get("variance_type") == "learned_range")
+    sampler = Sampler(model, schedule, backend=case["backend"], **options)
+    images = _assert_steps_match(sampler, model, seeds, shape, dtype)
     last = len(seeds) - 1  # a sample's trajectory is its seed's alone, whatever else is in the batch
     assert torch.equal(sampler.sample(seeds[last:], shape, dtype=dtype), images[last:])
+
+
+@pytest.mark.parametrize("shape", [SHAPE, ODD_SHAPE], ids=["8x8", "5x7"])
+@pytest.mark.parametrize("method,prediction_type,options", CASES,
+                         ids=[f"{m}-{p}-{'-'.join(o) or 'default'}" for m, p, o in CASES])
+def test_matches_reference_steps(method, prediction_type, options, shape):
+    """x_T against the contract's normals, then every step of the 12-step loop against the reference step from
+    the sampler's own previous state, each within its derived tolerance (_check_random_sampler_case).
+
+    Not the whole trajectory against one run from x_T: a step's rounding, amplified by the steps after it,
+    would be judged against how far the float32 reference loop happens to drift, and that moves with the
+    model's own rounding, which differs between CPUs (PyTorch's tanh is MKL's, which picks its code by CPU:
+    DDPM fixed_large without clipping passed on the earlier machines and ended 1.17x past that bound on an
+    AVX-512 Xeon)."""
+    _check_random_sampler_case(dict(
+        schedule=dict(num_train_timesteps=1000, beta_schedule="linear"), seeds=[0, 7, -3, 2**62 + 5], shape=shape,
+        options=dict(method=method, num_steps=12, prediction_type=prediction_type, **options), backend="cpu",
+        dtype=torch.float32))
 
 
 def test_random_configs_match_reference_loop():
@@ -358,21 +366,18 @@ def test_diffusers_style_output_is_unwrapped(schedule):
 
 
 def test_diffusers_unet2dmodel(schedule, one_thread):
-    """A real diffusers UNet2DModel (returns UNet2DOutput): same derived tolerance as the reference-loop test,
-    the truth being the reference loop with a float64 copy of the model."""
+    """A real diffusers UNet2DModel (returns UNet2DOutput) drives the loop: every step against the reference
+    step (_assert_steps_match), not the whole 3-step trajectory against the float32 reference loop's drift: on an
+    AVX-512 Xeon that bound failed for 1 set of seeds in 20 (the model's rounding, which differs between CPUs,
+    moves the yardstick)."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     model = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
                                   layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
                                   up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
-    model64 = copy.deepcopy(model).double()
     sampler = Sampler(model, schedule, num_steps=3)
-    seeds = torch.tensor([4, 5])
-    images = sampler.sample(seeds, SHAPE)
-    ref32 = _reference_loop(lambda x, t: model(x, t).sample, sampler, seeds, SHAPE).clamp(-1, 1)
-    ref64 = _reference_loop(lambda x, t: model64(x, t).sample, sampler, seeds, SHAPE, torch.float64).clamp(-1, 1)
+    images = _assert_steps_match(sampler, lambda x, t: model(x, t).sample, torch.tensor([4, 5]), SHAPE)
     assert images.shape == (2, *SHAPE)
-    assert_matches_reference(images, ref32, ref64, what="images from a diffusers UNet2DModel")
 
 
 def _random_diffusers_scheduler(rng) -> dict:
