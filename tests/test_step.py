@@ -232,6 +232,9 @@ def test_thresholding_interpolates_as_torch_lerp(backend, schedule):
     or (w - 1) d + above, d = above - below. Where the two neighbours lie far apart (magnitudes 0.1 to 1000 here),
     rounding w d first gives another last bit in several % of the rows, and then every |x0| < s differs from the
     reference (x0 = the model output exactly: prediction "sample")."""
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("PyTorch's CPU lerp rounds w d first without AVX2 (ATEN_CPU_CAPABILITY=default): the reference's "
+                    "quantile is then one rounding off its vectorized fma, which the kernels follow")
     table = ddim_table(schedule, sampling_timesteps(1000, 50, "leading", steps_offset=1), prediction_type="sample")
     g = torch.Generator().manual_seed(41)
     B = 64

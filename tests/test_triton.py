@@ -10,6 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from _tolerance import NOISE_ROUNDING, assert_matches_reference
+from conftest import Backend
+from test_group_norm import _inputs as _gn_inputs, assert_output_and_grads_match
 
 import ddpm_fast
 from ddpm_fast import reference
@@ -27,6 +29,7 @@ from ddpm_fast.ops.triton._common import LAUNCH_OPTIONS, contract_philox  # noqa
 from ddpm_fast.ops.triton._tiles import sample_tile  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_BACKEND = Backend("triton", DEVICE, interpreted=not torch.cuda.is_available())
 
 
 @pytest.fixture(scope="module")
@@ -397,34 +400,11 @@ def test_thresholded_step_layouts(schedule, layout):
     ((2, 8192, 1), 1),    # 8192 channels in one group: several channel tiles
 ])
 def test_group_norm_multi_tile_groups(shape, groups):
-    g = torch.Generator().manual_seed(shape[1])
-    B, C = shape[:2]
-    x = torch.randn(shape, generator=g) * 3 + 2
-    params = [torch.randn(C, generator=g), torch.randn(C, generator=g)] + \
-        [torch.randn(B, C, generator=g) * 0.5 for _ in range(3)]
-    leaves = [v.to(DEVICE).requires_grad_() for v in (x, *params)]
-    y = ddpm_fast.group_norm_silu(leaves[0], leaves[1], leaves[2], groups, bias_in=leaves[3], scale=leaves[4],
-                                  shift=leaves[5], backend="triton")
-    upstream = torch.randn(shape, generator=g)
-    grads = torch.autograd.grad((y * upstream.to(DEVICE)).sum(), leaves)
-    ref_leaves = [v.double().requires_grad_() for v in (x, *params)]
-    ref = reference.group_norm_silu(ref_leaves[0], ref_leaves[1], ref_leaves[2], groups, bias_in=ref_leaves[3],
-                                    scale=ref_leaves[4], shift=ref_leaves[5])
-    ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), ref_leaves)
-    same_leaves = [v.clone().requires_grad_() for v in (x, *params)]
-    same = reference.group_norm_silu(same_leaves[0], same_leaves[1], same_leaves[2], groups, bias_in=same_leaves[3],
-                                     scale=same_leaves[4], shift=same_leaves[5])
-    same_grads = torch.autograd.grad((same * upstream).sum(), same_leaves)
-    assert_matches_reference(y.detach().cpu(), same.detach(), ref.detach())
-    # dx and dbias_in subtract group means of terms of size rstd * |dxhat| (test_group_norm.py's bound)
-    h = x.double() + params[2].double().reshape(B, C, *[1] * (len(shape) - 2))
-    var = h.reshape(B, groups, -1).var(dim=2, unbiased=False)
-    cancelling = var.add(1e-5).rsqrt().max().item() * 5.0 * 1.1 * params[0].abs().max().item() * \
-        (1 + params[3].abs().max().item())
-    for name, ours, same_grad, truth in zip(("x", "weight", "bias", "bias_in", "scale", "shift"), grads, same_grads,
-                                            ref_grads):
-        assert_matches_reference(ours.cpu(), same_grad, truth, what=f"grad of {name}",
-                                 magnitude=cancelling if name in ("x", "bias_in") else None)
+    """The output and every gradient within test_group_norm's bounds, which add the float32 rounding of the terms
+    each gradient sums: twice PyTorch's own error alone moves with PyTorch's summation order (under
+    ATEN_CPU_CAPABILITY=default a dbias summed over 2304 elements came out at 5x PyTorch's error)."""
+    x, p = _gn_inputs(shape, "both", torch.float32, seed=shape[1])
+    assert_output_and_grads_match(TRITON_BACKEND, x, p, groups)
 
 
 # The split path of group_norm (grid (B * G, SPLIT): per-chunk partials, then a merge per group) is taken on a
