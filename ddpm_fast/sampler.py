@@ -602,7 +602,7 @@ class Sampler:
         """
         reason = _graph_unavailable_reason(x.device, self.backend or get_backend())
         if reason is not None:
-            warnings.warn(f"Sampler.sample: {reason}; using the eager loop", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"Sampler.sample: {reason}; using the eager loop", RuntimeWarning, stacklevel=4)
             return None
         key = self._graph_key(x, seeds is not None, model_key)
         if self._graph is None or self._graph.key != key:
@@ -611,7 +611,7 @@ class Sampler:
                 self._graph = _GraphedStep.capture(self._step, key, x, ts, seeds, model_kwargs)
             except _CaptureFailed as error:  # the model's own errors (in the warm-up) are raised as they are
                 warnings.warn(f"Sampler.sample: CUDA-graph capture failed ({error}); using the eager loop",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=4)
                 return None
         self._graph.load(x, ts, seeds, model_kwargs)
         return self._graph

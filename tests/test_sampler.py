@@ -233,6 +233,19 @@ def test_ddim_eta0_is_deterministic_given_x_T(schedule):
     assert_matches_reference(first, ref32, ref64, what="DDIM eta=0 images")
 
 
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_only_a_noisy_step_is_given_the_seeds(schedule, monkeypatch, method):
+    """DDIM with eta = 0 adds no noise: its steps get seeds=None, so the kernels draw nothing (the same numbers,
+    without the normals' cost); DDPM's steps get the (B,) seeds every time."""
+    given = []
+    real_step = sampler_module.step
+    monkeypatch.setattr(sampler_module, "step", lambda *a, **k: (given.append(k["seeds"]), real_step(*a, **k))[1])
+    seeds = torch.randint(0, 2**62, (2,))
+    Sampler(_Toy(1000), schedule, method=method, num_steps=3).sample(seeds, SHAPE)
+    assert len(given) == 3
+    assert all(s is None for s in given) if method == "ddim" else all(torch.equal(s, seeds) for s in given)
+
+
 def test_model_sees_scheduled_timesteps_as_device_tensors(schedule):
     """The loop visits sampler.timesteps in order, each as a (B,) int64 tensor on x's device."""
     seen = []
@@ -287,6 +300,22 @@ def test_seed_list_and_tensor_agree(schedule):
     assert torch.equal(from_list, from_tensor)
 
 
+def test_seeds_at_the_ends_of_the_64_bit_range(schedule):
+    """-2**63, the lowest seed taken, and 2**63, the first that wraps to int64, are one uint64 key: the same image
+    from a list and from an int64 tensor. (Random seeds almost never land on these edges.)"""
+    sampler = Sampler(_Toy(1000), schedule, num_steps=2)
+    images = sampler.sample([-2**63, 2**63], SHAPE)
+    assert torch.equal(images[0], images[1])
+    assert torch.equal(images, sampler.sample(torch.tensor([-2**63, -2**63]), SHAPE))
+
+
+def test_int32_seed_tensor_is_read_as_int64(schedule):
+    """A (B,) tensor of any integer dtype holds the seeds' values: an int32 tensor samples as its int64 copy."""
+    sampler = Sampler(_Toy(1000), schedule, num_steps=2)
+    seeds = torch.randint(-2**31, 2**31, (3,), dtype=torch.int32)
+    assert torch.equal(sampler.sample(seeds, SHAPE), sampler.sample(seeds.long(), SHAPE))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_runs(schedule, dtype):
     images = Sampler(_Toy(1000), schedule, num_steps=3).sample([1, 2], SHAPE, dtype=dtype)
@@ -300,6 +329,30 @@ def test_dtype_follows_the_model_s_parameters(schedule, unet):
     images = sampler.sample([3, 4])
     assert images.dtype == torch.bfloat16 and torch.equal(images, sampler.sample([3, 4], dtype=torch.bfloat16))
     assert Sampler(_Toy(1000), schedule, num_steps=2).sample([1], SHAPE).dtype == torch.float32
+
+
+def test_dtype_follows_the_first_floating_point_parameter(schedule):
+    """diffusers' ModelMixin.dtype rule: an integer parameter (a step counter, say) before the weights is skipped."""
+    class Counted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = torch.nn.Parameter(torch.zeros((), dtype=torch.int64), requires_grad=False)
+            self.weight = torch.nn.Parameter(torch.full((3, 1, 1), 0.5, dtype=torch.bfloat16))
+
+        def forward(self, x, t):
+            return torch.tanh(x * self.weight)
+    assert Sampler(Counted(), schedule, num_steps=2).sample([1], SHAPE).dtype == torch.bfloat16
+
+
+def test_hoisted_casts_are_found_again_for_another_autocast_state(schedule, unet):
+    """Which weight casts a call hoists is found per model, batch, dtype and autocast state: a float32 call after one
+    under bf16 autocast casts nothing (the bf16 copies found first would meet float32 convs) and gives the images of
+    a model that casts nothing."""
+    sampler = Sampler(unet, schedule, num_steps=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sampler.sample([1])
+    plain = Sampler(lambda x, t: unet(x, t), schedule, num_steps=2).sample([1], (3, 16, 16))
+    assert torch.equal(sampler.sample([1]), plain)
 
 
 def test_a_model_of_another_dtype_is_explained(schedule, unet):
@@ -335,6 +388,31 @@ def test_a_model_of_another_dtype_is_explained(schedule, unet):
         Sampler(shape_bug, schedule, num_steps=2).sample([1], SHAPE)
 
 
+class _Fails(torch.nn.Module):
+    """A model with parameters of ``dtype`` whose forward raises ``error``."""
+
+    def __init__(self, error: BaseException, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.weight, self.error = torch.nn.Parameter(torch.ones(1, dtype=dtype)), error
+
+    def forward(self, x, t):
+        raise self.error
+
+
+def test_only_a_dtype_mismatch_is_explained(schedule):
+    """The dtype explanation is for a model whose parameters are not x's dtype, outside autocast. Out of memory
+    (with mismatched dtypes too), a failure under autocast, and a failure of a model whose parameters are x's
+    dtype reach the caller as they are."""
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(torch.OutOfMemoryError, match="^CUDA out of memory"):
+        Sampler(_Fails(oom), schedule, num_steps=2).sample([1], SHAPE, dtype=torch.bfloat16)
+    bug = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="^mat1 and mat2"):
+        Sampler(_Fails(bug, torch.bfloat16), schedule, num_steps=2).sample([1], SHAPE)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="^mat1 and mat2"):
+        Sampler(_Fails(bug), schedule, num_steps=2).sample([1], SHAPE, dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_images_are_named(schedule, bad):
     """An image that ends NaN or infinite (clamping would make an infinity a saturated pixel) is named by its seed."""
@@ -351,6 +429,45 @@ def test_non_finite_images_are_named(schedule, bad):
     assert torch.isfinite(images[finite]).all()
 
 
+def test_an_image_with_one_non_finite_value_is_named_where_it_was_sampled(schedule):
+    """One NaN value among an image's 192 is enough to name its seed (the warning's .seeds too), and the warning
+    points at the caller's line, not into the sampler or torch's no_grad wrapper."""
+    seeds = torch.randint(0, 2**40, (4,)).tolist()
+    b, c, h, w = (int(torch.randint(0, n, ())) for n in (4, *SHAPE))
+
+    def model(x, t):
+        out = torch.tanh(x)
+        out[b, c, h, w] = float("nan")
+        return out
+    with pytest.warns(sampler_module.NonFiniteImagesWarning, match=rf"1 of 4 images .* \(seeds {seeds[b]};") as record:
+        images = Sampler(model, schedule, num_steps=2, clip_range=None).sample(seeds, SHAPE)
+    assert [w.message.seeds for w in record] == [[seeds[b]]]
+    assert record[0].filename == __file__
+    assert int(torch.isnan(images).sum()) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_non_finite_warning_names_float16_overflow_as_a_cause_in_float16_only(schedule, dtype):
+    def broken(x, t):
+        return torch.full_like(x, float("nan"))
+    seed = int(torch.randint(0, 2**40, ()))
+    cause = "the model diverged, or float16 overflowed" if dtype == torch.float16 else "the model diverged"
+    with pytest.warns(RuntimeWarning, match=rf"\(seeds {seed}; {cause}\): clamped to \[-1, 1\]"):
+        Sampler(broken, schedule, num_steps=1).sample([seed], SHAPE, dtype=dtype)
+
+
+def test_non_finite_warning_lists_eight_seeds_then_an_ellipsis(schedule):
+    """Nine broken images: the message names the first eight and says there are more; eight: all, no ellipsis."""
+    def broken(x, t):
+        return torch.full_like(x, float("nan"))
+    sampler = Sampler(broken, schedule, num_steps=1)
+    seeds = torch.randint(0, 2**40, (9,)).tolist()
+    with pytest.warns(RuntimeWarning, match=rf"9 of 9 .* \(seeds {', '.join(map(str, seeds[:8]))}, \.\.\.; "):
+        sampler.sample(seeds, SHAPE)
+    with pytest.warns(RuntimeWarning, match=rf"8 of 8 .* \(seeds {', '.join(map(str, seeds[:8]))}; the model"):
+        sampler.sample(seeds[:8], SHAPE)
+
+
 # --------------------------------------------------------------------------------------------------
 # model outputs, trajectory, cuda_graph fallback, progress
 # --------------------------------------------------------------------------------------------------
@@ -361,8 +478,19 @@ def test_diffusers_style_output_is_unwrapped(schedule):
     plain = Sampler(toy, schedule, num_steps=4).sample([1, 2], SHAPE)
     wrapped = Sampler(lambda x, t: types.SimpleNamespace(sample=toy(x, t)), schedule, num_steps=4)
     as_tuple = Sampler(lambda x, t: (toy(x, t),), schedule, num_steps=4)
+    as_list = Sampler(lambda x, t: [toy(x, t)], schedule, num_steps=4)
     assert torch.equal(wrapped.sample([1, 2], SHAPE), plain)
     assert torch.equal(as_tuple.sample([1, 2], SHAPE), plain)
+    assert torch.equal(as_list.sample([1, 2], SHAPE), plain)
+
+
+def test_a_model_output_of_another_dtype_is_cast_to_x_s(schedule):
+    """An output in float64 (a model that computes in double) is cast to x's dtype before the step: the images
+    are those of the same values given in float32."""
+    toy = _Toy(1000)
+    plain = Sampler(toy, schedule, num_steps=3).sample([1, 2], SHAPE)
+    double = Sampler(lambda x, t: toy(x, t).double(), schedule, num_steps=3).sample([1, 2], SHAPE)
+    assert double.dtype == torch.float32 and torch.equal(double, plain)
 
 
 def test_diffusers_unet2dmodel(schedule, one_thread):
@@ -454,6 +582,7 @@ def test_from_scheduler_options_override_and_errors():
     # A saved config holds the fields it was given: the missing ones take diffusers' defaults (clip_sample True).
     range_only = sampler_module.scheduler_options({"clip_sample_range": 2.0}, "ddpm")
     assert range_only == {"clip_range": 2.0} and sampler_module.scheduler_options({}, "ddim") == {}
+    assert sampler_module.scheduler_options({"clip_sample": True}, "ddpm") == {"clip_range": 1.0}  # diffusers' range
     assert sampler_module.scheduler_options({"clip_sample": False, "clip_sample_range": 2.0}, "ddim") == {
         "clip_range": None}
     with pytest.raises(ValueError, match="PNDMScheduler is not a DDPM or DDIM scheduler; pass method="):
@@ -463,6 +592,9 @@ def test_from_scheduler_options_override_and_errors():
                                          "scheduler's; pass the scheduler itself, or method="):
         Sampler.from_scheduler(model, FastDDIMScheduler().config)  # in memory: only a saved config names its class
     assert Sampler.from_scheduler(model, FastDDIMScheduler().config, method="ddim").method == "ddim"
+    from ddpm_fast.diffusers_compat import FastDDPMScheduler  # ours name their method as diffusers' do
+    ours = (FastDDPMScheduler(), FastDDIMScheduler())
+    assert [Sampler.from_scheduler(model, scheduler).method for scheduler in ours] == ["ddpm", "ddim"]
     # Custom timesteps: DDPM's alone (as diffusers'), instead of num_steps, checked.
     ddpm.set_timesteps(timesteps=[999, 750, 500, 250, 0])
     assert Sampler.from_scheduler(model, ddpm).timesteps.tolist() == [999, 750, 500, 250, 0]
@@ -475,6 +607,13 @@ def test_from_scheduler_options_override_and_errors():
         Sampler(model, NoiseSchedule(1000), timesteps=[5, 9, 0])
     with pytest.raises(TypeError, match="scheduler must be a diffusers scheduler or its config"):
         Sampler.from_scheduler(model, 3)
+
+
+def test_repr_names_the_options(schedule):
+    sampler = Sampler(_Toy(1000), schedule, method="ddim", num_steps=7, eta=0.5, clip_range=None,
+                      timestep_spacing="trailing")
+    assert repr(sampler) == ("Sampler(method='ddim', num_steps=7, eta=0.5, prediction_type='epsilon', "
+                             "variance_type=None, timestep_spacing='trailing', clip_range=None, thresholding=False)")
 
 
 @pytest.mark.parametrize("method", ["ddpm", "ddim"])
@@ -492,6 +631,17 @@ def test_shape_from_model_config(schedule, unet):
         Sampler(_Toy(1000), schedule, num_steps=1).sample([1])
 
 
+def test_shape_from_a_plain_dict_config(schedule):
+    """A config that is a plain dict (a config.json read as it is) is read by key; sample_size may be an (H, W)
+    pair, and anything else is not a shape."""
+    model = _Toy(1000)
+    model.config = {"in_channels": 2, "sample_size": [5, 7]}
+    assert Sampler(model, schedule, num_steps=1).sample([1]).shape == (1, 2, 5, 7)
+    model.config = {"in_channels": 2, "sample_size": [5, 7, 9]}
+    with pytest.raises(ValueError, match=r"give shape=\(C, H, W\)"):
+        Sampler(model, schedule, num_steps=1).sample([1])
+
+
 def test_return_trajectory(schedule):
     sampler = Sampler(_Toy(1000), schedule, method="ddim", num_steps=5)
     images, trajectory = sampler.sample([1, 2], SHAPE, return_trajectory=True)
@@ -503,9 +653,27 @@ def test_return_trajectory(schedule):
 def test_cuda_graph_on_cpu_warns_and_runs_eagerly(schedule):
     sampler = Sampler(_Toy(1000), schedule, num_steps=4)
     eager = sampler.sample([1, 2], SHAPE)
-    with pytest.warns(RuntimeWarning, match="cuda_graph=True needs CUDA tensors.*cpu"):
+    with pytest.warns(RuntimeWarning, match="cuda_graph=True needs CUDA tensors.*cpu") as record:
         graphed = sampler.sample([1, 2], SHAPE, cuda_graph=True)
     assert torch.equal(graphed, eager)
+    assert len(record) == 1
+
+
+def test_cuda_graph_fallback_warnings_point_at_the_caller(schedule, monkeypatch):
+    """Both fallback warnings (no graph possible here; the capture failed) name the caller's line, as the
+    non-finite warning does: that is where a warnings filter by module, or a reader, looks. They pointed into
+    torch/utils/_contextlib.py, one frame short of the torch.no_grad wrapper around sample."""
+    sampler = Sampler(_Toy(1000), schedule, num_steps=2)
+    with pytest.warns(RuntimeWarning, match="needs CUDA tensors") as unavailable:
+        sampler.sample([1], SHAPE, cuda_graph=True)
+
+    def fails(run, device, before_each_warmup):
+        raise sampler_module._CaptureFailed("the step synchronizes with the host")
+    monkeypatch.setattr(sampler_module, "_graph_unavailable_reason", lambda device, backend: None)
+    monkeypatch.setattr(sampler_module, "_capture_graph", fails)
+    with pytest.warns(RuntimeWarning, match="CUDA-graph capture failed") as failed:
+        sampler.sample([1], SHAPE, cuda_graph=True)
+    assert [w.filename for w in (*unavailable, *failed)] == [__file__] * 2
 
 
 def _fake_capture(captures: list):
@@ -644,6 +812,43 @@ def test_tensors_inside_model_kwargs_containers_are_loaded_too(schedule, fake_gr
     assert len(fake_graphs) == 2
 
 
+def test_graph_key_holds_what_a_capture_bakes_in(schedule, fake_graphs):
+    """A capture bakes in a number's value, any other object by identity, a tensor argument's dtype, the step's
+    options and the autocast state: a change of any is a new capture, whose images are the eager loop's."""
+    toy = _Toy(1000)
+
+    def model(x, t, scale, shift, bias):
+        return toy(x, t) * scale + shift.value + bias.reshape(-1, 1, 1, 1)
+    graphed, eager = Sampler(model, schedule, num_steps=2), Sampler(model, schedule, num_steps=2)
+    shift, other, bias = types.SimpleNamespace(value=0.1), types.SimpleNamespace(value=-0.2), torch.rand(2)
+    calls = [dict(scale=1.0, shift=shift, bias=bias), dict(scale=1.5, shift=shift, bias=bias),  # a value
+             dict(scale=1.5, shift=other, bias=bias), dict(scale=1.5, shift=other, bias=bias.double())]
+    for count, kwargs in enumerate(calls, 1):  # each changes one argument of the one before
+        assert torch.equal(graphed.sample([1, 2], SHAPE, model_kwargs=kwargs, cuda_graph=True),
+                           eager.sample([1, 2], SHAPE, model_kwargs=kwargs))
+        assert len(fake_graphs) == count, kwargs
+
+    sampler, count = Sampler(toy, schedule, num_steps=2), len(fake_graphs)
+    sampler.sample([1], SHAPE, cuda_graph=True)
+    sampler.clip_range = 0.5  # the step's options are kernel arguments the graph holds
+    sampler.sample([1], SHAPE, cuda_graph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sampler.sample([1], SHAPE, cuda_graph=True)
+    assert len(fake_graphs) == count + 3
+
+
+def test_graphed_calls_leave_the_caller_s_tensors_alone(schedule, fake_graphs):
+    """The graph keeps its own buffers: a later call loads its seeds and labels into them, not into the tensors an
+    earlier call was given (int64 seeds and labels on the sampling device are used as they are, not copied)."""
+    sampler = Sampler(_Conditional(), schedule, num_steps=2)
+    seeds, labels = torch.randint(0, 2**62, (2,)), torch.randint(0, 4, (2,))
+    kept = seeds.clone(), labels.clone()
+    sampler.sample(seeds, SHAPE, model_kwargs={"class_labels": labels}, cuda_graph=True)
+    sampler.sample(seeds + 1, SHAPE, model_kwargs={"class_labels": (labels + 1) % 4}, cuda_graph=True)
+    assert len(fake_graphs) == 1
+    assert torch.equal(seeds, kept[0]) and torch.equal(labels, kept[1])
+
+
 def test_a_class_conditional_diffusers_unet_takes_its_labels(one_thread):
     """diffusers' class-conditional UNet2DModel (num_class_embeds): model_kwargs give what a closure would."""
     diffusers = pytest.importorskip("diffusers")
@@ -750,6 +955,36 @@ def test_a_failed_capture_is_ended_and_its_pool_released(monkeypatch, invalid_at
     assert released == [(0, 7)] and cuda.current == "caller"
 
 
+def test_capture_runs_on_side_streams_and_restores_the_sync_debug_mode():
+    """Warm-ups and capture run off the caller's stream (a capture on the legacy default stream is refused), and
+    the caller's sync debug mode ("warn" here) is back afterwards, whether the capture worked or a sync was found."""
+    cuda = _FakeCuda()
+    cuda.mode, streams = "warn", []
+    sampler_module._capture_graph(lambda: streams.append(cuda.current), torch.device("cuda"), lambda: None, cuda=cuda)
+    assert len(streams) == 3 and "caller" not in streams and cuda.events == ["capture_begin", "capture_end"]
+    assert cuda.mode == "warn" and cuda.current == "caller"
+    cuda = _FakeCuda()
+    cuda.mode = "warn"
+    with pytest.raises(sampler_module._CaptureFailed):
+        sampler_module._capture_graph(lambda: cuda.sync() if cuda.mode == "error" else None, torch.device("cuda"),
+                                      lambda: None, cuda=cuda)
+    assert cuda.mode == "warn"
+
+
+def test_a_warm_up_error_that_is_not_a_sync_is_raised_as_it_is():
+    """Only the sync debug mode's error makes the second warm-up a capture failure; another RuntimeError there (a
+    CUDA error of the model's) is raised as it is, as in the first warm-up."""
+    runs = []
+
+    def fails_second():
+        runs.append(1)
+        if len(runs) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(RuntimeError, match="illegal memory access") as info:
+        sampler_module._capture_graph(fails_second, torch.device("cuda"), lambda: None, cuda=_FakeCuda())
+    assert not isinstance(info.value, sampler_module._CaptureFailed)
+
+
 def test_sampling_runs_eagerly_after_a_failed_capture_and_raises_the_model_s_errors(schedule, monkeypatch):
     real, cuda = sampler_module._capture_graph, _FakeCuda()
     monkeypatch.setattr(sampler_module, "_graph_unavailable_reason", lambda device, backend: None)
@@ -835,8 +1070,9 @@ def test_cuda_graph_reads_each_call_s_model_kwargs_on_gpu(schedule):
 
 
 def test_progress_bar_tqdm(schedule, capsys):
-    Sampler(_Toy(1000), schedule, num_steps=3).sample([1], SHAPE, progress=True)
-    assert "3/3" in capsys.readouterr().err
+    Sampler(_Toy(1000), schedule, method="ddim", num_steps=3).sample([1], SHAPE, progress=True)
+    err = capsys.readouterr().err
+    assert "3/3" in err and "DDIM sampling" in err
 
 
 def test_progress_bar_without_tqdm(schedule, capsys, monkeypatch):
@@ -845,11 +1081,26 @@ def test_progress_bar_without_tqdm(schedule, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "DDPM sampling" in err and "3/3" in err and err.endswith("\n")
     assert images.shape == (1, *SHAPE)
+    # one redraw per step, from the empty bar (drawn before the first step) to the full one, 30 cells wide
+    bars = [line.split("] ")[0] for line in err.split("\r")[1:]]
+    assert bars == [f"DDPM sampling: [{'#' * k}{'.' * (30 - k)}" for k in (0, 10, 20, 30)]
+
+
+@pytest.mark.parametrize("tqdm_installed", [True, False], ids=["tqdm", "stderr-bar"])
+def test_no_progress_bar_unless_asked(schedule, capsys, monkeypatch, tqdm_installed):
+    if not tqdm_installed:
+        monkeypatch.setitem(sys.modules, "tqdm", None)
+    Sampler(_Toy(1000), schedule, num_steps=3).sample([1], SHAPE)
+    assert capsys.readouterr().err == ""
 
 
 def test_empty_batch(schedule):
     images = Sampler(_Toy(1000), schedule, num_steps=3).sample([], SHAPE)
     assert images.shape == (0, *SHAPE)
+    images, trajectory = Sampler(_Toy(1000), schedule, num_steps=3).sample([], SHAPE, dtype=torch.bfloat16,
+                                                                           return_trajectory=True)
+    assert images.shape == (0, *SHAPE) and trajectory.shape == (4, 0, *SHAPE)  # N + 1 states, as for B >= 1
+    assert images.dtype == trajectory.dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------------------------------
@@ -882,21 +1133,22 @@ def test_save_image_grid_pixels_and_padding(tmp_path):
     assert pixels[0].eq(0).all() and pixels[:, 5].eq(0).all()  # padding is black
 
 
-def test_save_image_grid_scale_enlarges_each_pixel(tmp_path):
+@pytest.mark.parametrize("scale", [2, 3])
+def test_save_image_grid_scale_enlarges_each_pixel(tmp_path, scale):
     images = _images(3, C=1, H=3, W=4)
-    save_image_grid(images, tmp_path / "plain.png", nrow=3, padding=1)
-    save_image_grid(images, tmp_path / "big.png", nrow=3, padding=1, scale=3, pad_value=0.0)
+    save_image_grid(images, tmp_path / "big.png", nrow=3, padding=1, scale=scale, pad_value=0.0)
+    height, width, tile_w = 3 * scale + 2, 3 * 4 * scale + 4, 4 * scale
     with Image.open(tmp_path / "big.png") as img:
-        assert img.size == (3 * 12 + 4, 9 + 2)
-        big = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(11, 40)
+        assert img.size == (width, height)
+        big = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(height, width)
     expected = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
     for b in range(3):
-        tile = big[1:10, 1 + b * 13:13 + b * 13]
-        assert torch.equal(tile, expected[b].repeat_interleave(3, 0).repeat_interleave(3, 1))
-    assert big[0].eq(128).all() and big[:, 13].eq(128).all()  # pad_value 0 is mid grey
+        tile = big[1:1 + 3 * scale, 1 + b * (tile_w + 1):1 + b * (tile_w + 1) + tile_w]
+        assert torch.equal(tile, expected[b].repeat_interleave(scale, 0).repeat_interleave(scale, 1))
+    assert big[0].eq(128).all() and big[:, tile_w + 1].eq(128).all()  # pad_value 0 is mid grey
 
 
-@pytest.mark.parametrize("C,mode", [(1, "L"), (3, "RGB"), (4, "RGBA")])
+@pytest.mark.parametrize("C,mode", [(1, "L"), (2, "LA"), (3, "RGB"), (4, "RGBA")])
 def test_save_image_grid_without_pillow(tmp_path, monkeypatch, C, mode):
     """The pure-Python PNG writer, read back by Pillow: same pixels as Pillow's own encoding."""
     images = _images(3, C=C)
@@ -909,6 +1161,23 @@ def test_save_image_grid_without_pillow(tmp_path, monkeypatch, C, mode):
     with Image.open(with_pil) as a, Image.open(without) as b:
         assert b.mode == mode and b.size == a.size == (14, 10)
         assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_save_image_grid_maps_half_precision_images_in_float32(tmp_path, dtype):
+    """A bfloat16 model's samples are bfloat16: their pixels are those of the same values in float32 ((x + 1) *
+    127.5 in the images' own dtype would be rounded to 8 or 11 significant bits before the rounding to 0..255)."""
+    images = (torch.rand(2, 3, 4, 5) * 2 - 1).to(dtype)
+    save_image_grid(images, tmp_path / "half.png", nrow=2)
+    save_image_grid(images.float(), tmp_path / "full.png", nrow=2)
+    with Image.open(tmp_path / "half.png") as half, Image.open(tmp_path / "full.png") as full:
+        assert half.tobytes() == full.tobytes()
+
+
+def test_save_image_grid_file_is_readable_by_others(tmp_path):
+    """mkstemp makes its temporary file 0600; the grid is an output for others to read: 0644."""
+    save_image_grid(_images(1), tmp_path / "g.png")
+    assert (tmp_path / "g.png").stat().st_mode & 0o777 == 0o644
 
 
 def test_save_image_grid_failure_leaves_no_file(tmp_path, monkeypatch):
@@ -967,6 +1236,16 @@ def test_save_image_grid_sampled_images(tmp_path, schedule):
     # what the kernels would read as float32 otherwise (refused at construction, not at the first step)
     ({"clip_range": 1e-40}, ValueError, "Sampler: clip_range must be at least"),
     ({"thresholding": True, "sample_max_value": 1e39}, ValueError, "Sampler: sample_max_value must be at most"),
+    ({"clip_range": True}, TypeError, "clip_range must be a number or None, got bool True"),
+    ({"clip_range": float("inf")}, ValueError, "clip_range must be a finite number > 0 or None, got inf"),
+    ({"dynamic_thresholding_ratio": None}, TypeError, "dynamic_thresholding_ratio must be a number, got NoneType"),
+    # checked with thresholding off too (the default), not only where the kernels would read them
+    ({"dynamic_thresholding_ratio": 1.2}, ValueError, r"Sampler: dynamic_thresholding_ratio must be in \(0, 1\]"),
+    ({"sample_max_value": 0.7}, ValueError, "Sampler: sample_max_value must be >= 1, got 0.7"),
+    ({"method": "ddim", "eta": float("inf")}, ValueError, "eta must be a finite number >= 0, got inf"),
+    ({"method": "ddim", "eta": True}, ValueError, "eta must be a finite number >= 0, got True"),
+    # with custom timesteps steps_offset reaches no schedule check: the Sampler's own refuses it
+    ({"timesteps": [9, 5, 0], "steps_offset": -1}, ValueError, r"Sampler: steps_offset must be in \[0, inf\], got -1"),
 ])
 def test_bad_constructor_arguments(schedule, kwargs, error, match):
     args = {"model": _Toy(1000), "schedule": schedule, **kwargs}
@@ -985,6 +1264,15 @@ def test_bad_constructor_arguments(schedule, kwargs, error, match):
     (([1], SHAPE), {"dtype": torch.float64}, TypeError, "dtype must be float32, float16 or bfloat16"),
     (([1], SHAPE), {"progress": "yes"}, TypeError, "progress must be a bool"),
     (([1], SHAPE), {"cuda_graph": 1}, TypeError, "cuda_graph must be a bool"),
+    (([1], SHAPE), {"return_trajectory": 1}, TypeError, "return_trajectory must be a bool"),
+    ((torch.tensor([True]), SHAPE), {}, TypeError, "seeds must be an int64 tensor .* got dtype torch.bool"),
+    ((torch.tensor(1), SHAPE), {}, ValueError, r"seeds must have shape \(B,\) \(one seed per sample\), got \(\)"),
+    (([1, True], SHAPE), {}, TypeError, r"seeds\[1\] must be an int, got bool True"),
+    (("12", SHAPE), {}, TypeError, r"seeds must be a \(B,\) int64 tensor or a list of ints, got str"),
+    (([-2**63 - 1], SHAPE), {}, ValueError, r"seeds\[0\] must fit in 64 bits"),
+    (([1], ()), {}, ValueError, r"shape must be a tuple of positive ints \(C, H, W\), got \(\)"),
+    (([1], (True, 8, 8)), {}, ValueError, "shape must be a tuple of positive ints"),
+    (([1], SHAPE), {"model_kwargs": {1: 2}}, TypeError, "model_kwargs must be a mapping of argument names to values"),
 ])
 def test_bad_sample_arguments(schedule, args, kwargs, error, match):
     sampler = Sampler(_Toy(1000), schedule, num_steps=2)
@@ -995,6 +1283,8 @@ def test_bad_sample_arguments(schedule, args, kwargs, error, match):
 @pytest.mark.parametrize("model,error,match", [
     (lambda x, t: x[:, :2], ValueError, r"must return shape \(1, 3, 8, 8\), got \(1, 2, 8, 8\)"),
     (lambda x, t: {"sample": x}, TypeError, "must return a tensor, an object with a .sample tensor"),
+    (lambda x, t: (x, x), TypeError, "or a 1-tuple of a tensor, got tuple"),
+    (lambda x, t: types.SimpleNamespace(sample=x.tolist()), TypeError, "an object with a .sample tensor"),
 ])
 def test_bad_model_output(schedule, model, error, match):
     with pytest.raises(error, match=match):
@@ -1010,6 +1300,9 @@ def test_bad_model_output(schedule, model, error, match):
     ((torch.zeros(2, 3, 4, 4), "x.png"), {"scale": 0}, ValueError, "scale must be an int >= 1"),
     ((torch.zeros(2, 3, 4, 4), "x.png"), {"pad_value": 2.0}, ValueError, r"pad_value must be a number in \[-1, 1\]"),
     ((torch.zeros(2, 3, 4, 4), 3), {}, TypeError, "path must be a str or os.PathLike"),
+    ((torch.zeros(0, 3, 4, 4), "x.png"), {}, ValueError, r"with B >= 1"),
+    ((torch.zeros(2, 3, 0, 4), "x.png"), {}, ValueError, r"and H, W >= 1"),
+    ((torch.zeros(2, 3, 4, 4), "x.png"), {"nrow": True}, ValueError, "nrow must be a positive int or None, got True"),
 ])
 def test_bad_save_image_grid_arguments(tmp_path, monkeypatch, args, kwargs, error, match):
     monkeypatch.chdir(tmp_path)  # "x.png" is relative: nothing may appear in the working directory
@@ -1022,6 +1315,9 @@ def test_a_grid_into_a_missing_folder_names_the_path_given(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"cannot write '.*nope/g\.png': its folder '.*nope' does not exist"):
         save_image_grid(torch.rand(2, 3, 4, 4) * 2 - 1, tmp_path / "nope" / "g.png")
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"its folder '.*file' is not a folder"):
+        save_image_grid(torch.rand(2, 3, 4, 4) * 2 - 1, tmp_path / "file" / "g.png")
 
 
 def test_numpy_seeds_are_seeds(schedule):
