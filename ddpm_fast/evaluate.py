@@ -68,7 +68,8 @@ def _check_images(where: str, name: str, x: Tensor) -> None:
         raise ValueError(f"{where}: {name} must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
     if lo >= 0.0 and x.shape[0] > 1:
         warnings.warn(f"{where}: {name} holds no negative value (values in [{lo:.4g}, {hi:.4g}]): images in "
-                      "[0, 1]? It expects [-1, 1] (x * 2 - 1)", RuntimeWarning, stacklevel=3)
+                      "[0, 1]? It expects [-1, 1] (x * 2 - 1)", RuntimeWarning,
+                      stacklevel=4)  # the public function's caller: past it and its torch.no_grad wrapper
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2) -> Tensor:

@@ -106,8 +106,12 @@ def test_bad_images_and_zero_snr_epsilon_are_refused():
         variational_bound(oracle, (x0 * 127.5 + 127.5).to(torch.uint8), schedule)
     with pytest.raises(ValueError, match=r"x0 must lie in \[-1, 1\], got values in \[0, 255\]"):
         variational_bound(oracle, torch.tensor([0.0, 255.0]).repeat(16).reshape(2, 1, 4, 4), schedule)
-    with pytest.warns(RuntimeWarning, match=r"samples holds no negative value .* images in \[0, 1\]"):
+    with pytest.warns(RuntimeWarning, match=r"samples holds no negative value .* images in \[0, 1\]") as record:
         digit_scores((load_digits("test").images[:8] + 1) / 2)
+    with pytest.warns(RuntimeWarning, match=r"x0 holds no negative value") as also:
+        variational_bound(oracle, (x0 + 1) / 2, schedule, num_timesteps=2)
+    # at the caller's line, past the torch.no_grad wrapper (which once took the warning's frame)
+    assert [w.filename for w in (*record, *also)] == [__file__] * 2
     zero_snr = NoiseSchedule(num_train_timesteps=20, rescale_betas_zero_snr=True)
     with pytest.raises(ValueError, match="prediction_type='epsilon' gives no x0 at the last timestep"):
         variational_bound(oracle, x0, zero_snr)
