@@ -601,6 +601,7 @@ class Sampler:
         and timesteps into the graph's buffers (device-to-device, no host sync) and rewinds its step index.
         """
         reason = _graph_unavailable_reason(x.device, self.backend or get_backend())
+        # the warnings' stacklevel 4 is sample's caller: past this method, sample and its torch.no_grad wrapper
         if reason is not None:
             warnings.warn(f"Sampler.sample: {reason}; using the eager loop", RuntimeWarning, stacklevel=4)
             return None

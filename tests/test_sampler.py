@@ -446,21 +446,22 @@ def test_an_image_with_one_non_finite_value_is_named_where_it_was_sampled(schedu
     assert int(torch.isnan(images).sum()) == 1
 
 
+def _diverged(x, t):
+    """A model that has diverged: NaN everywhere."""
+    return torch.full_like(x, float("nan"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_non_finite_warning_names_float16_overflow_as_a_cause_in_float16_only(schedule, dtype):
-    def broken(x, t):
-        return torch.full_like(x, float("nan"))
     seed = int(torch.randint(0, 2**40, ()))
     cause = "the model diverged, or float16 overflowed" if dtype == torch.float16 else "the model diverged"
     with pytest.warns(RuntimeWarning, match=rf"\(seeds {seed}; {cause}\): clamped to \[-1, 1\]"):
-        Sampler(broken, schedule, num_steps=1).sample([seed], SHAPE, dtype=dtype)
+        Sampler(_diverged, schedule, num_steps=1).sample([seed], SHAPE, dtype=dtype)
 
 
 def test_non_finite_warning_lists_eight_seeds_then_an_ellipsis(schedule):
     """Nine broken images: the message names the first eight and says there are more; eight: all, no ellipsis."""
-    def broken(x, t):
-        return torch.full_like(x, float("nan"))
-    sampler = Sampler(broken, schedule, num_steps=1)
+    sampler = Sampler(_diverged, schedule, num_steps=1)
     seeds = torch.randint(0, 2**40, (9,)).tolist()
     with pytest.warns(RuntimeWarning, match=rf"9 of 9 .* \(seeds {', '.join(map(str, seeds[:8]))}, \.\.\.; "):
         sampler.sample(seeds, SHAPE)
