@@ -43,6 +43,7 @@ DDPM too, where diffusers' DDPM fails on the missing channel axis.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -57,6 +58,7 @@ import torch
 
 from . import reference
 from .ops import q_sample, step as fused_step
+from .sampler import write_atomically
 from .schedule import (_REFUSED_VARIANCE_TYPES, PREDICTION_TYPES, TIMESTEP_SPACINGS, VARIANCE_TYPES, NoiseSchedule,
                        StepTable, _check_choice, _check_int, _check_timesteps, ddim_table, ddpm_table,
                        sampling_timesteps)
@@ -103,7 +105,7 @@ class SchedulerConfig(dict):
                         "from_config(scheduler.config, field=value)")
 
     __setattr__ = __setitem__ = __delitem__ = __delattr__ = _frozen
-    clear = pop = popitem = setdefault = update = _frozen
+    clear = pop = popitem = setdefault = update = __ior__ = _frozen
 
     def __reduce__(self):  # copy / deepcopy / pickle without going through the blocked __setitem__
         return (SchedulerConfig, (dict(self),))
@@ -402,8 +404,9 @@ class _FastScheduler(SchedulerMixin):
         return cls.from_config(config, return_unused_kwargs, **overrides)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> Path:
-        """Write `scheduler_config.json` (diffusers' format) into `save_directory`; returns the file's path.
-        diffusers' signature: its other keywords are for the Hub, which we do not push to."""
+        """Write `scheduler_config.json` (diffusers' format) into `save_directory`, atomically (a failed write
+        leaves the previous file whole); returns the file's path. diffusers' signature: its other keywords are
+        for the Hub, which we do not push to."""
         if push_to_hub:
             raise NotImplementedError(f"{type(self).__name__}.save_pretrained: push_to_hub is not supported; save, "
                                       "then upload the folder with huggingface_hub")
@@ -415,7 +418,7 @@ class _FastScheduler(SchedulerMixin):
         directory.mkdir(parents=True, exist_ok=True)
         data = {"_class_name": type(self).__name__, **{k: _jsonable(v) for k, v in self.config.items()}}
         file = directory / CONFIG_NAME
-        file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_atomically(file, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
         return file
 
     # ---- timesteps ----
@@ -577,10 +580,11 @@ class _FastScheduler(SchedulerMixin):
             raise ValueError(f"sample must have shape (B, ...), got {tuple(sample.shape)}")
 
     def _fused(self, table, model_output, t, sample, noise, return_dict):
-        if model_output.dtype != sample.dtype and model_output.is_floating_point() and sample.is_floating_point():
-            # diffusers' arithmetic promotes them (a bf16-autocast model's output for a float32 sample): so do we,
-            # for the kernels, which take one dtype.
-            dtype = torch.promote_types(model_output.dtype, sample.dtype)
+        dtypes = {model_output.dtype, sample.dtype} | (set() if noise is None else {noise.dtype})
+        if len(dtypes) > 1 and all(dtype.is_floating_point for dtype in dtypes):
+            # diffusers' arithmetic promotes them (a bf16-autocast model's output for a float32 sample, DDIM's
+            # variance_noise in another float dtype): so do we, for the kernels, which take one dtype.
+            dtype = functools.reduce(torch.promote_types, dtypes)
             model_output, sample = model_output.to(dtype), sample.to(dtype)
             noise = None if noise is None else noise.to(dtype)
         shape = sample.shape
@@ -771,7 +775,8 @@ class FastDDIMScheduler(_FastScheduler):
             eta: >= 0; 0 is deterministic DDIM, 1 has DDPM's posterior variance.
             use_clipped_model_output: recompute eps from the clipped x0 (diffusers' option).
             generator: torch.Generator (or list), or None for torch's global RNG; used only when eta > 0.
-            variance_noise: like sample, or broadcasting to it: the noise itself instead of drawing it (eta > 0).
+            variance_noise: like sample, or broadcasting to it (a float dtype, promoted as in diffusers): the
+                noise itself instead of drawing it (eta > 0).
         Returns:
             FastSchedulerOutput(prev_sample, pred_original_sample), or the tuple when return_dict=False.
         """

@@ -19,6 +19,7 @@ import copy
 import json
 import pickle
 import random
+import signal
 import subprocess
 import sys
 from collections import OrderedDict
@@ -314,6 +315,23 @@ def test_global_rng_without_generator_matches_diffusers():
     assert torch.equal(a, ours.step(m, 500, x, generator=_gen(seed)).prev_sample)
 
 
+def test_noise_for_another_device_is_drawn_on_the_cpu_generator_as_diffusers():
+    """A CPU generator serving a sample on another device (a CUDA pipeline seeded on the CPU, diffusers' advice
+    for reproducible images) draws on the CPU, as diffusers' randn_tensor does: the same numbers, the same
+    generator state after. "meta" stands for the other device (every torch build has it: no CUDA needed)."""
+    from diffusers.utils.torch_utils import randn_tensor
+    from ddpm_fast.diffusers_compat import _randn_like_diffusers
+    seed = int(torch.randint(0, 2**62, ()))
+    for generator in (lambda: _gen(seed), lambda: [_gen(seed + b) for b in range(SHAPE[0])]):
+        for device in ("cpu", "meta"):
+            ours, theirs = generator(), generator()
+            a = _randn_like_diffusers(SHAPE, ours, torch.device(device), torch.float32)
+            b = randn_tensor(SHAPE, generator=theirs, device=torch.device(device), dtype=torch.float32)
+            assert a.device == b.device and a.shape == b.shape and (device == "meta" or torch.equal(a, b))
+            for g_ours, g_theirs in zip(*(g if isinstance(g, list) else [g] for g in (ours, theirs))):
+                assert torch.equal(g_ours.get_state(), g_theirs.get_state()), device
+
+
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
 def test_per_sample_timesteps_equal_single_sample_steps(kind):
     """A (B,) timestep tensor with a list of generators equals B single-sample steps, bit for bit."""
@@ -348,6 +366,14 @@ def test_ddim_variance_noise_is_used_as_given():
     a = ours.step(m, 500, x, eta=0.7, variance_noise=z).prev_sample
     b = theirs.step(m, 500, x, eta=0.7, variance_noise=z).prev_sample
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # Noise in another float dtype promotes as diffusers' arithmetic does (it was refused, naming `noise`): half
+    # noise steps a float32 sample in float32, float64 noise makes the step float64 (the reference's path).
+    for noise_dtype, out_dtype in ((torch.float16, torch.float32), (torch.float64, torch.float64)):
+        zd = z.to(noise_dtype)
+        a = ours.step(m, 500, x, eta=0.7, variance_noise=zd).prev_sample
+        assert a.dtype == theirs.step(m, 500, x, eta=0.7, variance_noise=zd).prev_sample.dtype == out_dtype
+        as_promoted = ours.step(m.to(out_dtype), 500, x.to(out_dtype), eta=0.7, variance_noise=zd.to(out_dtype))
+        assert torch.equal(a, as_promoted.prev_sample)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -474,6 +500,13 @@ def test_ddpm_custom_timesteps_and_previous_timestep():
     ddim = FastDDIMScheduler()
     ddim.set_timesteps(50)
     assert ddim.previous_timestep(980) == 960
+    # set_timesteps(device=...) puts timesteps there, and previous_timestep's 0-d tensor with them ("meta": a
+    # device every torch build has); the steps still follow them
+    for sched in (ours, ddim):
+        sched.set_timesteps(10, device="meta")
+        assert sched.timesteps.device.type == "meta" and sched.timesteps.shape == (10,)
+        assert sched.step_table().timesteps.tolist() == list(range(900, -1, -100))
+    assert ours.previous_timestep(900).device.type == "meta" and ddim.previous_timestep(900) == 800
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
@@ -488,7 +521,7 @@ def test_assigned_timesteps_are_stepped_as_diffusers_steps_them(kind):
     ours, theirs = Ours(**config), Theirs(**config)
     ours.set_timesteps(10)
     theirs.set_timesteps(10)
-    for assigned in (torch.tensor([900, 500, 100]), ours.timesteps[4:]):
+    for assigned in (torch.tensor([900, 500, 100]), ours.timesteps[4:], ours.timesteps[10:]):  # [10:]: empty
         ours.timesteps, theirs.timesteps = assigned, assigned.clone()
         assert ours.timesteps is assigned
         twin = _twin(theirs, ours)
@@ -599,6 +632,7 @@ def test_config_fields_as_attributes_warn_and_answer_as_diffusers():
         assert a == b == theirs.config[name]
         assert [str(w.message) for w in ours_warned] == [
             str(w.message).replace(type(theirs).__name__, type(ours).__name__) for w in theirs_warned]
+        assert [w.filename for w in ours_warned] == [__file__]  # the line that read it, not ours
     assert ours.variance_type == theirs.variance_type  # an attribute of both: no warning (warnings are errors)
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         ours.nope
@@ -639,6 +673,15 @@ def test_from_config_round_trip(cls):
 def test_config_is_read_only_and_copyable():
     sched = FastDDPMScheduler(trained_betas=np.linspace(1e-4, 0.02, 1000))
     assert isinstance(sched.config.trained_betas, list)
+    betas = torch.rand(1000, dtype=torch.float64) * 0.02 + 1e-4  # a tensor is stored as diffusers' JSON list too
+    assert FastDDPMScheduler(trained_betas=betas).config.trained_betas == betas.tolist()
+    before = dict(sched.config)
+    for change in (lambda c: c.update(clip_sample=False), lambda c: c.setdefault("x", 1), lambda c: c.pop("beta_end"),
+                   lambda c: c.popitem(), lambda c: c.clear(), lambda c: c.__delitem__("beta_end"),
+                   lambda c: delattr(c, "beta_end"), lambda c: c.__ior__({"clip_sample": False})):  # c |= ...
+        with pytest.raises(TypeError, match="read-only"):
+            change(sched.config)
+    assert dict(sched.config) == before
     with pytest.raises(TypeError, match="read-only"):
         sched.config.num_train_timesteps = 10
     with pytest.raises(TypeError, match="read-only"):
@@ -652,8 +695,14 @@ def test_config_is_read_only_and_copyable():
 @pytest.mark.parametrize("cls", ["ddpm", "ddim"])
 def test_save_pretrained_from_pretrained_round_trip(cls, tmp_path):
     Ours, Theirs = (FastDDPMScheduler, DDPMScheduler) if cls == "ddpm" else (FastDDIMScheduler, DDIMScheduler)
-    ours = Ours(**OVERRIDES, trained_betas=[0.01] * 1000)
-    ours.save_pretrained(tmp_path / "scheduler", push_to_hub=False)  # diffusers' signature
+    # numpy integers (e.g. read from an .npz) are written as JSON numbers
+    ours = Ours(**OVERRIDES, trained_betas=[0.01] * 1000, num_train_timesteps=np.int64(1000), steps_offset=np.int32(1))
+    file = ours.save_pretrained(tmp_path / "scheduler", push_to_hub=False)  # diffusers' signature
+    assert file == tmp_path / "scheduler" / "scheduler_config.json"
+    assert json.loads(file.read_text())["_class_name"] == Ours.__name__  # what Sampler.from_scheduler reads
+    assert dict(Ours.from_pretrained(ours.save_pretrained(tmp_path / "a" / "b").parent).config) == dict(ours.config)
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        ours.save_pretrained(file)
     with pytest.raises(NotImplementedError, match="push_to_hub is not supported"):
         ours.save_pretrained(tmp_path / "hub", push_to_hub=True)
     assert dict(Ours.from_pretrained(tmp_path, subfolder="scheduler").config) == dict(ours.config)
@@ -671,6 +720,31 @@ def test_save_pretrained_from_pretrained_round_trip(cls, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no scheduler_config.json"):
         Ours.from_pretrained(tmp_path / "empty")
+    for text, match in (("{", "scheduler_config.json' is not valid JSON"), ("[1]", "must hold a JSON object")):
+        (tmp_path / "empty" / "scheduler_config.json").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            Ours.from_pretrained(tmp_path / "empty")
+
+
+def test_a_failed_save_pretrained_keeps_the_previous_config(tmp_path):
+    """save_pretrained replaces scheduler_config.json atomically: a write that fails part way (here at the file
+    size limit, as on a full disk) leaves the config saved before whole, and no temporary file."""
+    resource = pytest.importorskip("resource")
+    if not hasattr(signal, "SIGXFSZ"):
+        pytest.skip("no SIGXFSZ")
+    FastDDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(tmp_path)
+    before = (tmp_path / "scheduler_config.json").read_bytes()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), not the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, limits[1]))
+    try:
+        with pytest.raises(OSError):
+            FastDDIMScheduler().save_pretrained(tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert (tmp_path / "scheduler_config.json").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["scheduler_config.json"]
 
 
 def test_pipeline_facing_attributes():
@@ -688,6 +762,10 @@ def test_pipeline_facing_attributes():
     ddim = FastDDIMScheduler()
     ddim.set_timesteps(10)
     assert ddim.step_table(eta=0.5) is ddim.step_table(eta=0.5) is not ddim.step_table(eta=0.0)
+    clipped, fresh = ddim.step_table(eta=0.5, use_clipped_model_output=True), FastDDIMScheduler()
+    fresh.set_timesteps(10)
+    assert clipped is not ddim.step_table(eta=0.5)
+    assert torch.equal(clipped.coef, fresh.step_table(eta=0.5, use_clipped_model_output=True).coef)
     # What a UI offers to swap in: diffusers' list, and ours, each buildable from this config.
     for ours in (sched, ddim):
         assert set(ours.compatibles) == set(DDPMScheduler().compatibles) | {FastDDPMScheduler,
@@ -818,10 +896,37 @@ assert len(sched.compatibles) == 2 + theirs and FastDDPMScheduler in sched.compa
     (dict(steps_offset=-1), ValueError, "steps_offset must be in"),
     (dict(clip_sample_range=1e-40), ValueError, "clip_sample_range must be at least"),  # float32 reads it as 0
     (dict(thresholding=True, dynamic_thresholding_ratio=1e-40), ValueError, "dynamic_thresholding_ratio must be at"),
+    # diffusers takes any truthy value for a bool field and any number-like for a float one; we name the field
+    (dict(clip_sample=1), TypeError, "clip_sample must be a bool, got int 1"),
+    (dict(rescale_betas_zero_snr="yes"), TypeError, "rescale_betas_zero_snr must be a bool"),
+    (dict(set_alpha_to_one=0), TypeError, "set_alpha_to_one must be a bool, got int 0"),  # DDIM's
+    (dict(beta_start=True), TypeError, "beta_start must be a number, got bool"),
+    (dict(sample_max_value="4"), TypeError, "sample_max_value must be a number, got str"),
+    (dict(dynamic_thresholding_ratio=float("nan")), ValueError, "dynamic_thresholding_ratio must be finite"),
 ])
 def test_bad_config_names_the_field(kwargs, error, match):
     with pytest.raises(error, match=match):
-        FastDDPMScheduler(**kwargs)
+        (FastDDIMScheduler if "set_alpha_to_one" in kwargs else FastDDPMScheduler)(**kwargs)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_config_edges_that_diffusers_takes_step_as_there(kind):
+    """Values at the edges of what the checks allow, which diffusers takes: a clip range of 0 (or one float32
+    reads as 0) while clip_sample is off, thresholding with ratio 1 and sample_max_value 1 (x0 clamped to
+    [-1, 1]), a thresholding ratio float32 cannot hold while thresholding is off. Each steps as diffusers'."""
+    Ours, Theirs, module = ((FastDDPMScheduler, DDPMScheduler, scheduling_ddpm) if kind == "ddpm" else
+                            (FastDDIMScheduler, DDIMScheduler, scheduling_ddim))
+    kwargs = dict(eta=1.0) if kind == "ddim" else {}
+    for config in (dict(clip_sample=False, clip_sample_range=0.0), dict(clip_sample=False, clip_sample_range=1e-40),
+                   dict(clip_sample=False, thresholding=True, dynamic_thresholding_ratio=1.0, sample_max_value=1.0),
+                   dict(dynamic_thresholding_ratio=1e-40)):
+        ours, theirs = Ours(**config), Theirs(**config)
+        ours.set_timesteps(20)
+        theirs.set_timesteps(20)
+        t = int(ours.timesteps[torch.randint(0, 19, ()).item()])
+        x, m = _inputs("epsilon", "fixed_small", seed=int(torch.randint(0, 2**31, ())))
+        # x * 3: the x0 of most samples leaves [-1, 1], so a clamp that should not act (or should) shows
+        _compare_step(ours, theirs, _twin(theirs, ours), module, t, x * 3, m, f"{kind} {config}", **kwargs)
 
 
 def test_bad_step_input_names_the_argument():
@@ -837,6 +942,22 @@ def test_bad_step_input_names_the_argument():
         ddpm.step(m, torch.tensor([[1], [2], [3]]), x)  # diffusers' step does not take (B, 1) either
     with pytest.raises(ValueError, match="timestep must lie in"):
         ddpm.step(m, torch.tensor([1, 2, -1]), x)
+    with pytest.raises(ValueError, match=r"timestep must lie in \[0, 999\] .*got min 1, max 1000"):
+        ddpm.step(m, torch.tensor([1, 2, 1000]), x)
+    with pytest.raises(ValueError, match=r"timestep must be in \[0, 999\], got 1000"):
+        ddpm.step(m, torch.tensor(1000), x)  # a 0-d tensor is checked as the int
+    with pytest.raises(TypeError, match="timestep must hold integers, got dtype torch.bool"):
+        ddpm.step(m, torch.tensor([True, False, True]), x)
+    with pytest.raises(TypeError, match="sample must be a torch.Tensor, got ndarray"):
+        ddpm.step(m, 5, x.numpy())
+    with pytest.raises(ValueError, match=r"sample must have shape \(B, ...\), got \(\)"):
+        ddpm.step(m[0, 0, 0, 0], 5, x[0, 0, 0, 0])
+    with pytest.raises(TypeError, match="original_samples must be a tensor of shape \\(B, ...\\), got \\(\\)"):
+        ddpm.add_noise(x[0, 0, 0, 0], m[0, 0, 0, 0], 5)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or a list of them, got int"):
+        ddpm.step(m, 5, x, generator=5)
+    with pytest.raises(ValueError, match=r"a list of generators needs one per sample \(3\), got 2"):
+        ddpm.step(m, 5, x, generator=[_gen(0), _gen(1)])
     with pytest.raises(TypeError, match="model_output must be a torch.Tensor"):
         ddpm.step(m.numpy(), 5, x)
     with pytest.raises(ValueError, match="model_output must have shape"):
@@ -851,6 +972,19 @@ def test_bad_step_input_names_the_argument():
         ddim.step(m, 500, x, eta=1.0, variance_noise=torch.randn(3, 5))
     with pytest.raises(ValueError, match="eta must be >= 0"):
         ddim.step(m, 500, x, eta=-0.1)
+    with pytest.raises(TypeError, match="model_output must have sample's dtype torch.float64, got torch.int64"):
+        ddim.step(m.long(), 500, x.double())  # the kernels' rule for float32, kept by the float64 reference
+    with pytest.raises(TypeError, match="use_clipped_model_output must be a bool, got int 1"):
+        ddim.step(m, 500, x, use_clipped_model_output=1)  # None (DDIMPipeline's default) is False, as in diffusers
+    with pytest.raises(TypeError, match=r"variance_noise must be a tensor of sample's shape \(3, 5, 7, 9\), got nd"):
+        ddim.step(m, 500, x, eta=1.0, variance_noise=torch.randn(SHAPE).numpy())
+    with pytest.raises(ValueError, match=r"variance_noise must have sample's shape \(1, 5, 7, 9\) or broadcast to"
+                                         r" it, got \(3, 5, 7, 9\)"):  # it broadcasts with it, to a larger batch
+        ddim.step(m[:1], 500, x[:1], eta=1.0, variance_noise=torch.randn(SHAPE))
+    with pytest.raises(ValueError, match="eta must be finite, got inf"):
+        ddim.step(m, 500, x, eta=float("inf"))
+    with pytest.raises(TypeError, match="eta must be a number, got str"):
+        ddim.step(m, 500, x, eta="0.5")
     with pytest.raises(ValueError, match=r"num_inference_steps must be in \[1, 1000\], got 1001"):
         ddim.set_timesteps(1001)
     with pytest.raises(ValueError, match="strictly descending"):
