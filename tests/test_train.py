@@ -1,9 +1,13 @@
 """Training: exact resume, crash-safe checkpoints, randomness as a function of (seed, step), EMA warm-up."""
 
+import contextlib
 import copy
 import json
 import math
+import os
+import re
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -34,8 +38,15 @@ def _config(**overrides):
 
 
 def test_resume_continues_exactly(tmp_path, digits):
-    whole = Trainer(_config(), tmp_path / "whole", dataset=digits)
+    whole = Trainer(_config(keep_checkpoints=1), tmp_path / "whole", dataset=digits)
     losses = whole.train()
+    assert [p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()] == ["step_00000006"]  # keeps 1
+    # The checkpoint holds both sets of weights, each under its name, loaded in eval mode.
+    for weights, params in (("ema", whole.ema.params), ("model", list(whole.model.parameters()))):
+        model, _, _ = load_model(tmp_path / "whole", weights=weights)
+        assert not model.training and all(torch.equal(a, b) for a, b in zip(model.parameters(), params))
+    with pytest.raises(ValueError, match="load_model: weights must be 'ema' or 'model', got 'best'"):
+        load_model(tmp_path / "whole", weights="best")
 
     first = Trainer(_config(), tmp_path / "split", dataset=digits)
     assert first.train(steps=3) == losses[:3]
@@ -85,6 +96,7 @@ def test_interrupted_checkpoint_is_never_loaded(tmp_path, digits, monkeypatch):
     stale = tmp_path / "checkpoints" / ".tmp-step_00000009-1"
     stale.mkdir()
     (stale / "config.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step_00000009").mkdir()  # a step folder without config.json is not complete
     assert latest_checkpoint(tmp_path) == good
     fresh.train(steps=3)
     assert not stale.exists() and latest_checkpoint(tmp_path).name == "step_00000003"
@@ -115,6 +127,30 @@ def test_draw_step_is_a_function_of_seed_and_step():
     assert not torch.equal(seen[:20], seen[20:40]), "each epoch has its own permutation"
     seeds = torch.cat([draw_step(3, s, 8, 20, 1000).seeds for s in range(5)])
     assert seeds.unique().numel() == seeds.numel() and seeds.min() >= 0
+    # Each use of (seed, step) has its own stream: no two purposes share a number.
+    purposes = (train_mod._PERMUTATION, train_mod._BATCH, train_mod._NOISE, train_mod._DROPOUT, train_mod._SAMPLES)
+    assert len(set(purposes)) == len(purposes)
+
+
+def test_draw_step_covers_every_timestep_flips_half_and_keeps_noise_seeds_in_int64(monkeypatch):
+    """t ~ U[0, T) reaches both ends, a flip is a fair coin (1024 draws: 5 standard deviations of a fair coin's
+    mean, 5 * 0.5 / 32), and the noise seeds stay distinct and >= 0 when derive_seed gives its largest value."""
+    seed, T = int(torch.randint(0, 2**62, ())), int(torch.randint(3, 8, ()))
+    draws = [draw_step(seed, step, 64, 40, T) for step in range(16)]
+    assert torch.equal(torch.cat([d.t for d in draws]).unique(), torch.arange(T))
+    assert abs(torch.cat([d.flip for d in draws]).double().mean().item() - 0.5) < 5 * 0.5 / 32
+    monkeypatch.setattr(train_mod, "derive_seed", lambda *values: 2**63 - 1)
+    seeds = draw_step(seed, 0, 64, 40, T).seeds
+    assert seeds.min() >= 0 and seeds.unique().numel() == 64
+
+
+def test_derive_seed_is_63_bits_and_the_same_in_every_version():
+    """A resume replays the batches of the run it continues only while derive_seed stays the same function: its
+    values here were computed by this version. Every value fits a 63-bit seed."""
+    assert train_mod.derive_seed(0) == 5153396120588991192
+    assert train_mod.derive_seed(7, train_mod._NOISE, 123456) == 5382561961571422695
+    values = torch.randint(-2**63, 2**63 - 1, (64, 3)).tolist()
+    assert all(0 <= train_mod.derive_seed(*v) < 2**63 for v in values)
 
 
 def test_ema_warmup_and_average():
@@ -128,6 +164,7 @@ def test_ema_warmup_and_average():
     ema.update(model)
     for avg, p0 in zip(ema.params, start):
         torch.testing.assert_close(avg, p0 + 0.9)  # lerp by 1 - 0.1
+    assert ema.updates == 1 and ema.current_decay() == pytest.approx(2 / 11)  # the next update's: (1 + 1) / (10 + 1)
     ema.updates = 10**6
     assert ema.current_decay() == 0.9999
     assert EMA(model, 0.999, warmup=False).current_decay() == 0.999
@@ -151,6 +188,61 @@ def test_bf16_autocast_step_and_config_errors(digits):
         with pytest.raises(ValueError, match=rf"seed must be an int in \[0, 2\*\*63\), got {seed!r}"):
             TrainConfig(seed=seed)
     assert TrainConfig(seed=2**63 - 1).seed == 2**63 - 1
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("preset", "huge", f"preset must be one of {tuple(PRESETS)}, got 'huge'"),
+    ("amp", "fp16", "amp must be 'auto', 'bf16' or 'none', got 'fp16'"),
+    ("steps", -1, "steps must be a positive int, got -1"),
+    ("batch_size", True, "batch_size must be a positive int, got True"),
+    ("sample_every", True, "sample_every must be an int >= 0, got True"),
+    ("warmup_steps", -1, "warmup_steps must be an int >= 0, got -1"),
+    ("lr", math.inf, "lr must be a finite number > 0, got inf"),
+    ("grad_clip", 0.0, "grad_clip must be > 0, got 0.0"),
+    ("min_snr_gamma", 0.0, "min_snr_gamma must be > 0 or None, got 0.0"),
+])
+def test_config_errors_name_the_field_and_its_value(field, value, message):
+    with pytest.raises(ValueError, match=f"^{re.escape('TrainConfig: ' + message)}$"):
+        TrainConfig(**{field: value})
+
+
+def test_config_accepts_the_ends_of_each_range():
+    """No steps, no warm-up, an EMA that copies the weights (decay 0), grids of as many DDIM steps as the schedule
+    has; sample_steps past the schedule when no grid is made (it is only read for grids)."""
+    TrainConfig(steps=0, warmup_steps=0, ema_decay=0.0)
+    TrainConfig(num_train_timesteps=50, sample_every=5, sample_steps=50)
+    TrainConfig(num_train_timesteps=50, sample_every=0, sample_steps=60)
+
+
+def test_autocast_is_bf16_when_asked_and_by_default_on_cuda_only():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without a GPU, torch disables a cuda autocast and says so
+        for amp, device, autocasts in (("bf16", "cpu", True), ("auto", "cpu", False), ("none", "cpu", False),
+                                       ("bf16", "cuda", True), ("auto", "cuda", True), ("none", "cuda", False)):
+            context = train_mod._autocast(amp, torch.device(device))
+            if autocasts:
+                assert (context.device, context.fast_dtype) == (device, torch.bfloat16)
+            else:
+                assert isinstance(context, contextlib.nullcontext)
+
+
+def test_trainer_refuses_images_that_are_not_square_and_batches_the_ranks_cannot_split(digits, monkeypatch):
+    wide = ImageDataset("wide", torch.rand(4, 1, 16, 24) * 2 - 1)
+    with pytest.raises(ValueError, match="Trainer: images must be square, got 16x24"):
+        Trainer(_config(), None, dataset=wide)
+    monkeypatch.setattr(train_mod.dist_utils, "world_size", lambda: 3)
+    with pytest.raises(ValueError, match="batch_size=8 must be divisible by the 3 torch.distributed ranks"):
+        Trainer(_config(), None, dataset=digits)
+
+
+def test_flip_defaults_to_the_dataset_s_and_the_learning_rate_warms_up_linearly(digits):
+    for data in (digits, _as_bytes(digits)):  # digits: no flips; 8-bit photos: flips
+        for flip in (None, True, False):
+            assert Trainer(_config(flip=flip), None, dataset=data).flip is (data.flip if flip is None else flip)
+    lr = float(torch.empty(()).uniform_(1e-4, 1e-3))
+    trainer = Trainer(_config(lr=lr, warmup_steps=4), None, dataset=digits)
+    assert [trainer.lr_at(step) for step in range(6)] == pytest.approx([lr / 4, lr / 2, 3 * lr / 4, lr, lr, lr])
+    assert Trainer(_config(lr=lr, warmup_steps=0), None, dataset=digits).lr_at(0) == lr
 
 
 def _files(folder):
@@ -192,6 +284,16 @@ def test_resaving_a_step_keeps_the_old_copy_until_the_new_one_is_in(tmp_path, mo
     save_checkpoint(tmp_path, 3, {"run": "next"}, {"ema": {"w": torch.randn(3)}})
     assert {p.name for p in tmp_path.iterdir()} == {"step_00000002", "step_00000003"}
     assert load_checkpoint(tmp_path / "step_00000002")[0]["run"] == "old"
+    save_checkpoint(tmp_path, 3, {"run": "again"}, {"ema": {"w": torch.randn(3)}})  # a re-save that succeeds
+    assert {p.name for p in tmp_path.iterdir()} == {"step_00000002", "step_00000003"}
+    assert load_checkpoint(tmp_path)[0]["run"] == "again"
+    # Killed after the new copy came in and before the old one left: the one in place is the step, also where the
+    # folder lists the copy aside first.
+    shutil.copytree(tmp_path / "step_00000002", tmp_path / ".old-step_00000003-1")
+    listing = train_mod.Path.iterdir
+    monkeypatch.setattr(train_mod.Path, "iterdir",
+                        lambda folder: iter(sorted(listing(folder), key=lambda p: p.name.startswith("step_"))))
+    assert load_checkpoint(tmp_path)[0]["run"] == "again"
 
 
 def test_resume_refuses_another_schedule_or_prediction_type(tmp_path, digits):
@@ -200,6 +302,9 @@ def test_resume_refuses_another_schedule_or_prediction_type(tmp_path, digits):
         Trainer(_config(prediction_type="epsilon"), tmp_path, dataset=digits).resume()
     with pytest.raises(ValueError, match="trained with another schedule .*'linear'.*'cosine'"):
         Trainer(_config(beta_schedule="cosine"), tmp_path, dataset=digits).resume()
+    (tmp_path / "empty").mkdir()  # a folder asked for explicitly must hold a checkpoint
+    with pytest.raises(FileNotFoundError, match="'.*empty' is not a checkpoint and holds no complete checkpoint"):
+        Trainer(_config(), tmp_path, dataset=digits).resume(tmp_path / "empty")
     resumed = Trainer(_config(lr=3e-4, batch_size=4), tmp_path, dataset=digits)  # training settings may change
     assert resumed.resume() and resumed.step == 2
     assert resumed.changed_on_resume == {"steps": (2, 6), "lr": (1e-3, 3e-4), "batch_size": (8, 4)}
@@ -221,6 +326,17 @@ def test_resume_refuses_another_schedule_or_prediction_type(tmp_path, digits):
 def test_damaged_checkpoints_are_named_not_tracebacks(tmp_path, digits):
     Trainer(_config(steps=2), tmp_path, dataset=digits).train()
     folder = latest_checkpoint(tmp_path)
+    # Every file is read before any state changes: a damaged optimizer file leaves the Trainer as it was.
+    optimizer = folder / "optimizer.safetensors"
+    intact = optimizer.read_bytes()
+    optimizer.write_bytes(intact[:100])
+    trainer = Trainer(_config(), tmp_path, dataset=digits)
+    before = [p.clone() for p in trainer.model.parameters()]
+    with pytest.raises(ValueError, match=r"damaged checkpoint file .*optimizer\.safetensors"):
+        trainer.resume()
+    assert trainer.step == 0 and all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    optimizer.write_bytes(intact)
+    weights = train_mod._read_safetensors(folder / "model.safetensors")
     ema = folder / "ema.safetensors"
     ema.write_bytes(ema.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"damaged checkpoint file .*ema\.safetensors"):
@@ -232,6 +348,15 @@ def test_damaged_checkpoints_are_named_not_tracebacks(tmp_path, digits):
                     {"ema": {"w": torch.randn(3)}, "model": {}, "optimizer": {}})
     with pytest.raises(ValueError, match=r"ema\.safetensors' does not hold the weights .* 1 unexpected \['w'\]"):
         load_model(tmp_path)
+    first, *_, last = sorted(weights)  # a tensor missing, or one of another shape: named too
+    missing = {k: v for k, v in weights.items() if k != last}
+    reshaped = {**weights, first: torch.randn(weights[first].numel() + 1)}
+    for ema_weights, what in ((missing, f"1 missing {[last]}, 0 unexpected [], 0 of another shape []"),
+                              (reshaped, f"0 missing [], 0 unexpected [], 1 of another shape {[first]}")):
+        save_checkpoint(tmp_path / "checkpoints", 2, json.loads((folder / "config.json").read_text()),
+                        {"ema": ema_weights, "model": {}, "optimizer": {}})
+        with pytest.raises(ValueError, match=re.escape(what)):
+            load_model(tmp_path)
     config = folder / "config.json"
     saved = json.loads(config.read_text())
     config.write_text(json.dumps({k: v for k, v in saved.items() if k != "unet"}))
@@ -247,7 +372,7 @@ def test_damaged_checkpoints_are_named_not_tracebacks(tmp_path, digits):
         load_model(tmp_path)
 
 
-def test_resume_forgets_the_log_of_the_steps_it_runs_again(tmp_path, digits):
+def test_resume_forgets_the_log_of_the_steps_it_runs_again(tmp_path, digits, monkeypatch):
     """A run killed after step 3, with its last checkpoint at step 2, logged step 3 (and maybe half a line):
     resumed at 2, it runs step 3 again, and the log ends with one record per step."""
     trainer = Trainer(_config(checkpoint_every=2), tmp_path, dataset=digits)
@@ -257,9 +382,17 @@ def test_resume_forgets_the_log_of_the_steps_it_runs_again(tmp_path, digits):
         log.write('{"step": 4, "lo')
     resumed = Trainer(_config(checkpoint_every=2), tmp_path, dataset=digits)
     assert resumed.resume() and resumed.step == 2
+    # The log is replaced atomically: a failure while rewriting it (a full disk) leaves it as it was.
+    log = (tmp_path / "log.jsonl").read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", _full_disk)
+        with pytest.raises(OSError, match="No space left on device"):
+            resumed.train(steps=4)
+    assert (tmp_path / "log.jsonl").read_bytes() == log
     resumed.train(steps=4)
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["lr"] for r in records] == [resumed.lr_at(step) for step in range(4)]  # step s + 1 ran at lr_at(s)
 
 
 def test_image_folder_defaults_to_its_preset_s_size_and_sizes_that_do_not_fit_are_named(tmp_path):
@@ -271,6 +404,14 @@ def test_image_folder_defaults_to_its_preset_s_size_and_sizes_that_do_not_fit_ar
     for preset, size in (("tiny", 16), ("cifar10", 32)):
         assert dataset_of(TrainConfig(data=str(tmp_path), preset=preset)).shape == (3, size, size)
     assert dataset_of(TrainConfig(data=str(tmp_path), image_size=24)).shape == (3, 24, 24)
+    # The digits and a CIFAR-10 folder keep their own size (None) whatever the preset was made for.
+    cifar = tmp_path / "cifar"
+    cifar.mkdir()
+    (cifar / "data_batch_1").touch()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_mod, "load_dataset", lambda spec, size: size)
+        for data, preset in (("digits", "cifar10"), (str(cifar), "tiny")):
+            assert dataset_of(TrainConfig(data=data, preset=preset)) is None
     assert unet_config_for("cifar10", 1, 64).attention_resolutions == (16,)  # the paper's 16x16, one level down
     for preset, size, why in (("tiny", 32, r"attention_resolutions \[8\] match no level's size \[32, 16\]"),
                               ("tiny", 17, "must be a multiple of 2"), ("cifar10", 36, "must be a multiple of 8")):
@@ -280,27 +421,45 @@ def test_image_folder_defaults_to_its_preset_s_size_and_sizes_that_do_not_fit_ar
             unet_config_for(preset, 3, size)
 
 
-def test_a_failed_checkpoint_write_names_the_file(tmp_path, monkeypatch):
+def _full_disk(fd):
     import errno
-    import os
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def full_disk(fd):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(OSError, match=r"No space left on device \(writing '.*step_00000003.*'\)"):
+
+def test_a_failed_checkpoint_write_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "fsync", _full_disk)
+    with pytest.raises(OSError, match=r"No space left on device \(writing '.*step_00000003[^/]*/model\.safetensors'\)"):
         save_checkpoint(tmp_path, 3, {"step": 3}, {"model": {"w": torch.randn(3)}})
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path) is None and not any(tmp_path.iterdir())  # nothing half-written is left
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names the synced files through /proc (Linux)")
+def test_a_checkpoint_is_synced_before_and_after_its_rename(tmp_path, monkeypatch):
+    """Each file, then the temporary folder (its entries), then the parent (the rename): a crash after the save
+    returns keeps the checkpoint."""
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
+    save_checkpoint(tmp_path, 3, {}, {"model": {"w": torch.randn(3)}})
+    tmp = os.path.realpath(tmp_path / f".tmp-step_00000003-{os.getpid()}")
+    assert synced == [f"{tmp}/model.safetensors", f"{tmp}/config.json", tmp, os.path.realpath(tmp_path)]
+
+
 def test_train_step_is_the_written_out_step(digits):
     """One Trainer step against the step written out here: the drawn images flipped left-right where drawn,
-    q_sample's target, L_simple with min-SNR weighting, the gradient clipped (to a norm it exceeds), Adam at
-    the warm-up's learning rate. Same parameters, bit for bit; a fresh run seed each time."""
+    q_sample's target, dropout drawn from (seed, step, rank), L_simple with min-SNR weighting, the gradient clipped
+    (to a norm it exceeds), Adam at the warm-up's learning rate, then the EMA of the new weights. Same parameters
+    and average, bit for bit; a fresh run seed each time."""
     seed = int(torch.randint(0, 2**62, ()))
-    config = _config(seed=seed, grad_clip=1e-3, min_snr_gamma=5.0, flip=True, prediction_type="v_prediction")
+    decay = float(torch.empty(()).uniform_(0.5, 0.99))  # the EMA without warm-up: its own decay from the start
+    config = _config(seed=seed, grad_clip=1e-3, min_snr_gamma=5.0, flip=True, prediction_type="v_prediction",
+                     ema_decay=decay, ema_warmup=False)
     trainer = Trainer(config, None, dataset=digits)
+    for module in trainer.model.modules():  # dropout on (the tiny preset has none), drawn from (seed, step, rank)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.2
     model = copy.deepcopy(trainer.model)
+    initial = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.Adam(model.parameters(), lr=trainer.lr_at(0))
 
     draw = draw_step(seed, 0, config.batch_size, len(digits), config.num_train_timesteps)
@@ -318,6 +477,8 @@ def test_train_step_is_the_written_out_step(digits):
     assert trainer.train_step() == loss.item()
     for ours, written_out in zip(trainer.model.parameters(), model.parameters()):
         assert torch.equal(ours, written_out)
+    for average, p0, p in zip(trainer.ema.params, initial, model.parameters()):  # of the weights after the step
+        assert torch.equal(average, p0.lerp(p.detach(), 1.0 - decay))
     # Over a few steps the flips take both values (a draw that never flips would pass the step above).
     flips = torch.cat([draw_step(seed, s, 8, 40, 1000).flip for s in range(8)])
     assert flips.any() and not flips.all()
@@ -337,14 +498,15 @@ def test_dropout_follows_seed_and_step_and_the_caller_s_random_stream_is_left_al
     the losses are a function of the run, whatever the caller seeded. And after training, the caller's
     stream is where it was (each step used to reseed it for good)."""
     def run(caller_seed: int, dropout: float) -> list[float]:
+        torch.manual_seed(caller_seed)
+        state = torch.get_rng_state()
         trainer = Trainer(_config(steps=3, checkpoint_every=100), None, dataset=digits)
         for module in trainer.model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = dropout
-        torch.manual_seed(caller_seed)
-        state = torch.get_rng_state()
+        trainer.model.eval()  # as a caller's evaluation leaves it: a step trains in train mode all the same
         losses = trainer.train()
-        assert torch.equal(torch.get_rng_state(), state), "training moved the caller's random stream"
+        assert torch.equal(torch.get_rng_state(), state), "building or training moved the caller's random stream"
         return losses
 
     first, second = (int(seed) for seed in torch.randint(0, 2**62, (2,)))
@@ -358,6 +520,35 @@ def test_a_stop_asked_for_during_a_save_ends_that_step(digits, monkeypatch):
     trainer = Trainer(_config(steps=10, checkpoint_every=2), None, dataset=digits)
     monkeypatch.setattr(trainer, "save", lambda: trainer.request_stop() if trainer.step == 2 else None)
     assert len(trainer.train()) == 2 and trainer.step == 2
+    assert len(trainer.train(steps=4)) == 2 and trainer.step == 4  # the request ended that train(), not this one
+
+
+def test_a_checkpoint_and_a_grid_follow_the_record_of_their_step(tmp_path, digits, monkeypatch):
+    """When a checkpoint or a grid is made, log.jsonl already holds its step's record (a resume keeps the records up
+    to its step). The grids: every sample_every steps, of num_samples images (or the number asked for), DDIM with
+    sample_steps steps and the run's prediction type, named by the zero-padded step."""
+    trainer = Trainer(_config(steps=4, checkpoint_every=2, sample_every=3, num_samples=3, sample_steps=2), tmp_path,
+                      dataset=digits)
+    last_record = lambda: json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["step"]  # noqa: E731
+    made, sampler, grid = [], train_mod.Sampler, train_mod.write_sample_grid
+    monkeypatch.setattr(train_mod, "Sampler", lambda *args, **kwargs: made.append(kwargs) or sampler(*args, **kwargs))
+    monkeypatch.setattr(train_mod, "write_sample_grid",
+                        lambda images, path: made.append((last_record(), len(images))) or grid(images, path))
+    save, saved = trainer.save, []
+    monkeypatch.setattr(trainer, "save", lambda: saved.append((trainer.step, last_record())) or save())
+    trainer.train()
+    assert saved == [(2, 2), (4, 4)]
+    kind = dict(method="ddim", num_steps=2, prediction_type="v_prediction")
+    assert made == [kind, (3, 3)]
+    assert [p.name for p in (tmp_path / "samples").iterdir()] == ["step_00000003.png"]
+    assert trainer.sample_grid(tmp_path / "five.png", num_samples=5) == tmp_path / "five.png"
+    assert made[2:] == [kind, (4, 5)]
+    # The grid enlarges small images to ~48 px, and leaves larger ones as they are.
+    from PIL import Image
+    for size, scale in ((16, 3), (64, 1)):
+        train_mod.write_sample_grid(torch.rand(1, 3, size, size) * 2 - 1, tmp_path / "one.png")
+        with Image.open(tmp_path / "one.png") as image:
+            assert image.size == (size * scale + 4,) * 2  # 2 px of padding each side
 
 
 def test_ranks_stop_together_the_step_after_a_vote(digits, monkeypatch):
@@ -450,6 +641,16 @@ def test_data_too_large_for_the_gpu_stays_on_the_host_and_trains_the_same(digits
     assert not on_host.data_on_device
     assert on_host.train(steps=3) == on_device
     assert len(batches) == 6 and all(torch.equal(a, b) for a, b in zip(batches[:3], batches[3:]))
+
+
+def test_each_rank_trains_its_slice_of_the_global_batch(digits, monkeypatch):
+    """Under torch.distributed rank r of R trains images r*G/R .. (r+1)*G/R - 1 of the global batch G."""
+    trainer = Trainer(_config(), None, dataset=digits)
+    trainer.rank, trainer.world = 1, 2
+    batches = _batches(monkeypatch)
+    trainer.train_step()  # no process group: the loss's mean over ranks is its own
+    indices = draw_step(7, 0, 8, len(digits), 1000).indices
+    assert len(batches) == 1 and torch.equal(batches[0], to_unit_range(digits.data[indices[4:]]))
 
 
 @pytest.mark.gpu
