@@ -73,6 +73,8 @@ class UNetConfig:
                              f"got {self.time_embedding!r}")
         if not self.channel_mult:
             raise ValueError("UNetConfig: channel_mult must name at least one level")
+        if self.norm_groups < 1:  # else a ZeroDivisionError below
+            raise ValueError(f"UNetConfig: norm_groups must be at least 1, got {self.norm_groups}")
         for c in self.channels:
             if c % self.norm_groups:
                 raise ValueError(f"UNetConfig: norm_groups={self.norm_groups} must divide every level's "
@@ -419,7 +421,7 @@ class UNet(nn.Module):
         """
         if isinstance(source, (str, os.PathLike)):
             folder = diffusers_unet_folder(source)
-            with open(os.path.join(folder, "config.json")) as f:
+            with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:  # JSON: UTF-8, not the locale's
                 model = cls(config_from_diffusers(json.load(f)))  # refuse before reading any weights
             state = read_diffusers_weights(folder, variant)
         elif variant is not None:
@@ -527,8 +529,8 @@ def config_from_diffusers(config: dict) -> UNetConfig:
             _refuse(field, c[field], f"only {supported!r} is supported")
     if c["resnet_time_scale_shift"] not in ("default", "scale_shift"):
         _refuse("resnet_time_scale_shift", c["resnet_time_scale_shift"], "only 'default' and 'scale_shift'")
-    if c["norm_num_groups"] is None:
-        _refuse("norm_num_groups", None, "an explicit group count is required")
+    if c["norm_num_groups"] is None or c["norm_num_groups"] < 1:
+        _refuse("norm_num_groups", c["norm_num_groups"], "an explicit group count of at least 1 is required")
 
     size = c["sample_size"]
     if isinstance(size, (list, tuple)):
@@ -539,6 +541,8 @@ def config_from_diffusers(config: dict) -> UNetConfig:
         _refuse("sample_size", size, "an int is needed to place the attention levels")
 
     chans = tuple(c["block_out_channels"])
+    if not chans or min(chans) < 1:  # else an IndexError or a ZeroDivisionError below
+        _refuse("block_out_channels", chans, "one positive channel count per level is needed")
     if size < 2 ** (len(chans) - 1):  # two levels of one size: attention (placed by size) could not tell them apart
         _refuse("sample_size", size, f"at least {2 ** (len(chans) - 1)} is needed to tell the {len(chans)} levels "
                                      "apart")

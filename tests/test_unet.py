@@ -5,19 +5,24 @@ evaluation of the same network is at most twice the error of plain PyTorch in fl
 rounding of the output's magnitude. Sizes are small (16x16, tens of channels) so the file runs in seconds.
 """
 
+import dataclasses
+import functools
+import inspect
 import json
 import os
 import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _fuzz import run_cases
 from _tolerance import FLOOR, assert_matches_reference
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ddpm_fast
-from ddpm_fast.unet import (PRESETS, AttentionBlock, ResBlock, UNet, UNetConfig, config_from_diffusers,
-                            diffusers_config, state_dict_from_diffusers, timestep_embedding)
+from ddpm_fast.unet import (DIFFUSERS_DEFAULTS, PRESETS, AttentionBlock, GroupNormAct, ResBlock, UNet, UNetConfig,
+                            config_from_diffusers, diffusers_config, resblock_time_terms, state_dict_from_diffusers,
+                            timestep_embedding)
 
 diffusers = pytest.importorskip("diffusers")
 UNet2DModel = diffusers.UNet2DModel
@@ -110,6 +115,34 @@ def test_cifar10_preset_is_ddpm_cifar10_32():
     assert 100_000 < sum(p.numel() for p in UNet.preset("tiny").parameters()) < 1_000_000
 
 
+@pytest.mark.parametrize("name", ["cifar10", "celebahq256", "lsun256"])
+def test_paper_presets_are_the_ho_et_al_models(name):
+    """What the parameter count cannot see (attention at 8x8 instead of 16x16 has as many parameters): the
+    paper's models have self-attention at 16x16 only, the TF original's downsampling (padding 0), the DDPM time
+    embedding and sinusoids, one head; dropout 0.1 on CIFAR10 (Ho et al. 2020, Appendix B)."""
+    cfg = PRESETS[name]
+    assert [cfg.sample_size // 2**i for i in cfg.attention_levels] == [16]
+    assert (cfg.downsample_padding, cfg.time_embedding, cfg.flip_sin_to_cos, cfg.freq_shift, cfg.attention_head_dim,
+            cfg.norm_eps, cfg.mid_attention, cfg.center_input_sample) == (0, "add", False, 1.0, None, 1e-6, True, False)
+    if name == "cifar10":
+        assert cfg.dropout == 0.1
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ValueError, match=r"unknown preset 'cifar100'; presets: \('cifar10', 'celebahq256', "
+                                         r"'lsun256', 'tiny'\)"):
+        UNet.preset("cifar100")
+
+
+def test_fresh_norms_start_as_the_identity_affine():
+    # As nn.GroupNorm: weight 1, bias 0, so that a model trained from scratch starts from normalized activations.
+    norms = [m for m in UNet.preset("tiny").modules() if isinstance(m, GroupNormAct)]
+    assert len(norms) == 2 * 8 + 4 + 1  # two per ResBlock, one per attention block, the output head's
+    for norm in norms:
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+        assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_diffusers_config_round_trip(name):
     cfg = PRESETS[name]
@@ -151,15 +184,39 @@ def test_output_shape_and_timestep_forms(batch, h, w):
         assert torch.equal(model(x, 10.7), out)  # a Python number is an integer step, as in diffusers
 
 
-def test_config_refuses_attention_resolution_of_no_level():
-    with pytest.raises(ValueError, match=r"attention_resolutions \[5\] match no level"):
-        UNetConfig(sample_size=16, attention_resolutions=(5,))
+@pytest.mark.parametrize("fields, match", [
+    (dict(time_embedding="film"), r"time_embedding must be one of \('add', 'scale_shift'\), got 'film'"),
+    (dict(channel_mult=()), "channel_mult must name at least one level"),
+    (dict(norm_groups=16), r"norm_groups=16 must divide every level's channels, got \(24, 48\)"),
+    (dict(norm_groups=0), "norm_groups must be at least 1, got 0"),
+    (dict(attention_resolutions=(5,)), r"attention_resolutions \[5\] match no level's size \[16, 8\]"),
+    (dict(attention_head_dim=0), r"attention_head_dim=0 must be in \[1, .*got a level of 48"),
+    (dict(attention_head_dim=49), r"attention_head_dim=49 must be in \[1, .*got a level of 48"),
+    # The mid attention counts too where its level (the lowest, 24 channels here) has no other attention.
+    (dict(channel_mult=(2, 1), attention_resolutions=(16,), attention_head_dim=30), "got a level of 24"),
+])
+def test_config_refusals_name_the_field(fields, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(PRESETS["tiny"], **fields)  # 16x16, channels (24, 48), attention at 8x8
+
+
+def test_config_bounds_are_inclusive_and_lists_are_tuples():
+    tiny = PRESETS["tiny"]
+    # A head as wide as the attention levels' channels (48) is one head; attention at the lowest level (8x8).
+    assert [m.heads for m in UNet(dataclasses.replace(tiny, attention_head_dim=48)).modules()
+            if isinstance(m, AttentionBlock)] == [1] * 4
+    # A config built from JSON (lists) hashes and compares as the one built from tuples.
+    listed = dataclasses.replace(tiny, channel_mult=list(tiny.channel_mult),
+                                 attention_resolutions=list(tiny.attention_resolutions))
+    assert listed == tiny and hash(listed) == hash(tiny)
 
 
 def test_bad_timestep_shape_raises():
     model = UNet.preset("tiny")
-    with pytest.raises(ValueError, match=r"t must be"):
-        model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2, 3]))
+    for t in (torch.tensor([1, 2, 3]), torch.tensor([[1], [2]])):  # (B, 1) is not (B,) either
+        with pytest.raises(ValueError, match=rf"t must be a number, a 0-d, a \(1,\) or a \(2,\) tensor, got shape "
+                                             rf"{re.escape(str(tuple(t.shape)))}"):
+            model(torch.randn(2, 3, 16, 16), t)
 
 
 def test_sizes_the_levels_cannot_halve_are_named():
@@ -181,13 +238,20 @@ def test_timestep_embedding_matches_diffusers():
 
 # ---------------------------------------------------------------------------------------------- diffusers
 
-def check_against_diffusers(ours: UNet, theirs, cfg: dict):
-    """Ours in float32 vs diffusers in float32, both judged against diffusers in float64."""
+def check_against_diffusers(ours: UNet, theirs, cfg: dict, seed: int | None = None):
+    """Ours in float32 vs diffusers in float32, both judged against diffusers in float64. With a seed, each
+    forward starts from it (in train mode: the same dropout masks)."""
     x, t = inputs(cfg.get("in_channels", 3))
+
+    def run(model, *args):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return model(*args)
+
     with torch.no_grad():
-        got = ours(x, t)
-        ref32 = theirs(x, t).sample
-        ref64 = theirs.double()(x.double(), t).sample
+        got = run(ours, x, t)
+        ref32 = run(theirs, x, t).sample
+        ref64 = run(theirs.double(), x.double(), t).sample
     theirs.float()
     assert_matches_reference(got, ref32, ref64, what="UNet vs UNet2DModel")
 
@@ -200,12 +264,42 @@ def test_from_diffusers_instance_matches_forward(name):
     check_against_diffusers(ours, theirs, SMALL[name])
 
 
+def test_train_mode_dropout_matches_diffusers():
+    """Dropout at the config's rate where diffusers' ResnetBlock2D has it (between norm2's SiLU and conv2):
+    in train mode, from the same seed, the same masks give diffusers' output. (A model without attention:
+    diffusers' attention returns channels_last activations, whose masks are laid out otherwise.)"""
+    config = {**SMALL["no_attention"], "dropout": 0.3}
+    theirs = perturbed_diffusers(config).train()
+    ours = UNet.from_diffusers(theirs).train()
+    assert ours.config.dropout == 0.3
+    check_against_diffusers(ours, theirs, config, seed=int(torch.randint(0, 2**31, ())))
+
+
+def test_diffusers_defaults_are_unet2dmodel_s():
+    # What a config.json that leaves a field out means: UNet2DModel.__init__'s default, for every field.
+    signature = inspect.signature(UNet2DModel.__init__).parameters
+    assert set(DIFFUSERS_DEFAULTS) == set(signature) - {"self"}
+    for field, default in DIFFUSERS_DEFAULTS.items():
+        theirs = signature[field].default
+        assert (tuple(theirs) if isinstance(theirs, list) else theirs) == default, field
+
+
 @pytest.mark.parametrize("name, safe", [("ddpm", True), ("scale_shift", False)])
-def test_from_diffusers_directory_matches_forward(name, safe, tmp_path):
+def test_from_diffusers_directory_matches_forward(name, safe, tmp_path, monkeypatch):
     theirs = random_diffusers(name)
     theirs.save_pretrained(tmp_path, safe_serialization=safe)
+    # config.json is UTF-8 whatever the locale's encoding (ASCII here; cp1252 on Windows): non-ASCII text loads.
+    config = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "_name_or_path": "modèle/ünet"}, ensure_ascii=False),
+                                          encoding="utf-8")
+    monkeypatch.setattr("ddpm_fast.unet.open", functools.partial(open, encoding="ascii"), raising=False)
     weights = "diffusion_pytorch_model." + ("safetensors" if safe else "bin")
     assert (tmp_path / weights).exists()
+    if safe:  # with both there, the safetensors file is read, not the .bin (which is a pickle)
+        (tmp_path / "diffusion_pytorch_model.bin").write_bytes(os.urandom(64))
+        # and the folder's own config.json, not that of a unet/ inside it
+        (tmp_path / "unet").mkdir()
+        (tmp_path / "unet" / "config.json").write_text(json.dumps({**SMALL[name], "act_fn": "mish"}))
     ours = UNet.from_diffusers(tmp_path)
     check_against_diffusers(ours, theirs, SMALL[name])
     assert UNet.from_diffusers(str(tmp_path)).config == ours.config
@@ -219,10 +313,21 @@ def test_from_diffusers_pipeline_folder_and_variant(tmp_path):
                                                 r"\['diffusion_pytorch_model\.fp16\.safetensors'\].*variant='fp16'"):
         UNet.from_diffusers(tmp_path)
     check_against_diffusers(UNet.from_diffusers(tmp_path, variant="fp16"), theirs, SMALL["ddpm"])
+    for bad in ("", "../unet/diffusion_pytorch_model.fp16", 16):  # no name, a path, not a string
+        with pytest.raises(ValueError, match=rf"variant must be a name such as 'fp16', got {re.escape(repr(bad))}"):
+            UNet.from_diffusers(tmp_path, variant=bad)
     with pytest.raises(FileNotFoundError, match=r"has neither config\.json nor unet/config\.json"):
         UNet.from_diffusers(tmp_path / "unet" / "missing")
     with pytest.raises(ValueError, match="variant names a directory's weight files; got it with a UNet2DModel"):
         UNet.from_diffusers(theirs, variant="fp16")
+    with pytest.raises(TypeError, match="expected a UNet2DModel or a directory, got Linear"):
+        UNet.from_diffusers(torch.nn.Linear(2, 2))  # a state_dict, no config
+
+    class UNet2DConditionModel:  # a config and weights, of a class whose name is all that is wrong
+        config = SMALL["ddpm"]
+        state_dict = theirs.state_dict
+    with pytest.raises(ValueError, match="unsupported _class_name='UNet2DConditionModel'"):
+        UNet.from_diffusers(UNet2DConditionModel())
     # Damaged weights: one line naming the file (a truncated file, a pickle that would run code).
     weights = tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -278,6 +383,11 @@ def test_pre_0_15_attention_names_load():
     mapped = state_dict_from_diffusers(old, ours)
     for k, v in ours.state_dict().items():
         assert torch.equal(mapped[k], v), k
+    # Both spellings at once: the current one fills the parameter, the old one is named as unused.
+    renamed = len(old.keys() - theirs.state_dict().keys())
+    with pytest.raises(ValueError, match=rf"0 of ours unfilled \[\], {renamed} of theirs unused \['down_blocks\.1\."
+                                         r"attentions\.0\.query\.weight'"):
+        state_dict_from_diffusers({**theirs.state_dict(), **old}, ours)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -286,12 +396,26 @@ def test_pre_0_15_attention_names_load():
     ("upsample_type", "resnet"), ("attention_head_dim", 48), ("attn_norm_num_groups", 4),
     ("sample_size", (16, 32)), ("sample_size", 1), ("mid_block_type", None), ("block_out_channels", (16, 24)),
     ("up_block_types", ("UpBlock2D", "UpBlock2D")),  # attention that does not mirror the down path
-    ("some_future_field", 1),
+    ("some_future_field", 1), ("num_class_embeds", 10), ("norm_num_groups", None), ("sample_size", None),
+    ("sample_size", (16, 16, 16)), ("_class_name", "UNet2DConditionModel"), ("block_out_channels", ()),
+    ("block_out_channels", (16, 0)), ("norm_num_groups", 0),
 ])
 def test_unsupported_config_field_raises_naming_it(field, value):
     config = {**SMALL["ddpm"], "_class_name": "UNet2DModel", field: value}
-    with pytest.raises(ValueError, match=f"{field}={value!r}".replace("(", r"\(").replace(")", r"\)")):
+    # The loader's prefix also on what UNetConfig refuses (attention_head_dim=48 is wider than every level).
+    with pytest.raises(ValueError, match=r"^UNet\.from_diffusers: unsupported .*" + re.escape(f"{field}={value!r}")):
         config_from_diffusers(config)
+
+
+def test_block_type_lists_need_one_entry_per_level():
+    for field in ("down_block_types", "up_block_types"):
+        with pytest.raises(ValueError, match=rf"unsupported {field}=.*needs one entry per block_out_channels"):
+            config_from_diffusers({**SMALL["ddpm"], field: SMALL["ddpm"][field][:1]})
+
+
+def test_smallest_sample_size_telling_the_levels_apart_loads():
+    # Two levels at 2x2 and 1x1 (at 1x1 both would be 1x1: refused above), attention placed at the second.
+    assert config_from_diffusers({**SMALL["ddpm"], "sample_size": 2}).attention_resolutions == (1,)
 
 
 def test_unsupported_directory_refused_before_reading_weights(tmp_path):
@@ -380,6 +504,28 @@ def test_every_resblock_time_projection_in_one_gemm(time_embedding):
     attention = sum(isinstance(m, AttentionBlock) for m in model.modules())
     assert CountGemms.gemms == 3 + 4 * attention  # + q, k, v, out per attention block
     assert called == model.resblocks() and len(called) == len(set(called)) == 8  # 2 down, 2 mid, 4 up
+
+
+def test_time_path_is_float32_under_autocast_and_for_a_bf16_model():
+    """The time embedding and every ResBlock's time terms are float32 GEMMs outside autocast, and a bf16
+    model's parameters are widened first: to the bit what the float32 model of the same (bf16-rounded)
+    weights gives without autocast. A float64 model (the tests' truth) keeps float64."""
+    model = perturbed(UNet.preset("tiny", time_embedding="scale_shift")).bfloat16().float().eval()
+    t = torch.randint(0, 1000, (2,))
+
+    def time_terms(model):
+        return [term for terms in resblock_time_terms(model.resblocks(), F.silu(model.time_embed(t)))
+                for term in terms]
+
+    with torch.no_grad():
+        want = time_terms(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = time_terms(model)
+        double = time_terms(model.double())
+        bf16 = time_terms(model.bfloat16())
+    assert all(term.dtype == torch.float64 for term in double)
+    for got in (autocast, bf16):
+        assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("time_embedding", ["add", "scale_shift"])
