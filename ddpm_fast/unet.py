@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .ops import group_norm_silu
+from .schedule import _check_int
 
 TIME_EMBEDDINGS = ("add", "scale_shift")
 
@@ -68,13 +69,21 @@ class UNetConfig:
         # Tuples, so that a config built from JSON lists still hashes and compares.
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+        # Sizes first: a zero or negative one fails later as a ZeroDivisionError, an assert or a torch error.
+        for name, least in (("sample_size", 1), ("in_channels", 1), ("out_channels", 1), ("base_channels", 1),
+                            ("layers_per_block", 0), ("norm_groups", 1)):
+            _check_int(f"UNetConfig: {name}", getattr(self, name), least)
+        for i, m in enumerate(self.channel_mult):
+            _check_int(f"UNetConfig: channel_mult[{i}]", m, 1)
+        if self.time_embed_dim is not None:  # 0 would read as None (4 * base_channels)
+            _check_int("UNetConfig: time_embed_dim", self.time_embed_dim, 1)
+        if not 0.0 <= self.dropout <= 1.0:
+            raise ValueError(f"UNetConfig: dropout must be in [0, 1], got {self.dropout}")
         if self.time_embedding not in TIME_EMBEDDINGS:
             raise ValueError(f"UNetConfig: time_embedding must be one of {TIME_EMBEDDINGS}, "
                              f"got {self.time_embedding!r}")
         if not self.channel_mult:
             raise ValueError("UNetConfig: channel_mult must name at least one level")
-        if self.norm_groups < 1:  # else a ZeroDivisionError below
-            raise ValueError(f"UNetConfig: norm_groups must be at least 1, got {self.norm_groups}")
         for c in self.channels:
             if c % self.norm_groups:
                 raise ValueError(f"UNetConfig: norm_groups={self.norm_groups} must divide every level's "

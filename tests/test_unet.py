@@ -188,7 +188,15 @@ def test_output_shape_and_timestep_forms(batch, h, w):
     (dict(time_embedding="film"), r"time_embedding must be one of \('add', 'scale_shift'\), got 'film'"),
     (dict(channel_mult=()), "channel_mult must name at least one level"),
     (dict(norm_groups=16), r"norm_groups=16 must divide every level's channels, got \(24, 48\)"),
-    (dict(norm_groups=0), "norm_groups must be at least 1, got 0"),
+    (dict(norm_groups=0), r"norm_groups must be in \[1, inf\], got 0"),
+    (dict(sample_size=0), r"sample_size must be in \[1, inf\], got 0"),
+    (dict(in_channels=0), r"in_channels must be in \[1, inf\], got 0"),
+    (dict(out_channels=-3), r"out_channels must be in \[1, inf\], got -3"),
+    (dict(base_channels=0), r"base_channels must be in \[1, inf\], got 0"),
+    (dict(channel_mult=(1, 0)), r"channel_mult\[1\] must be in \[1, inf\], got 0"),
+    (dict(layers_per_block=-1), r"layers_per_block must be in \[0, inf\], got -1"),
+    (dict(time_embed_dim=0), r"time_embed_dim must be in \[1, inf\], got 0"),
+    (dict(dropout=1.5), r"dropout must be in \[0, 1\], got 1.5"),
     (dict(attention_resolutions=(5,)), r"attention_resolutions \[5\] match no level's size \[16, 8\]"),
     (dict(attention_head_dim=0), r"attention_head_dim=0 must be in \[1, .*got a level of 48"),
     (dict(attention_head_dim=49), r"attention_head_dim=49 must be in \[1, .*got a level of 48"),
@@ -209,6 +217,11 @@ def test_config_bounds_are_inclusive_and_lists_are_tuples():
     listed = dataclasses.replace(tiny, channel_mult=list(tiny.channel_mult),
                                  attention_resolutions=list(tiny.attention_resolutions))
     assert listed == tiny and hash(listed) == hash(tiny)
+    # No ResBlock on the way down (one on the way up), as diffusers' layers_per_block=0 builds.
+    x = torch.randn(2, 3, 16, 16)
+    assert UNet(dataclasses.replace(tiny, layers_per_block=0))(x, torch.tensor([3, 999])).shape == x.shape
+    with pytest.raises(TypeError, match="UNetConfig: layers_per_block must be an int, got float 1.5"):
+        dataclasses.replace(tiny, layers_per_block=1.5)
 
 
 def test_bad_timestep_shape_raises():
