@@ -90,7 +90,7 @@ def _load_sampling_model(path: str):
         config_file = None
     if config_file is not None:
         try:
-            class_name = json.loads(config_file.read_text()).get("_class_name")
+            class_name = json.loads(config_file.read_text(encoding="utf-8")).get("_class_name")  # JSON: UTF-8
         except json.JSONDecodeError as error:
             raise ValueError(f"unreadable {str(config_file)!r}: {error}") from None
         if class_name is not None:  # a diffusers folder
@@ -104,7 +104,7 @@ def _load_sampling_model(path: str):
                 [p / "scheduler_config.json"]
             scheduler_file = next((f for f in candidates if f.is_file()), None)
             try:
-                scheduler = json.loads(scheduler_file.read_text()) if scheduler_file else {}
+                scheduler = json.loads(scheduler_file.read_text(encoding="utf-8")) if scheduler_file else {}
             except json.JSONDecodeError as error:
                 raise ValueError(f"unreadable {str(scheduler_file)!r}: {error}") from None
             return model, NoiseSchedule.from_config(scheduler), scheduler
@@ -276,7 +276,8 @@ def cmd_sample(args) -> int:
         device = distributed.default_device() if device is None else device
         model = model.to(device)
         sampler = Sampler(model, schedule, method=args.method, num_steps=args.steps, backend=args.backend, **options)
-        seeds = torch.arange(args.seed, args.seed + args.num_samples, dtype=torch.int64)
+        # arange(seed, seed + N) would take an end past int64 for the last allowed SEED, 2**63 - N
+        seeds = torch.arange(args.num_samples, dtype=torch.int64) + args.seed
         cfg = model.config
         with _non_finite_seeds() as non_finite:
             images = distributed.sample_sharded(sampler, seeds, (cfg.in_channels, cfg.sample_size, cfg.sample_size),

@@ -1,8 +1,10 @@
 """The ddpm-fast command line: --help everywhere, one-line errors (exit 2), train -> sample, bench dispatch, demo."""
 
 import dataclasses
+import functools
 import json
 import os
+import pathlib
 import pickle
 import signal
 import subprocess
@@ -47,6 +49,7 @@ def test_help(command, capsys):
     (["sample", "m", "--num-samples", "two"], ["--num-samples", "expected an integer"]),
     (["frobnicate"], ["invalid choice"]),
     (["train"], ["--out"]),
+    (["train", "--out", "x", "--time-limit", "nan"], ["--time-limit", "must be > 0 and finite, got 'nan'"]),
 ])
 def test_bad_arguments_are_one_line(argv, fragments, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -57,7 +60,7 @@ def test_bad_arguments_are_one_line(argv, fragments, capsys):
 
 def test_bad_files_are_one_line(tmp_path, capsys):
     assert cli.main(["sample", str(tmp_path / "missing")]) == 2
-    _one_line_error(capsys, "does not exist")
+    _one_line_error(capsys, f"model {str(tmp_path / 'missing')!r} does not exist")
     assert cli.main(["train", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "nowhere")]) == 2
     _one_line_error(capsys, "dataset", "does not exist")
     (tmp_path / "empty").mkdir()
@@ -79,6 +82,42 @@ def test_error_from_a_real_process_is_one_line(tmp_path):
     assert run.returncode == 2
     expected = f"ddpm-fast sample: error: model {str(tmp_path / 'nope')!r} does not exist"
     assert run.stderr.strip().splitlines() == [expected]
+
+
+@pytest.mark.parametrize("error, said", [
+    (RuntimeError("a message\n   over  lines"), "a message over lines"),
+    (ImportError("No module named 'triton'"), "No module named 'triton'"),
+    (OSError(), "OSError"),  # no message: its type
+])
+def test_errors_are_one_line_unless_debugging(error, said, monkeypatch, capsys):
+    """What a command raises of the kinds a bad input gives is one line, its whitespace folded; DDPM_FAST_DEBUG=1
+    lets the traceback through."""
+    def fail(args):
+        raise error
+    monkeypatch.setattr(cli, "cmd_info", fail)
+    monkeypatch.delenv("DDPM_FAST_DEBUG", raising=False)
+    assert cli.main(["info"]) == 2
+    assert _one_line_error(capsys) == f"ddpm-fast info: error: {said}"
+    monkeypatch.setenv("DDPM_FAST_DEBUG", "1")
+    with pytest.raises(type(error)):
+        cli.main(["info"])
+
+
+@pytest.mark.parametrize("argv, policy", [([command], None) for command in SUBCOMMANDS] + [([], None),
+                                                                                           (["train"], "ACTIVE")])
+def test_heavy_commands_restart_with_sleeping_openmp_threads(argv, policy, monkeypatch):
+    """libgomp reads OMP_WAIT_POLICY when torch loads: the commands that run torch's kernels for minutes re-run
+    themselves with PASSIVE, unless the user chose a policy; the others are not worth a restart."""
+    restarts = argv[:1] in (["demo"], ["train"], ["sample"], ["evaluate"]) and policy is None
+    execs = []
+    monkeypatch.setattr(os, "execv", lambda path, args: execs.append((path, args)))
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    cli._restart_with_passive_openmp(argv)
+    assert execs == ([(sys.executable, [sys.executable, "-m", "ddpm_fast", *argv])] if restarts else [])
+    assert os.environ.get("OMP_WAIT_POLICY") == ("PASSIVE" if restarts else policy)
 
 
 def test_train_device(tmp_path, monkeypatch, capsys):
@@ -103,6 +142,11 @@ def test_train_device(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert cli._train_device("cuda") is None and cli._train_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(cli.UsageError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\)"):
+        cli._train_device("cuda:2")  # indices count from 0
+    # The process group's backend: gloo for the CPU (on a GPU machine torch's default would be nccl).
+    assert cli._group_backend(torch.device("cpu")) == "gloo"
+    assert cli._group_backend(torch.device("cuda", 1)) is None and cli._group_backend(None) is None
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(cli.UsageError, match="under torchrun every rank would train on that one GPU"):
         cli._train_device("cuda:1")
@@ -123,16 +167,24 @@ def test_samples_on_a_gpu_are_saved(tmp_path):
 
 
 def test_train_then_sample(tmp_path, capsys):
+    from ddpm_fast.train import TrainConfig, load_model
     run = tmp_path / "run"
     assert cli.main(["train", "--out", str(run), "--steps", "2", "--batch-size", "4", "--checkpoint-every", "1"]) == 0
     assert cli.main(["train", "--out", str(run), "--steps", "3", "--batch-size", "4"]) == 0
     said = capsys.readouterr().out
     assert f"resumed from step 2 ({run}); changed since: steps 2 -> 3, checkpoint_every 1 -> 1000\n" in said
-    out = tmp_path / "grid.png"
+    # The command line's defaults are TrainConfig's.
+    assert load_model(run)[2]["train"] == dataclasses.asdict(TrainConfig(steps=3, batch_size=4))
+    out = tmp_path / "new" / "grid.png"  # its folder made on the way
     assert cli.main(["sample", str(run), "--num-samples", "3", "--steps", "2", "--out", str(out), "--seed", "5"]) == 0
     with np.load(out.with_suffix(".npz")) as npz:
         assert npz["images"].shape == (3, 1, 16, 16) and npz["seeds"].tolist() == [5, 6, 7]
     assert out.read_bytes().startswith(b"\x89PNG")
+    for seed in (-2**63, 2**63 - 2):  # the ends of the int64 range: seeds SEED and SEED + 1
+        assert cli.main(["sample", str(run), "--num-samples", "2", "--steps", "1", "--out", str(out),
+                         "--seed", str(seed)]) == 0
+        with np.load(out.with_suffix(".npz")) as npz:
+            assert npz["seeds"].dtype == np.int64 and npz["seeds"].tolist() == [seed, seed + 1]
     capsys.readouterr()
     assert cli.main(["evaluate", str(run), "--num-images", "4", "--bpd-timesteps", "2", "--num-samples", "4",
                      "--sample-steps", "2"]) == 0
@@ -140,7 +192,60 @@ def test_train_then_sample(tmp_path, capsys):
     assert result["bpd"] > 0 and 0 <= result["confidence"] <= 1 and result["frechet"] >= 0
 
 
-def test_sample_a_diffusers_folder(tmp_path, monkeypatch):
+def _record_samplers(monkeypatch):
+    """The keyword arguments of every Sampler built from here on, with its schedule under "schedule"."""
+    built = []
+    init = ddpm_fast.sampler.Sampler.__init__
+
+    def record(self, model, schedule, **kw):
+        built.append({"schedule": schedule, **kw})
+        init(self, model, schedule, **kw)
+    monkeypatch.setattr(ddpm_fast.sampler.Sampler, "__init__", record)
+    return built
+
+
+def test_train_options_reach_the_run_and_the_samplers(tmp_path, monkeypatch, capsys):
+    """Each train option lands in the run's config (read back from its checkpoint); sample and evaluate build
+    their samplers with the run's prediction type and their own steps, backend and sample count."""
+    from ddpm_fast.evaluate import digit_scores
+    from ddpm_fast.train import TrainConfig, load_model
+    rng = np.random.default_rng()
+    expected = TrainConfig(
+        image_size=16, prediction_type=str(rng.choice(["sample", "v_prediction"])),
+        min_snr_gamma=float(rng.uniform(1, 9)), num_train_timesteps=int(rng.integers(100, 1000)),
+        beta_schedule=str(rng.choice(["scaled_linear", "cosine", "sigmoid", "laplace"])), batch_size=4, steps=1,
+        lr=float(rng.uniform(1e-4, 1e-3)), warmup_steps=int(rng.integers(1, 1000)),
+        grad_clip=float(rng.uniform(0.1, 5)), ema_decay=float(rng.uniform(0.9, 0.999)), ema_warmup=False, flip=True,
+        amp="none",
+        seed=int(rng.integers(1, 2**62)), checkpoint_every=int(rng.integers(2, 1000)), sample_every=1, num_samples=2,
+        sample_steps=2)
+    flags = {"image-size": "image_size", "prediction-type": "prediction_type", "min-snr-gamma": "min_snr_gamma",
+             "timesteps": "num_train_timesteps", "beta-schedule": "beta_schedule", "batch-size": "batch_size",
+             "steps": "steps", "lr": "lr", "warmup-steps": "warmup_steps", "grad-clip": "grad_clip",
+             "ema-decay": "ema_decay", "amp": "amp", "seed": "seed", "checkpoint-every": "checkpoint_every",
+             "sample-every": "sample_every", "num-samples": "num_samples", "sample-steps": "sample_steps"}
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), "--no-ema-warmup", "--flip",
+                     *[a for flag, field in flags.items() for a in (f"--{flag}", str(getattr(expected, field)))]]) == 0
+    assert load_model(run)[2]["train"] == dataclasses.asdict(expected)
+
+    built, scored = _record_samplers(monkeypatch), []
+    monkeypatch.setattr(ddpm_fast.evaluate, "digit_scores", lambda samples: scored.append(len(samples)) or
+                        digit_scores(samples))
+    # On a GPU the torch backend cannot be captured either: --cuda-graph falls back, with a warning, everywhere.
+    with pytest.warns(RuntimeWarning, match="cuda_graph=True needs"):
+        assert cli.main(["sample", str(run), "--num-samples", "2", "--steps", "3", "--backend", "torch",
+                         "--cuda-graph", "--out", str(tmp_path / "g.png")]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(run), "--num-images", "2", "--bpd-timesteps", "4", "--num-samples", "3",
+                     "--sample-steps", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["strata"] == 4 and scored == [3]
+    wanted = [{"num_steps": 3, "backend": "torch"}, {"num_steps": 2}]  # sample's, then evaluate's
+    assert len(built) == 2 and all(b.items() >= {**w, "prediction_type": expected.prediction_type}.items()
+                                   for b, w in zip(built, wanted)), built
+
+
+def test_sample_a_diffusers_folder(tmp_path, monkeypatch, capsys):
     diffusers = pytest.importorskip("diffusers")
     model = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
                                   down_block_types=("DownBlock2D", "DownBlock2D"), layers_per_block=1,
@@ -149,10 +254,13 @@ def test_sample_a_diffusers_folder(tmp_path, monkeypatch):
     scheduler = dict(num_train_timesteps=100, variance_type="fixed_large", clip_sample=False,
                      timestep_spacing="trailing", prediction_type="v_prediction")
     diffusers.DDPMScheduler(**scheduler).save_pretrained(tmp_path / "scheduler")
-    built = []  # the options each sampler was built with: every one the scheduler config holds
-    init = ddpm_fast.sampler.Sampler.__init__
-    monkeypatch.setattr(ddpm_fast.sampler.Sampler, "__init__", lambda self, *a, **kw: built.append(kw) or init(
-        self, *a, **kw))
+    # The JSON files are UTF-8 whatever the locale's encoding (ASCII here, as under LANG=C without UTF-8 mode;
+    # cp1252 on Windows): non-ASCII text in them loads.
+    for config in (tmp_path / "unet" / "config.json", tmp_path / "scheduler" / "scheduler_config.json"):
+        saved = json.loads(config.read_text(encoding="utf-8"))
+        config.write_text(json.dumps({**saved, "_name_or_path": "modèle ünet"}, ensure_ascii=False), encoding="utf-8")
+    monkeypatch.setattr(pathlib.Path, "read_text", functools.partialmethod(pathlib.Path.read_text, encoding="ascii"))
+    built = _record_samplers(monkeypatch)  # the options each sampler was built with: every one the config holds
     for method in ("ddpm", "ddim"):
         out = tmp_path / f"{method}.png"
         assert cli.main(["sample", str(tmp_path), "--num-samples", "2", "--steps", "2", "--out", str(out),
@@ -162,9 +270,11 @@ def test_sample_a_diffusers_folder(tmp_path, monkeypatch):
     common = dict(timestep_spacing="trailing", clip_range=None, prediction_type="v_prediction")
     assert built[0].items() >= {**common, "variance_type": "fixed_large"}.items()
     assert built[1].items() >= common.items() and "variance_type" not in built[1]
+    assert [b["schedule"].num_train_timesteps for b in built] == [100, 100]  # the schedule is the config's too
 
     # The unet/ folder itself: its pipeline's scheduler when the folder above is a pipeline's (model_index.json),
-    # never an unrelated scheduler/ that happens to sit beside it.
+    # never an unrelated scheduler/ that happens to sit beside it; else a scheduler_config.json of its own.
+    diffusers.DDPMScheduler(**{**scheduler, "prediction_type": "sample"}).save_pretrained(tmp_path / "unet")
     for pipeline in (True, False):
         (tmp_path / "model_index.json").unlink(missing_ok=True)
         if pipeline:
@@ -172,7 +282,12 @@ def test_sample_a_diffusers_folder(tmp_path, monkeypatch):
         built.clear()
         assert cli.main(["sample", str(tmp_path / "unet"), "--num-samples", "1", "--steps", "2",
                          "--out", str(tmp_path / "u.png")]) == 0
-        assert (built[0].get("prediction_type") == "v_prediction") == pipeline, built
+        assert built[0].get("prediction_type") == ("v_prediction" if pipeline else "sample"), built
+    own = tmp_path / "unet" / "scheduler_config.json"
+    own.write_text("{not json")
+    capsys.readouterr()
+    assert cli.main(["sample", str(tmp_path / "unet"), "--out", str(tmp_path / "u.png")]) == 2
+    _one_line_error(capsys, f"unreadable {str(own)!r}")
 
 
 def test_bench_dispatches_to_the_checkout(tmp_path, monkeypatch, capsys):
@@ -180,14 +295,21 @@ def test_bench_dispatches_to_the_checkout(tmp_path, monkeypatch, capsys):
     assert cli.main(["bench"]) == 2
     _one_line_error(capsys, "benchmarks are not installed")
     (tmp_path / "benchmarks").mkdir()
-    (tmp_path / "benchmarks" / "table.py").write_text("def main(argv):\n    print('TABLE', argv)\n    return 0\n")
-    assert cli.main(["bench", "--no-compile", "--quick", "--device", "cpu"]) == 0
+    # A table that fails: its exit status is the command's, whatever the other table returns.
+    (tmp_path / "benchmarks" / "table.py").write_text("def main(argv):\n    print('TABLE', argv)\n    return 3\n")
+    assert cli.main(["bench", "--no-compile", "--quick", "--device", "cpu"]) == 3
     out = capsys.readouterr().out
     assert "TABLE ['--device', 'cpu', '--no-compile', '--targets-only']" in out
     assert "bench_sampling.py is not in this checkout" in out
+    assert cli.main(["bench", "--threads", "0"]) == 2  # checked before any table runs
+    _one_line_error(capsys, "--threads must be >= 1, got 0")
+    (tmp_path / "benchmarks" / "bench_sampling.py").write_text("TABLE = 'no main() here'\n")
+    assert cli.main(["bench"]) == 3
+    assert "(bench_sampling.py has no main(): skipped)" in capsys.readouterr().out
     (tmp_path / "benchmarks" / "bench_sampling.py").write_text("def main(argv):\n    print('SAMPLING', argv)\n")
-    assert cli.main(["bench", "--quick", "--record"]) == 0
-    assert "SAMPLING ['--record', '--quick']" in capsys.readouterr().out
+    seconds = str(float(np.random.default_rng().uniform(1, 100)))
+    assert cli.main(["bench", "--quick", "--record", "--max-seconds", seconds]) == 3
+    assert f"SAMPLING ['--max-seconds', '{seconds}', '--record', '--quick']" in capsys.readouterr().out
     # The folder left the import path with the script: a later `import bench_sampling` is the real one.
     assert str(tmp_path / "benchmarks") not in sys.path
 
@@ -195,6 +317,8 @@ def test_bench_dispatches_to_the_checkout(tmp_path, monkeypatch, capsys):
 def test_info(capsys):
     assert cli.main(["info"]) == 0
     assert "backends" in json.loads(capsys.readouterr().out)
+    assert cli.main(["info", "--threads", "2"]) == 0 and torch.get_num_threads() == 2  # one_thread restores it
+    capsys.readouterr()
     assert cli.main(["info", "--threads", "0"]) == 2
     _one_line_error(capsys, "--threads must be >= 1, got 0")
 
@@ -222,17 +346,23 @@ def test_a_source_checkout_without_its_extension_says_so(tmp_path):
     assert "circular" not in out
 
 
-def test_demo_end_to_end_small(tmp_path, capsys):
+def test_demo_end_to_end_small(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--train-seconds", "1", "--max-steps", "2", "--batch-size", "8",
-                     "--samples", "4", "--sample-steps", "2", "--bpd-timesteps", "2", "--bpd-images", "4",
+    built = _record_samplers(monkeypatch)
+    assert cli.main(["demo", "--out", str(out), "--train-seconds", "30", "--max-steps", "2", "--batch-size", "8",
+                     "--samples", "4", "--sample-steps", "2", "--bpd-timesteps", "2", "--bpd-images", "3",
                      "--bench-batch", "2", "--bench-steps", "2",
                      "--threads", "1"]) == 0
     summary = json.loads((out / "demo.json").read_text())
     for key in ("confidence", "frechet", "bpd", "fused_images_per_s", "reference_images_per_s", "grid"):
         assert key in summary
     assert summary["steps"] <= 2 and os.path.exists(summary["grid"])
-    assert "sampling throughput" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "sampling throughput" in said and "variational bound on 3 held-out digits" in said
+    logged = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert summary["loss"] == logged[-1]  # the last step's
+    # The samples, then the throughput's fused run and its reference run (the torch backend everywhere).
+    assert [b.get("backend") for b in built] == [None, None, "torch"]
 
 
 def test_demo_replaces_only_a_demo_s_checkpoints(tmp_path, capsys):
@@ -251,6 +381,9 @@ def test_demo_replaces_only_a_demo_s_checkpoints(tmp_path, capsys):
     (demo / "log.jsonl").write_text("{}\n")
     cli._clear_demo_folder(demo)
     assert not (demo / "checkpoints").exists() and not (demo / "log.jsonl").exists()
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["demo", "--out", str(tmp_path / "file")]) == 2
+    _one_line_error(capsys, f"--out {str(tmp_path / 'file')!r} is not a folder")
 
 
 def test_output_folders_are_checked_up_front_and_made_only_for_work_that_runs(tmp_path, capsys):
@@ -273,11 +406,25 @@ def test_sample_output_and_device_are_checked_before_sampling(tmp_path, capsys, 
     for out, fragment in (("x.npz", "must end in .png"), ("x", "must end in .png")):
         assert cli.main(["sample", "m", "--out", str(tmp_path / out)]) == 2
         _one_line_error(capsys, "--out", fragment)
-    (tmp_path / "dir.png").mkdir()
-    assert cli.main(["sample", "m", "--out", str(tmp_path / "dir.png")]) == 2
-    _one_line_error(capsys, "is a directory")
-    assert cli.main(["sample", "m", "--out", str(tmp_path / "g.png"), "--seed", str(2**63 - 2)]) == 2
+    for folder in ("dir.png", "npz.npz"):  # the grid's name, or its .npz's
+        (tmp_path / folder).mkdir()
+        assert cli.main(["sample", "m", "--out", str(tmp_path / folder.replace(".npz", ".png"))]) == 2
+        _one_line_error(capsys, f"--out: {str(tmp_path / folder)!r} is a directory")
+    with monkeypatch.context() as patch:  # root may write anywhere: a folder this user may not
+        patch.setattr(os, "access", lambda path, mode: False)
+        assert cli.main(["sample", "m", "--out", str(tmp_path / "g.png")]) == 2
+        _one_line_error(capsys, f"--out: cannot write into {str(tmp_path)!r}")
+    (tmp_path / "old.PNG").write_bytes(b"an earlier grid")
+    cli._check_output(tmp_path / "old.PNG")  # overwritten, whatever the suffix's case
+    assert cli.main(["sample", "m", "--out", str(tmp_path / "g.png"), "--seed", str(2**63 - 2),
+                     "--num-samples", "3"]) == 2
     _one_line_error(capsys, "--seed", "int64")
+    assert cli.main(["sample", "m", "--out", str(tmp_path / "g.png"), "--device", "nowhere"]) == 2
+    _one_line_error(capsys, "--device: ", "nowhere")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        assert cli.main(["sample", "m", "--out", str(tmp_path / "g.png"), "--device", "cuda"]) == 2
+        _one_line_error(capsys, "--device cuda: this machine has no CUDA device")
     with pytest.raises(SystemExit):
         cli.main(["train", "--out", str(tmp_path / "t"), "--time-limit", "inf"])
     _one_line_error(capsys, "--time-limit", "must be > 0 and finite")
@@ -285,6 +432,11 @@ def test_sample_output_and_device_are_checked_before_sampling(tmp_path, capsys, 
     with pytest.raises(SystemExit):
         cli.main(["demo", "--samples", "1"])
     _one_line_error(capsys, "--samples", "must be >= 2")
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "cpu_count", lambda: 64)
+        parsed = cli.build_parser().parse_args(["demo", "--samples", "2"])
+    assert parsed.samples == 2 and parsed.threads == 2  # the least allowed; two threads at most by default
+    assert cli.build_parser().parse_args(["sample", "m"]).steps == 50  # as its --help says (and the training grids)
 
 
 def test_missing_cuda_device_is_one_line(monkeypatch, capsys):
@@ -487,8 +639,16 @@ def test_evaluate_a_digits_model_of_another_size(monkeypatch, capsys):
                                      attention_resolutions=())).eval()
     config = {"train": {"data": "digits", "image_size": 8}, "prediction_type": "epsilon"}
     monkeypatch.setattr(train, "load_model", lambda path: (model, NoiseSchedule(), config))
-    shapes, bpd = [], cli._bpd
-    monkeypatch.setattr(cli, "_bpd", lambda m, x0, *args: (shapes.append(tuple(x0.shape)), bpd(m, x0, *args))[1])
+    from ddpm_fast.evaluate import variational_bound
+    images, bpd = [], cli._bpd
+    monkeypatch.setattr(cli, "_bpd", lambda m, x0, *args: (images.append(x0), bpd(m, x0, *args))[1])
     assert cli.main(["evaluate", "run", "--num-images", "2", "--bpd-timesteps", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert shapes == [(2, 1, 8, 8)] and result["bpd"] > 0 and "confidence" not in result
+    assert [tuple(x0.shape) for x0 in images] == [(2, 1, 8, 8)] and "confidence" not in result
+    bound = variational_bound(model, images[0], NoiseSchedule(), num_timesteps=2)
+    assert result["bpd"] > 0 and result == {"bound_images": "2 held-out images of digits-test", "bpd_seconds":
+        result["bpd_seconds"], "bpd": round(bound["bpd"], 3), "prior_bpd": round(bound["prior_bpd"], 5),
+        "decoder_bpd": round(bound["decoder_bpd"], 3), "strata": len(bound["timesteps"])}
+    del config["train"]  # a checkpoint that does not say what it was trained on
+    assert cli.main(["evaluate", "run"]) == 2
+    _one_line_error(capsys, "'run': its config.json does not name the data it was trained on")
