@@ -1,6 +1,7 @@
 """Datasets: the bundled digits' scaling and split, image folders, CIFAR-10 pickles, and clear errors."""
 
 import pickle
+import re
 import struct
 import zlib
 
@@ -28,6 +29,13 @@ def test_digits_scaling_and_split():
     counts = torch.bincount(train.labels, minlength=10) + torch.bincount(test.labels, minlength=10)
     assert torch.equal(counts, torch.bincount(torch.from_numpy(sklearn_digits().target), minlength=10))
     assert torch.equal(load_digits("test").images, test.images)  # the split is fixed
+    assert (train.name, test.name) == ("digits-train", "digits-test")
+    # Pinned: the permutation of seed 0, which every evaluation's held-out set depends on.
+    assert test.labels[:12].tolist() == [6, 5, 5, 7, 9, 9, 8, 4, 6, 8, 6, 0]
+    # 16x16: bilinear with align_corners=False (the border pixels are the 8x8 ones, not blends toward the edge).
+    upsampled = torch.nn.functional.interpolate(raw[:, None] / 16, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(load_digits("all").images, upsampled * 2 - 1, rtol=0, atol=1e-6)
+    assert load_dataset("digits").images.shape[1:] == (1, 16, 16)  # its default size
 
 
 def test_image_folder_resize_and_crop(tmp_path):
@@ -89,6 +97,7 @@ def test_image_folder_16_bit(tmp_path):
     rng = np.random.default_rng(0)
     (tmp_path / "grey").mkdir()
     grey16 = rng.integers(0, 65536, size=(8, 8), dtype=np.uint16)
+    grey16[0, :2] = (0, 65535)  # both ends of the range
     PIL.fromarray(grey16).save(tmp_path / "grey" / "a.png")  # mode I;16: convert("L") clipped it all to white
     expected = torch.from_numpy(grey16.astype(np.float32)) / 65535 * 2 - 1
     grey = load_image_folder(tmp_path / "grey", size=8, channels=1)
@@ -105,6 +114,11 @@ def test_image_folder_16_bit(tmp_path):
         PIL.fromarray(pixels).save(tmp_path / name / "a.png")
     small16, small8 = (load_image_folder(tmp_path / name, size=5, channels=1).images for name in ("mid16", "mid8"))
     torch.testing.assert_close(small16, small8, rtol=0, atol=2 * 2 / 255)
+    # At a black-white edge, bicubic overshoots past 0 and 65535: clipped to [-1, 1].
+    (tmp_path / "edge").mkdir()
+    PIL.fromarray(np.repeat(np.array([[0] * 4 + [65535] * 4], np.uint16), 8, axis=0)).save(tmp_path / "edge" / "a.png")
+    edge = load_image_folder(tmp_path / "edge", size=5, channels=1).images
+    assert edge.min() == -1 and edge.max() == 1
     # A 32-bit integer TIFF named .png opens as mode "I" (as 16-bit PNGs did in older Pillow): 0..65535 scales
     # the same; wider values, or float ("F"), cannot be mapped and say so.
     (tmp_path / "int").mkdir()
@@ -152,6 +166,7 @@ def test_dataset_size_is_checked_before_reading(tmp_path):
         with pytest.raises(ValueError, match=f"load_dataset: size must be an int >= 1 or None, got {size!r}"):
             load_dataset(str(tmp_path), size=size)
     assert load_dataset(str(tmp_path), size=8).images.shape[-2:] == (8, 8)
+    assert load_dataset(str(tmp_path), size=32).data.dtype == torch.uint8  # its own size: kept as bytes
 
 
 def _write_cifar(folder, names, per_batch=3, seed=0):
@@ -246,3 +261,92 @@ def test_cifar10_errors(tmp_path):
     (tmp_path / "data_batch_4").write_bytes(pickle.dumps({b"data": Exploit()}))
     with pytest.raises(DatasetError, match="refusing to load"):
         load_cifar10(tmp_path)
+    rows = np.random.default_rng().integers(0, 256, size=(3, 3072), dtype=np.uint8)
+    for batch, problem in (({b"data": rows[:, :3000], b"labels": [0, 1, 2]}, r"data has shape \(3, 3000\)"),
+                           ({b"data": rows, b"labels": [0, 1]}, r"data has shape \(3, 3072\) .* and 2 labels"),
+                           ({b"data": rows}, "KeyError: b'labels'")):
+        (tmp_path / "data_batch_4").write_bytes(pickle.dumps(batch))
+        with pytest.raises(DatasetError, match=f"corrupt CIFAR-10 batch .*data_batch_4.*{problem}"):
+            load_cifar10(tmp_path)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda tmp: load_digits("val"), ValueError, "load_digits: split must be 'train', 'test' or 'all', got 'val'"),
+    (lambda tmp: load_digits(size=16.0), ValueError, "load_digits: size must be an int >= 8, got 16.0"),
+    (lambda tmp: load_cifar10(tmp, "val"), ValueError, "load_cifar10: split must be 'train' or 'test', got 'val'"),
+    (lambda tmp: load_dataset("digits", split="val"), ValueError,
+     "load_dataset: split must be 'train' or 'test', got 'val'"),
+    (lambda tmp: load_dataset(3), TypeError, "load_dataset: spec must be 'digits' or a path, got int"),
+    (lambda tmp: load_image_folder(tmp, channels=4), ValueError, "load_image_folder: channels must be 1 or 3, got 4"),
+    (lambda tmp: load_image_folder(tmp, channels=2), ValueError, "load_image_folder: channels must be 1 or 3, got 2"),
+])
+def test_bad_arguments_are_refused_by_the_function_given_them(tmp_path, call, error, message):
+    _write_cifar(tmp_path, ["test_batch"])  # a readable dataset: only the argument is wrong
+    PIL.fromarray(np.random.default_rng().integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(error, match=re.escape(message)):
+        call(tmp_path)
+
+
+def test_image_folder_matches_pillows_bicubic_resize_and_center_crop(tmp_path):
+    """A 14x9 image at size 5: shorter side 9 -> 5, so 14 -> round(7.78) = 8 columns, and the crop keeps
+    columns (8 - 5) // 2 = 1 .. 5 (an odd margin: the extra column is dropped on the right)."""
+    from PIL import Image
+    pixels = np.random.default_rng().integers(0, 256, size=(9, 14, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    resized = np.asarray(Image.fromarray(pixels).resize((8, 5), Image.Resampling.BICUBIC))[:, 1:6]
+    expected = torch.from_numpy(resized.astype(np.float32) / 255.0).permute(2, 0, 1).mul(2.0).sub(1.0)
+    assert torch.equal(load_image_folder(tmp_path, size=5).images[0], expected)
+
+
+def test_image_folder_finds_images_by_suffix_in_any_case_and_reads_palettes(tmp_path):
+    """.PNG / .JPEG count as images, a folder named like an image is searched, not read; a palette image ("P")
+    reads as its RGB colors. Each image is stored at the output size, so no resize touches the values."""
+    from PIL import Image
+    rng = np.random.default_rng()
+    rgb = rng.integers(0, 256, size=(2, 4, 4, 3), dtype=np.uint8)
+    Image.fromarray(rgb[0]).save(tmp_path / "a.PNG")
+    (tmp_path / "b.png").mkdir()
+    Image.fromarray(rgb[1]).save(tmp_path / "b.png" / "c.png")
+    palette = Image.fromarray(rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)).convert("P")
+    palette.save(tmp_path / "d.png")
+    Image.fromarray(rgb[0]).save(tmp_path / "e.JPEG", quality=95)
+    with Image.open(tmp_path / "e.JPEG") as image:  # the decoded pixels (JPEG is lossy)
+        jpeg = np.asarray(image.convert("RGB"))
+    data = load_image_folder(tmp_path, size=4)
+    assert data.name == tmp_path.name
+    expected = np.stack([rgb[0], rgb[1], np.asarray(palette.convert("RGB")), jpeg])  # sorted: a, b.png/c, d, e
+    assert torch.equal(data.data, torch.from_numpy(expected).permute(0, 3, 1, 2))
+
+
+def test_cifar10_splits(tmp_path):
+    """split="test" reads test_batch only where the training batches are there too; a folder holding only
+    test_batch serves it as its training split and has no held-out split."""
+    names = [f"data_batch_{i}" for i in range(1, 6)]
+    seed = int(np.random.default_rng().integers(99))
+    batches = _write_cifar(tmp_path, names + ["test_batch"], per_batch=2, seed=seed)
+    train, test = load_dataset(str(tmp_path)), load_dataset(str(tmp_path), split="test")
+    as_images = lambda name: torch.from_numpy(batches[name][0]).reshape(-1, 3, 32, 32)  # noqa: E731
+    assert torch.equal(train.data, torch.cat([as_images(n) for n in names])) and train.name == "cifar10-train"
+    assert torch.equal(test.data, as_images("test_batch")) and test.labels.tolist() == batches["test_batch"][1]
+    for folder, keep in ((tmp_path / "no_test", names), (tmp_path / "only_test", ["test_batch"])):
+        folder.mkdir()
+        _write_cifar(folder, keep)
+        with pytest.raises(DatasetError, match="has no held-out split"):
+            load_dataset(str(folder), split="test")
+    assert load_dataset(str(tmp_path / "only_test")).name == "cifar10-test"  # test_batch alone is the training split
+
+
+def test_cifar10_downsizing_averages_like_an_antialiasing_filter(tmp_path):
+    """32 -> 8 with antialias: each output pixel is a triangle-weighted mean over 8x8 pixels, so uniform noise
+    (std 0.577 in [-1, 1]) comes out at std ~0.577 * (sqrt(2.625) / 4) ** 2 = 0.095; plain bilinear sampling
+    averages 2x2 pixels (std ~0.29)."""
+    _write_cifar(tmp_path, ["test_batch"], per_batch=4, seed=int(np.random.default_rng().integers(99)))
+    small = load_dataset(str(tmp_path), size=8)
+    assert small.images.shape == (4, 3, 8, 8) and small.images.std() < 0.15
+
+
+def test_load_dataset_passes_folder_size_and_channels(tmp_path):
+    PIL.fromarray(np.random.default_rng().integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    assert load_dataset(str(tmp_path)).images.shape == (1, 3, 32, 32)  # the default size
+    assert load_dataset(str(tmp_path), size=8, channels=1).images.shape == (1, 1, 8, 8)
+
