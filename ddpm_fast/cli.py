@@ -443,7 +443,13 @@ def _clear_demo_folder(out: Path) -> None:
     if (out / "log.jsonl").exists():
         (out / "log.jsonl").unlink()
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"status": "running"}) + "\n")
+    _write_json(marker, {"status": "running"})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Whole or not at all: a write that fails (a full disk) leaves the file as it was."""
+    from .sampler import write_atomically
+    write_atomically(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def cmd_demo(args) -> int:
@@ -493,7 +499,7 @@ def cmd_demo(args) -> int:
                "fused_images_per_s": round(speed["fused"], 2), "reference_images_per_s": round(speed["reference"], 2),
                "threads": torch.get_num_threads(), **timings,
                "total_seconds": round(time.perf_counter() - start, 1), "grid": str(png)}
-    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    _write_json(out / "demo.json", summary)
     _say(f"done in {summary['total_seconds']:.0f} s; summary in {out / 'demo.json'}")
     return 0
 

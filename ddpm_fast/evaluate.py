@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from .data import load_digits
 from .ops import q_sample
-from .sampler import _progress_bar
+from .sampler import _progress_bar, write_atomically
 from .schedule import NoiseSchedule
 
 __all__ = ["DigitClassifier", "digit_classifier", "digit_scores", "frechet_distance", "variational_bound"]
@@ -257,8 +257,7 @@ def digit_classifier(epochs: int = 10, seed: int = 0) -> DigitClassifier:
     """The classifier: trained on the digits' training split (deterministic, ~5-20 s on a CPU), then cached
     in memory and in ``$XDG_CACHE_HOME/ddpm_fast/`` (default ~/.cache); a cache that cannot be read or
     written is ignored."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
     model = DigitClassifier()
     cache = _cache_file(epochs, seed)
     try:
@@ -267,16 +266,11 @@ def digit_classifier(epochs: int = 10, seed: int = 0) -> DigitClassifier:
     except Exception:  # noqa: BLE001 - missing or damaged cache: train
         pass
     model = _train_classifier(epochs, seed)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, cache)
-    except (OSError, SafetensorError):  # safetensors' write errors (a full disk) are its own, not OSError
-        try:
-            tmp.unlink(missing_ok=True)  # not a partial file left in the cache folder
-        except OSError:
-            pass
+        write_atomically(cache, save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    except OSError:  # an unwritable cache (a full disk) only costs the next call its training
+        pass
     return model
 
 

@@ -365,6 +365,27 @@ def test_demo_end_to_end_small(tmp_path, capsys, monkeypatch):
     assert [b.get("backend") for b in built] == [None, None, "torch"]
 
 
+def test_demo_json_is_written_whole_or_not_at_all(tmp_path, capsys, monkeypatch):
+    """demo.json is written atomically: a write that fails after its bytes went out (a full disk) keeps what the
+    file held (here a finished demo's summary) and leaves no temporary file; the demo stops with a one-line error."""
+    import errno
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    summary = {"steps": int(torch.randint(1, 10**6, ())), "bpd": float(torch.rand(()))}
+    (demo / "demo.json").write_text(json.dumps(summary, indent=2))
+
+    def full_disk(fd):
+        assert os.path.getsize(os.readlink(f"/proc/self/fd/{fd}")) > 0
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full_disk)
+    small = ["--train-seconds", "5", "--max-steps", "1", "--batch-size", "4", "--samples", "2", "--sample-steps", "1",
+             "--bpd-timesteps", "2", "--bpd-images", "2", "--bench-batch", "1", "--bench-steps", "1", "--threads", "1"]
+    assert cli.main(["demo", "--out", str(demo), *small]) == 2
+    _one_line_error(capsys, os.strerror(errno.ENOSPC))
+    assert json.loads((demo / "demo.json").read_text()) == summary
+    assert [p.name for p in demo.iterdir()] == ["demo.json"]
+
+
 def test_demo_replaces_only_a_demo_s_checkpoints(tmp_path, capsys):
     """A training run's folder given to the demo is refused, its checkpoints and log kept; a demo's own
     (demo.json marks it, from the start: an interrupted demo too) is cleared."""

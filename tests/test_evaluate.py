@@ -2,6 +2,7 @@
 training run that beats an untrained model on both the bound and the digit scores."""
 
 import math
+import os
 import warnings
 
 import numpy
@@ -238,29 +239,27 @@ def test_digit_classifier_and_score_range():
 
 
 def test_classifier_cache_is_per_epochs_and_seed_and_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    """A failed cache write (full disk) is not an error and leaves neither a damaged cache nor its temporary file
-    (both were: safetensors raises its own SafetensorError, which is no OSError); a later call reads the cache
-    written whole."""
-    import safetensors.torch
+    """A failed cache write (a full disk, after the bytes went out) is not an error and leaves neither a damaged
+    cache nor its temporary file; a later call reads the cache written whole."""
+    import errno
     from ddpm_fast import evaluate
     names = {evaluate._cache_file(e, s).name for e, s in ((10, 0), (1, 0), (10, 1))}
     assert len(names) == 3, "a classifier trained otherwise is not read from another's cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     trained = evaluate.DigitClassifier()
     monkeypatch.setattr(evaluate, "_train_classifier", lambda epochs, seed: trained)
-    save_file = safetensors.torch.save_file
+    fsync, failed = os.fsync, []
 
-    def save_half_then_fail(tensors, file):  # as on a full disk: a partial file, then safetensors' own error
-        save_file(tensors, file)
-        with open(file, "r+b") as f:
-            f.truncate(100)
-        save_file(tensors, tmp_path / "missing" / "x.safetensors")  # raises SafetensorError, not an OSError
-    monkeypatch.setattr(safetensors.torch, "save_file", save_half_then_fail)
+    def full_disk(fd):
+        failed.append(os.path.getsize(os.readlink(f"/proc/self/fd/{fd}")))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full_disk)
     evaluate.digit_classifier.cache_clear()
     try:
         assert evaluate.digit_classifier() is trained
-        assert list(tmp_path.rglob("*.*")) == [], "nothing is left behind"
-        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+        assert failed and failed[0] > 0, "the write failed after bytes went out"
+        assert list(tmp_path.rglob("*")) == [tmp_path / "ddpm_fast"], "nothing is left behind"
+        monkeypatch.setattr(os, "fsync", fsync)
         evaluate.digit_classifier.cache_clear()
         evaluate.digit_classifier()
         monkeypatch.setattr(evaluate, "_train_classifier", None)  # now it must be read
