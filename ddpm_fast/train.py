@@ -372,7 +372,7 @@ def load_checkpoint(path, needs: tuple[str, ...] = ()) -> tuple[dict, Path]:
     config lacks a key of ``needs``."""
     folder = resolve_checkpoint(path)
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"unreadable checkpoint config {str(folder / 'config.json')!r}: {error}") from None
     found = config.get("format") if isinstance(config, dict) else type(config).__name__
@@ -680,7 +680,7 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if self.out_dir is not None and self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "log.jsonl", "a") as f:
+            with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
     # ----------------------------------------------------------------------------------------- state I/O
@@ -751,7 +751,7 @@ class Trainer:
             except (ValueError, TypeError, KeyError):
                 return False
 
-        lines = log.read_text().splitlines(keepends=True)
+        lines = log.read_text(encoding="utf-8").splitlines(keepends=True)
         end = len(lines)  # records are appended in step order: only the last ones can be past `step`
         while end and not keep(lines[end - 1]):
             end -= 1
