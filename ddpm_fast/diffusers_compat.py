@@ -565,11 +565,12 @@ class _FastScheduler(SchedulerMixin):
     # ---- the step ----
 
     def _cached_table(self, key, build) -> StepTable:
-        table = self._tables.get(key)
+        table = self._tables.pop(key, None)  # re-inserted below: the dict's order is least recently used first
         if table is None:
             if len(self._tables) >= _TABLE_CACHE_SIZE:
                 self._tables.pop(next(iter(self._tables)))
-            table = self._tables[key] = build()
+            table = build()
+        self._tables[key] = table
         return table
 
     def _check_step_tensors(self, model_output, sample) -> None:

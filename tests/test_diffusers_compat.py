@@ -376,6 +376,17 @@ def test_ddim_variance_noise_is_used_as_given():
         assert torch.equal(a, as_promoted.prev_sample)
 
 
+def test_step_tables_are_cached_least_recently_used_first_out():
+    """The table of a loop's own eta stays cached while other etas come and go (it was evicted first in, first out,
+    so a loop that also stepped with 8 other etas rebuilt its table every step)."""
+    sched = FastDDIMScheduler()
+    sched.set_timesteps(int(torch.randint(10, 50, ())))
+    hot = sched.step_table(eta=0.0)
+    for eta in torch.rand(12).tolist():
+        assert sched.step_table(eta=eta) is sched.step_table(eta=eta), "a table is cached"
+        assert sched.step_table(eta=0.0) is hot
+
+
 # ------------------------------------------------------------------------------------------------
 # add_noise, timesteps, config
 # ------------------------------------------------------------------------------------------------
