@@ -35,6 +35,8 @@ def test_q_sample(schedule, backend):
         q(x0, 3, schedule, seeds=torch.tensor([1, 2, 3]))
     with pytest.raises(TypeError, match=r"q_sample: seeds must have dtype int64; got int32"):
         q(x0, 3, schedule, seeds=seeds.int())
+    with pytest.raises(ValueError, match=r"q_sample: seeds must be on cpu like the sample, got meta"):
+        q(x0, 3, schedule, seeds=torch.tensor([1, 2], device="meta"))
     with pytest.raises(ValueError, match=r"q_sample: give exactly one of noise and seeds, got neither"):
         q(x0, 3, schedule)
     with pytest.raises(ValueError, match=r"q_sample: give exactly one of noise and seeds, got both"):
@@ -49,6 +51,11 @@ def test_q_sample(schedule, backend):
         q(x0, 3, schedule, seeds=seeds, target="velocity")
     with pytest.raises(ValueError, match=r"q_sample: stream must be an int in \[0, 2\*\*32\)"):
         q(x0, 3, schedule, seeds=seeds, stream=2**32)
+    for stream in (-1, True):
+        with pytest.raises(ValueError, match=rf"q_sample: stream must be an int in \[0, 2\*\*32\), got {stream}$"):
+            q(x0, 3, schedule, seeds=seeds, stream=stream)
+    with pytest.raises(TypeError, match=r"q_sample: t must be an int or an int64 tensor of shape \(2,\), got bool$"):
+        q(x0, True, schedule, seeds=seeds)
     with pytest.raises(ValueError, match=r"q_sample: x0 must have at least 2 dimensions, got shape \(4,\)"):
         q(_rand(4), 3, schedule, seeds=torch.tensor([1, 2, 3, 4]))
 
@@ -69,6 +76,16 @@ def test_step(schedule, backend):
         s(mo, 5, sample, table)
     with pytest.raises(ValueError, match=r"step: seeds must have shape \(2,\)"):
         s(mo, 5, sample, table, seeds=torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"step: give at most one of noise and seeds, got both"):
+        s(mo, 5, sample, table, _rand(2, 3, 4, 4), seeds=seeds)
+    with pytest.raises(TypeError, match=r"step: noise must have dtype float32; got float16"):
+        s(mo, 5, sample, table, _rand(2, 3, 4, 4, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"step: noise must have shape \(2, 3, 4, 4\), got \(2, 3, 4, 5\)"):
+        s(mo, 5, sample, table, _rand(2, 3, 4, 5))
+    with pytest.raises(ValueError, match=r"step: noise must be on cpu like the other inputs, got meta"):
+        s(mo, 5, sample, table, torch.empty(2, 3, 4, 4, device="meta"))
+    with pytest.raises(ValueError, match=r"step: model_output must be on cpu like the other inputs, got meta"):
+        s(torch.empty(2, 3, 4, 4, device="meta"), 5, sample, table, seeds=seeds)
     with pytest.raises(ValueError, match=r"t must lie in \[0, 999\] \(num_train_timesteps\), got min 1000, max 1000"):
         s(mo, 1000, sample, table, seeds=seeds)
     with pytest.raises(ValueError, match=r"step: clip_range must be > 0 or None, got 0.0"):
@@ -92,8 +109,20 @@ def test_group_norm_silu(backend):
     with pytest.raises(ValueError, match=r"group_norm_silu: scale must have shape \(2, 12\) or \(2, 12, 1, 1\), "
                                          r"got \(2, 12, 4, 4\)"):
         gn(x, None, None, 4, scale=_rand(2, 12, 4, 4))
+    with pytest.raises(ValueError, match=r"group_norm_silu: scale must have shape \(2, 12\) or \(2, 12, 1, 1\), "
+                                         r"got \(2, 8\)"):
+        gn(x, None, None, 4, scale=_rand(2, 8))
     with pytest.raises(ValueError, match=r"group_norm_silu: shift must be on cpu .*got meta"):
         gn(x, None, None, 4, shift=torch.empty(2, 12, device="meta"))
+    with pytest.raises(ValueError, match=r"group_norm_silu: weight must be on cpu like the other inputs, got meta"):
+        gn(x, torch.empty(12, device="meta"), None, 4)
+    for groups in (0, -3, True):
+        with pytest.raises(ValueError, match=rf"group_norm_silu: num_groups must be a positive int dividing the "
+                                             rf"channels of x \(C=12\), got {groups}$"):
+            gn(x, None, None, groups)
+    for eps in (0.0, -1e-5, float("nan")):
+        with pytest.raises(ValueError, match=rf"group_norm_silu: eps must be positive, got {eps}$"):
+            gn(x, None, None, 4, eps)
     with pytest.raises(ValueError, match=r"group_norm_silu: act must be one of \('none', 'silu'\), got 'relu'"):
         gn(x, None, None, 4, act="relu")
     with pytest.raises(TypeError, match=r"group_norm_silu: x must have dtype .*; got float64"):
@@ -107,6 +136,20 @@ def test_randn():
         ddpm_fast.randn(torch.ones(2), (3,))
     with pytest.raises(TypeError, match=r"randn: dtype must be float32, float16 or bfloat16"):
         ddpm_fast.randn(torch.ones(2, dtype=torch.int64), (3,), dtype=torch.float64)
+    seeds = torch.tensor([1, 2])
+    for shape in ((3, 2.0), (3, -1)):
+        with pytest.raises(ValueError, match=rf"randn: shape must be a tuple of non-negative ints, "
+                                             rf"got \(3, {shape[1]}\)"):
+            ddpm_fast.randn(seeds, shape)
+    for stream in (-1, 2**63, True):
+        with pytest.raises(ValueError, match=rf"randn: stream must be an int in \[0, 2\*\*63\), got {stream}$"):
+            ddpm_fast.randn(seeds, (3,), stream)
+    with pytest.raises(ValueError, match=r"randn: shape must hold fewer than 2\*\*63 values per sample, got "
+                                         r"\(4611686018427387904, 2\) \(9223372036854775808\)"):
+        ddpm_fast.randn(seeds, (2**62, 2))
+    with pytest.raises(NotImplementedError, match=r"randn: no triton kernel yet "
+                                                  r"\(kernels: \('cpu', 'cuda', 'torch'\)\)"):
+        ddpm_fast.randn(seeds, (3,), backend="triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -167,6 +167,19 @@ def test_preference_orders_each_op_by_the_geometric_mean_of_its_cases(tmp_path, 
             "\"step_thresholding\": ('triton', 'cuda')}") in out
 
 
+
+def test_cuda_preference_is_what_the_newest_gpu_record_supports():
+    """ops/backend.py's CUDA_PREFERENCE, entry by entry, is the order preference.py derives from the newest GPU op
+    record; an entry that no record compares keeps the compiled kernels first, as the table's comment says."""
+    import preference
+
+    from ddpm_fast.ops.backend import CUDA_PREFERENCE
+
+    records = sorted((Path(__file__).parents[1] / "benchmarks" / "results").glob("ops-cuda-*.json"))
+    prefs = preference.preference(json.loads(records[-1].read_text())["rows"]) if records else {}
+    for op, order in CUDA_PREFERENCE.items():
+        assert order == prefs.get(op, {"order": ("cuda", "triton")})["order"], op
+
 def test_eager_baselines_do_the_op_s_work():
     """The baselines the speed-ups are measured against compute the op (on fresh inputs, equal to the reference
     given the same noise): a cheaper or wrong baseline would flatter the kernels."""

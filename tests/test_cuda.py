@@ -317,7 +317,9 @@ def test_explicit_cuda_refuses_a_group_too_wide_before_running(monkeypatch):
     x = _randn((1, 4096, 2, 2), 24).to(DEVICE)
     with torch.no_grad():
         ddpm_fast.group_norm_silu(x, None, None, 1, backend="cuda")
-    assert ran == [("forward", "cuda")]
+        # a parameter that requires grad, without grad mode: no backward will run, so the forward is taken
+        ddpm_fast.group_norm_silu(x, torch.randn(4096, device=DEVICE, requires_grad=True), None, 1, backend="cuda")
+    assert ran == [("forward", "cuda")] * 2
     ran.clear()
     with pytest.raises(RuntimeError, match=r"group_norm_silu: backend 'cuda' cannot take this call: "
                                            r"group_norm_silu_backward: needs \d+ bytes.*backend=None"):

@@ -218,6 +218,21 @@ def test_tracing_records_the_custom_op():
     assert torch.ops.ddpm_fast.group_norm_silu.default in {node.target for node in graph.graph.nodes}
 
 
+
+# torch 2.13 deprecates torch.jit.trace; the wrapper's checks of sizes warn that the trace fixes them
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@needs_cpu_kernels
+def test_jit_trace_records_the_custom_op(calls):
+    """torch.jit.trace: plain tensors and no mode, only the tracing state says the call is traced; the
+    implementation called directly would leave its kernel out of the trace (an uninitialised output)."""
+    g = torch.Generator().manual_seed(13)
+    x, other = _rand(g, 2, 8, 4, 4), _rand(g, 2, 8, 4, 4)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda v: ddpm_fast.group_norm_silu(v, None, None, 2, backend="cpu"), x)
+        assert calls[0] == ("custom op", "group_norm_silu")  # the traced run (check_trace then reruns it eagerly)
+        assert torch.equal(traced(other), ddpm_fast.group_norm_silu(other, None, None, 2, backend="cpu"))
+
 @needs_cpu_kernels
 def test_sampling_takes_the_fast_path(schedule, calls):
     """DDIM sampling with the tiny U-Net: every group norm and step runs without the dispatcher. (The first

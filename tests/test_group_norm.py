@@ -274,6 +274,30 @@ def test_eps_must_be_a_number(backend):
     _assert_output_matches(y, x, 2, p, eps=0.125)
 
 
+
+def test_torch_backend_is_the_reference():
+    """backend="torch" is reference.group_norm_silu with every argument passed on: eps, bias_in, scale, shift,
+    act."""
+    x, p = _inputs((2, 8, 4, 4), "both", torch.float32, seed=int(torch.randint(0, 2**31, ())))
+    for act in ("silu", "none"):
+        y = ddpm_fast.group_norm_silu(x, p["weight"], p["bias"], 4, 0.25, bias_in=p["bias_in"], scale=p["scale"],
+                                      shift=p["shift"], act=act, backend="torch")
+        assert torch.equal(y, _reference(x, 4, p, act, eps=0.25))
+
+
+def test_empty_batch_gives_zero_parameter_gradients(backend):
+    """An empty batch: no kernel runs, an empty output, and each parameter's gradient zero (its buffer is
+    written by the wrapper, not left as it was allocated: freed non-zero buffers of its size come first here)."""
+    C = 64
+    x = torch.empty(0, C, 3, 3, device=backend.device, requires_grad=True)
+    w, b = (torch.randn(C, device=backend.device, requires_grad=True) for _ in range(2))
+    y = ddpm_fast.group_norm_silu(x, w, b, 8, backend=backend.name)
+    junk = [torch.full((C,), 7.0, device=backend.device) for _ in range(8)]
+    del junk  # freed non-zero buffers of the gradients' size, which their allocation may get back
+    gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b))
+    assert y.shape == x.shape and gx.shape == x.shape
+    assert torch.equal(gw.cpu(), torch.zeros(C)) and torch.equal(gb.cpu(), torch.zeros(C))
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_outliers_at_either_end_cost_no_accuracy(backend, channels_last):
     """Each channel's first pixel 100 std below its mean and its last 100 std above (corners after zero padding),

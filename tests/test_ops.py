@@ -101,6 +101,32 @@ def test_opcheck_every_op(schedule, backend):
         torch.library.opcheck(op, args)
 
 
+
+def test_fake_outputs_are_laid_out_as_the_real_ones(schedule, backend):
+    """Each op's register_fake gives its outputs the real ones' shape, dtype and strides (channels_last inputs
+    give channels_last outputs): a compiled graph indexes an op's outputs by the fake strides (opcheck compares
+    shapes and dtypes only); a channels_last_3d input gives contiguous outputs (contracts.md's layouts are NCHW
+    and 4-D channels_last), not outputs laid out as the input."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    device, name = backend.device, backend.name
+    x5 = backend.to(_rand(2, 3, 2, 3, 4, seed=10)).contiguous(memory_format=torch.channels_last_3d)
+    t, seeds = backend.to(torch.tensor([10, 900]), torch.tensor([3, -7]))
+    table = ddpm_table(schedule).table(device)
+    cases = _opcheck_cases(schedule, backend) + [
+        (torch.ops.ddpm_fast.q_sample.default, (x5, t, schedule.q_table(device), None, seeds, 3, 1, name)),
+        (torch.ops.ddpm_fast.step.default, (x5, x5, None, t, table, None, seeds, 0.0, 0.0, 1.0, True, name)),
+        (torch.ops.ddpm_fast.group_norm_silu.default, (x5, None, None, None, None, None, 3, 1e-5, 1, name)),
+    ]
+    for op, args in cases:
+        with torch.no_grad():
+            real = op(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        real, fake = (out if isinstance(out, tuple) else (out,) for out in (real, fake))
+        for r, f in zip(real, fake, strict=True):
+            assert (f.shape, f.dtype, f.stride()) == (r.shape, r.dtype, r.stride()), op
+
 def test_torch_compile_fullgraph(schedule, backend):
     table = ddpm_table(schedule)
     name = backend.name
@@ -204,10 +230,38 @@ def test_unavailable_backends_explain_why(schedule, monkeypatch):
     x0 = _rand(1, 3, 4, 4)
     with pytest.raises((RuntimeError, NotImplementedError), match="q_sample: .*(cuda|CUDA)"):
         ddpm_fast.q_sample(x0, 3, schedule, seeds=torch.tensor([1]), backend="cuda")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match=r"^q_sample: backend must be one of \('cuda', 'triton', 'cpu', 'torch'\) or "
+                                         r"None, got 'gpu'$"):
         ddpm_fast.q_sample(x0, 3, schedule, seeds=torch.tensor([1]), backend="gpu")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match=r"^backend must be one of .* or None, got 'fast'$"):
         ddpm_fast.set_backend("fast")
+
+
+def test_explicit_backend_for_tensors_it_cannot_take_says_why(monkeypatch):
+    """CUDA tensors (a device object is all resolve reads: no GPU needed): the cpu backend refuses them; cuda and
+    triton take them where built; a backend that is not built says why."""
+    from ddpm_fast.ops import backend
+    cuda, native = torch.device("cuda"), ("cpu", "cuda", "triton")
+    monkeypatch.setattr(backend, "backend_missing_reason", lambda name: None)  # every backend built
+    with pytest.raises(RuntimeError, match=r"^q_sample: backend 'cpu' is not available: the cpu backend takes CPU "
+                                           r"tensors, got tensors on cuda$"):
+        backend.resolve("q_sample", native, cuda, "cpu")
+    assert [backend.resolve("q_sample", native, cuda, name) for name in ("cuda", "triton")] == ["cuda", "triton"]
+    monkeypatch.setattr(backend, "backend_missing_reason", lambda name: f"no {name} in this build")
+    with pytest.raises(RuntimeError, match=r"^q_sample: backend 'triton' is not available: no triton in this build$"):
+        backend.resolve("q_sample", native, cuda, "triton")
+
+
+def test_use_backend_nests_and_restores_after_an_error():
+    assert ddpm_fast.get_backend() is None
+    with ddpm_fast.use_backend("torch"):
+        with ddpm_fast.use_backend("cpu"):
+            assert ddpm_fast.get_backend() == "cpu"
+        assert ddpm_fast.get_backend() == "torch"  # the outer one, not None
+        with pytest.raises(ZeroDivisionError), ddpm_fast.use_backend("cpu"):
+            1 / 0
+        assert ddpm_fast.get_backend() == "torch"
+    assert ddpm_fast.get_backend() is None
 
 
 @needs_cpu_kernels
@@ -220,7 +274,12 @@ def test_randn_matches_reference(dtype):
     # The log / sin / cos rounding, then the storage rounding.
     atol = NOISE_ROUNDING + {torch.float32: 0, torch.float16: 6 * 2**-10, torch.bfloat16: 6 * 2**-7}[dtype]
     torch.testing.assert_close(ours.float(), ref.to(dtype).float(), rtol=0, atol=atol)
-    torch.testing.assert_close(ddpm_fast.randn(seeds, (3, 5, 7), stream=9, backend="torch"), ref.reshape(4, 3, 5, 7))
+    # the torch backend is the reference itself, rounded to the dtype asked for
+    torch_path = ddpm_fast.randn(seeds, (3, 5, 7), stream=9, dtype=dtype, backend="torch")
+    assert torch_path.dtype == dtype and torch.equal(torch_path, ref.to(dtype).reshape(4, 3, 5, 7))
+    # seeds read at their stride (a view of every other element), not as the first four of their storage
+    strided = torch.stack([seeds, seeds + 1], 1)[:, 0]
+    assert torch.equal(ddpm_fast.randn(strided, (3, 5, 7), stream=9, dtype=dtype, backend="cpu"), ours)
 
 
 @needs_cpu_kernels
@@ -332,6 +391,19 @@ def test_derivatives_the_kernels_lack_are_the_reference_s(schedule, op):
     _derivative_cases(op, schedule, DEVICE, check)
 
 
+
+@forward_ad_warning
+def test_a_group_wider_than_every_gpu_fits_keeps_the_derivative_refusal():
+    """More channels a group than the CUDA kernels fit everywhere (the choice then asks the launcher too): a
+    torch.func.jvp still goes to the reference, not to kernels that would answer it with a zero tangent."""
+    from ddpm_fast.ops.group_norm import _CUDA_FITS_EVERYWHERE
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    C = _CUDA_FITS_EVERYWHERE + 6
+    x, tangent = torch.randn(2, C, 3, generator=g), torch.randn(2, C, 3, generator=g)
+    f = lambda v: ddpm_fast.group_norm_silu(v, None, None, 1)  # noqa: E731
+    (y, jvp), (y_ref, jvp_ref) = (torch.func.jvp(h, (x,), (tangent,)) for h in (f, _with_backend(f, "torch")))
+    assert torch.equal(y, y_ref) and torch.equal(jvp, jvp_ref) and jvp.abs().sum() > 0
+
 @forward_ad_warning
 @pytest.mark.parametrize("op", ["q_sample", "step", "group_norm_silu"])
 def test_forward_mode_under_torch_compile_is_the_reference_s(schedule, op):
@@ -360,14 +432,30 @@ def test_explicit_backend_refuses_a_derivative_its_kernels_lack(schedule, backen
         explicit = _with_backend(f, backend.name)
         match = f"{op}: backend '{backend.name}' cannot take this call: its kernels have no "
         if op != "group_norm_silu":
-            with pytest.raises(RuntimeError, match=match + "backward"):
-                explicit(*(p.clone().requires_grad_() for p in primals))
+            for i in range(len(primals)):  # any one input that requires grad
+                with pytest.raises(RuntimeError, match=match + "backward"):
+                    explicit(*(p.clone().requires_grad_(j == i) for j, p in enumerate(primals)))
         with pytest.raises(RuntimeError, match=match + r"torch\.func derivative"):
             torch.func.jvp(explicit, primals, tuple(torch.randn_like(p) for p in primals))
         with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match=match + "forward-mode"):
             explicit(*(torch.autograd.forward_ad.make_dual(p, torch.randn_like(p)) for p in primals))
         assert torch.isfinite(explicit(*primals)).all()  # without a derivative, the kernels run
     _derivative_cases(op, schedule, backend.device, check, cases=1)
+
+
+def test_a_noise_that_requires_grad_gets_its_gradient(schedule):
+    """Only the given noise requires grad: the automatic choice takes the reference (the kernels have no
+    backward), so the noise's gradient is the reference's, for q_sample and for step."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    x, m, noise = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+    t, table = torch.randint(1, 1000, (2,), generator=g), ddpm_table(schedule)  # t >= 1: the step adds noise
+    for f in (lambda z: ddpm_fast.q_sample(x, t, schedule, z)[0], lambda z: ddpm_fast.step(m, t, x, table, z)[0]):
+        grads = []
+        for name in (None, "torch"):
+            leaf = noise.clone().requires_grad_()
+            with ddpm_fast.use_backend(name):
+                grads.append(torch.autograd.grad(f(leaf).square().sum(), leaf)[0])
+        assert torch.equal(*grads) and grads[0].abs().sum() > 0
 
 
 def _with_backend(f, name):

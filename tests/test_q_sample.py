@@ -88,6 +88,7 @@ def test_drawn_noise_matches_reference_generator(backend, schedule, shape, dtype
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [
     (3, 6, 5, 7), (2, 5, 4, 6),  # H x W odd, and a multiple of 4
+    (2, 5, 3, 6),    # H x W even, not a multiple of 4: a Philox group spans two channels' pixels
     (2, 72, 3, 5),   # C > 64: tiles of 64 channels and of the 8 left, each pixel's channels in two runs
     (1, 3, 3, 227),  # 681 pixels: a tile of 680, then one of a single pixel whose runs start mid-group
 ])
@@ -167,6 +168,28 @@ def test_scalar_timestep_and_empty_batch(backend, schedule):
                          seeds=torch.empty(0, dtype=torch.int64))
     assert x_t.shape == empty.shape and eps.shape == empty.shape
 
+
+
+def test_every_form_of_t_gives_the_same_timesteps(backend, schedule):
+    """t as an int64 (B,) tensor, an int32 one (widened), a strided view (read at its stride, not as the first B
+    values of its storage), and one timestep for all as an int or a 0-d int64 / int32 tensor: the same x_t."""
+    x0, noise, _, _ = _inputs((3, 2, 4, 4), torch.float32, seed=int(torch.randint(0, 2**31, ())))
+    wide = torch.randperm(1000)[:6]  # distinct: wide[::2] differs from wide[:3]
+    t = wide[::2]
+    expected, _ = _q_sample(backend, x0, t.contiguous(), schedule, noise)
+    for form in (t, t.int()):
+        assert torch.equal(_q_sample(backend, x0, form, schedule, noise)[0], expected)
+    one = int(wide[1])
+    expected, _ = _q_sample(backend, x0, torch.full((3,), one), schedule, noise)
+    for form in (one, torch.tensor(one), torch.tensor(one, dtype=torch.int32)):
+        assert torch.equal(_q_sample(backend, x0, form, schedule, noise)[0], expected)
+
+
+def test_strided_seeds_are_read_at_their_stride(backend, schedule):
+    x0, _, t, _ = _inputs((3, 2, 4, 4), torch.float32, seed=int(torch.randint(0, 2**31, ())))
+    wide = torch.randint(-2**62, 2**62, (6,))
+    expected = _q_sample(backend, x0, t, schedule, seeds=wide[::2].contiguous())
+    assert all(torch.equal(a, b) for a, b in zip(_q_sample(backend, x0, t, schedule, seeds=wide[::2]), expected))
 
 def test_sample_target_returns_x0(backend, schedule):
     x0, noise, t = backend.to(*_inputs((2, 3, 4, 4), torch.float32, seed=8)[:3])

@@ -174,6 +174,25 @@ def test_per_sample_timesteps_equal_separate_steps(backend, schedule):
         assert torch.equal(p, prev[b:b + 1]) and torch.equal(x, x0[b:b + 1])
 
 
+
+def test_every_form_of_t_gives_the_same_timesteps(backend, schedule):
+    """t as an int64 (B,) tensor, an int32 one (widened), a strided view (read at its stride, not as the first B
+    values of its storage), and one timestep for all as an int or a 0-d int64 / int32 tensor: the same step."""
+    table = ddpm_table(schedule)
+    sample, model_output, noise, _, _ = _inputs(table, (3, 2, 4, 4), torch.float32,
+                                                seed=int(torch.randint(0, 2**31, ())))
+    wide = torch.randperm(1000)[:6]  # distinct: wide[::2] differs from wide[:3]
+    t = wide[::2]
+    expected = _step(backend, model_output, t.contiguous(), sample, table, noise)
+    for form in (t, t.int()):
+        assert all(torch.equal(a, b) for a, b in zip(_step(backend, model_output, form, sample, table, noise),
+                                                     expected))
+    one = int(wide[1])
+    expected = _step(backend, model_output, torch.full((3,), one), sample, table, noise)
+    for form in (one, torch.tensor(one), torch.tensor(one, dtype=torch.int32)):
+        assert all(torch.equal(a, b) for a, b in zip(_step(backend, model_output, form, sample, table, noise),
+                                                     expected))
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_each_input_at_its_own_batch_stride_and_alignment(backend, schedule, dtype):
     """x, the model output and the noise each every other sample of a twice larger batch (each sample on 16
@@ -198,6 +217,23 @@ def test_each_input_at_its_own_batch_stride_and_alignment(backend, schedule, dty
     assert mo[:, 2:].data_ptr() % 16 != 0
     _check(backend, table, x, mo, noise, t[1:2])
 
+
+
+def test_torch_backend_is_the_reference(schedule):
+    """backend="torch" is reference.step with every option passed on: the noise or seeds, clip_range,
+    thresholding at the ratio and bound given (each of which binds here), and x0 only when asked for."""
+    table = ddpm_table(schedule)
+    sample, model_output, noise, _, seeds = _inputs(table, (2, 3, 8, 8), torch.float32,
+                                                    seed=int(torch.randint(0, 2**31, ())))
+    sample, t = sample * 2, torch.randint(1, 50, (2,))  # x0 ~ x: quantile 0.6 of |x0| ~1.7, 0.995 ~5.6
+    for options in ({"seeds": seeds, "clip_range": 0.5},
+                    {"noise": noise, "thresholding": True, "dynamic_thresholding_ratio": 0.6, "sample_max_value": 4.0}):
+        prev, x0 = ddpm_fast.step(model_output, t, sample, table, backend="torch", **options)
+        ref_prev, ref_x0 = reference.step(model_output, t, sample, table, **options)
+        assert torch.equal(prev, ref_prev) and torch.equal(x0, ref_x0)
+        prev, x0 = ddpm_fast.step(model_output, t, sample, table, backend="torch", return_pred_original=False,
+                                  **options)
+        assert torch.equal(prev, ref_prev) and x0 is None
 
 def test_ddpm_adds_no_noise_at_t0(backend, schedule):
     table = ddpm_table(schedule)
