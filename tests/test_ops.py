@@ -280,6 +280,9 @@ def test_randn_matches_reference(dtype):
     # seeds read at their stride (a view of every other element), not as the first four of their storage
     strided = torch.stack([seeds, seeds + 1], 1)[:, 0]
     assert torch.equal(ddpm_fast.randn(strided, (3, 5, 7), stream=9, dtype=dtype, backend="cpu"), ours)
+    # an int shape is a 1-d one, as torch.randn takes it; a list and a torch.Size are tuples
+    for shape in (105, [105], torch.Size([105])):
+        assert torch.equal(ddpm_fast.randn(seeds, shape, stream=9, dtype=dtype, backend="cpu"), ours.reshape(4, 105))
 
 
 @needs_cpu_kernels

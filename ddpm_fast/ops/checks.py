@@ -33,11 +33,6 @@ def check_tensor(op: str, name: str, value, *, dtypes=FLOAT_DTYPES, shape=None, 
     return value
 
 
-def check_same_dtype(op: str, name: str, value: torch.Tensor, dtype: torch.dtype) -> None:
-    if value.dtype != dtype:
-        raise TypeError(f"{op}: {name} must have the dtype of the sample ({dtype}), got {value.dtype}")
-
-
 def timesteps(op: str, t, batch: int, device: torch.device) -> torch.Tensor:
     """``t`` (an int, a 0-d or a (B,) integer tensor) as an int64 (B,) tensor on ``device``."""
     if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):

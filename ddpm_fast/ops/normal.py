@@ -49,7 +49,7 @@ def randn(seeds: Tensor, shape, stream: int = reference.INITIAL_NOISE_STREAM, dt
 
     Args:
         seeds: (B,) int64.
-        shape: the per-sample shape, e.g. (3, 32, 32).
+        shape: the per-sample shape, e.g. (3, 32, 32), or an int for a 1-d one.
         stream: the noise stream, ``0 <= stream < 2**63`` (default: the samplers' initial-noise stream).
         dtype: float32, float16 or bfloat16 (values are computed in float32 and rounded).
     """
@@ -57,9 +57,10 @@ def randn(seeds: Tensor, shape, stream: int = reference.INITIAL_NOISE_STREAM, dt
     if seeds.dim() != 1:
         raise ValueError(f"{OP}: seeds must have shape (B,) (one int64 seed per sample), got {tuple(seeds.shape)}")
     seeds = seeds.contiguous()
-    shape = tuple(shape)
-    if any(not isinstance(n, int) or n < 0 for n in shape):
-        raise ValueError(f"{OP}: shape must be a tuple of non-negative ints, got {shape!r}")
+    dims = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)  # an int too, as torch.randn takes
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in dims):
+        raise ValueError(f"{OP}: shape must be a non-negative int or a tuple of them, got {shape!r}")
+    shape = dims
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{OP}: dtype must be float32, float16 or bfloat16, got {dtype}")
     if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < 2**63:
