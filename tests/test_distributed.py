@@ -135,26 +135,47 @@ def test_ranks_that_see_different_checkpoints_stop_before_training(tmp_path):
 
 def test_sharded_sampling_splits_per_sample_conditioning_with_the_seeds(monkeypatch):
     """5 seeds over 2 ranks (3 + 2): each rank's sampler gets its seeds and their rows of a (5, ...) tensor in
-    model_kwargs; a tensor of another length and other values go whole (rank and group faked in-process)."""
+    model_kwargs; a tensor of another length, a 0-d tensor and other values go whole; rank 0 gets every image in
+    seed order, the others None (rank and group faked in-process: all_gather hands out each rank's shard)."""
     got = {}
 
     class Recorder:
-        def sample(self, seeds, shape, device, model_kwargs):
+        def sample(self, seeds, shape, device, model_kwargs=None):
             got[distributed.rank()] = (seeds.tolist(), model_kwargs)
-            return torch.zeros((len(seeds), *shape))
-    seeds, labels, table = torch.arange(10, 15), torch.randint(0, 9, (5,)), torch.randn(7)
+            return seeds.double().add(0.5).view(-1, 1, 1, 1).expand(len(seeds), *shape).float()  # images of seeds
+    seeds, labels, table = torch.arange(10, 15, dtype=torch.int32), torch.randint(0, 9, (5,)), torch.randn(7)
+    scale = torch.tensor(1.5)
+    shards = {}
+
+    def all_gather(out, x):  # each rank's padded shard, as the ranks sent them (one pass per rank first)
+        shards[distributed.rank()] = x.clone()
+        for r, shard in shards.items():
+            out[r].copy_(shard)
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(distributed, "_collective_device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(distributed.dist, "all_gather", lambda out, x: None)
-    for r in (0, 1):
-        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
-        distributed.sample_sharded(Recorder(), seeds, (1, 2, 2), "cpu",
-                                   model_kwargs={"class_labels": labels, "table": table, "scale": 2.0})
+    monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
+    for _ in range(2):
+        results = []
+        for r in (0, 1):
+            monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+            results.append(distributed.sample_sharded(
+                Recorder(), seeds, [1, 2, 2], "cpu",
+                model_kwargs={"class_labels": labels, "table": table, "scale": 2.0, "guidance": scale}))
     for r, part in ((0, slice(0, 3)), (1, slice(3, 5))):
         shard, kwargs = got[r]
         assert shard == seeds[part].tolist() and torch.equal(kwargs["class_labels"], labels[part])
-        assert kwargs["table"] is table and kwargs["scale"] == 2.0
+        assert kwargs["table"] is table and kwargs["scale"] == 2.0 and kwargs["guidance"] is scale
+    assert results[1] is None
+    assert torch.equal(results[0], Recorder().sample(seeds.long(), (1, 2, 2), "cpu"))
+    # Without model_kwargs, nothing is added to the sampler's arguments.
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    assert distributed.sample_sharded(Recorder(), seeds.tolist(), (1, 2, 2), "cpu").shape == (5, 1, 2, 2)
+    assert got[0][1] is None
+    # Without a process group: the sampler's own call, over every seed.
+    monkeypatch.setattr(distributed, "is_distributed", lambda: False)
+    alone = distributed.sample_sharded(Recorder(), seeds, [1, 2, 2], "cpu", model_kwargs={"class_labels": labels})
+    assert torch.equal(alone, results[0]) and got[0][0] == seeds.tolist() and got[0][1]["class_labels"] is labels
 
 
 def test_process_group_leaves_with_peers_on_success_and_at_exit_on_error(monkeypatch):
@@ -178,3 +199,93 @@ def test_process_group_leaves_with_peers_on_success_and_at_exit_on_error(monkeyp
     with distributed.process_group("gloo"):
         pass
     assert asked == ["gloo"]
+
+
+def test_without_a_process_group_every_helper_is_a_single_process_no_op(monkeypatch):
+    """No torchrun variables, no group: rank 0 of 1, and no collective is ever called (one would fail here)."""
+    for name in ("barrier", "destroy_process_group", "all_reduce", "all_gather_object", "all_gather",
+                 "init_process_group"):
+        monkeypatch.setattr(distributed.dist, name, lambda *a, **k: pytest.fail("a collective without a group"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not distributed.is_distributed() and distributed.rank() == 0 and distributed.world_size() == 1
+    assert distributed.init_from_env() is False
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: no group either
+    assert distributed.init_from_env("gloo") is False
+    distributed.barrier()
+    distributed.shutdown()
+    value, model = torch.randn(3), torch.nn.Linear(2, 2)
+    assert distributed.mean_over_ranks(value) is value
+    assert distributed.gather({"step": 4}) == [{"step": 4}]
+    assert distributed.wrap_ddp(model, torch.device("cpu")) is model
+
+
+def test_init_from_env_names_what_is_missing_and_takes_the_backend_and_gpu_of_its_rank(monkeypatch):
+    joined, devices = [], []
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: joined.append((a, k)))
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match=r"^WORLD_SIZE is set but RANK, MASTER_ADDR, MASTER_PORT is not: launch "
+                                           r"with torchrun$"):
+        distributed.init_from_env()
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(RuntimeError, match=r"^WORLD_SIZE is set but MASTER_PORT is not"):
+        distributed.init_from_env()
+    assert joined == []
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert distributed.init_from_env() is True and joined == [(("gloo",), {})] and devices == []  # no CUDA: gloo
+    # With GPUs: nccl, on the GPU of LOCAL_RANK (not RANK: 5 % 2 is another one), modulo the GPUs there are.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.default_device() == torch.device("cuda", 0)  # no LOCAL_RANK: the first GPU
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.init_from_env() is True
+    assert joined[-1] == (("nccl",), {}) and devices == [torch.device("cuda", 1)]
+    assert distributed.init_from_env("gloo") is True and joined[-1] == (("gloo",), {}) and len(devices) == 1
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)  # a caller's group: used as it is
+    assert distributed.init_from_env() is False and len(joined) == 3
+
+
+def test_collectives_with_a_group(monkeypatch):
+    """With a group (faked: 2 ranks), the helpers call their collectives; the mean of a tensor is a new tensor."""
+    called, collective_device = [], distributed._collective_device
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: called.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: called.append("destroy"))
+    distributed.shutdown()
+    assert called == ["barrier", "destroy"]
+    distributed.barrier()
+    assert called == ["barrier", "destroy", "barrier"]
+
+    other = torch.randn(2, 3)  # the other rank's value, summed in place as all_reduce does
+    monkeypatch.setattr(distributed, "_collective_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda buf: buf.add_(other))
+    value = torch.randn(2, 3, requires_grad=True)
+    kept = value.detach().clone()
+    mean = distributed.mean_over_ranks(value)
+    torch.testing.assert_close(mean, (kept + other) / 2, rtol=0, atol=0)
+    assert torch.equal(value, kept) and not mean.requires_grad  # the caller's tensor is left alone
+
+    def all_gather_object(out, obj):
+        assert len(out) == 2
+        out[:] = [("rank 0", obj), ("rank 1", obj)]
+    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
+    assert distributed.gather(7) == [("rank 0", 7), ("rank 1", 7)]
+
+    wrapped = []
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda model, device_ids: wrapped.append((model, device_ids)) or "ddp")
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap_ddp(model, torch.device("cuda", 1)) == "ddp"
+    assert distributed.wrap_ddp(model, torch.device("cpu")) == "ddp"
+    assert wrapped == [(model, [1]), (model, None)]  # a CPU model takes no device_ids
+
+    # nccl's collectives take tensors on this rank's GPU, gloo's on the CPU (even on a machine with GPUs).
+    monkeypatch.setattr(distributed, "default_device", lambda: torch.device("cuda", 1))
+    for backend, device in (("nccl", torch.device("cuda", 1)), ("gloo", torch.device("cpu"))):
+        monkeypatch.setattr(distributed.dist, "get_backend", lambda backend=backend: backend)
+        assert collective_device() == device

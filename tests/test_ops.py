@@ -57,6 +57,97 @@ def test_cuda_reason_names_a_driver_older_than_the_build(monkeypatch, driver, ex
     assert re.fullmatch(expected, _native.backend_missing_reason("cuda"))
 
 
+def test_each_backend_says_why_it_is_missing(monkeypatch):
+    from ddpm_fast import _native
+    assert _native.backend_missing_reason("torch") is None
+    with pytest.raises(ValueError, match="unknown backend 'cpp'"):
+        _native.backend_missing_reason("cpp")
+    if _native._C is not None and _native.cuda_kernels() is None:  # this build: CPU only
+        assert _native.backend_missing_reason("cuda") == (
+            f"the extension was built without CUDA ({_native._C.build_info()['cuda_missing_reason']})")
+    # The kernels each backend and device take, and the last argument of their launchers.
+    assert _native.native_kernels("cpu", torch.device("cpu")) is _native.cpu_kernels()
+    assert _native.native_kernels("cuda", torch.device("cpu")) is _native._cuda_emulator
+    assert _native.native_kernels("cuda", torch.device("cuda")) is _native.cuda_kernels()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert _native.launch_context("cpu", torch.device("cpu")) == 3
+    finally:
+        torch.set_num_threads(threads)
+    assert _native.launch_context("cuda", torch.device("cpu")) == 0  # the emulator takes no stream
+    # The emulator is loaded when it was built (a file next to the extension), and runs when asked to.
+    if _native._C is not None:
+        built = any(n.startswith("_cuda_emulator.") for n in os.listdir(os.path.dirname(_native._C.__file__)))
+        assert (_native._load_cuda_emulator() is not None) == built
+    for value, runs in ((None, False), ("0", False), ("yes", False), ("1", True)):
+        if value is None:
+            monkeypatch.delenv(_native.EMULATE_CUDA_ENV, raising=False)
+        else:
+            monkeypatch.setenv(_native.EMULATE_CUDA_ENV, value)
+        monkeypatch.setattr(_native, "_cuda_emulator", object())
+        reason = _native.cuda_emulator_missing_reason()
+        asked = "set DDPM_FAST_EMULATE_CUDA=1 to run the CUDA kernels on the CPU emulator"
+        assert reason is None if runs else reason == asked
+        assert ddpm_fast.build_info()["cuda_emulator"] == (reason or "available")
+        monkeypatch.setattr(_native, "_cuda_emulator", None)
+        assert _native.cuda_emulator_missing_reason().startswith("the CUDA kernels' emulator is not built")
+    # A runtime that sees a GPU under a CPU build of PyTorch; one that sees none; then Triton.
+    monkeypatch.setattr(_native, "_C", _native._C or object())
+    monkeypatch.setattr(_native, "cuda_kernels", lambda: object())
+    runtime = {"device_count": 1, "driver_version": 13000, "runtime_version": 13020, "error": "none"}
+    monkeypatch.setattr(_native, "_cuda_runtime", lambda: runtime)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _native.backend_missing_reason("cuda") == "torch.cuda.is_available() is False (a CPU build of PyTorch?)"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _native.backend_missing_reason("cuda") is None
+    runtime.update(device_count=0, error="cudaErrorNoDevice: no CUDA-capable device is detected")
+    assert _native.backend_missing_reason("cuda") == f"no CUDA device ({runtime['error']})"  # 13.0 runs 13.2
+    monkeypatch.setattr(_native, "_triton_missing_reason", lambda: None)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _native.backend_missing_reason("triton") is None  # a GPU: no interpreter needed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _native.backend_missing_reason("triton") is None
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert _native.backend_missing_reason("triton") == (
+        "no CUDA device for Triton (set TRITON_INTERPRET=1 to run it on the CPU interpreter)")
+    monkeypatch.setattr(_native, "_triton_missing_reason", lambda: "no triton")
+    assert _native.backend_missing_reason("triton") == "no triton"
+    # An extension that failed to import: every backend but torch says why.
+    monkeypatch.setattr(_native, "_C", None)
+    monkeypatch.setattr(_native, "_IMPORT_ERROR", "ddpm_fast._C could not be imported (boom)")
+    assert _native.cpu_kernels() is None and _native.backend_missing_reason("torch") is None
+    assert _native.backend_missing_reason("cpu") == _native.backend_missing_reason("cuda") == _native._IMPORT_ERROR
+    info = _native.build_info()
+    assert info["backends"]["cpu"] == _native._IMPORT_ERROR and info["backends"]["torch"] == "available"
+    assert info["cuda_missing_reason"] == _native._IMPORT_ERROR and info["compiler"] is None
+
+
+def test_triton_missing_says_why(monkeypatch):
+    import importlib.util
+    import sys
+
+    from ddpm_fast import _native
+    spec = importlib.util.spec_from_file_location("ddpm_fast._native_fresh", _native.__file__)
+    fresh = importlib.util.module_from_spec(spec)  # conftest may stand in for this function in _native itself
+    spec.loader.exec_module(fresh)
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError, naming it
+    assert fresh._triton_missing_reason() == "triton is not installed (import of triton halted; None in sys.modules)"
+
+
+def test_build_info_carries_the_extensions_and_the_runtimes_facts(monkeypatch):
+    from ddpm_fast import _native
+    if _native._C is None:
+        pytest.skip("the C++ extension is not built")
+    runtime = {"device_count": 0, "driver_version": 0, "runtime_version": 12040, "error": "no driver"}
+    monkeypatch.setattr(_native, "_cuda_runtime", lambda: runtime)
+    info = _native.build_info()
+    assert info["torch"] == torch.__version__ and info["cuda_runtime"] is runtime
+    assert {k: info[k] for k in _native._C.build_info()} == _native._C.build_info()
+    assert info["backends"]["cpu"] == "available"
+
+
 def _opcheck_cases(schedule, backend):
     """(op, args) pairs on ``backend``'s device; the randn case only where the backend has a randn kernel."""
     device, name = backend.device, backend.name

@@ -15,7 +15,7 @@ from torch import nn
 import ddpm_fast
 from ddpm_fast.sampler import Sampler
 from ddpm_fast.schedule import NoiseSchedule
-from ddpm_fast.weight_casts import WeightCasts, _CastRecorder, parameter_slots
+from ddpm_fast.weight_casts import WeightCasts, _CastRecorder, _only_dtype, parameter_slots, storage_key
 
 pytestmark = [pytest.mark.skipif(ddpm_fast.build_info()["backends"]["cpu"] != "available",
                                  reason="the C++ extension is not built"),
@@ -121,6 +121,9 @@ def test_every_weight_cast_is_hoisted_and_none_remains(unet):
         with casts.swapped(parameter_slots(model)):
             hoisted = [p for name, p in model.named_parameters() if name in casts.plan]
             assert hoisted and all(p.dtype == torch.bfloat16 and p.requires_grad != frozen for p in hoisted)
+    frozen_casts = _record(model, x, t)  # frozen from the start: the casts are made frozen
+    with frozen_casts.swapped(parameter_slots(model)):
+        assert not any(p.requires_grad for name, p in model.named_parameters() if name in frozen_casts.plan)
 
 
 class _ReadsWeightRaw(nn.Module):
@@ -144,6 +147,90 @@ def test_a_weight_read_outside_its_cast_is_not_hoisted(schedule):
     assert casts.plan == {"lin.bias": torch.bfloat16}
     images = Sampler(model, schedule, num_steps=3).sample(SEEDS, (4, 3, 3))
     assert torch.equal(images, Sampler(_per_step_casts(model), schedule, num_steps=3).sample(SEEDS, (4, 3, 3)))
+
+
+def test_only_a_change_of_floating_dtype_alone_is_a_cast():
+    weight = torch.randn(4, 3, 2, 2)
+    bf16 = {"dtype": torch.bfloat16}
+    assert _only_dtype(weight, bf16)
+    assert _only_dtype(weight, {**bf16, "device": "cpu", "layout": torch.strided,
+                                "memory_format": torch.preserve_format})  # the defaults, spelled out
+    for kwargs in ({}, {"memory_format": torch.channels_last},  # no dtype
+                   {"dtype": torch.float32},  # a copy in its own dtype
+                   {"dtype": torch.int32},  # not a floating dtype
+                   {**bf16, "device": "meta"}, {**bf16, "layout": torch.sparse_coo},
+                   {**bf16, "memory_format": torch.channels_last}):
+        assert not _only_dtype(weight, kwargs), kwargs
+    assert not _only_dtype(torch.randint(0, 9, (4,)), bf16)  # an integer tensor is not a weight to cast
+
+
+class _ConvCast(nn.Conv2d):
+    """A user's subclass (its module is not torch's or ours): known by what it derives from. Casts its weight
+    to bfloat16, and ``extra`` makes one more copy of it."""
+
+    def __init__(self, extra=None):
+        super().__init__(3, 4, 3, padding=1)
+        self.extra = extra
+
+    def forward(self, x):
+        if self.extra is not None:
+            self.extra(self.weight)
+        return nn.functional.conv2d(x.bfloat16(), self.weight.to(torch.bfloat16), self.bias.to(torch.bfloat16),
+                                    padding=1).float()
+
+
+class _LinearCast(nn.Linear):
+    def forward(self, x):
+        return nn.functional.linear(x.bfloat16(), self.weight.to(torch.bfloat16), self.bias.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("extra", [None, "float16", "meta", "channels_last", "layout-only"])
+def test_a_weight_copied_any_other_way_is_not_hoisted(extra):
+    copies = {None: None, "float16": lambda w: w.to(torch.float16),  # cast to two dtypes: neither is hoisted
+              "meta": lambda w: w.to("meta", torch.bfloat16),
+              "layout-only": lambda w: w.to(memory_format=torch.channels_last),
+              "channels_last": lambda w: w.to(torch.bfloat16, memory_format=torch.channels_last)}
+    model = _ConvCast(copies[extra])
+    x = torch.randn(2, 3, 5, 5)
+    plan = WeightCasts.record(model, lambda: model(x)).plan
+    assert plan == ({"weight": torch.bfloat16, "bias": torch.bfloat16} if extra is None else {"bias": torch.bfloat16})
+    linear = _LinearCast(3, 2)
+    assert WeightCasts.record(linear, lambda: linear(torch.randn(4, 3))).plan == {
+        "weight": torch.bfloat16, "bias": torch.bfloat16}
+
+
+def test_torch_layers_other_than_linear_and_conv_are_known():
+    attn = nn.MultiheadAttention(8, 2, batch_first=True)  # its in_proj_weight is no Linear's
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plan = WeightCasts.record(attn, lambda: attn(x, x, x)).plan
+    assert plan.get("in_proj_weight") == torch.bfloat16
+
+
+def test_bf16_models_norms_are_hoisted_too(unet):
+    """A bfloat16 model's fused GroupNorms (ours, not torch's) take their weight and bias in float32."""
+    model = unet.to(torch.bfloat16)
+    x, t = torch.randn(2, *_shape(unet), dtype=torch.bfloat16), torch.tensor([10, 900])
+    plan = _record(model, x, t).plan
+    norms = {f"{name}.{p}" for name, module in unet.named_modules() if "norm" in type(module).__name__.lower()
+             and type(module).__module__.startswith("ddpm_fast.") for p in ("weight", "bias")}
+    assert norms and all(plan.get(name) == torch.float32 for name in norms)
+
+
+def test_parameter_slots_hold_every_parameter_and_buffer_and_the_key_their_storage():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    model.register_module("gone", None)  # an optional submodule left unset
+    slots = parameter_slots(model)
+    assert all(table[name] is tensor for table, name, tensor in slots)
+    assert sorted(id(t) for _, _, t in slots) == sorted(map(id, [*model.parameters(), *model.buffers()]))
+    key = storage_key(slots)
+    assert key == storage_key(parameter_slots(model))
+    weight = model[2].weight
+    weight.data = weight.data.clone()  # the same Parameter on new storage (as model.to(...) does)
+    assert model[2].weight is weight and storage_key(parameter_slots(model)) != key
+    key = storage_key(parameter_slots(model))
+    model[1].running_var = model[1].running_var.view(torch.int32)  # the same address read as another dtype
+    assert storage_key(parameter_slots(model)) != key
 
 
 def test_weights_changed_in_place_are_recast(schedule, unet):
